@@ -1,0 +1,169 @@
+"""Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) and check it fits the base.
+
+The result is framework-free: for every (layer, module) pair the adapter touches, a pair of
+matrices laid out for `x @ A @ B`, with the LoRA scaling already folded into B, and zero
+padded to one rank per adapter so several adapters can be concatenated column-wise.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_TENSOR_KEY = re.compile(
+    r"layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """The adapter cannot be served on this base; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """What an adapter must match: layer count and (in, out) features of each linear."""
+
+    num_layers: int
+    linear_features: dict[str, tuple[int, int]]
+
+    @classmethod
+    def from_config(cls, config) -> "BaseShape":
+        hidden = config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        q_out = config.num_attention_heads * head_dim
+        kv_out = config.num_key_value_heads * head_dim
+        inter = config.intermediate_size
+        return cls(
+            num_layers=config.num_hidden_layers,
+            linear_features={
+                "q_proj": (hidden, q_out),
+                "k_proj": (hidden, kv_out),
+                "v_proj": (hidden, kv_out),
+                "o_proj": (q_out, hidden),
+                "gate_proj": (hidden, inter),
+                "up_proj": (hidden, inter),
+                "down_proj": (inter, hidden),
+            },
+        )
+
+
+@dataclass
+class LoraWeights:
+    rank: int
+    # (layer index, module name) -> (A [in, rank], B [rank, out] * scaling)
+    pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    target_modules: tuple[str, ...]
+    base_model_name_or_path: str | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.pairs.values())
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoraWeights":
+        moved = {key: (a.to(device, dtype), b.to(device, dtype)) for key, (a, b) in self.pairs.items()}
+        return LoraWeights(self.rank, moved, self.target_modules, self.base_model_name_or_path)
+
+
+def _pattern_value(patterns: dict, module_path: str, default):
+    """PEFT's rank_pattern/alpha_pattern: a key matches a module path ending in it."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module_path):
+            return value
+    return default
+
+
+def _read_config(folder: Path) -> dict:
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"{folder} has no {CONFIG_FILE}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{CONFIG_FILE} must be a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served")
+    if config.get("use_dora"):
+        raise AdapterError("DoRA adapters (use_dora: true) are not supported; train a plain LoRA")
+    if config.get("bias", "none") != "none":
+        raise AdapterError("LoRA bias terms (bias != 'none') are not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError("modules_to_save is not supported: the adapter may only hold LoRA matrices")
+    return config
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise AdapterError("adapter_model.bin (pickle) is refused; save the adapter as safetensors")
+        raise AdapterError(f"{folder} has no {WEIGHTS_FILE}")
+    try:
+        return load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
+
+
+def _group_pairs(tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _TENSOR_KEY.search(key)
+        if not match:
+            raise AdapterError(f"unsupported tensor {key!r}: only LoRA A/B matrices of {', '.join(LINEAR_MODULES)}")
+        layer, module = int(match["layer"]), match["module"]
+        if module not in base.linear_features:
+            raise AdapterError(f"target module {module!r} does not exist in the base (has {', '.join(LINEAR_MODULES)})")
+        if layer >= base.num_layers:
+            raise AdapterError(f"tensor {key!r} targets layer {layer}, but the base has {base.num_layers} layers")
+        grouped.setdefault((layer, module), {})[match["ab"]] = tensor
+    return grouped
+
+
+def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) -> LoraWeights:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    config = _read_config(folder)
+    grouped = _group_pairs(_read_tensors(folder), base)
+    if not grouped:
+        raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA matrices")
+
+    default_rank = int(config.get("r", 8))
+    default_alpha = float(config.get("lora_alpha", default_rank))
+    raw_pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for (layer, module), ab in sorted(grouped.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"layer {layer} {module} has lora_{next(iter(ab))} without its partner")
+        lora_a, lora_b = ab["A"].float(), ab["B"].float()  # peft: A [r, in], B [out, r]
+        in_features, out_features = base.linear_features[module]
+        rank = lora_a.shape[0]
+        if lora_a.shape != (rank, in_features) or lora_b.shape != (out_features, rank):
+            raise AdapterError(
+                f"layer {layer} {module}: LoRA shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit "
+                f"the base's {in_features}->{out_features} linear (adapter trained on another base?)"
+            )
+        module_path = f"model.layers.{layer}.{module}"
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module_path, default_alpha))
+        scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
+        raw_pairs[(layer, module)] = (lora_a, lora_b, scaling)
+
+    rank = max(a.shape[0] for a, _, _ in raw_pairs.values())
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(f"adapter rank {rank} exceeds the configured max rank {max_rank}")
+    pairs = {}
+    for key, (lora_a, lora_b, scaling) in raw_pairs.items():
+        pad = rank - lora_a.shape[0]
+        a = torch.nn.functional.pad(lora_a.t(), (0, pad)).contiguous()  # [in, rank]
+        b = torch.nn.functional.pad((lora_b * scaling).t(), (0, 0, 0, pad)).contiguous()  # [rank, out]
+        pairs[key] = (a, b)
+    targets = tuple(sorted({module for _, module in pairs}))
+    return LoraWeights(rank, pairs, targets, config.get("base_model_name_or_path"))

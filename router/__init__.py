@@ -1,0 +1,1 @@
+"""Chooses which expert (LoRA adapter, or none) serves a request."""

@@ -1,0 +1,1 @@
+"""loraplex server: HTTP edge, engine thread, model runner."""

@@ -1,0 +1,60 @@
+"""The FastAPI application: routes only; the work happens in completions.py and the engine."""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server.completions import chat_completions
+from server.errors import APIError, install_error_handlers
+from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from server.protocol import ChatCompletionRequest
+from server.state import ServerState
+
+
+def _model_entry(model_id: str, created: int, parent: str | None = None) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "loraplex", "parent": parent}
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="loraplex", version="0.1.0")
+    app.state.loraplex = state
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        engine = state.engine
+        if state.draining:
+            return JSONResponse({"status": "draining", "running": engine.num_running}, status_code=503)
+        if engine.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(engine.load_error)}, status_code=503)
+        if not state.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+
+    @app.get("/v1/models")
+    async def list_models():
+        if not state.ready:
+            raise APIError(503, "The model is still loading; retry shortly.", code="loading")
+        base = state.base.name
+        data = [_model_entry(base, state.started_at)]
+        data += [_model_entry(r.name, state.started_at, parent=base) for r in state.registry.all()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str):
+        if not state.ready:
+            raise APIError(503, "The model is still loading; retry shortly.", code="loading")
+        if model_id == state.base.name:
+            return _model_entry(model_id, state.started_at)
+        if state.registry.get(model_id) is not None:
+            return _model_entry(model_id, state.started_at, parent=state.base.name)
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        return await chat_completions(body, request, state)
+
+    # added last = outermost: the request id is on every response, 413s included
+    app.add_middleware(BodyLimitMiddleware, limit=state.settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

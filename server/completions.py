@@ -1,0 +1,215 @@
+"""POST /v1/chat/completions: schema -> router -> engine queue -> stream or one response."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from router.resolve import Route, resolve_expert
+from server.chat import render_prompt
+from server.engine import EngineStopped, QueueFull
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest
+from server.sampling import SamplingParams, make_generator
+from server.sequence import EngineOutput, Sequence
+from server.state import ServerState
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class _Call:
+    """One accepted request on its way through the engine."""
+
+    completion_id: str
+    created: int
+    route: Route
+    seq: Sequence
+    outputs: asyncio.Queue
+
+
+def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerState, expert_stops: tuple[str, ...]):
+    settings, base = state.settings, state.base
+    room = base.context_window - prompt_len
+    requested = req.requested_max_tokens()
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if room < 1:
+        raise APIError(
+            400,
+            f"The prompt is {prompt_len} tokens, which leaves no room in the context window of "
+            f"{base.context_window} tokens.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if requested is not None and prompt_len + requested > base.context_window:
+        raise APIError(
+            400,
+            f"The prompt ({prompt_len} tokens) plus {param} ({requested}) is {prompt_len + requested} tokens, "
+            f"over the context window of {base.context_window} tokens. Shorten the prompt or lower {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    max_tokens = min(requested if requested is not None else settings.default_max_tokens, settings.max_tokens_limit, room)
+    extra_ids = frozenset(req.stop_token_ids or ())
+    bad = sorted(i for i in extra_ids if not 0 <= i < base.vocab_size)
+    if bad:
+        raise APIError(
+            400, f"stop_token_ids {bad} are outside the vocabulary (0..{base.vocab_size - 1}).", param="stop_token_ids"
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=list(expert_stops) + req.stop_list(),
+        stop_token_ids=extra_ids,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def _submit(req: ChatCompletionRequest, request: Request, state: ServerState) -> _Call:
+    if state.draining:
+        raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
+    if not state.ready:
+        raise APIError(503, "The model is still loading; retry shortly.", code="loading", headers={"Retry-After": "2"})
+    base = state.base
+    route = resolve_expert(req.model, request.headers.get("x-expert"), state.registry, base.name)
+    record = state.registry.get(route.adapter) if route.adapter else None
+    prompt_ids = render_prompt(base.tokenizer, req.messages)
+    params = _sampling_params(req, len(prompt_ids), state, record.stop if record else ())
+    stop_ids = params.stop_token_ids if params.ignore_eos else base.stop_token_ids | params.stop_token_ids
+    loop = asyncio.get_running_loop()
+    outputs: asyncio.Queue = asyncio.Queue()
+    seq = Sequence(
+        request_id=request.scope.get("state", {}).get("request_id", uuid.uuid4().hex),
+        prompt_ids=prompt_ids,
+        adapter=route.adapter,
+        params=params,
+        stop_token_ids=stop_ids,
+        generator=make_generator(params.seed, state.engine.runner.device),
+        emit=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+    )
+    try:
+        state.engine.submit(seq)
+    except QueueFull:
+        raise APIError(
+            429, "Too many requests are queued; retry shortly.", code="queue_full", headers={"Retry-After": "1"}
+        ) from None
+    except EngineStopped:
+        raise APIError(503, "The server is shutting down.", code="shutting_down") from None
+    return _Call(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), route, seq, outputs)
+
+
+def _usage(out: EngineOutput) -> dict:
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "total_tokens": out.prompt_tokens + out.completion_tokens,
+    }
+
+
+def _engine_failed(out: EngineOutput) -> APIError:
+    return APIError(503, out.error or "generation failed", code="engine_error")
+
+
+async def _wait_output(call: _Call, request: Request, state: ServerState) -> EngineOutput | None:
+    """Next output, or None once the client has gone (the request is then cancelled)."""
+    while True:
+        try:
+            return await asyncio.wait_for(call.outputs.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                state.engine.cancel(call.seq)
+                return None
+
+
+async def _complete(call: _Call, request: Request, state: ServerState) -> JSONResponse:
+    parts: list[str] = []
+    while True:
+        out = await _wait_output(call, request, state)
+        if out is None:
+            return JSONResponse({}, status_code=499)  # nobody is listening any more
+        if out.error:
+            raise _engine_failed(out)
+        parts.append(out.text)
+        if out.finish_reason:
+            break
+    body = {
+        "id": call.completion_id,
+        "object": "chat.completion",
+        "created": call.created,
+        "model": call.route.expert,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts)},
+                "logprobs": None,
+                "finish_reason": out.finish_reason,
+            }
+        ],
+        "usage": _usage(out),
+    }
+    return JSONResponse(body, headers={"X-Expert": call.route.expert})
+
+
+def _sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+async def _stream(call: _Call, state: ServerState, include_usage: bool) -> AsyncIterator[bytes]:
+    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+        body = {
+            "id": call.completion_id,
+            "object": "chat.completion.chunk",
+            "created": call.created,
+            "model": call.route.expert,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    finished = False
+    try:
+        yield _sse(chunk({"role": "assistant", "content": ""}))
+        while True:
+            out = await call.outputs.get()
+            if out.error:
+                error = _engine_failed(out)
+                yield _sse({"error": {"message": error.message, "type": "server_error", "param": None, "code": error.code}})
+                break
+            if out.text:
+                yield _sse(chunk({"content": out.text}))
+            if out.finish_reason:
+                yield _sse(chunk({}, out.finish_reason))
+                if include_usage:
+                    yield _sse({**chunk({}), "choices": [], "usage": _usage(out)})
+                break
+        finished = True
+        yield _sse("[DONE]")
+    finally:
+        if not finished:  # the client went away (or the server is closing the stream)
+            state.engine.cancel(call.seq)
+
+
+async def chat_completions(req: ChatCompletionRequest, request: Request, state: ServerState):
+    call = _submit(req, request, state)
+    if not req.stream:
+        try:
+            return await _complete(call, request, state)
+        except BaseException:
+            state.engine.cancel(call.seq)
+            raise
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(
+        _stream(call, state, include_usage),
+        media_type="text/event-stream",
+        headers={"X-Expert": call.route.expert, "Cache-Control": "no-cache"},
+    )

@@ -1,0 +1,233 @@
+"""The engine thread: the only code that touches the model.
+
+Iteration-level (continuous) batching: between two decode steps the engine drops cancelled
+requests, prefills newly arrived ones (they join the running batch at once) and runs other
+engine-thread work (adapter loads). A finished request leaves the batch immediately; its slot
+is refilled by moving the last running request into it, so running requests stay in slots
+0..B-1.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+from server.detokenizer import IncrementalDetokenizer, StopMatcher
+from server.model_runner import ModelRunner, PrefillItem
+from server.sampling import sample_batch
+from server.sequence import EngineOutput, Sequence
+
+log = logging.getLogger("loraplex.engine")
+
+# A prefill forward holds at most this many prompt tokens: long enough to batch arrivals,
+# short enough that running streams are not stalled for long.
+PREFILL_TOKEN_BUDGET = 2048
+
+
+class QueueFull(Exception):
+    pass
+
+
+class EngineStopped(Exception):
+    pass
+
+
+class Engine:
+    def __init__(self, load_runner: Callable[[], ModelRunner], max_batch_size: int, max_queued: int):
+        self._load_runner = load_runner
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.runner: ModelRunner | None = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._tasks: collections.deque[tuple[Callable[[ModelRunner], object], Future]] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name="loraplex-engine", daemon=True)
+
+    # ---- called from other threads ------------------------------------------------------
+
+    def start(self, on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self._on_fatal = on_fatal
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join(timeout)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._wakeup:
+            if self._stopping:
+                raise EngineStopped()
+            if len(self._waiting) >= self.max_queued:
+                raise QueueFull()
+            self._waiting.append(seq)
+            self._wakeup.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        # A plain flag: the engine thread reaps it before its next step.
+        seq.cancelled = True
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def call(self, fn: Callable[[ModelRunner], object]) -> Future:
+        """Run fn(runner) on the engine thread between two steps (e.g. load an adapter)."""
+        future: Future = Future()
+        with self._wakeup:
+            if self._stopping:
+                future.set_exception(EngineStopped())
+                return future
+            self._tasks.append((fn, future))
+            self._wakeup.notify()
+        return future
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._running and not self._waiting
+
+    # ---- engine thread ------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self.runner = self._load_runner()
+        except BaseException as exc:  # reported to the server, which exits non-zero
+            self.load_error = exc
+            log.error("model load failed: %s", exc)
+            if self._on_fatal:
+                self._on_fatal(exc)
+            return
+        self.ready.set()
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.exception("engine crashed")
+            self._fail_all(f"engine error: {exc}")
+            if self._on_fatal:
+                self._on_fatal(exc)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self._tasks or self._waiting or self._running):
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+            self._run_tasks()
+            self._reap_cancelled()
+            self._admit()
+            if self._running:
+                self._decode_step()
+        self._fail_all("server is shutting down")
+
+    def _run_tasks(self) -> None:
+        while self._tasks:
+            fn, future = self._tasks.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(self.runner))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self._running if s.cancelled]:
+            self._release(seq)
+        if any(s.cancelled for s in self._waiting):
+            with self._wakeup:
+                self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
+
+    def _admit(self) -> None:
+        batch: list[Sequence] = []
+        tokens = 0
+        with self._wakeup:
+            while self._waiting and len(self._running) + len(batch) < self.max_batch_size:
+                seq = self._waiting[0]
+                if batch and tokens + len(seq.prompt_ids) > PREFILL_TOKEN_BUDGET:
+                    break
+                self._waiting.popleft()
+                if seq.cancelled:
+                    continue
+                batch.append(seq)
+                tokens += len(seq.prompt_ids)
+        if not batch:
+            return
+        for seq in batch:
+            seq.detokenizer = IncrementalDetokenizer(self.runner.tokenizer)
+            seq.stop_matcher = StopMatcher(seq.params.stop)
+            seq.slot = len(self._running)
+            self._running.append(seq)
+        items = [PrefillItem(seq.slot, seq.prompt_ids, seq.adapter) for seq in batch]
+        logits = self.runner.prefill(items)
+        tokens = sample_batch(logits, [s.params for s in batch], [s.generator for s in batch])
+        for seq, token in zip(batch, tokens):
+            self._accept_token(seq, token)
+
+    def _decode_step(self) -> None:
+        running = self._running
+        logits = self.runner.decode(
+            [seq.last_token for seq in running],
+            [seq.cached_tokens for seq in running],
+            [seq.adapter for seq in running],
+        )
+        tokens = sample_batch(logits, [s.params for s in running], [s.generator for s in running])
+        for seq, token in zip(list(running), tokens):
+            self._accept_token(seq, token)
+
+    def _accept_token(self, seq: Sequence, token: int) -> None:
+        seq.generated += 1
+        seq.last_token = token
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if token in seq.stop_token_ids:  # the stop token itself is never shown
+            text, _ = seq.stop_matcher.push(seq.detokenizer.flush())
+            self._finish(seq, "stop", text + seq.stop_matcher.flush())
+            return
+        out_of_budget = seq.generated >= seq.params.max_tokens
+        delta = seq.detokenizer.push(token)
+        if out_of_budget:
+            delta += seq.detokenizer.flush()
+        text, stopped = seq.stop_matcher.push(delta)
+        if stopped:
+            self._finish(seq, "stop", text)
+        elif out_of_budget:
+            self._finish(seq, "length", text + seq.stop_matcher.flush())
+        elif text:
+            seq.emit(EngineOutput(text))
+
+    def _finish(self, seq: Sequence, reason: str, text: str) -> None:
+        seq.finish_reason = reason
+        self._release(seq)
+        seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated))
+
+    def _release(self, seq: Sequence) -> None:
+        """Take seq out of the batch; the last running request moves into its slot."""
+        slot = seq.slot
+        last = self._running.pop()
+        if last is not seq:
+            self.runner.move_slot(last.slot, slot, last.cached_tokens)
+            last.slot = slot
+            self._running[slot] = last
+        seq.slot = -1
+
+    def _fail_all(self, message: str) -> None:
+        with self._wakeup:
+            pending = list(self._running) + list(self._waiting)
+            self._running.clear()
+            self._waiting.clear()
+        for seq in pending:
+            seq.emit(EngineOutput("", "error", len(seq.prompt_ids), seq.generated, error=message))

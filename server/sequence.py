@@ -1,0 +1,48 @@
+"""Engine-side state of one request, and what the engine reports back for it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from server.detokenizer import IncrementalDetokenizer, StopMatcher
+from server.sampling import SamplingParams
+
+
+@dataclass
+class EngineOutput:
+    """A piece of one request's answer. `finish_reason` is set exactly once, on the last piece."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    generator: torch.Generator
+    emit: Callable[[EngineOutput], None]
+    # built on the engine thread at admission, with the engine's tokenizer
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_matcher: StopMatcher | None = None
+    generated: int = 0  # tokens sampled, the stop token included (what usage reports)
+    last_token: int = -1  # sampled but not yet in the KV cache
+    slot: int = -1
+    cancelled: bool = False
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose keys/values are in the cache: the prompt plus all but the newest output."""
+        return len(self.prompt_ids) + self.generated - 1

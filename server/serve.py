@@ -1,0 +1,65 @@
+"""Run the app under uvicorn with a graceful stop.
+
+First SIGTERM/SIGINT: stop taking requests (503), let running ones finish for up to
+`shutdown_timeout_s`, then end whatever is left and exit 0. A second signal exits at once.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings
+from server.state import ServerState, create_state
+
+log = logging.getLogger("loraplex.serve")
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+        self.fatal: BaseException | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.state.draining or not self.state.ready:
+            return super().handle_exit(sig, frame)
+        log.info("signal %s: draining (up to %.0fs) before exit", sig, self.state.settings.shutdown_timeout_s)
+        self.state.draining = True
+        threading.Thread(target=self._drain_then_exit, name="loraplex-drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        deadline = time.monotonic() + self.state.settings.shutdown_timeout_s
+        while not self.state.engine.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.state.engine.stop(timeout=10)  # ends anything still running with an error
+        self.should_exit = True
+
+    def engine_failed(self, exc: BaseException) -> None:
+        self.fatal = exc
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    """Blocks until the server stops; returns the process exit code."""
+    state = create_state(settings)
+    app = create_app(state)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        access_log=False,
+    )
+    server = _DrainingServer(config, state)
+    state.engine.start(on_fatal=server.engine_failed)
+    server.run()
+    state.engine.stop(timeout=10)
+    if server.fatal is not None:
+        log.error("stopped: %s", server.fatal)
+        return 1
+    return 0
