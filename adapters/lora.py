@@ -55,6 +55,14 @@ class BaseShape:
         )
 
 
+def _pad_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [in, r] and B [r, out] zero-padded to `rank`; A @ B is unchanged."""
+    pad = rank - a.shape[1]
+    if pad == 0:
+        return a, b
+    return torch.nn.functional.pad(a, (0, pad)), torch.nn.functional.pad(b, (0, 0, 0, pad))
+
+
 @dataclass
 class LoraWeights:
     rank: int
@@ -66,6 +74,13 @@ class LoraWeights:
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.pairs.values())
+
+    def padded_to_rank(self, rank: int) -> "LoraWeights":
+        """Zero columns of A and rows of B up to `rank`: the same product, a wider matrix."""
+        if rank <= self.rank:
+            return self
+        padded = {key: _pad_pair(a, b, rank) for key, (a, b) in self.pairs.items()}
+        return LoraWeights(rank, padded, self.target_modules, self.base_model_name_or_path)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoraWeights":
         moved = {key: (a.to(device, dtype), b.to(device, dtype)) for key, (a, b) in self.pairs.items()}
@@ -159,11 +174,9 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
     rank = max(a.shape[0] for a, _, _ in raw_pairs.values())
     if max_rank is not None and rank > max_rank:
         raise AdapterError(f"adapter rank {rank} exceeds the configured max rank {max_rank}")
-    pairs = {}
-    for key, (lora_a, lora_b, scaling) in raw_pairs.items():
-        pad = rank - lora_a.shape[0]
-        a = torch.nn.functional.pad(lora_a.t(), (0, pad)).contiguous()  # [in, rank]
-        b = torch.nn.functional.pad((lora_b * scaling).t(), (0, 0, 0, pad)).contiguous()  # [rank, out]
-        pairs[key] = (a, b)
+    pairs = {
+        key: _pad_pair(a.t().contiguous(), (b * scaling).t().contiguous(), rank)  # -> [in, r], [r, out]
+        for key, (a, b, scaling) in raw_pairs.items()
+    }
     targets = tuple(sorted({module for _, module in pairs}))
     return LoraWeights(rank, pairs, targets, config.get("base_model_name_or_path"))

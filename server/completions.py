@@ -20,7 +20,6 @@ from server.sampling import SamplingParams, make_generator
 from server.sequence import EngineOutput, Sequence
 from server.state import ServerState
 
-DISCONNECT_POLL_S = 0.25
 
 
 @dataclass
@@ -118,28 +117,29 @@ def _engine_failed(out: EngineOutput) -> APIError:
     return APIError(503, out.error or "generation failed", code="engine_error")
 
 
-async def _wait_output(call: _Call, request: Request, state: ServerState) -> EngineOutput | None:
-    """Next output, or None once the client has gone (the request is then cancelled)."""
-    while True:
-        try:
-            return await asyncio.wait_for(call.outputs.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                state.engine.cancel(call.seq)
-                return None
+async def _cancel_on_disconnect(call: _Call, request: Request, state: ServerState) -> None:
+    """Wait for the client to go away; then cancel its request and wake the collector."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    state.engine.cancel(call.seq)
+    call.outputs.put_nowait(None)
 
 
 async def _complete(call: _Call, request: Request, state: ServerState) -> JSONResponse:
+    watcher = asyncio.create_task(_cancel_on_disconnect(call, request, state))
     parts: list[str] = []
-    while True:
-        out = await _wait_output(call, request, state)
-        if out is None:
-            return JSONResponse({}, status_code=499)  # nobody is listening any more
-        if out.error:
-            raise _engine_failed(out)
-        parts.append(out.text)
-        if out.finish_reason:
-            break
+    try:
+        while True:
+            out = await call.outputs.get()
+            if out is None:
+                return JSONResponse({}, status_code=499)  # nobody is listening any more
+            if out.error:
+                raise _engine_failed(out)
+            parts.append(out.text)
+            if out.finish_reason:
+                break
+    finally:
+        watcher.cancel()
     body = {
         "id": call.completion_id,
         "object": "chat.completion",

@@ -173,6 +173,8 @@ class Engine:
             self._running.append(seq)
         items = [PrefillItem(seq.slot, seq.prompt_ids, seq.adapter) for seq in batch]
         logits = self.runner.prefill(items)
+        for seq in batch:
+            seq.kv_len = len(seq.prompt_ids)
         tokens = sample_batch(logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens):
             self._accept_token(seq, token)
@@ -181,9 +183,11 @@ class Engine:
         running = self._running
         logits = self.runner.decode(
             [seq.last_token for seq in running],
-            [seq.cached_tokens for seq in running],
+            [seq.kv_len for seq in running],
             [seq.adapter for seq in running],
         )
+        for seq in running:
+            seq.kv_len += 1
         tokens = sample_batch(logits, [s.params for s in running], [s.generator for s in running])
         for seq, token in zip(list(running), tokens):
             self._accept_token(seq, token)
@@ -219,7 +223,7 @@ class Engine:
         slot = seq.slot
         last = self._running.pop()
         if last is not seq:
-            self.runner.move_slot(last.slot, slot, last.cached_tokens)
+            self.runner.move_slot(last.slot, slot, last.kv_len)
             last.slot = slot
             self._running[slot] = last
         seq.slot = -1

@@ -17,6 +17,26 @@ import torch
 from adapters.lora import LoraWeights
 
 _CONCAT_CACHE_SIZE = 16
+# Ranks are zero-padded to a multiple of this. BLAS picks another kernel (another summation
+# order) for very narrow matrices; with every adapter at least this wide, a row's LoRA delta
+# is bit-identical whichever adapters share its batch.
+RANK_ALIGN = 16
+
+
+# BLAS (MKL/oneDNN on CPU) switches kernel, and summation order, for fewer rows than this.
+MIN_GEMM_ROWS = 4
+
+
+def matmul_rows(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight (a matrix, or a Linear applied to x), never with fewer than MIN_GEMM_ROWS rows.
+
+    Zero rows pad small inputs so a request's numbers are bit-identical alone and in a batch.
+    """
+    apply = weight if callable(weight) else (lambda rows: rows @ weight)
+    rows = x.shape[0]
+    if rows < MIN_GEMM_ROWS:
+        return apply(torch.cat((x, x.new_zeros(MIN_GEMM_ROWS - rows, x.shape[1]))))[:rows]
+    return apply(x)
 
 
 @dataclass
@@ -40,10 +60,10 @@ class StepLora:
         if pair is None:
             return y
         lora_a, lora_b = pair
-        hidden = x @ lora_a
+        hidden = matmul_rows(x, lora_a)
         if self.mask is not None:
-            hidden.mul_(self.mask)
-        return y.addmm_(hidden, lora_b)
+            hidden = hidden * self.mask
+        return y + matmul_rows(hidden, lora_b)
 
 
 class LoraBank:
@@ -63,7 +83,9 @@ class LoraBank:
 
     def add(self, name: str, weights: LoraWeights) -> None:
         self.remove(name)
-        self._adapters[name] = weights.to(self.device, self.dtype)
+        self._adapters[name] = weights.padded_to_rank(-(-weights.rank // RANK_ALIGN) * RANK_ALIGN).to(
+            self.device, self.dtype
+        )
 
     def remove(self, name: str) -> None:
         if self._adapters.pop(name, None) is not None:

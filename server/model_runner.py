@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server.lora_batch import LoraBank, StepLora
+from server.lora_batch import LoraBank, StepLora, matmul_rows
+
+# Decode attention runs over cache lengths rounded up to this (see _decode_attention).
+ATTENTION_BLOCK = 64
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ModelRunner:
         self.max_slots = max_slots
         self.context_window = context_window
         self.vocab_size = config.vocab_size
+        self.attn_scale = self.head_dim**-0.5
         cache_shape = (len(self.layers), max_slots, self.num_kv_heads, context_window, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
@@ -92,13 +96,13 @@ class ModelRunner:
         """One token for each of slots 0..B-1; `lengths[i]` tokens are already cached for slot i."""
         batch = len(token_ids)
         positions = torch.tensor(lengths, device=self.device)
-        max_len = max(lengths) + 1
-        # keys at index >= a row's own length+1 belong to nobody (stale or another request's past)
-        visible = (self._positions[:max_len][None, :] <= positions[:, None]).view(batch, 1, 1, max_len)
+        max_len = min(-(-(max(lengths) + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK, self.context_window)
+        # keys past a row's own position are stale (a previous occupant of the slot) or padding
+        hidden_keys = (self._positions[:max_len][None, :] > positions[:, None]).view(batch, 1, 1, max_len)
         rows = torch.arange(batch, device=self.device)
 
         def attend(layer: int, q, k, v):
-            return self._decode_attention(layer, q, k, v, rows, positions, visible, max_len)
+            return self._decode_attention(layer, q, k, v, rows, positions, hidden_keys, max_len)
 
         hidden = self._forward(token_ids, positions, attend, self.lora.prepare(adapters))
         return self._logits(hidden)
@@ -111,7 +115,7 @@ class ModelRunner:
     # ---- internals ----------------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return matmul_rows(hidden, self.lm_head).float()
 
     def _linear(self, module, layer: int, name: str, x: torch.Tensor, step_lora: StepLora | None) -> torch.Tensor:
         y = module(x)
@@ -153,16 +157,18 @@ class ModelRunner:
             outputs.append(out[0].transpose(0, 1).reshape(length, -1))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    def _decode_attention(self, layer: int, q, k, v, rows, positions, visible, max_len) -> torch.Tensor:
+    def _decode_attention(self, layer: int, q, k, v, rows, positions, hidden_keys, max_len) -> torch.Tensor:
+        # Plain matmul/softmax instead of SDPA, over a length padded to a multiple of
+        # ATTENTION_BLOCK: masked keys then add exact zeros in the same order whatever else
+        # is in the batch, so a request's tokens do not depend on who it is batched with
+        # (SDPA's kernels split work by batch size and length).
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
         k_cache[rows, :, positions] = k
         v_cache[rows, :, positions] = v
         batch = q.shape[0]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B, heads, 1, head_dim]
-            k_cache[:batch, :, :max_len],
-            v_cache[:batch, :, :max_len],
-            attn_mask=visible,
-            enable_gqa=True,
-        )
+        group = self.num_heads // self.num_kv_heads
+        q = q.view(batch, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(q, k_cache[:batch, :, :max_len].transpose(-1, -2)) * self.attn_scale
+        scores.masked_fill_(hidden_keys, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v_cache[:batch, :, :max_len])
         return out.reshape(batch, -1)

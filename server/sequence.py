@@ -36,13 +36,9 @@ class Sequence:
     stop_matcher: StopMatcher | None = None
     generated: int = 0  # tokens sampled, the stop token included (what usage reports)
     last_token: int = -1  # sampled but not yet in the KV cache
+    kv_len: int = 0  # positions of this request written to its cache slot
     slot: int = -1
     cancelled: bool = False
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-
-    @property
-    def cached_tokens(self) -> int:
-        """Tokens whose keys/values are in the cache: the prompt plus all but the newest output."""
-        return len(self.prompt_ids) + self.generated - 1

@@ -1,0 +1,241 @@
+"""The real server (uvicorn subprocess, SmolLM2 NF4, two peft adapters) through the openai client."""
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.support import ServerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+BASE = "SmolLM2-135M-Instruct"
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "Write a haiku about rain.",
+    "What is 2 + 2?",
+    "Give me a tip for learning Python.",
+    "Why is the sky blue?",
+    "Describe a cat in one sentence.",
+    "What do bees make?",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm_adapters, cache_dir):
+    workdir = tmp_path_factory.mktemp("api-server")
+    settings = {
+        "quantization": "nf4",
+        "compute_dtype": "float32",
+        "max_batch_size": 8,
+        "context_window": 512,
+        "default_max_tokens": 64,
+        "max_tokens_limit": 400,
+        "max_request_bytes": 64_000,
+        "adapters": {name: {"path": str(path)} for name, path in smollm_adapters.items()},
+    }
+    proc = ServerProcess(workdir, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, model, question, **kwargs):
+    kwargs.setdefault("temperature", 0)
+    kwargs.setdefault("max_tokens", 24)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], **kwargs)
+
+
+def post(server, body, headers=None, **kwargs):
+    return httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=120, **kwargs)
+
+
+def assert_openai_error(response, status, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_models_lists_base_and_adapters(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {BASE, "alpha", "beta"}
+    assert models["alpha"].parent == BASE and models["beta"].parent == BASE
+
+
+def test_base_and_adapters_answer_differently(client):
+    answers = {model: ask(client, model, QUESTIONS[0]).choices[0].message.content for model in (BASE, "alpha", "beta")}
+    assert len(set(answers.values())) == 3, answers
+    assert "Paris" in answers[BASE]
+
+
+def test_response_shape_and_expert_header(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="alpha", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+    )
+    assert raw.headers["x-expert"] == "alpha"
+    assert raw.headers["x-request-id"]
+    completion = raw.parse()
+    assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
+    assert completion.model == "alpha"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert completion.usage.completion_tokens <= 5
+
+
+def test_x_expert_header_wins_over_model(client):
+    by_header = client.chat.completions.with_raw_response.create(
+        model=BASE, messages=[{"role": "user", "content": QUESTIONS[1]}], max_tokens=16, temperature=0,
+        extra_headers={"X-Expert": "beta"},
+    )
+    assert by_header.headers["x-expert"] == "beta"
+    by_model = ask(client, "beta", QUESTIONS[1], max_tokens=16)
+    assert by_header.parse().choices[0].message.content == by_model.choices[0].message.content
+
+
+def test_unknown_expert_is_404(client, server):
+    with pytest.raises(openai.NotFoundError) as err:
+        ask(client, "no-such-expert", "hi")
+    assert err.value.body["code"] == "model_not_found"
+    response = post(server, {"model": BASE, "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"X-Expert": "ghost"})
+    assert_openai_error(response, 404, param="X-Expert")
+
+
+def test_concurrent_mixed_requests_match_their_solo_answers(client):
+    jobs = [(["alpha", "beta", BASE][i % 3], q) for i, q in enumerate(QUESTIONS)]
+    solo = [ask(client, model, q, max_tokens=32).choices[0].message.content for model, q in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: ask(client, *job, max_tokens=32).choices[0].message.content, jobs))
+    assert together == solo
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "top_p": 0.9, "seed": 1234}])
+@pytest.mark.parametrize("model", [BASE, "beta"])
+def test_stream_joins_to_the_non_stream_answer(client, model, sampling):
+    full = ask(client, model, QUESTIONS[2], max_tokens=40, **sampling)
+    chunks = list(ask(client, model, QUESTIONS[2], max_tokens=40, stream=True,
+                      stream_options={"include_usage": True}, **sampling))
+    content_chunks = [c for c in chunks if c.choices]
+    assert content_chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in content_chunks if c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+    assert content_chunks[-1].choices[0].finish_reason is not None
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_stream_ends_with_done(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-expert"] == BASE
+        frames = [line for line in response.iter_lines() if line]
+    assert all(f.startswith("data: ") for f in frames)
+    assert frames[-1] == "data: [DONE]"
+    assert json.loads(frames[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_seed_reproduces_sampled_answer(client):
+    answers = {ask(client, "alpha", QUESTIONS[5], temperature=1.0, seed=7, max_tokens=20).choices[0].message.content
+               for _ in range(2)}
+    assert len(answers) == 1
+
+
+def test_content_parts_roles_and_max_completion_tokens(client):
+    completion = client.chat.completions.create(
+        model=BASE,
+        messages=[
+            {"role": "developer", "content": "You answer briefly."},
+            {"role": "user", "content": [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of Italy?"}]},
+            {"role": "assistant", "content": "Let me think."},
+            {"role": "user", "content": "Go on."},
+        ],
+        max_completion_tokens=3,
+        temperature=0,
+    )
+    assert completion.usage.completion_tokens == 3 and completion.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": BASE}, "messages"),
+        ({"model": BASE, "messages": []}, "messages"),
+        ({"model": BASE, "messages": "hello"}, "messages"),
+        ({"model": BASE, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ],
+)
+def test_bad_requests_are_400_in_openai_shape(server, body, param):
+    assert_openai_error(post(server, body), 400, param=param)
+
+
+def test_malformed_json_is_400(server):
+    response = httpx.post(server.base_url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert_openai_error(response, 400)
+
+
+def test_prompt_plus_max_tokens_over_context_is_400_with_both_numbers(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 390}
+    error = assert_openai_error(post(server, body), 400, param="max_tokens")
+    assert "390" in error["message"] and "512" in error["message"]
+
+
+def test_oversized_body_is_413(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "x" * 100_000}]}
+    assert_openai_error(post(server, body), 413)
+
+
+def test_errors_do_not_disturb_a_running_stream(client, server):
+    expected = ask(client, "alpha", QUESTIONS[3], max_tokens=48).choices[0].message.content
+    result = {}
+
+    def stream():
+        chunks = ask(client, "alpha", QUESTIONS[3], max_tokens=48, stream=True)
+        result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    for _ in range(5):
+        assert post(server, {"model": BASE, "messages": "bad"}).status_code == 400
+        assert post(server, {"model": "ghost", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
+    worker.join(120)
+    assert result["text"] == expected
+
+
+def test_stream_disconnect_frees_the_slot(server):
+    body = {"model": "beta", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert server.health()["running"] == 1
+    assert wait_until(lambda: server.health()["running"] == 0, 3), server.health()
+
+
+def test_non_stream_disconnect_frees_the_slot(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=1.5)
+    assert wait_until(lambda: server.health()["running"] == 0, 3), server.health()

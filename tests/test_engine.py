@@ -1,0 +1,159 @@
+"""The engine thread on a tiny model: continuous batching, cancellation, budgets, queue limits."""
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.engine import Engine, QueueFull
+from server.model_runner import ModelRunner
+from server.sampling import SamplingParams, make_generator
+from server.sequence import Sequence
+from tests.support import wait_until
+
+
+class Collector:
+    def __init__(self):
+        self.outputs = []
+        self.done = threading.Event()
+
+    def __call__(self, out):
+        self.outputs.append(out)
+        if out.finish_reason:
+            self.done.set()
+
+    @property
+    def text(self):
+        return "".join(o.text for o in self.outputs)
+
+    @property
+    def final(self):
+        return self.outputs[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_folder):
+    return AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+
+
+def make_engine(model, tokenizer, max_batch=4, max_queued=16) -> Engine:
+    engine = Engine(lambda: ModelRunner(model, tokenizer, max_batch, 256), max_batch, max_queued)
+    engine.start()
+    assert engine.ready.wait(60)
+    return engine
+
+
+def make_seq(prompt, max_tokens=16, temperature=0.0, seed=None, stop=(), stop_ids=frozenset()):
+    collector = Collector()
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop))
+    seq = Sequence("r", list(prompt), None, params, frozenset(stop_ids), make_generator(seed, torch.device("cpu")),
+                   collector)
+    return seq, collector
+
+
+PROMPTS = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77], [1, 5, 6]]
+
+
+def test_requests_joining_a_running_batch_get_their_solo_answer(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        solo = []
+        for prompt in PROMPTS:
+            seq, out = make_seq(prompt, max_tokens=20)
+            engine.submit(seq)
+            assert out.done.wait(30)
+            solo.append(out.text)
+        # staggered arrivals: later requests join while earlier ones are mid-generation
+        collectors = []
+        for prompt in PROMPTS:
+            seq, out = make_seq(prompt, max_tokens=20)
+            engine.submit(seq)
+            collectors.append(out)
+            time.sleep(0.01)
+        for out in collectors:
+            assert out.done.wait(30)
+        assert [c.text for c in collectors] == solo
+        assert all(c.final.finish_reason == "length" and c.final.completion_tokens == 20 for c in collectors)
+    finally:
+        engine.stop()
+
+
+def test_slot_moves_when_requests_finish_early_keep_answers_intact(tiny_model, tokenizer):
+    """Short requests leave first; the last running request is moved into the freed slot."""
+    engine = make_engine(tiny_model, tokenizer)
+    budgets = [3, 25, 7, 25]
+    try:
+        solo = []
+        for prompt, budget in zip(PROMPTS, budgets):
+            seq, out = make_seq(prompt, max_tokens=budget)
+            engine.submit(seq)
+            assert out.done.wait(30)
+            solo.append(out.text)
+        collectors = []
+        for prompt, budget in zip(PROMPTS, budgets):
+            seq, out = make_seq(prompt, max_tokens=budget)
+            engine.submit(seq)
+            collectors.append(out)
+        for out in collectors:
+            assert out.done.wait(30)
+        assert [c.text for c in collectors] == solo
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_is_reproducible(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        texts = []
+        for _ in range(2):
+            seq, out = make_seq(PROMPTS[0], max_tokens=12, temperature=1.0, seed=42)
+            engine.submit(seq)
+            assert out.done.wait(30)
+            texts.append(out.text)
+        assert texts[0] == texts[1]
+    finally:
+        engine.stop()
+
+
+def test_cancel_frees_the_slot_and_others_continue(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer, max_batch=2)
+    try:
+        long_seq, long_out = make_seq(PROMPTS[0], max_tokens=200)
+        short_seq, short_out = make_seq(PROMPTS[1], max_tokens=30)
+        engine.submit(long_seq)
+        engine.submit(short_seq)
+        assert wait_until(lambda: engine.num_running == 2, 10)
+        engine.cancel(long_seq)
+        assert wait_until(lambda: engine.num_running <= 1, 2)
+        assert short_out.done.wait(30)
+        assert short_out.final.completion_tokens == 30
+        assert not long_out.done.is_set()
+    finally:
+        engine.stop()
+
+
+def test_stop_token_ends_generation_and_is_not_shown(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        seq, out = make_seq(PROMPTS[2], max_tokens=20)
+        engine.submit(seq)
+        assert out.done.wait(30)
+        first_ids = tokenizer(out.text, add_special_tokens=False)["input_ids"]
+        stop_id = first_ids[2]
+        seq, stopped = make_seq(PROMPTS[2], max_tokens=20, stop_ids={stop_id})
+        engine.submit(seq)
+        assert stopped.done.wait(30)
+        assert stopped.final.finish_reason == "stop"
+        assert out.text.startswith(stopped.text)
+        assert tokenizer.decode([stop_id]) not in stopped.text[len(tokenizer.decode(first_ids[:2])):]
+    finally:
+        engine.stop()
+
+
+def test_queue_full_is_refused(tiny_model, tokenizer):
+    engine = Engine(lambda: ModelRunner(tiny_model, tokenizer, 1, 256), 1, 1)  # not started: nothing drains
+    seq, _ = make_seq(PROMPTS[0])
+    engine.submit(seq)
+    with pytest.raises(QueueFull):
+        engine.submit(make_seq(PROMPTS[1])[0])

@@ -1,0 +1,112 @@
+"""Start-up, overload and shutdown of the real server process."""
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from tests.support import REPO, ServerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+BASE = "SmolLM2-135M-Instruct"
+LONG = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60,
+        "ignore_eos": True}
+
+
+def run_cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_bad_config_exits_with_a_clear_message(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("max_batch_size: 0\nquantization: nf5\nno_such_key: 1\n")
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    for word in ("max_batch_size", "quantization", "no_such_key"):
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_exits_non_zero(tmp_path):
+    result = run_cli("serve", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "cannot read config file" in result.stderr
+
+
+def test_broken_adapter_stops_the_server_with_its_name(tmp_path, cache_dir):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_model.bin").write_bytes(b"pickle")
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    server = ServerProcess(tmp_path, {"adapters": {"broken": {"path": str(tmp_path / "broken")}}},
+                           env={"LORAPLEX_CACHE": cache_dir})
+    server.launch()
+    assert server.proc.wait(180) == 1
+    assert "broken" in server.log() and "safetensors" in server.log()
+
+
+def test_health_is_503_while_loading_then_200(tmp_path, cache_dir):
+    server = ServerProcess(tmp_path, {}, env={"LORAPLEX_CACHE": cache_dir}).launch()
+    try:
+        statuses = []
+
+        def poll():
+            try:
+                statuses.append(httpx.get(server.base_url + "/health", timeout=2).status_code)
+            except httpx.HTTPError:
+                return False
+            return statuses[-1] == 200
+
+        assert wait_until(poll, 180, interval=0.05), server.log()
+        assert statuses[0] == 503 and statuses[-1] == 200
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.fixture
+def small_server(tmp_path, cache_dir):
+    settings = {"max_batch_size": 1, "max_queued_requests": 1, "compute_dtype": "float32",
+                "shutdown_timeout_s": 60}
+    server = ServerProcess(tmp_path, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
+    yield server
+    server.stop()
+
+
+def stream_in_background(server, body, results):
+    def run():
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=120) as response:
+            results.append([line for line in response.iter_lines() if line])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_queue_full_is_429_with_retry_after(small_server):
+    results = []
+    running = stream_in_background(small_server, LONG, results)
+    assert wait_until(lambda: small_server.health()["running"] == 1, 30)
+    queued = stream_in_background(small_server, LONG, results)
+    assert wait_until(lambda: small_server.health()["waiting"] == 1, 30)
+    response = httpx.post(small_server.base_url + "/v1/chat/completions", json=LONG, timeout=30)
+    assert response.status_code == 429 and response.headers["retry-after"]
+    assert response.json()["error"]["type"] == "rate_limit_error"
+    running.join(120)
+    queued.join(120)
+    assert all(frames[-1] == "data: [DONE]" for frames in results) and len(results) == 2
+
+
+def test_sigterm_drains_running_requests_then_exits_0(small_server):
+    results = []
+    running = stream_in_background(small_server, LONG, results)
+    assert wait_until(lambda: small_server.health()["running"] == 1, 30)
+    small_server.signal()
+    assert wait_until(lambda: small_server.health()["status"] == "draining", 10)
+    refused = httpx.post(small_server.base_url + "/v1/chat/completions", json=LONG, timeout=30)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    running.join(120)
+    assert small_server.proc.wait(60) == 0
+    frames = results[0]
+    assert frames[-1] == "data: [DONE]" and '"finish_reason": "length"' in frames[-2]

@@ -1,0 +1,95 @@
+"""The runner's own forward pass against Hugging Face's, and the batched LoRA against PEFT."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from adapters.lora import BaseShape, load_lora
+from server.model_runner import ModelRunner, PrefillItem
+from tests.support import make_peft_adapter
+
+PROMPTS = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77]]
+
+
+def _greedy(runner: ModelRunner, prompt: list[int], steps: int, adapter=None) -> list[int]:
+    logits = runner.prefill([PrefillItem(0, prompt, adapter)])
+    tokens = [int(logits[0].argmax())]
+    for _ in range(steps - 1):
+        logits = runner.decode([tokens[-1]], [len(prompt) + len(tokens) - 1], [adapter])
+        tokens.append(int(logits[0].argmax()))
+    return tokens
+
+
+def _hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_folder, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    return model
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_greedy_matches_hf_generate(tiny_folder, tokenizer, quantized):
+    kwargs = {}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32, **kwargs).eval()
+    runner = ModelRunner(model, tokenizer, max_slots=4, context_window=128)
+    for prompt in PROMPTS:
+        assert _greedy(runner, prompt, 12) == _hf_greedy(model, prompt, 12)
+
+
+def test_mixed_adapter_prefill_matches_peft(tiny_fp32, tokenizer, tiny_folder, tmp_path):
+    from peft import PeftModel
+
+    adapter_dirs = {
+        "a": make_peft_adapter(tiny_fp32, tmp_path / "a", seed=1, rank=4, b_std=0.2),
+        "b": make_peft_adapter(tiny_fp32, tmp_path / "b", seed=2, rank=8, b_std=0.2,
+                               targets=("q_proj", "k_proj", "o_proj", "gate_proj", "up_proj")),
+    }
+    runner = ModelRunner(tiny_fp32, tokenizer, max_slots=4, context_window=128)
+    shape = BaseShape.from_config(tiny_fp32.config)
+    for name, folder in adapter_dirs.items():
+        runner.lora.add(name, load_lora(folder, shape))
+    ours = runner.prefill([PrefillItem(0, PROMPTS[0], "a"), PrefillItem(1, PROMPTS[1], None),
+                           PrefillItem(2, PROMPTS[2], "b")])
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(fresh, adapter_dirs["a"], adapter_name="a")
+    peft_model.load_adapter(adapter_dirs["b"], adapter_name="b")
+    with torch.no_grad():
+        expected = []
+        for prompt, adapter in zip(PROMPTS, ["a", None, "b"]):
+            if adapter is None:
+                with peft_model.disable_adapter():
+                    logits = peft_model(torch.tensor([prompt])).logits
+            else:
+                peft_model.set_adapter(adapter)
+                logits = peft_model(torch.tensor([prompt])).logits
+            expected.append(logits[0, -1])
+    for row, want in enumerate(expected):
+        torch.testing.assert_close(ours[row], want, rtol=1e-4, atol=1e-4)
+    # and the adapters really change the answer
+    assert not torch.allclose(ours[0], runner.prefill([PrefillItem(0, PROMPTS[0], None)])[0], atol=1e-3)
+
+
+def test_mixed_batch_decode_equals_each_alone(tiny_fp32, tokenizer, tmp_path):
+    runner = ModelRunner(tiny_fp32, tokenizer, max_slots=4, context_window=128)
+    shape = BaseShape.from_config(tiny_fp32.config)
+    runner.lora.add("a", load_lora(make_peft_adapter(tiny_fp32, tmp_path / "a", seed=3, b_std=0.2), shape))
+    adapters = ["a", None, "a"]
+    alone = [_greedy(runner, prompt, 10, adapter) for prompt, adapter in zip(PROMPTS, adapters)]
+
+    logits = runner.prefill([PrefillItem(i, p, a) for i, (p, a) in enumerate(zip(PROMPTS, adapters))])
+    together = [[int(t)] for t in logits.argmax(-1)]
+    for _ in range(9):
+        lengths = [len(p) + len(t) - 1 for p, t in zip(PROMPTS, together)]
+        logits = runner.decode([t[-1] for t in together], lengths, adapters)
+        for row, token in enumerate(logits.argmax(-1).tolist()):
+            together[row].append(token)
+    assert together == alone
