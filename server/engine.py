@@ -166,6 +166,8 @@ class Engine:
                 tokens += len(seq.prompt_ids)
         if not batch:
             return
+        # Requests of one adapter side by side let the LoRA step skip its gather/scatter.
+        batch.sort(key=lambda seq: (seq.adapter is None, seq.adapter or ""))
         for seq in batch:
             seq.detokenizer = IncrementalDetokenizer(self.runner.tokenizer)
             seq.stop_matcher = StopMatcher(seq.params.stop)

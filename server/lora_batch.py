@@ -1,11 +1,18 @@
 """Batched multi-adapter LoRA math: every row of a forward pass may use a different adapter.
 
-For the set of adapters active in a step we concatenate their A matrices column-wise and
-their B matrices row-wise (cached per set, so this costs nothing while the set is stable).
-One step then needs, per linear, `(x @ A_cat) * mask @ B_cat`, where `mask` zeroes the
-columns that belong to other adapters than the row's. The mask is built once per step and
-shared by all layers: the cost is two skinny matmuls per linear whatever the adapter mix,
-instead of one PEFT pass per adapter.
+Per step, rows are grouped by adapter (a gather), each group is padded to the same number
+of rows, and one `torch.bmm` over the stacked A matrices of the active adapters plus one per
+module over the stacked B matrices compute every row's delta with no wasted FLOPs; an
+`index_add_` puts the deltas back on their rows. The stacks are built once per set of active
+adapters and cached. Linears that read the same input (q/k/v, gate/up) share the gather and
+the A matmul. So a step costs a fixed handful of ops per layer whatever the adapter mix,
+instead of one PEFT pass per adapter (this is what punica/LoRAX call segmented gather MV).
+
+Determinism: BLAS (MKL/oneDNN on CPU) changes kernel, hence summation order, for matrices
+with fewer than MIN_GEMM_ROWS rows or narrower than RANK_ALIGN columns. We pad both, so a
+row's result is bit-identical whichever requests share its batch (zero padding adds exact
+zeros). This matters more than it seems: bitsandbytes' CPU kernel rounds its input to
+bf16, which turns a 1e-7 drift into a different token now and then.
 """
 from __future__ import annotations
 
@@ -17,21 +24,16 @@ import torch
 from adapters.lora import LoraWeights
 
 _CONCAT_CACHE_SIZE = 16
-# Ranks are zero-padded to a multiple of this. BLAS picks another kernel (another summation
-# order) for very narrow matrices; with every adapter at least this wide, a row's LoRA delta
-# is bit-identical whichever adapters share its batch.
 RANK_ALIGN = 16
-
-
-# BLAS (MKL/oneDNN on CPU) switches kernel, and summation order, for fewer rows than this.
 MIN_GEMM_ROWS = 4
+
+# Linears grouped by the input they read; a group shares one A matmul.
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}
 
 
 def matmul_rows(x: torch.Tensor, weight) -> torch.Tensor:
-    """x @ weight (a matrix, or a Linear applied to x), never with fewer than MIN_GEMM_ROWS rows.
-
-    Zero rows pad small inputs so a request's numbers are bit-identical alone and in a batch.
-    """
+    """x @ weight (a matrix, or a Linear applied to x), computed with at least MIN_GEMM_ROWS rows."""
     apply = weight if callable(weight) else (lambda rows: rows @ weight)
     rows = x.shape[0]
     if rows < MIN_GEMM_ROWS:
@@ -40,30 +42,50 @@ def matmul_rows(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 @dataclass
+class _GroupWeights:
+    a: torch.Tensor  # [u, in, len(modules) * rank]: each adapter's A for the modules side by side
+    # [u, len(modules) * rank, sum of out]: each adapter's B matrices block-diagonally, so one
+    # bmm serves all modules of the group (the zero blocks add exact zeros)
+    b: torch.Tensor
+    columns: tuple[tuple[int, int] | None, ...]  # per module: its output columns in b; None if untouched
+
+
+@dataclass
 class _ActiveSet:
     names: tuple[str, ...]
-    # (layer, module) -> (A_cat [in, R], B_cat [R, out]); absent when no active adapter touches it
-    pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    # row i of `owner_mask` is the column mask for adapter i-1; row 0 (no adapter) is all zero
-    owner_mask: torch.Tensor
+    rank: int  # every active adapter zero-padded to this rank
+    groups: dict[tuple[int, str], _GroupWeights]
 
 
 @dataclass
 class StepLora:
-    """LoRA state for one forward pass; `mask` is None when every row uses the same adapter."""
+    """LoRA work plan for one forward pass: which rows go to which adapter's segment."""
 
-    pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    mask: torch.Tensor | None
+    active: _ActiveSet
+    gather: torch.Tensor | None  # [u * m] rows of x (len(x) = an appended zero row); None: x as is
+    scatter: torch.Tensor | None  # [u * m] rows of y (padding adds exact zeros to row 0); None: y as is
+    segment_rows: int  # m: rows per adapter segment, padded
+    pads: bool  # whether `gather` refers to the appended zero row
 
-    def add_delta(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pair = self.pairs.get((layer, module))
-        if pair is None:
-            return y
-        lora_a, lora_b = pair
-        hidden = matmul_rows(x, lora_a)
-        if self.mask is not None:
-            hidden = hidden * self.mask
-        return y + matmul_rows(hidden, lora_b)
+    def apply(self, layer: int, group: str, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
+        """Add the LoRA deltas of `group` at `layer` to the base outputs, in place."""
+        weights = self.active.groups.get((layer, group))
+        if weights is None:
+            return
+        segments, rows = weights.a.shape[0], self.segment_rows
+        if self.gather is not None:
+            source = torch.cat((x, x.new_zeros(1, x.shape[1]))) if self.pads else x
+            x = source.index_select(0, self.gather)
+        delta = torch.bmm(torch.bmm(x.view(segments, rows, -1), weights.a), weights.b)
+        delta = delta.view(segments * rows, -1)
+        for y, columns in zip(outputs, weights.columns):
+            if columns is None:
+                continue
+            part = delta[:, columns[0] : columns[1]]
+            if self.scatter is None:
+                y.add_(part)
+            else:
+                y.index_add_(0, self.scatter, part)
 
 
 class LoraBank:
@@ -83,9 +105,8 @@ class LoraBank:
 
     def add(self, name: str, weights: LoraWeights) -> None:
         self.remove(name)
-        self._adapters[name] = weights.padded_to_rank(-(-weights.rank // RANK_ALIGN) * RANK_ALIGN).to(
-            self.device, self.dtype
-        )
+        aligned_rank = -(-weights.rank // RANK_ALIGN) * RANK_ALIGN
+        self._adapters[name] = weights.padded_to_rank(aligned_rank).to(self.device, self.dtype)
 
     def remove(self, name: str) -> None:
         if self._adapters.pop(name, None) is not None:
@@ -93,50 +114,85 @@ class LoraBank:
                 del self._active_sets[key]
 
     def prepare(self, row_adapters: list[str | None]) -> StepLora | None:
-        """Build the step's LoRA state; None when no row uses an adapter (zero LoRA cost)."""
+        """Plan the step's LoRA work; None when no row uses an adapter (zero LoRA cost)."""
         active = tuple(sorted({name for name in row_adapters if name is not None}))
         if not active:
             return None
+        rows_of = {name: [] for name in active}
+        for row, name in enumerate(row_adapters):
+            if name is not None:
+                rows_of[name].append(row)
+        segment_rows = max(MIN_GEMM_ROWS, max(len(rows) for rows in rows_of.values()))
         active_set = self._active_set(active)
-        if len(active) == 1 and None not in row_adapters:
-            return StepLora(active_set.pairs, None)
-        index_of = {name: i + 1 for i, name in enumerate(active)}
-        owners = torch.tensor([index_of.get(name, 0) if name else 0 for name in row_adapters], device=self.device)
-        return StepLora(active_set.pairs, active_set.owner_mask[owners])
+        if row_adapters == [name for name in active for _ in range(segment_rows)]:
+            # rows already sit in equal, sorted segments (the engine groups arrivals by
+            # adapter): the batch is its own segment layout, no gather or scatter needed
+            return StepLora(active_set, None, None, segment_rows, False)
+        zero_row = len(row_adapters)
+        gather, scatter = [], []
+        for name in active:
+            pad = segment_rows - len(rows_of[name])
+            gather += rows_of[name] + [zero_row] * pad
+            scatter += rows_of[name] + [0] * pad
+        as_tensor = lambda rows: torch.tensor(rows, device=self.device)  # noqa: E731
+        pads = zero_row in gather
+        return StepLora(active_set, as_tensor(gather), as_tensor(scatter), segment_rows, pads)
 
     def _active_set(self, names: tuple[str, ...]) -> _ActiveSet:
         cached = self._active_sets.get(names)
         if cached is not None:
             self._active_sets.move_to_end(names)
             return cached
-        built = self._concatenate(names)
+        built = self._stack(names)
         self._active_sets[names] = built
         if len(self._active_sets) > _CONCAT_CACHE_SIZE:
             self._active_sets.popitem(last=False)
         return built
 
-    def _concatenate(self, names: tuple[str, ...]) -> _ActiveSet:
-        adapters = [self._adapters[name] for name in names]
-        ranks = [adapter.rank for adapter in adapters]
-        total_rank = sum(ranks)
-        owner_mask = torch.zeros(len(names) + 1, total_rank, device=self.device, dtype=self.dtype)
-        offset = 0
-        for i, rank in enumerate(ranks):
-            owner_mask[i + 1, offset : offset + rank] = 1
-            offset += rank
-        keys = sorted({key for adapter in adapters for key in adapter.pairs})
-        pairs = {}
-        for key in keys:
-            a_parts, b_parts = [], []
-            for adapter in adapters:
-                pair = adapter.pairs.get(key)
-                if pair is None:  # this adapter leaves the module alone: zero block keeps columns aligned
-                    some_a, some_b = next(p for p in (ad.pairs.get(key) for ad in adapters) if p is not None)
-                    pair = (
-                        some_a.new_zeros(some_a.shape[0], adapter.rank),
-                        some_b.new_zeros(adapter.rank, some_b.shape[1]),
-                    )
-                a_parts.append(pair[0])
-                b_parts.append(pair[1])
-            pairs[key] = (torch.cat(a_parts, dim=1).contiguous(), torch.cat(b_parts, dim=0).contiguous())
-        return _ActiveSet(names, pairs, owner_mask)
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, device=self.device, dtype=self.dtype)
+
+    def _stack(self, names: tuple[str, ...]) -> _ActiveSet:
+        adapters = [self._adapters[name].padded_to_rank(max(self._adapters[n].rank for n in names)) for name in names]
+        rank = adapters[0].rank
+        shapes = {}  # module -> (in, out), read off any adapter that has it
+        for adapter in adapters:
+            for (_, module), (a, b) in adapter.pairs.items():
+                shapes[module] = (a.shape[0], b.shape[1])
+
+        def module_stacks(key: tuple[int, str]):
+            """([u, in, rank], [u, rank, out]) for one linear; zeros for adapters that skip it."""
+            if not any(key in adapter.pairs for adapter in adapters):
+                return None
+            in_features, out_features = shapes[key[1]]
+            pairs = [
+                adapter.pairs.get(key, (self._zeros(in_features, rank), self._zeros(rank, out_features)))
+                for adapter in adapters
+            ]
+            return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+        layers = sorted({layer for adapter in adapters for layer, _ in adapter.pairs})
+        groups = {}
+        for layer in layers:
+            for group, modules in GROUPS.items():
+                stacks = [module_stacks((layer, m)) for m in modules]
+                if all(stack is None for stack in stacks):
+                    continue
+                groups[(layer, group)] = self._group_weights(stacks, len(adapters), rank)
+        return _ActiveSet(names, rank, groups)
+
+    def _group_weights(self, stacks, count: int, rank: int) -> _GroupWeights:
+        in_features = next(stack[0].shape[1] for stack in stacks if stack is not None)
+        a = torch.cat([stack[0] if stack else self._zeros(count, in_features, rank) for stack in stacks], dim=2)
+        total_out = sum(stack[1].shape[2] for stack in stacks if stack is not None)
+        b = self._zeros(count, len(stacks) * rank, total_out)
+        columns, offset = [], 0
+        for j, stack in enumerate(stacks):
+            if stack is None:
+                columns.append(None)
+                continue
+            out = stack[1].shape[2]
+            b[:, j * rank : (j + 1) * rank, offset : offset + out] = stack[1]
+            columns.append((offset, offset + out))
+            offset += out
+        return _GroupWeights(a.contiguous(), b, tuple(columns))

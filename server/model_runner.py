@@ -18,6 +18,7 @@ from server.lora_batch import LoraBank, StepLora, matmul_rows
 
 # Decode attention runs over cache lengths rounded up to this (see _decode_attention).
 ATTENTION_BLOCK = 64
+LOGIT_CHUNK = 4  # see _logits
 
 
 @dataclass
@@ -115,13 +116,21 @@ class ModelRunner:
     # ---- internals ----------------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return matmul_rows(hidden, self.lm_head).float()
+        """lm_head over fixed chunks of LOGIT_CHUNK rows, as `W @ rows.T`.
 
-    def _linear(self, module, layer: int, name: str, x: torch.Tensor, step_lora: StepLora | None) -> torch.Tensor:
-        y = module(x)
-        if step_lora is not None:
-            y = step_lora.add_delta(layer, name, x, y)
-        return y
+        The vocabulary-sized matmul is the largest of a decode step. Fixed chunks keep each
+        row's logits bit-identical whatever the batch, and the W @ x.T orientation streams W
+        once per chunk: at batch 1 this is ~4x faster than F.linear padded to 4 rows.
+        """
+        weight = getattr(self.lm_head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype or self.lm_head.bias is not None:
+            return matmul_rows(hidden, self.lm_head).float()  # e.g. a quantized lm_head
+        rows = hidden.shape[0]
+        padded = -(-rows // LOGIT_CHUNK) * LOGIT_CHUNK
+        if padded != rows:
+            hidden = torch.cat((hidden, hidden.new_zeros(padded - rows, hidden.shape[1])))
+        chunks = [weight @ hidden[start : start + LOGIT_CHUNK].T for start in range(0, padded, LOGIT_CHUNK)]
+        return torch.cat(chunks, dim=1).T[:rows].float()
 
     def _forward(self, token_ids: list[int], positions: torch.Tensor, attend, step_lora: StepLora | None):
         tokens = len(token_ids)
@@ -131,16 +140,25 @@ class ModelRunner:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(hidden)
-            q = self._linear(attn.q_proj, i, "q_proj", x, step_lora).view(tokens, self.num_heads, self.head_dim)
-            k = self._linear(attn.k_proj, i, "k_proj", x, step_lora).view(tokens, self.num_kv_heads, self.head_dim)
-            v = self._linear(attn.v_proj, i, "v_proj", x, step_lora).view(tokens, self.num_kv_heads, self.head_dim)
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-            attn_out = attend(i, q, k, v)
-            hidden = hidden + self._linear(attn.o_proj, i, "o_proj", attn_out, step_lora)
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            if step_lora is not None:
+                step_lora.apply(i, "qkv", x, (q, k, v))
+            q = _apply_rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+            k = _apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+            attn_out = attend(i, q, k, v.view(tokens, self.num_kv_heads, self.head_dim))
+            o = attn.o_proj(attn_out)
+            if step_lora is not None:
+                step_lora.apply(i, "o", attn_out, (o,))
+            hidden = hidden + o
             x = layer.post_attention_layernorm(hidden)
-            gate = self._linear(mlp.gate_proj, i, "gate_proj", x, step_lora)
-            up = self._linear(mlp.up_proj, i, "up_proj", x, step_lora)
-            hidden = hidden + self._linear(mlp.down_proj, i, "down_proj", mlp.act_fn(gate) * up, step_lora)
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            if step_lora is not None:
+                step_lora.apply(i, "gate_up", x, (gate, up))
+            x = mlp.act_fn(gate) * up
+            down = mlp.down_proj(x)
+            if step_lora is not None:
+                step_lora.apply(i, "down", x, (down,))
+            hidden = hidden + down
         return self.model.norm(hidden)
 
     def _prefill_attention(self, layer: int, q, k, v, spans) -> torch.Tensor:

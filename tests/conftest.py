@@ -6,7 +6,8 @@ import torch
 
 from server.model_loader import convert_embedded
 from server.settings import Settings
-from tests.support import make_peft_adapter, tiny_llama_config
+from loadtests.harness import make_peft_adapter
+from tests.support import tiny_llama_config
 
 
 @pytest.fixture(scope="session")

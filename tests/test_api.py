@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import ServerProcess, wait_until
+from loadtests.harness import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 

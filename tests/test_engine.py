@@ -10,7 +10,7 @@ from server.engine import Engine, QueueFull
 from server.model_runner import ModelRunner
 from server.sampling import SamplingParams, make_generator
 from server.sequence import Sequence
-from tests.support import wait_until
+from loadtests.harness import wait_until
 
 
 class Collector:

@@ -6,7 +6,7 @@ import threading
 import httpx
 import pytest
 
-from tests.support import REPO, ServerProcess, wait_until
+from loadtests.harness import REPO, ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 

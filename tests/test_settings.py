@@ -1,0 +1,60 @@
+"""Settings precedence and validation."""
+import pytest
+
+from server.settings import ConfigError, load_settings
+
+
+def test_defaults_serve_the_embedded_model():
+    settings = load_settings(environ={})
+    assert settings.base_model == "embedded:smollm2"
+    assert settings.quantization == "nf4" and settings.device == "auto"
+
+
+def test_yaml_then_env_then_cli(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_batch_size: 4\nport: 9000\nhost: 0.0.0.0\n")
+    env = {"LORAPLEX_MAX_BATCH_SIZE": "6", "LORAPLEX_PORT": "9100"}
+    settings = load_settings(str(config), {"port": 9200, "host": None}, environ=env)
+    assert settings.max_batch_size == 6  # env beats yaml
+    assert settings.port == 9200  # cli beats env
+    assert settings.host == "0.0.0.0"  # an unset cli flag changes nothing
+
+
+def test_adapter_paths_are_relative_to_the_config_file(tmp_path):
+    config = tmp_path / "sub" / "c.yaml"
+    config.parent.mkdir()
+    config.write_text("adapters:\n  pirate:\n    path: ../experts/pirate\n    stop: ['</r>']\n")
+    settings = load_settings(str(config), environ={})
+    assert settings.adapters["pirate"].path == str(tmp_path / "sub" / ".." / "experts" / "pirate")
+    assert settings.adapters["pirate"].stop == ["</r>"]
+
+
+def test_env_json_for_structured_keys():
+    env = {"LORAPLEX_ADAPTERS": '{"a": {"path": "/x"}}'}
+    assert load_settings(environ=env).adapters["a"].path == "/x"
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragment",
+    [
+        ("max_batch_size: 0", "max_batch_size"),
+        ("quantization: fp3", "quantization"),
+        ("bogus_key: 1", "bogus_key"),
+        ("default_max_tokens: 5000\nmax_tokens_limit: 100", "default_max_tokens"),
+        ("adapters:\n  'bad name!':\n    path: /x", "bad name!"),
+        ("- just\n- a list", "mapping"),
+        ("key: [unclosed", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_a_config_error(tmp_path, yaml_text, fragment):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(config), environ={})
+    assert fragment in str(err.value)
+
+
+def test_bad_env_value_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"LORAPLEX_MAX_BATCH_SIZE": "many"})
+    assert "max_batch_size" in str(err.value)
