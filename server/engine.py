@@ -63,6 +63,8 @@ class Engine:
         self._thread.join(timeout)
 
     def submit(self, seq: Sequence) -> None:
+        if self.runner is not None and len(seq.prompt_ids) + seq.params.max_tokens > self.runner.context_window:
+            raise ValueError("prompt plus max_tokens exceeds the context window")  # callers check first
         with self._wakeup:
             if self._stopping:
                 raise EngineStopped()

@@ -3,7 +3,8 @@
 Per step, rows are grouped by adapter (a gather), each group is padded to the same number
 of rows, and one `torch.bmm` over the stacked A matrices of the active adapters plus one per
 module over the stacked B matrices compute every row's delta with no wasted FLOPs; an
-`index_add_` puts the deltas back on their rows. The stacks are built once per set of active
+`index_add_` puts the deltas back on their rows (when the engine has already grouped the
+rows, the batch is its own layout and both are skipped). The stacks are built once per set of active
 adapters and cached. Linears that read the same input (q/k/v, gate/up) share the gather and
 the A matmul. So a step costs a fixed handful of ops per layer whatever the adapter mix,
 instead of one PEFT pass per adapter (this is what punica/LoRAX call segmented gather MV).
@@ -44,10 +45,7 @@ def matmul_rows(x: torch.Tensor, weight) -> torch.Tensor:
 @dataclass
 class _GroupWeights:
     a: torch.Tensor  # [u, in, len(modules) * rank]: each adapter's A for the modules side by side
-    # [u, len(modules) * rank, sum of out]: each adapter's B matrices block-diagonally, so one
-    # bmm serves all modules of the group (the zero blocks add exact zeros)
-    b: torch.Tensor
-    columns: tuple[tuple[int, int] | None, ...]  # per module: its output columns in b; None if untouched
+    bs: tuple[torch.Tensor | None, ...]  # per module [u, rank, out]; None when no active adapter targets it
 
 
 @dataclass
@@ -76,16 +74,16 @@ class StepLora:
         if self.gather is not None:
             source = torch.cat((x, x.new_zeros(1, x.shape[1]))) if self.pads else x
             x = source.index_select(0, self.gather)
-        delta = torch.bmm(torch.bmm(x.view(segments, rows, -1), weights.a), weights.b)
-        delta = delta.view(segments * rows, -1)
-        for y, columns in zip(outputs, weights.columns):
-            if columns is None:
+        hidden = torch.bmm(x.view(segments, rows, -1), weights.a)
+        rank = self.active.rank
+        for j, (y, b) in enumerate(zip(outputs, weights.bs)):
+            if b is None:
                 continue
-            part = delta[:, columns[0] : columns[1]]
+            delta = torch.bmm(hidden[:, :, j * rank : (j + 1) * rank], b).view(segments * rows, -1)
             if self.scatter is None:
-                y.add_(part)
+                y.add_(delta)
             else:
-                y.index_add_(0, self.scatter, part)
+                y.index_add_(0, self.scatter, delta)
 
 
 class LoraBank:
@@ -184,15 +182,4 @@ class LoraBank:
     def _group_weights(self, stacks, count: int, rank: int) -> _GroupWeights:
         in_features = next(stack[0].shape[1] for stack in stacks if stack is not None)
         a = torch.cat([stack[0] if stack else self._zeros(count, in_features, rank) for stack in stacks], dim=2)
-        total_out = sum(stack[1].shape[2] for stack in stacks if stack is not None)
-        b = self._zeros(count, len(stacks) * rank, total_out)
-        columns, offset = [], 0
-        for j, stack in enumerate(stacks):
-            if stack is None:
-                columns.append(None)
-                continue
-            out = stack[1].shape[2]
-            b[:, j * rank : (j + 1) * rank, offset : offset + out] = stack[1]
-            columns.append((offset, offset + out))
-            offset += out
-        return _GroupWeights(a.contiguous(), b, tuple(columns))
+        return _GroupWeights(a.contiguous(), tuple(stack[1] if stack else None for stack in stacks))

@@ -119,16 +119,16 @@ def test_seeded_sampling_is_reproducible(tiny_model, tokenizer):
 def test_cancel_frees_the_slot_and_others_continue(tiny_model, tokenizer):
     engine = make_engine(tiny_model, tokenizer, max_batch=2)
     try:
-        long_seq, long_out = make_seq(PROMPTS[0], max_tokens=200)
-        short_seq, short_out = make_seq(PROMPTS[1], max_tokens=30)
+        long_seq, long_out = make_seq(PROMPTS[0], max_tokens=240)
+        other_seq, other_out = make_seq(PROMPTS[1], max_tokens=240)
         engine.submit(long_seq)
-        engine.submit(short_seq)
-        assert wait_until(lambda: engine.num_running == 2, 10)
+        engine.submit(other_seq)
+        assert wait_until(lambda: engine.num_running == 2, 10, interval=0.002)
         engine.cancel(long_seq)
-        assert wait_until(lambda: engine.num_running <= 1, 2)
-        assert short_out.done.wait(30)
-        assert short_out.final.completion_tokens == 30
-        assert not long_out.done.is_set()
+        assert wait_until(lambda: long_seq.slot == -1, 2, interval=0.002)
+        assert other_out.done.wait(30)
+        assert other_out.final.completion_tokens == 240
+        assert not long_out.done.is_set() and long_seq.generated < 240
     finally:
         engine.stop()
 
