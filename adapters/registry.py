@@ -15,6 +15,7 @@ class AdapterRecord:
     description: str = ""
     examples: tuple[str, ...] = ()
     stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: frozenset[int] = frozenset()
 
 
 class AdapterRegistry:

@@ -120,6 +120,21 @@ def _naive_and_raw(folder: Path, adapters: dict[str, Path], models: list[str], t
     return {"naive": naive, "raw_generate": raw}
 
 
+def _machine() -> str:
+    import os
+
+    import bitsandbytes
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
+            f"bitsandbytes {bitsandbytes.__version__}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=16)
@@ -167,7 +182,7 @@ def main() -> None:
     }
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": _machine(),
         "config": vars(args),
         "loraplex_mixed": mixed,
         "loraplex_no_adapter": base,

@@ -32,6 +32,9 @@ def context_window_for(settings: Settings, model_config) -> int:
 
 
 def load_adapter_into(runner: ModelRunner, registry: AdapterRegistry, name: str, spec, shape: BaseShape) -> None:
+    bad_ids = [i for i in spec.stop_token_ids if not 0 <= i < runner.vocab_size]
+    if bad_ids:
+        raise AdapterError(f"stop_token_ids {bad_ids} are outside the vocabulary (0..{runner.vocab_size - 1})")
     weights = load_lora(spec.path, shape)
     runner.lora.add(name, weights)
     registry.add(
@@ -44,6 +47,7 @@ def load_adapter_into(runner: ModelRunner, registry: AdapterRegistry, name: str,
             description=spec.description,
             examples=tuple(spec.examples),
             stop=tuple(spec.stop),
+            stop_token_ids=frozenset(spec.stop_token_ids),
         )
     )
 

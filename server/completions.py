@@ -82,7 +82,11 @@ def _submit(req: ChatCompletionRequest, request: Request, state: ServerState) ->
     record = state.registry.get(route.adapter) if route.adapter else None
     prompt_ids = render_prompt(base.tokenizer, req.messages)
     params = _sampling_params(req, len(prompt_ids), state, record.stop if record else ())
-    stop_ids = params.stop_token_ids if params.ignore_eos else base.stop_token_ids | params.stop_token_ids
+    # ends a turn: EOS and the template's end-of-turn token (unless ignore_eos), the expert's
+    # own stop tokens, and the request's stop_token_ids
+    stop_ids = params.stop_token_ids | (record.stop_token_ids if record else frozenset())
+    if not params.ignore_eos:
+        stop_ids |= base.stop_token_ids
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue = asyncio.Queue()
     seq = Sequence(

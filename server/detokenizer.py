@@ -82,3 +82,24 @@ class StopMatcher:
                     longest = size
                     break
         return longest
+
+
+class OutputText:
+    """A request's answer as the client sees it: tokens in, safe text out.
+
+    The engine calls `push` for each sampled token (stop tokens excluded) and `finish` once
+    when generation ends for another reason (stop token, budget).
+    """
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stops = StopMatcher(stops)
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """(text safe to send now, whether a stop string ended the answer)."""
+        return self._stops.push(self._detokenizer.push(token_id))
+
+    def finish(self) -> tuple[str, bool]:
+        """Release what was held back; a stop string may still complete in the last bytes."""
+        text, stopped = self._stops.push(self._detokenizer.flush())
+        return (text, True) if stopped else (text + self._stops.flush(), False)

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future
 from typing import Callable
 
-from server.detokenizer import IncrementalDetokenizer, StopMatcher
+from server.detokenizer import OutputText
 from server.model_runner import ModelRunner, PrefillItem
 from server.sampling import sample_batch
 from server.sequence import EngineOutput, Sequence
@@ -171,8 +171,7 @@ class Engine:
         # Requests of one adapter side by side let the LoRA step skip its gather/scatter.
         batch.sort(key=lambda seq: (seq.adapter is None, seq.adapter or ""))
         for seq in batch:
-            seq.detokenizer = IncrementalDetokenizer(self.runner.tokenizer)
-            seq.stop_matcher = StopMatcher(seq.params.stop)
+            seq.output = OutputText(self.runner.tokenizer, seq.params.stop)
             seq.slot = len(self._running)
             self._running.append(seq)
         items = [PrefillItem(seq.slot, seq.prompt_ids, seq.adapter) for seq in batch]
@@ -201,19 +200,16 @@ class Engine:
         seq.last_token = token
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
-        if token in seq.stop_token_ids:  # the stop token itself is never shown
-            text, _ = seq.stop_matcher.push(seq.detokenizer.flush())
-            self._finish(seq, "stop", text + seq.stop_matcher.flush())
-            return
-        out_of_budget = seq.generated >= seq.params.max_tokens
-        delta = seq.detokenizer.push(token)
-        if out_of_budget:
-            delta += seq.detokenizer.flush()
-        text, stopped = seq.stop_matcher.push(delta)
-        if stopped:
+        if token in seq.stop_token_ids:  # the stop token's own text is never shown
+            text, _ = seq.output.finish()
             self._finish(seq, "stop", text)
-        elif out_of_budget:
-            self._finish(seq, "length", text + seq.stop_matcher.flush())
+            return
+        text, stopped = seq.output.push(token)
+        if not stopped and seq.generated >= seq.params.max_tokens:
+            tail, stopped = seq.output.finish()
+            self._finish(seq, "stop" if stopped else "length", text + tail)
+        elif stopped:
+            self._finish(seq, "stop", text)
         elif text:
             seq.emit(EngineOutput(text))
 

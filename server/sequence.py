@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from server.detokenizer import IncrementalDetokenizer, StopMatcher
+from server.detokenizer import OutputText
 from server.sampling import SamplingParams
 
 
@@ -31,9 +31,7 @@ class Sequence:
     stop_token_ids: frozenset[int]
     generator: torch.Generator
     emit: Callable[[EngineOutput], None]
-    # built on the engine thread at admission, with the engine's tokenizer
-    detokenizer: IncrementalDetokenizer | None = None
-    stop_matcher: StopMatcher | None = None
+    output: OutputText | None = None  # built on the engine thread at admission, with its tokenizer
     generated: int = 0  # tokens sampled, the stop token included (what usage reports)
     last_token: int = -1  # sampled but not yet in the KV cache
     kv_len: int = 0  # positions of this request written to its cache slot

@@ -29,7 +29,15 @@ class AdapterSpec(BaseModel):
     path: str
     description: str = ""
     examples: list[str] = Field(default_factory=list)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list, description="Stop strings this expert always uses.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extra tokens that end this expert's turn.")
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, stops: list[str]) -> list[str]:
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return stops
 
 
 class Settings(BaseModel):

@@ -1,4 +1,4 @@
-import os
+import openai
 from pathlib import Path
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from server.model_loader import convert_embedded
 from server.settings import Settings
-from loadtests.harness import make_peft_adapter
+from loadtests.harness import ServerProcess, make_peft_adapter
 from tests.support import tiny_llama_config
 
 
@@ -38,6 +38,8 @@ def smollm_adapters(smollm_folder, tmp_path_factory) -> dict[str, Path]:
     return {
         # b_std 0.005 shifts answers while keeping them coherent; much more and they turn to noise
         "alpha": make_peft_adapter(model, root / "alpha", seed=1, rank=8, b_std=0.005),
+        # random weights big enough to wreck the model: it never emits EOS, like a bad fine-tune
+        "noisy": make_peft_adapter(model, root / "noisy", seed=3, rank=8, b_std=0.05),
         "beta": make_peft_adapter(
             model, root / "beta", seed=2, rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
             b_std=0.005,
@@ -56,3 +58,33 @@ def tiny_folder(tokenizer, tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+EXPERT_STOP = " is Paris"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, smollm_adapters, cache_dir):
+    workdir = tmp_path_factory.mktemp("server")
+    settings = {
+        "quantization": "nf4",
+        "compute_dtype": "float32",
+        "max_batch_size": 8,
+        "context_window": 512,
+        "default_max_tokens": 64,
+        "max_tokens_limit": 400,
+        "max_request_bytes": 64_000,
+        "adapters": {
+            **{name: {"path": str(path)} for name, path in smollm_adapters.items()},
+            # the same weights as beta, with a default stop string declared by the expert
+            "beta-stops": {"path": str(smollm_adapters["beta"]), "stop": [EXPERT_STOP]},
+        },
+    }
+    proc = ServerProcess(workdir, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)

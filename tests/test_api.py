@@ -7,11 +7,11 @@ import httpx
 import openai
 import pytest
 
-from loadtests.harness import ServerProcess, wait_until
+from loadtests.harness import wait_until
+from tests.support import BASE, ask, assert_openai_error, post
 
 pytestmark = pytest.mark.integration
 
-BASE = "SmolLM2-135M-Instruct"
 QUESTIONS = [
     "What is the capital of France?",
     "Name three colors.",
@@ -24,52 +24,9 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm_adapters, cache_dir):
-    workdir = tmp_path_factory.mktemp("api-server")
-    settings = {
-        "quantization": "nf4",
-        "compute_dtype": "float32",
-        "max_batch_size": 8,
-        "context_window": 512,
-        "default_max_tokens": 64,
-        "max_tokens_limit": 400,
-        "max_request_bytes": 64_000,
-        "adapters": {name: {"path": str(path)} for name, path in smollm_adapters.items()},
-    }
-    proc = ServerProcess(workdir, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
-    yield proc
-    assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def ask(client, model, question, **kwargs):
-    kwargs.setdefault("temperature", 0)
-    kwargs.setdefault("max_tokens", 24)
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], **kwargs)
-
-
-def post(server, body, headers=None, **kwargs):
-    return httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=120, **kwargs)
-
-
-def assert_openai_error(response, status, param=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    if param is not None:
-        assert error["param"] == param
-    return error
-
-
 def test_models_lists_base_and_adapters(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {BASE, "alpha", "beta"}
+    assert set(models) == {BASE, "alpha", "beta", "noisy", "beta-stops"}
     assert models["alpha"].parent == BASE and models["beta"].parent == BASE
 
 
