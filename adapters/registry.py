@@ -1,36 +1,80 @@
-"""The experts the server knows about: metadata only (weights live in the engine's LoraBank)."""
+"""The experts the server knows about: metadata only (weights live with the engine)."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
 class AdapterRecord:
     name: str
-    path: str
+    # unique per registration: the engine's handle for the weights, so a name that is
+    # deleted and registered again never meets the old weights still finishing a request
+    key: str
+    folder: str  # where the engine (re)loads the files from
+    source: str  # config | path | upload
     rank: int
     target_modules: tuple[str, ...]
     nbytes: int
     description: str = ""
     examples: tuple[str, ...] = ()
-    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
+    defaults: dict = field(default_factory=dict)  # sampling defaults: temperature, top_p, max_tokens
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def to_manifest(self) -> dict:
+        entry = asdict(self)
+        entry["target_modules"] = list(self.target_modules)
+        entry["examples"] = list(self.examples)
+        entry["stop"] = list(self.stop)
+        entry["stop_token_ids"] = sorted(self.stop_token_ids)
+        return entry
+
+    @classmethod
+    def from_manifest(cls, entry: dict) -> "AdapterRecord":
+        return cls(
+            **{
+                **entry,
+                "target_modules": tuple(entry["target_modules"]),
+                "examples": tuple(entry.get("examples", ())),
+                "stop": tuple(entry.get("stop", ())),
+                "stop_token_ids": frozenset(entry.get("stop_token_ids", ())),
+            }
+        )
 
 
 class AdapterRegistry:
-    """Read from the HTTP threads, written when adapters are added or retired."""
+    """Read from the HTTP side, written when experts are added or retired."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, AdapterRecord] = {}
+        self._reserved: set[str] = set()  # names whose registration is in progress
+        self._requests: Counter[str] = Counter()
+
+    def reserve(self, name: str) -> bool:
+        """Claim a name for a registration in progress; False if taken or being registered."""
+        with self._lock:
+            if name in self._records or name in self._reserved:
+                return False
+            self._reserved.add(name)
+            return True
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._reserved.discard(name)
 
     def add(self, record: AdapterRecord) -> None:
         with self._lock:
+            self._reserved.discard(record.name)
             self._records[record.name] = record
 
     def remove(self, name: str) -> AdapterRecord | None:
         with self._lock:
+            self._requests.pop(name, None)
             return self._records.pop(name, None)
 
     def get(self, name: str) -> AdapterRecord | None:
@@ -40,3 +84,11 @@ class AdapterRegistry:
     def all(self) -> list[AdapterRecord]:
         with self._lock:
             return list(self._records.values())
+
+    def count_request(self, name: str) -> None:
+        with self._lock:
+            self._requests[name] += 1
+
+    def request_count(self, name: str) -> int:
+        with self._lock:
+            return self._requests[name]

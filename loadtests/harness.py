@@ -50,7 +50,8 @@ class ServerProcess:
         self.config_path = workdir / f"server-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(settings))
         self.log_path = workdir / f"server-{self.port}.log"
-        self._env = {**os.environ, **(env or {})}
+        # a private adapter store per server: never the user's, never another test's
+        self._env = {**os.environ, "LORAPLEX_DATA_DIR": str(workdir / f"data-{self.port}"), **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def launch(self) -> "ServerProcess":

@@ -1,9 +1,11 @@
 """The FastAPI application: routes only; the work happens in completions.py and the engine."""
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from server import admin
+from server.auth import require_user
 from server.completions import chat_completions
 from server.errors import APIError, install_error_handlers
 from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -31,7 +33,7 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(require_user)])
     async def list_models():
         if not state.ready:
             raise APIError(503, "The model is still loading; retry shortly.", code="loading")
@@ -40,7 +42,7 @@ def create_app(state: ServerState) -> FastAPI:
         data += [_model_entry(r.name, state.started_at, parent=base) for r in state.registry.all()]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_user)])
     async def get_model(model_id: str):
         if not state.ready:
             raise APIError(503, "The model is still loading; retry shortly.", code="loading")
@@ -50,11 +52,17 @@ def create_app(state: ServerState) -> FastAPI:
             return _model_entry(model_id, state.started_at, parent=state.base.name)
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_user)])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat_completions(body, request, state)
 
     # added last = outermost: the request id is on every response, 413s included
-    app.add_middleware(BodyLimitMiddleware, limit=state.settings.max_request_bytes)
+    app.include_router(admin.router)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=state.settings.max_request_bytes,
+        upload_paths=("/v1/adapters",),
+        upload_limit=state.settings.max_adapter_bytes + 1_000_000,  # files plus form fields
+    )
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -11,6 +11,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from adapters.registry import AdapterRecord
 from router.resolve import Route, resolve_expert
 from server.chat import render_prompt
 from server.engine import EngineStopped, QueueFull
@@ -33,8 +34,9 @@ class _Call:
     outputs: asyncio.Queue
 
 
-def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerState, expert_stops: tuple[str, ...]):
+def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerState, record: AdapterRecord | None):
     settings, base = state.settings, state.base
+    defaults = record.defaults if record else {}
     room = base.context_window - prompt_len
     requested = req.requested_max_tokens()
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -54,7 +56,8 @@ def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerS
             param=param,
             code="context_length_exceeded",
         )
-    max_tokens = min(requested if requested is not None else settings.default_max_tokens, settings.max_tokens_limit, room)
+    default_budget = defaults.get("max_tokens", settings.default_max_tokens)
+    max_tokens = min(requested if requested is not None else default_budget, settings.max_tokens_limit, room)
     extra_ids = frozenset(req.stop_token_ids or ())
     bad = sorted(i for i in extra_ids if not 0 <= i < base.vocab_size)
     if bad:
@@ -63,10 +66,10 @@ def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerS
         )
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,
+        top_p=defaults.get("top_p", 1.0) if req.top_p is None else req.top_p,
         seed=req.seed,
-        stop=list(expert_stops) + req.stop_list(),
+        stop=list(record.stop if record else ()) + req.stop_list(),
         stop_token_ids=extra_ids,
         ignore_eos=req.ignore_eos,
     )
@@ -80,8 +83,10 @@ def _submit(req: ChatCompletionRequest, request: Request, state: ServerState) ->
     base = state.base
     route = resolve_expert(req.model, request.headers.get("x-expert"), state.registry, base.name)
     record = state.registry.get(route.adapter) if route.adapter else None
+    if route.adapter and record is None:  # retired between routing and here
+        raise APIError(404, f"The expert '{route.adapter}' does not exist.", param="model", code="model_not_found")
     prompt_ids = render_prompt(base.tokenizer, req.messages)
-    params = _sampling_params(req, len(prompt_ids), state, record.stop if record else ())
+    params = _sampling_params(req, len(prompt_ids), state, record)
     # ends a turn: EOS and the template's end-of-turn token (unless ignore_eos), the expert's
     # own stop tokens, and the request's stop_token_ids
     stop_ids = params.stop_token_ids | (record.stop_token_ids if record else frozenset())
@@ -92,7 +97,7 @@ def _submit(req: ChatCompletionRequest, request: Request, state: ServerState) ->
     seq = Sequence(
         request_id=request.scope.get("state", {}).get("request_id", uuid.uuid4().hex),
         prompt_ids=prompt_ids,
-        adapter=route.adapter,
+        adapter=record.key if record else None,
         params=params,
         stop_token_ids=stop_ids,
         generator=make_generator(params.seed, state.engine.runner.device),
@@ -106,6 +111,8 @@ def _submit(req: ChatCompletionRequest, request: Request, state: ServerState) ->
         ) from None
     except EngineStopped:
         raise APIError(503, "The server is shutting down.", code="shutting_down") from None
+    if record is not None:
+        state.registry.count_request(record.name)
     return _Call(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), route, seq, outputs)
 
 

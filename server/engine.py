@@ -17,6 +17,7 @@ from typing import Callable
 
 from server.detokenizer import OutputText
 from server.model_runner import ModelRunner, PrefillItem
+from server.residency import AdapterCache, AdapterUnavailable
 from server.sampling import sample_batch
 from server.sequence import EngineOutput, Sequence
 
@@ -36,11 +37,13 @@ class EngineStopped(Exception):
 
 
 class Engine:
-    def __init__(self, load_runner: Callable[[], ModelRunner], max_batch_size: int, max_queued: int):
+    def __init__(self, load_runner: Callable[[], tuple[ModelRunner, AdapterCache]], max_batch_size: int,
+                 max_queued: int):
         self._load_runner = load_runner
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.runner: ModelRunner | None = None
+        self.adapters: AdapterCache | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -48,6 +51,7 @@ class Engine:
         self._tasks: collections.deque[tuple[Callable[[ModelRunner], object], Future]] = collections.deque()
         self._wakeup = threading.Condition()
         self._stopping = False
+        self._stalled = False  # requests wait only for adapter loads: sleep until one is done
         self._thread = threading.Thread(target=self._main, name="loraplex-engine", daemon=True)
 
     # ---- called from other threads ------------------------------------------------------
@@ -71,6 +75,10 @@ class Engine:
             if len(self._waiting) >= self.max_queued:
                 raise QueueFull()
             self._waiting.append(seq)
+            self._wakeup.notify()
+
+    def wake(self) -> None:
+        with self._wakeup:
             self._wakeup.notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -106,7 +114,7 @@ class Engine:
 
     def _main(self) -> None:
         try:
-            self.runner = self._load_runner()
+            self.runner, self.adapters = self._load_runner()
         except BaseException as exc:  # reported to the server, which exits non-zero
             self.load_error = exc
             log.error("model load failed: %s", exc)
@@ -127,13 +135,18 @@ class Engine:
             with self._wakeup:
                 while not (self._stopping or self._tasks or self._waiting or self._running):
                     self._wakeup.wait()
+                if self._stalled and not (self._stopping or self._tasks):
+                    self._wakeup.wait(0.05)
                 if self._stopping:
                     break
             self._run_tasks()
             self._reap_cancelled()
-            self._admit()
+            admitted = self._admit()
             if self._running:
                 self._decode_step()
+            self._stalled = not admitted and not self._running and bool(self._waiting)
+            self.adapters.release_unused({s.adapter for s in (*self._running, *self._waiting)})
+        self.adapters.close()
         self._fail_all("server is shutting down")
 
     def _run_tasks(self) -> None:
@@ -153,21 +166,38 @@ class Engine:
             with self._wakeup:
                 self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        """Prefill what can start now; a request whose adapter is still loading keeps its place."""
         batch: list[Sequence] = []
+        failed: list[tuple[Sequence, str]] = []
         tokens = 0
+        in_use = {seq.adapter for seq in self._running}
         with self._wakeup:
-            while self._waiting and len(self._running) + len(batch) < self.max_batch_size:
-                seq = self._waiting[0]
-                if batch and tokens + len(seq.prompt_ids) > PREFILL_TOKEN_BUDGET:
-                    break
-                self._waiting.popleft()
+            kept: collections.deque[Sequence] = collections.deque()
+            while self._waiting:
+                seq = self._waiting.popleft()
                 if seq.cancelled:
                     continue
+                room = len(self._running) + len(batch) < self.max_batch_size
+                if not room or (batch and tokens + len(seq.prompt_ids) > PREFILL_TOKEN_BUDGET):
+                    kept.append(seq)
+                    continue
+                try:
+                    ready = seq.adapter is None or self.adapters.acquire(seq.adapter, in_use | {seq.adapter})
+                except AdapterUnavailable as exc:
+                    failed.append((seq, str(exc)))
+                    continue
+                if not ready:
+                    kept.append(seq)
+                    continue
+                in_use.add(seq.adapter)
                 batch.append(seq)
                 tokens += len(seq.prompt_ids)
+            self._waiting = kept
+        for seq, message in failed:
+            seq.emit(EngineOutput("", "error", len(seq.prompt_ids), 0, error=message))
         if not batch:
-            return
+            return False
         # Requests of one adapter side by side let the LoRA step skip its gather/scatter.
         batch.sort(key=lambda seq: (seq.adapter is None, seq.adapter or ""))
         for seq in batch:
@@ -181,6 +211,7 @@ class Engine:
         tokens = sample_batch(logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens):
             self._accept_token(seq, token)
+        return True
 
     def _decode_step(self) -> None:
         running = self._running

@@ -58,16 +58,19 @@ class BodyLimitMiddleware:
     goes to the server again so the app still learns about client disconnects.
     """
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, upload_paths: tuple[str, ...] = (), upload_limit: int = 0):
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        self.upload_paths = upload_paths  # these (adapter uploads) may carry up to upload_limit bytes
+        self.upload_limit = upload_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
+        limit = self.upload_limit if scope["path"].rstrip("/") in self.upload_paths else self.default_limit
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_413(send, self.limit)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_413(send, limit)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -75,8 +78,8 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                return await _send_413(send, self.limit)
+            if size > limit:
+                return await _send_413(send, limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

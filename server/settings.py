@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ENV_PREFIX = "LORAPLEX_"
 EMBEDDED_BASE = "embedded:smollm2"
@@ -31,6 +31,9 @@ class AdapterSpec(BaseModel):
     examples: list[str] = Field(default_factory=list)
     stop: list[str] = Field(default_factory=list, description="Stop strings this expert always uses.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra tokens that end this expert's turn.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default when a request gives none.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
 
     @field_validator("stop")
     @classmethod
@@ -63,6 +66,21 @@ class Settings(BaseModel):
         description="Where the embedded base is converted to safetensors once.",
     )
     adapters: dict[str, AdapterSpec] = Field(default_factory=dict)
+    # --- registry (experts added over HTTP) ---
+    data_dir: str = Field(
+        default_factory=lambda: str(Path.home() / ".local" / "share" / "loraplex"),
+        description="Managed adapter store and manifest (LORAPLEX_DATA_DIR).",
+    )
+    adapter_roots: list[str] = Field(default_factory=list, description="Folders that POST /v1/adapters may read from.")
+    admin_key: list[str] = Field(default_factory=list, description="Bearer keys for /v1/adapters; none = disabled.")
+    api_key: list[str] = Field(default_factory=list, description="Bearer keys required for inference when set.")
+    max_gpu_adapters: int = Field(8, ge=1, description="Adapters resident on the compute device (LRU).")
+    max_cpu_adapters: int = Field(32, ge=0, description="Evicted adapters kept in CPU memory (LRU).")
+    max_adapter_rank: int = Field(64, ge=1)
+    max_adapter_bytes: int = Field(256_000_000, ge=1024, description="Upload / adapter file size limit.")
+    base_mismatch: Literal["refuse", "warn"] = Field(
+        "refuse", description="An adapter whose base_model_name_or_path names another base."
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -74,6 +92,17 @@ class Settings(BaseModel):
         for name in adapters:
             check_adapter_name(name)
         return adapters
+
+    @field_validator("adapter_roots", "admin_key", "api_key", mode="before")
+    @classmethod
+    def _split_lists(cls, value, info: ValidationInfo):
+        """Environment variables give one string: comma-separated (roots: os.pathsep too)."""
+        if isinstance(value, str):
+            if info.field_name == "adapter_roots":
+                value = value.replace(os.pathsep, ",")
+            parts = value.split(",")
+            return [part.strip() for part in parts if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> "Settings":

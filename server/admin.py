@@ -1,0 +1,172 @@
+"""/v1/adapters: register, list, show and retire experts while the server runs (admin key)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from adapters.admission import AdmissionError, check_new_name, stage_from_path, stage_upload, validate_staged
+from adapters.registry import AdapterRecord
+from server.auth import require_admin
+from server.bootstrap import check_stop_token_ids, new_key, record_for
+from server.errors import APIError
+from server.settings import AdapterSpec
+from server.state import ServerState
+
+router = APIRouter(dependencies=[Depends(require_admin)])
+LIST_FIELDS = ("examples", "stop", "stop_token_ids")
+
+
+class AdapterRegistration(AdapterSpec):
+    """POST /v1/adapters: an AdapterSpec plus its name; `path` only for registration by path."""
+
+    name: str
+    path: str | None = None
+
+
+def _state(request: Request) -> ServerState:
+    state = request.app.state.loraplex
+    if not state.ready:
+        raise APIError(503, "The model is still loading; retry shortly.", code="loading")
+    return state
+
+
+def _describe(record: AdapterRecord, state: ServerState) -> dict:
+    return {
+        "id": record.name,
+        "object": "adapter",
+        "created": record.created,
+        "source": record.source,
+        "description": record.description,
+        "examples": list(record.examples),
+        "stop": list(record.stop),
+        "stop_token_ids": sorted(record.stop_token_ids),
+        "defaults": record.defaults,
+        "rank": record.rank,
+        "target_modules": list(record.target_modules),
+        "size_bytes": record.nbytes,
+        "tier": state.engine.adapters.tier(record.key),
+        "requests": state.registry.request_count(record.name),
+    }
+
+
+def _form_list(form, field: str) -> list:
+    values = form.getlist(field)
+    if len(values) == 1 and isinstance(values[0], str) and values[0].lstrip().startswith("["):
+        try:
+            return json.loads(values[0])
+        except json.JSONDecodeError:
+            raise APIError(400, f"'{field}' is not a valid JSON list", param=field) from None
+    return values
+
+
+async def _read_registration(request: Request) -> tuple[AdapterRegistration, dict[str, bytes] | None]:
+    """The registration fields, and the uploaded files for a multipart request (else None)."""
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form(max_part_size=request.app.state.loraplex.settings.max_adapter_bytes)
+            files = {}
+            for field in ("adapter_config", "adapter_model"):
+                upload = form.get(field)
+                if not isinstance(upload, UploadFile):
+                    raise APIError(400, f"multipart upload needs a file field '{field}'", param=field)
+                files[field] = await upload.read()
+            fields = {k: v for k, v in form.items() if not isinstance(v, UploadFile) and k not in LIST_FIELDS}
+            fields.update({k: _form_list(form, k) for k in LIST_FIELDS if k in form})
+            return AdapterRegistration(**fields), files
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        registration = AdapterRegistration(**body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise APIError(400, f"'{param}': {err['msg']}", param=param) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "The request body is not valid JSON.") from None
+    if registration.path is None:
+        raise APIError(400, "give 'path' (a folder inside adapter_roots) or upload the files as multipart/form-data",
+                       param="path")
+    return registration, None
+
+
+def _stage_and_validate(state: ServerState, registration: AdapterRegistration, files, staging: Path):
+    settings, base = state.settings, state.base
+    if files is None:
+        stage_from_path(registration.path, settings.adapter_roots, staging, settings.max_adapter_bytes)
+    else:
+        stage_upload(files["adapter_config"], files["adapter_model"], staging, settings.max_adapter_bytes)
+    check_stop_token_ids(registration.stop_token_ids, base.vocab_size)
+    return validate_staged(staging, base.shape, settings.max_adapter_rank, base.names, settings.base_mismatch)
+
+
+@router.post("/v1/adapters", status_code=201)
+async def register_adapter(request: Request):
+    state = _state(request)
+    registration, files = await _read_registration(request)
+    name = registration.name
+    try:
+        check_new_name(name, state.base.name, taken=not state.registry.reserve(name))
+    except AdmissionError as exc:
+        raise APIError(exc.status, exc.message, param=exc.param) from None
+    staging = state.store.staging_dir()
+    folder = None
+    record = None
+    try:
+        weights = await asyncio.to_thread(_stage_and_validate, state, registration, files, staging)
+        key = new_key(name)
+        folder = state.store.commit_files(staging, key)
+        record = record_for(name, key, str(folder), "upload" if files else "path", weights, registration)
+        await asyncio.wrap_future(state.engine.call(lambda _: state.engine.adapters.register(key, str(folder), weights)))
+        await asyncio.to_thread(state.store.add_entry, name, record.to_manifest())
+    except BaseException as exc:
+        # leave nothing behind: no staging files, no store folder, no engine entry, no name
+        shutil.rmtree(staging, ignore_errors=True)
+        if record is not None:
+            state.engine.call(lambda _: state.engine.adapters.retire(record.key))
+        elif folder is not None:
+            state.store.delete_files(folder)
+        state.registry.release(name)
+        if isinstance(exc, AdmissionError):
+            raise APIError(exc.status, exc.message, param=exc.param) from None
+        raise
+    state.registry.add(record)
+    return _describe(record, state)
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request):
+    state = _state(request)
+    return {"object": "list", "data": [_describe(r, state) for r in state.registry.all()]}
+
+
+def _existing(state: ServerState, name: str) -> AdapterRecord:
+    record = state.registry.get(name)
+    if record is None:
+        raise APIError(404, f"No adapter named '{name}' is registered.", param="name", code="adapter_not_found")
+    return record
+
+
+@router.get("/v1/adapters/{name}")
+async def show_adapter(name: str, request: Request):
+    state = _state(request)
+    return _describe(_existing(state, name), state)
+
+
+@router.delete("/v1/adapters/{name}")
+async def delete_adapter(name: str, request: Request):
+    state = _state(request)
+    record = _existing(state, name)
+    if record.source == "config":
+        raise APIError(400, f"'{name}' comes from the config file; remove it there and restart", param="name")
+    state.registry.remove(name)  # new requests for it get 404 from here on
+    await asyncio.to_thread(state.store.remove_entry, name, record.key)
+    # running requests finish on it; the engine frees memory and files afterwards
+    state.engine.call(lambda _: state.engine.adapters.retire(record.key))
+    return {"id": name, "object": "adapter", "deleted": True}
