@@ -95,12 +95,6 @@ class LoraBank:
         self._adapters: dict[str, LoraWeights] = {}
         self._active_sets: OrderedDict[tuple[str, ...], _ActiveSet] = OrderedDict()
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._adapters
-
-    def names(self) -> list[str]:
-        return list(self._adapters)
-
     def add(self, name: str, weights: LoraWeights) -> None:
         self.remove(name)
         aligned_rank = -(-weights.rank // RANK_ALIGN) * RANK_ALIGN

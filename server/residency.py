@@ -37,8 +37,6 @@ class AdapterCache:
         self._loading: dict[str, Future] = {}
         self._retiring: set[str] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="loraplex-adapter-load")
-        self.loads = 0
-        self.evictions = 0
 
     def register(self, key: str, folder: str, weights: LoraWeights | None = None) -> None:
         """Know an adapter; with `weights` (already read and validated) it starts in CPU memory."""
@@ -103,7 +101,6 @@ class AdapterCache:
             weights = future.result()
         except Exception as exc:  # the files went bad on disk since registration
             raise AdapterUnavailable(f"adapter {key} failed to load: {exc}") from exc
-        self.loads += 1
         self._put_cpu(key, weights)
         return weights
 
@@ -121,5 +118,4 @@ class AdapterCache:
             return False
         self.bank.remove(victim)
         del self._device[victim]
-        self.evictions += 1
         return True
