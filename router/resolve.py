@@ -1,9 +1,17 @@
-"""Decision order for which expert serves a request: X-Expert header, then `model`."""
+"""Which expert serves a request, decided in one place, in this order:
+
+1. header `X-Expert` (an adapter name, or the base's name);
+2. `model` naming an adapter; 3. `model` naming the base (no adapter);
+4. `model` = "auto" (or a configured alias): the classifier picks the expert whose
+   description/examples fit the prompt best; below the threshold, or with no experts, the
+   configured fallback (the base by default) serves it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from adapters.registry import AdapterRegistry
+from router.classifier import ExpertClassifier, ExpertScore
 from server.errors import APIError
 
 AUTO_MODEL = "auto"
@@ -13,26 +21,57 @@ AUTO_MODEL = "auto"
 class Route:
     adapter: str | None  # None: the base model, no LoRA
     expert: str  # what the X-Expert response header says: the adapter or the base name
-    source: str  # header | model | base | fallback
+    source: str  # header | model | base | classifier | fallback
+    score: float | None = None  # the classifier's score for the chosen expert
+    ranking: tuple[ExpertScore, ...] = ()
+    reason: str = ""
 
 
-def resolve_expert(model: str, expert_header: str | None, registry: AdapterRegistry, base_name: str) -> Route:
-    if expert_header:
-        return _by_name(expert_header, registry, base_name, source="header", param="X-Expert")
-    if model == AUTO_MODEL:
-        # No classifier yet: "auto" falls back to the base, and says so in the headers.
-        return Route(None, base_name, "fallback")
-    return _by_name(model, registry, base_name, source="model", param="model")
+class ExpertRouter:
+    def __init__(self, registry: AdapterRegistry, base_name: str, threshold: float, fallback: str | None,
+                 auto_names: list[str]):
+        self.registry = registry
+        self.base_name = base_name
+        self.threshold = threshold
+        self.fallback = fallback
+        self.auto_names = set(auto_names) | {AUTO_MODEL}
+        self.classifier: ExpertClassifier | None = None  # set once the encoder has loaded
+        self.unavailable_reason = "the router is loading"
 
+    def needs_classifier(self, model: str, expert_header: str | None) -> bool:
+        return not expert_header and model in self.auto_names
 
-def _by_name(name: str, registry: AdapterRegistry, base_name: str, source: str, param: str) -> Route:
-    if name == base_name:
-        return Route(None, base_name, "base")
-    if registry.get(name) is not None:
-        return Route(name, name, source)
-    raise APIError(
-        404,
-        f"The model or expert '{name}' does not exist. GET /v1/models lists the base and the registered experts.",
-        param=param,
-        code="model_not_found",
-    )
+    def by_name(self, model: str, expert_header: str | None) -> Route:
+        if expert_header:
+            return self._named(expert_header, source="header", param="X-Expert")
+        return self._named(model, source="model", param="model")
+
+    def by_prompt(self, prompt: str) -> Route:
+        """The classifier's choice, or the fallback. Runs the encoder: call it off the event loop."""
+        if self.classifier is None:
+            return self._fallback(None, (), self.unavailable_reason)
+        ranking = tuple(self.classifier.rank(prompt))
+        ranking = tuple(s for s in ranking if self.registry.get(s.expert) is not None)
+        if not ranking:
+            return self._fallback(None, (), "no experts to route to")
+        best = ranking[0]
+        if best.score < self.threshold:
+            return self._fallback(best.score, ranking, f"best score {best.score:.3f} < threshold {self.threshold}")
+        return Route(best.expert, best.expert, "classifier", best.score, ranking)
+
+    def _fallback(self, score: float | None, ranking, reason: str) -> Route:
+        if self.fallback and self.registry.get(self.fallback) is not None:
+            return Route(self.fallback, self.fallback, "fallback", score, ranking, reason)
+        return Route(None, self.base_name, "fallback", score, ranking, reason)
+
+    def _named(self, name: str, source: str, param: str) -> Route:
+        if name == self.base_name:
+            return Route(None, self.base_name, "base")
+        if self.registry.get(name) is not None:
+            return Route(name, name, source)
+        raise APIError(
+            404,
+            f"The model or expert '{name}' does not exist. GET /v1/models lists the base and the registered experts.",
+            param=param,
+            code="model_not_found",
+        )

@@ -137,6 +137,8 @@ async def register_adapter(request: Request):
             raise APIError(exc.status, exc.message, param=exc.param) from None
         raise
     state.registry.add(record)
+    if state.router.classifier is not None:  # routable from the next request on
+        await asyncio.to_thread(state.router.classifier.add, name, record.description, record.examples)
     return _describe(record, state)
 
 
@@ -166,6 +168,8 @@ async def delete_adapter(name: str, request: Request):
     if record.source == "config":
         raise APIError(400, f"'{name}' comes from the config file; remove it there and restart", param="name")
     state.registry.remove(name)  # new requests for it get 404 from here on
+    if state.router.classifier is not None:
+        state.router.classifier.remove(name)
     await asyncio.to_thread(state.store.remove_entry, name, record.key)
     # running requests finish on it; the engine frees memory and files afterwards
     state.engine.call(lambda _: state.engine.adapters.retire(record.key))

@@ -6,10 +6,10 @@ from fastapi.responses import JSONResponse
 
 from server import admin
 from server.auth import require_user
-from server.completions import chat_completions
+from server.completions import chat_completions, route_request
 from server.errors import APIError, install_error_handlers
 from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, RouteRequest
 from server.state import ServerState
 
 
@@ -31,7 +31,8 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "failed", "error": str(engine.load_error)}, status_code=503)
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+        router = "ready" if state.router.classifier is not None else state.router.unavailable_reason
+        return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting, "router": router}
 
     @app.get("/v1/models", dependencies=[Depends(require_user)])
     async def list_models():
@@ -51,6 +52,20 @@ def create_app(state: ServerState) -> FastAPI:
         if state.registry.get(model_id) is not None:
             return _model_entry(model_id, state.started_at, parent=state.base.name)
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+
+    @app.post("/v1/route", dependencies=[Depends(require_user)])
+    async def route(body: RouteRequest, request: Request):
+        """The router's decision and ranking for these messages, without generating."""
+        if not state.ready:
+            raise APIError(503, "The model is still loading; retry shortly.", code="loading")
+        decision = await route_request(body, request, state)
+        return {
+            "object": "route",
+            "decision": {"expert": decision.expert, "adapter": decision.adapter, "source": decision.source,
+                         "score": decision.score, "reason": decision.reason},
+            "threshold": state.router.threshold,
+            "ranking": [{"expert": s.expert, "score": s.score} for s in decision.ranking[: body.top_k]],
+        }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_user)])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):

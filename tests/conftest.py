@@ -61,6 +61,15 @@ def tiny_folder(tokenizer, tmp_path_factory) -> Path:
 
 
 EXPERT_STOP = " is Paris"
+# what makes alpha and beta routable by "model": "auto"; noisy has none and is never routed to
+ROUTING = {
+    "alpha": {"description": "Writes and debugs Python code.",
+              "examples": ["Write a Python function to sort a list.", "Why does my Python script crash?",
+                           "Explain Python decorators.", "How do I read a file in Python?"]},
+    "beta": {"description": "Cooking help: recipes and kitchen techniques.",
+             "examples": ["Give me a recipe for pancakes.", "How long do I boil an egg?",
+                          "What can I cook with rice and beans?", "How do I make tomato sauce?"]},
+}
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +84,7 @@ def server(tmp_path_factory, smollm_adapters, cache_dir):
         "max_tokens_limit": 400,
         "max_request_bytes": 64_000,
         "adapters": {
-            **{name: {"path": str(path)} for name, path in smollm_adapters.items()},
+            **{name: {"path": str(path), **ROUTING.get(name, {})} for name, path in smollm_adapters.items()},
             # the same weights as beta, with a default stop string declared by the expert
             "beta-stops": {"path": str(smollm_adapters["beta"]), "stop": [EXPERT_STOP]},
         },

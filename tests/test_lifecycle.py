@@ -7,10 +7,10 @@ import httpx
 import pytest
 
 from loadtests.harness import REPO, ServerProcess, wait_until
+from tests.support import BASE
 
 pytestmark = pytest.mark.integration
 
-BASE = "SmolLM2-135M-Instruct"
 LONG = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60,
         "ignore_eos": True}
 
@@ -110,3 +110,12 @@ def test_sigterm_drains_running_requests_then_exits_0(small_server):
     assert small_server.proc.wait(60) == 0
     frames = results[0]
     assert frames[-1] == "data: [DONE]" and '"finish_reason": "length"' in frames[-2]
+
+
+def test_auto_without_experts_is_served_by_the_base_and_says_so(small_server):
+    assert wait_until(lambda: small_server.health()["router"] == "ready", 120)
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+    response = httpx.post(small_server.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200
+    assert response.headers["x-expert"] == BASE and response.headers["x-router-source"] == "fallback"
+    assert response.headers["x-router-reason"] == "no experts to route to"

@@ -202,6 +202,21 @@ def test_delete_while_streaming_finishes_the_stream_then_404(admin_server, layou
     assert_openai_error(delete(admin_server, "doomed"), 404)
 
 
+def test_registration_and_retirement_update_the_router(admin_server, layout):
+    assert wait_until(lambda: admin_server.health()["router"] == "ready", 120)
+    question = {"messages": [{"role": "user", "content": "When should I plant tulip bulbs in my garden?"}]}
+    created = upload(admin_server, "gardener", layout["roots"] / "alpha", description="Gardening help.",
+                     examples=["How do I grow tomatoes?", "Why are my plant's leaves yellow?",
+                               "When should I prune roses?"])
+    assert created.status_code == 201
+    route = httpx.post(admin_server.base_url + "/v1/route", json=question, timeout=30).json()
+    assert route["decision"]["expert"] == "gardener" and route["decision"]["source"] == "classifier"
+    assert delete(admin_server, "gardener").status_code == 200
+    route = httpx.post(admin_server.base_url + "/v1/route", json=question, timeout=30).json()
+    assert route["decision"]["source"] == "fallback"
+    assert "gardener" not in [r["expert"] for r in route["ranking"]]
+
+
 def test_racing_registrations_deletions_and_traffic_lose_nothing(admin_server, layout):
     names = [f"race{i}" for i in range(10)]
     errors = []
