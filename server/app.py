@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import admin
-from server.auth import require_user
+from server.auth import require_admin, require_user
 from server.completions import chat_completions, route_request
 from server.errors import APIError, install_error_handlers
-from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from server.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestOutcomeMiddleware
 from server.protocol import ChatCompletionRequest, RouteRequest
 from server.state import ServerState
 
@@ -33,6 +34,12 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         router = "ready" if state.router.classifier is not None else state.router.unavailable_reason
         return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting, "router": router}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        if state.settings.metrics_require_admin:
+            require_admin(request)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(require_user)])
     async def list_models():
@@ -79,5 +86,6 @@ def create_app(state: ServerState) -> FastAPI:
         upload_paths=("/v1/adapters",),
         upload_limit=state.settings.max_adapter_bytes + 1_000_000,  # files plus form fields
     )
+    app.add_middleware(RequestOutcomeMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -16,6 +16,7 @@ from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
 from server.chat import base_stop_token_ids
 from server.model_loader import LoadedBase, load_base
+from server.metrics import Metrics
 from server.model_runner import ModelRunner
 from server.residency import AdapterCache
 from server.settings import ConfigError, Settings
@@ -98,7 +99,7 @@ def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, re
 
 
 def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterStore, on_base_ready,
-                  wake, on_freed) -> tuple[ModelRunner, AdapterCache]:
+                  wake, on_freed, metrics: Metrics) -> tuple[ModelRunner, AdapterCache]:
     loaded: LoadedBase = load_base(settings)
     config = loaded.model.config
     context_window = context_window_for(settings, config)
@@ -115,7 +116,7 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
         shape=BaseShape.from_config(config),
     )
     cache = AdapterCache(runner.lora, base.shape, settings.max_gpu_adapters, settings.max_cpu_adapters,
-                         wake=wake, on_freed=on_freed)
+                         wake=wake, on_freed=on_freed, metrics=metrics)
     _restore_experts(settings, base, cache, registry, store)
     on_base_ready(base)
     return runner, cache

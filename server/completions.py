@@ -32,6 +32,17 @@ class _Call:
     route: Route
     seq: Sequence
     outputs: asyncio.Queue
+    outcome: dict  # what the request-outcome middleware counts and logs
+
+
+def _record_finish(call: _Call, out: EngineOutput) -> None:
+    seq = call.seq
+    call.outcome.update(
+        finish_reason=out.finish_reason,
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        ttft_s=round(seq.first_token_time - seq.arrival_time, 4) if seq.first_token_time else None,
+    )
 
 
 def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerState, record: AdapterRecord | None):
@@ -80,10 +91,11 @@ def last_user_text(messages) -> str:
     return next((m.text() for m in reversed(messages) if m.role == "user"), messages[-1].text())
 
 
-async def route_request(req: ChatCompletionRequest, request: Request, state: ServerState) -> Route:
+async def route_request(req, request: Request, state: ServerState) -> Route:
     router, header = state.router, request.headers.get("x-expert")
     if router.needs_classifier(req.model, header):
-        return await asyncio.to_thread(router.by_prompt, last_user_text(req.messages))
+        with state.metrics.router_latency.time():
+            return await asyncio.to_thread(router.by_prompt, last_user_text(req.messages))
     return router.by_name(req.model, header)
 
 
@@ -103,6 +115,9 @@ async def _submit(req: ChatCompletionRequest, request: Request, state: ServerSta
         raise APIError(503, "The model is still loading; retry shortly.", code="loading", headers={"Retry-After": "2"})
     base = state.base
     route = await route_request(req, request, state)
+    state.metrics.router_decisions.labels(route.source, route.expert).inc()
+    outcome = request.scope.setdefault("state", {}).setdefault("outcome", {})
+    outcome.update(expert=route.expert, source=route.source)
     record = state.registry.get(route.adapter) if route.adapter else None
     if route.adapter and record is None:  # retired between routing and here
         raise APIError(404, f"The expert '{route.adapter}' does not exist.", param="model", code="model_not_found")
@@ -119,6 +134,7 @@ async def _submit(req: ChatCompletionRequest, request: Request, state: ServerSta
         request_id=request.scope.get("state", {}).get("request_id", uuid.uuid4().hex),
         prompt_ids=prompt_ids,
         adapter=record.key if record else None,
+        label=route.expert,
         params=params,
         stop_token_ids=stop_ids,
         generator=make_generator(params.seed, state.engine.runner.device),
@@ -134,7 +150,7 @@ async def _submit(req: ChatCompletionRequest, request: Request, state: ServerSta
         raise APIError(503, "The server is shutting down.", code="shutting_down") from None
     if record is not None:
         state.registry.count_request(record.name)
-    return _Call(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), route, seq, outputs)
+    return _Call(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), route, seq, outputs, outcome)
 
 
 def _usage(out: EngineOutput) -> dict:
@@ -169,6 +185,7 @@ async def _complete(call: _Call, request: Request, state: ServerState) -> JSONRe
                 raise _engine_failed(out)
             parts.append(out.text)
             if out.finish_reason:
+                _record_finish(call, out)
                 break
     finally:
         watcher.cancel()
@@ -220,6 +237,7 @@ async def _stream(call: _Call, state: ServerState, include_usage: bool) -> Async
             if out.text:
                 yield _sse(chunk({"content": out.text}))
             if out.finish_reason:
+                _record_finish(call, out)
                 yield _sse(chunk({}, out.finish_reason))
                 if include_usage:
                     yield _sse({**chunk({}), "choices": [], "usage": _usage(out)})

@@ -17,6 +17,7 @@ from typing import Callable
 
 from server.detokenizer import OutputText
 from server.model_runner import ModelRunner, PrefillItem
+from server.metrics import Metrics
 from server.residency import AdapterCache, AdapterUnavailable
 from server.sampling import sample_batch
 from server.sequence import EngineOutput, Sequence
@@ -38,8 +39,9 @@ class EngineStopped(Exception):
 
 class Engine:
     def __init__(self, load_runner: Callable[[], tuple[ModelRunner, AdapterCache]], max_batch_size: int,
-                 max_queued: int):
+                 max_queued: int, metrics: Metrics):
         self._load_runner = load_runner
+        self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.runner: ModelRunner | None = None
@@ -200,7 +202,10 @@ class Engine:
             return False
         # Requests of one adapter side by side let the LoRA step skip its gather/scatter.
         batch.sort(key=lambda seq: (seq.adapter is None, seq.adapter or ""))
+        now = time.monotonic()
         for seq in batch:
+            seq.admitted_time = now
+            self.metrics.queue_wait.labels(seq.label).observe(now - seq.arrival_time)
             seq.output = OutputText(self.runner.tokenizer, seq.params.stop)
             seq.slot = len(self._running)
             self._running.append(seq)
@@ -215,6 +220,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         running = self._running
+        self.metrics.batch_size.set(len(running))
         logits = self.runner.decode(
             [seq.last_token for seq in running],
             [seq.kv_len for seq in running],
@@ -229,8 +235,13 @@ class Engine:
     def _accept_token(self, seq: Sequence, token: int) -> None:
         seq.generated += 1
         seq.last_token = token
+        now = time.monotonic()
         if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
+            seq.first_token_time = now
+            self.metrics.ttft.labels(seq.label).observe(now - seq.arrival_time)
+        else:
+            self.metrics.inter_token.labels(seq.label).observe(now - seq.last_token_time)
+        seq.last_token_time = now
         if token in seq.stop_token_ids:  # the stop token's own text is never shown
             text, _ = seq.output.finish()
             self._finish(seq, "stop", text)
@@ -246,6 +257,10 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str) -> None:
         seq.finish_reason = reason
+        seq.finish_time = time.monotonic()
+        self.metrics.e2e.labels(seq.label).observe(seq.finish_time - seq.arrival_time)
+        self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))
+        self.metrics.generation_tokens.labels(seq.label).inc(seq.generated)
         self._release(seq)
         seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated))
 

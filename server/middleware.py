@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
+
+request_log = logging.getLogger("loraplex.requests")
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -93,3 +97,52 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class RequestOutcomeMiddleware:
+    """Counts every chat completion by adapter, finish reason and status, and logs one JSON line.
+
+    The handler fills scope["state"]["outcome"] as it learns things (expert, routing source,
+    tokens, timings); this layer sees the status and whether the body was sent to the end, so
+    a client that went away mid-stream is counted as `cancelled`.
+    """
+
+    def __init__(self, app, metrics, path: str = "/v1/chat/completions"):
+        self.app = app
+        self.metrics = metrics
+        self.path = path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        outcome = state.setdefault("outcome", {})
+        status, completed, start = 500, False, time.monotonic()
+
+        async def tracking_send(message):
+            nonlocal status, completed
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            finish = outcome.get("finish_reason")
+            if status == 499 or (status == 200 and not (completed and finish)):
+                finish = "cancelled"
+            adapter = outcome.get("expert", "none")
+            self.metrics.requests.labels(adapter, finish or "none", str(status)).inc()
+            request_log.info(json.dumps({
+                "request_id": state.get("request_id"),
+                "adapter": adapter,
+                "source": outcome.get("source"),
+                "status": status,
+                "finish_reason": finish,
+                "prompt_tokens": outcome.get("prompt_tokens"),
+                "completion_tokens": outcome.get("completion_tokens"),
+                "ttft_s": outcome.get("ttft_s"),
+                "e2e_s": round(time.monotonic() - start, 4),
+            }))

@@ -14,6 +14,7 @@ from typing import Callable
 
 from adapters.lora import BaseShape, LoraWeights, load_lora
 from server.lora_batch import LoraBank
+from server.metrics import Metrics
 
 log = logging.getLogger("loraplex.residency")
 
@@ -24,7 +25,8 @@ class AdapterUnavailable(Exception):
 
 class AdapterCache:
     def __init__(self, bank: LoraBank, shape: BaseShape, max_device: int, max_cpu: int,
-                 wake: Callable[[], None], on_freed: Callable[[str, str], None]):
+                 wake: Callable[[], None], on_freed: Callable[[str, str], None], metrics: Metrics):
+        self.metrics = metrics
         self.bank = bank
         self.shape = shape
         self.max_device = max_device
@@ -90,7 +92,7 @@ class AdapterCache:
     def _finished_load(self, key: str) -> LoraWeights | None:
         future = self._loading.get(key)
         if future is None:
-            future = self._pool.submit(load_lora, self._folders[key], self.shape)
+            future = self._pool.submit(self._timed_load, self._folders[key])
             future.add_done_callback(lambda _: self._wake())
             self._loading[key] = future
             return None
@@ -103,6 +105,18 @@ class AdapterCache:
             raise AdapterUnavailable(f"adapter {key} failed to load: {exc}") from exc
         self._put_cpu(key, weights)
         return weights
+
+    def _timed_load(self, folder: str) -> LoraWeights:
+        with self.metrics.adapter_load_time.time():
+            weights = load_lora(folder, self.shape)
+        self.metrics.adapter_loads.inc()
+        return weights
+
+    def counts(self) -> dict[str, int]:
+        """Adapters per tier (a snapshot; read at scrape time)."""
+        device = len(self._device)
+        cpu = len([k for k in list(self._cpu) if k not in self._device])
+        return {"device": device, "cpu": cpu, "disk": max(0, len(self._folders) - device - cpu)}
 
     def _put_cpu(self, key: str, weights: LoraWeights) -> None:
         self._cpu[key] = weights
@@ -118,4 +132,5 @@ class AdapterCache:
             return False
         self.bank.remove(victim)
         del self._device[victim]
+        self.metrics.adapter_evictions.inc()
         return True

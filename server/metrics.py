@@ -1,0 +1,72 @@
+"""Prometheus metrics (prefix loraplex_, units in the names) in a registry of the server's own."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets from GPU speed (ms) to a busy 2-core CPU (tens of seconds).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5, 10, 20, 40, 80)
+TOKEN_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.12, 0.25, 0.5, 1, 2, 4)
+
+
+def _resident_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cuda(stat: Callable[[], int]) -> Callable[[], float]:
+    return lambda: float(stat()) if torch.cuda.is_available() else 0.0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraplex_requests_total", "Chat completion requests by outcome",
+                                ["adapter", "finish_reason", "status"], registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens_total", "Prompt tokens", ["adapter"], registry=r)
+        self.generation_tokens = Counter("loraplex_generation_tokens_total", "Generated tokens", ["adapter"],
+                                         registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Arrival to first token", ["adapter"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("loraplex_inter_token_latency_seconds", "Gap between a request's tokens",
+                                     ["adapter"], buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("loraplex_e2e_request_latency_seconds", "Arrival to last token", ["adapter"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("loraplex_queue_wait_seconds", "Arrival to admission into the batch",
+                                    ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_loads = Counter("loraplex_adapter_loads_total", "Adapters read from disk", registry=r)
+        self.adapter_evictions = Counter("loraplex_adapter_evictions_total", "Adapters evicted from the device",
+                                         registry=r)
+        self.adapter_load_time = Histogram("loraplex_adapter_load_seconds", "Reading one adapter from disk",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.router_decisions = Counter("loraplex_router_decisions_total", "Routing decisions",
+                                        ["source", "expert"], registry=r)
+        self.router_latency = Histogram("loraplex_router_latency_seconds", "Classifier routing time",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Gauge("loraplex_batch_size", "Rows in the latest decode step", registry=r)
+        self._gauges: dict[str, Gauge] = {}
+
+    def watch(self, running: Callable[[], float], waiting: Callable[[], float],
+              tiers: Callable[[], dict[str, int]]) -> None:
+        """Gauges read at scrape time from the live engine."""
+        r = self.registry
+        Gauge("loraplex_requests_running", "Requests in the decode batch", registry=r).set_function(running)
+        Gauge("loraplex_requests_waiting", "Requests queued for admission", registry=r).set_function(waiting)
+        Gauge("loraplex_process_resident_memory_bytes", "Resident memory of the server process",
+              registry=r).set_function(_resident_bytes)
+        Gauge("loraplex_accelerator_memory_allocated_bytes", "torch.cuda.memory_allocated (0 on CPU)",
+              registry=r).set_function(_cuda(torch.cuda.memory_allocated))
+        Gauge("loraplex_accelerator_memory_reserved_bytes", "torch.cuda.memory_reserved (0 on CPU)",
+              registry=r).set_function(_cuda(torch.cuda.memory_reserved))
+        resident = Gauge("loraplex_adapters_resident", "Adapters per residency tier", ["tier"], registry=r)
+        for tier in ("device", "cpu", "disk"):
+            resident.labels(tier=tier).set_function(lambda tier=tier: tiers().get(tier, 0))
