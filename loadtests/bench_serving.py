@@ -5,7 +5,8 @@
 Measures, on the default SmolLM2 (NF4, float32 compute) and random rank-16 all-linear
 adapters made with peft:
   1. loraplex, N concurrent requests spread over the adapters (the LoRA tax: vs 2.)
-  2. loraplex, the same load on the base model (no adapters)
+  2. loraplex, the same load on the base model (no adapters); 1. and 2. alternate
+     --repeats times and each reports its median run
   3. naive: the same requests one at a time with PEFT set_adapter + generate()
   4. a single request through loraplex vs raw model.generate() on the same model
 Prints the three ratios and writes a JSON report under loadtests/results/. The server runs
@@ -79,6 +80,11 @@ async def _load(base_url: str, models: list[str], tokens: int) -> dict:
     }
 
 
+def _median_run(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
+    return {**ordered[len(ordered) // 2], "all_tokens_per_s": [run["tokens_per_s"] for run in runs]}
+
+
 def _naive_and_raw(folder: Path, adapters: dict[str, Path], models: list[str], tokens: int, base: str) -> dict:
     """The loop most people write first: PEFT model, set_adapter, generate(), one request at a time."""
     from peft import PeftModel
@@ -141,6 +147,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of the mixed and base loads")
     parser.add_argument("--out", default=str(REPO / "loadtests" / "results" / "bench_serving.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -168,8 +175,13 @@ def main() -> None:
     }
     server = ServerProcess(workdir, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
     try:
-        mixed = asyncio.run(_load(server.base_url, mixed_models, args.tokens))
-        base = asyncio.run(_load(server.base_url, base_models, args.tokens))
+        # alternate the two loads and keep each one's median run: this machine's speed drifts
+        # by several percent over a minute, which a single back-to-back pair would bake in
+        mixed_runs, base_runs = [], []
+        for _ in range(args.repeats):
+            mixed_runs.append(asyncio.run(_load(server.base_url, mixed_models, args.tokens)))
+            base_runs.append(asyncio.run(_load(server.base_url, base_models, args.tokens)))
+        mixed, base = _median_run(mixed_runs), _median_run(base_runs)
         single = asyncio.run(_load(server.base_url, [EMBEDDED_NAME], args.tokens))
     finally:
         server.stop()
