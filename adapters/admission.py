@@ -5,6 +5,7 @@ passed, and a refusal deletes the staging folder, so a failed registration leave
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -98,3 +99,24 @@ def validate_staged(staging: Path, shape: BaseShape, max_rank: int, base_names: 
         log.warning("%s; accepted because base_mismatch is 'warn'", message)
     return weights
 
+
+
+METADATA_FILE = "expert.json"  # written by `loraplex train` beside the adapter files
+METADATA_FIELDS = ("description", "examples", "stop")
+
+
+def folder_metadata(folder: str | Path) -> dict:
+    """description/examples/stop from the folder's expert.json, if any (unreadable: ignored)."""
+    path = Path(folder) / METADATA_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: data[k] for k in METADATA_FIELDS if k in data} if isinstance(data, dict) else {}
+
+
+def fill_from_folder(spec, folder: str | Path):
+    """The spec, with fields it leaves empty taken from the adapter folder's expert.json."""
+    found = folder_metadata(folder)
+    update = {k: v for k, v in found.items() if not getattr(spec, k)}
+    return spec.model_copy(update=update) if update else spec

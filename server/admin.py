@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,14 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from adapters.admission import AdmissionError, check_new_name, stage_from_path, stage_upload, validate_staged
+from adapters.admission import (
+    AdmissionError,
+    check_new_name,
+    fill_from_folder,
+    stage_from_path,
+    stage_upload,
+    validate_staged,
+)
 from adapters.registry import AdapterRecord
 from server.auth import require_admin
 from server.bootstrap import check_stop_token_ids, new_key, record_for
@@ -100,10 +108,12 @@ def _stage_and_validate(state: ServerState, registration: AdapterRegistration, f
     settings, base = state.settings, state.base
     if files is None:
         stage_from_path(registration.path, settings.adapter_roots, staging, settings.max_adapter_bytes)
+        registration = fill_from_folder(registration, os.path.realpath(registration.path))
     else:
         stage_upload(files["adapter_config"], files["adapter_model"], staging, settings.max_adapter_bytes)
     check_stop_token_ids(registration.stop_token_ids, base.vocab_size)
-    return validate_staged(staging, base.shape, settings.max_adapter_rank, base.names, settings.base_mismatch)
+    weights = validate_staged(staging, base.shape, settings.max_adapter_rank, base.names, settings.base_mismatch)
+    return weights, registration
 
 
 @router.post("/v1/adapters", status_code=201)
@@ -119,7 +129,7 @@ async def register_adapter(request: Request):
     folder = None
     record = None
     try:
-        weights = await asyncio.to_thread(_stage_and_validate, state, registration, files, staging)
+        weights, registration = await asyncio.to_thread(_stage_and_validate, state, registration, files, staging)
         key = new_key(name)
         folder = state.store.commit_files(staging, key)
         record = record_for(name, key, str(folder), "upload" if files else "path", weights, registration)

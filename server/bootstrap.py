@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.admission import AdmissionError, validate_staged
+from adapters.admission import AdmissionError, fill_from_folder, validate_staged
 from adapters.lora import BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
@@ -75,6 +75,7 @@ def check_stop_token_ids(ids, vocab_size: int) -> None:
 def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, registry: AdapterRegistry,
                      store: AdapterStore) -> None:
     for name, spec in settings.adapters.items():
+        spec = fill_from_folder(spec, spec.path)
         try:
             check_stop_token_ids(spec.stop_token_ids, base.vocab_size)
             weights = validate_staged(Path(spec.path), base.shape, settings.max_adapter_rank, base.names,

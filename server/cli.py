@@ -15,6 +15,39 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from adapters.chat_data import DataError
+    from adapters.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data, name=args.name, out=args.out, base_model=args.base, rank=args.rank, alpha=args.alpha or 2 * args.rank,
+        epochs=args.epochs, steps=args.steps, stop_after=args.stop_after, batch_size=args.batch_size, lr=args.lr,
+        max_length=args.max_length, seed=args.seed, resume=args.resume, description=args.description,
+        examples=args.example or [], stop=args.stop or [],
+    )
+    try:
+        result = train(config)
+    except (DataError, OSError) as exc:
+        print(f"loraplex train: {exc}", file=sys.stderr)
+        return 2
+    state = "finished" if result.steps_done == result.total_steps else "stopped (resume with --resume)"
+    print(f"{state}: {result.steps_done}/{result.total_steps} steps, last loss {result.losses[-1]:.4f}, out {args.out}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from adapters.lora import AdapterError
+    from adapters.merge import merge
+
+    try:
+        merge(args.adapter, args.out, base_model=args.base)
+    except AdapterError as exc:
+        print(f"loraplex merge: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.set_defaults(handler=_serve)
+
+    train = commands.add_parser("train", help="train a QLoRA expert on OpenAI-format chat JSONL")
+    train.add_argument("--data", required=True, help="JSONL, one {\"messages\": [...]} per line")
+    train.add_argument("--name", required=True)
+    train.add_argument("--out", required=True, help="folder for the adapter, expert.json and checkpoints")
+    train.add_argument("--base", default="embedded:smollm2", help="base model (as in the config)")
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default 2 x rank)")
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--steps", type=int, default=None, help="total steps (default: epochs x batches)")
+    train.add_argument("--stop-after", type=int, default=None, help="stop at this step; continue with --resume")
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--max-length", type=int, default=512)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train.add_argument("--description", default="")
+    train.add_argument("--example", action="append", help="a router example prompt (repeatable)")
+    train.add_argument("--stop", action="append", help="a default stop string (repeatable)")
+    train.set_defaults(handler=_train)
+
+    merge = commands.add_parser("merge", help="merge an adapter into the base: a standalone HF model folder")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--base", default="embedded:smollm2")
+    merge.set_defaults(handler=_merge)
     return parser
 
 

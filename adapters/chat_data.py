@@ -1,0 +1,78 @@
+"""OpenAI-format chat JSONL -> token ids and labels for training on assistant turns only.
+
+Labels cover each assistant turn's content *and its end-of-turn token* (so the expert learns
+to stop), and nothing else: the prompt, the template's role headers and padding are -100.
+Padding is masked by position, never by token id, so the pad token may equal EOS without
+hiding the end token from the loss.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+IGNORE = -100
+ROLES = {"system", "developer", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """A problem in the training file; the message names the line."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _messages(line: str, number: int) -> list[dict]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"line {number}: not valid JSON ({exc.msg})") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'line {number}: expected an object with a non-empty "messages" list')
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise DataError(f"line {number}: every message needs a role ({', '.join(sorted(ROLES))}) and string content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"line {number}: no assistant turn to learn from")
+    return [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                              return_dict=False))
+
+
+def encode_conversation(tokenizer, messages: list[dict], end_of_turn_ids: set[int]) -> Example:
+    ids = _render(tokenizer, messages, generation_prompt=False)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], generation_prompt=True))
+        end = len(_render(tokenizer, messages[: i + 1], generation_prompt=False))
+        # keep up to and including the turn's end token; the template's trailing newline is not learned
+        ends = [j for j in range(start, end) if ids[j] in end_of_turn_ids]
+        stop = ends[0] + 1 if ends else end
+        labels[start:stop] = ids[start:stop]
+    return Example(ids, labels)
+
+
+def load_chat_jsonl(path: str | Path, tokenizer, end_of_turn_ids: set[int], max_length: int) -> list[Example]:
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            example = encode_conversation(tokenizer, _messages(line, number), end_of_turn_ids)
+            if len(example.input_ids) > max_length:
+                raise DataError(f"line {number}: {len(example.input_ids)} tokens, over --max-length {max_length}")
+            if not any(label != IGNORE for label in example.labels):
+                raise DataError(f"line {number}: the assistant turn is empty after the chat template")
+            examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no conversations")
+    return examples

@@ -1,0 +1,189 @@
+"""QLoRA training of an expert: 4-bit base (bitsandbytes), LoRA via peft, assistant-only loss.
+
+Resuming continues the optimizer, the scheduler and the step exactly: the schedule's length
+is fixed when a run starts and stored with every checkpoint, and the data order is a pure
+function of (seed, epoch), so an interrupted-then-resumed run follows the same learning-rate
+curve, batch by batch, as one that never stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adapters.chat_data import IGNORE, Example, load_chat_jsonl
+
+CHECKPOINT = "checkpoint"
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METADATA_FILE = "expert.json"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    name: str
+    out: str
+    base_model: str = "embedded:smollm2"
+    cache_dir: str | None = None
+    quantization: str = "nf4"
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ALL_LINEAR
+    epochs: int = 2
+    steps: int | None = None  # planned total steps; default epochs * steps per epoch
+    stop_after: int | None = None  # stop this run early (an interruption), keeping the plan
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_fraction: float = 0.05
+    max_length: int = 512
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int = 10
+    description: str = ""
+    examples: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    total_steps: int
+    lr_history: list[float]  # the learning rate used at each step, since step 0 (resumes included)
+    losses: list[float]
+
+
+def lr_lambda(total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def batch_indices(step: int, count: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of a step: a per-epoch permutation that depends only on (seed, epoch)."""
+    per_epoch = math.ceil(count / batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order[offset * batch_size : (offset + 1) * batch_size]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), IGNORE)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)  # padding stays IGNORE by position
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _load_base(cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.model_loader import _quantization_config, resolve_base_folder
+    from server.settings import Settings
+
+    overrides = {"base_model": cfg.base_model, "quantization": cfg.quantization}
+    if cfg.cache_dir:
+        overrides["cache_dir"] = cfg.cache_dir
+    settings = Settings(**overrides)
+    folder, _ = resolve_base_folder(settings)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=_quantization_config(cfg.quantization, torch.float32)
+    )
+    return folder, tokenizer, model
+
+
+def _save_checkpoint(out: Path, peft_model, optimizer, scheduler, state: dict) -> None:
+    from peft import get_peft_model_state_dict
+
+    staging = out / f".{CHECKPOINT}-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.save({"adapter": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), **state}, staging / "state.pt")
+    final = out / CHECKPOINT
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)  # a crash mid-save keeps the previous checkpoint
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from server.chat import base_stop_token_ids
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder, tokenizer, model = _load_base(cfg)
+    end_ids = set(base_stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
+    examples = load_chat_jsonl(cfg.data, tokenizer, end_ids, cfg.max_length)
+    # the pad id only fills positions the attention mask and labels already exclude
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    torch.manual_seed(cfg.seed)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * per_epoch
+    step, lr_history, losses = 0, [], []
+    checkpoint = out / CHECKPOINT / "state.pt"
+    state = torch.load(checkpoint, weights_only=False) if cfg.resume and checkpoint.exists() else None
+    if state is not None:
+        total = state["total_steps"]  # the plan of the run that started it, not a new one
+    # The scheduler is built before the optimizer state is loaded: building it rewrites the
+    # optimizer's learning rate, and loading afterwards puts back the one in force at the stop.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup_fraction))
+    if state is not None:
+        set_peft_model_state_dict(peft_model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, lr_history, losses = state["step"], state["lr_history"], state["losses"]
+
+    last = total if cfg.stop_after is None else min(total, cfg.stop_after)
+    peft_model.train()
+    bar = tqdm(range(step, last), initial=step, total=total, desc=f"train {cfg.name}", disable=not cfg.progress)
+    for step in bar:
+        batch = collate([examples[i] for i in batch_indices(step, len(examples), cfg.batch_size, cfg.seed)], pad_id)
+        loss = peft_model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr_history.append(optimizer.param_groups[0]["lr"])  # the rate this step really uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_history[-1]:.2e}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == last:
+            _save_checkpoint(out, peft_model, optimizer, scheduler,
+                             {"step": done, "total_steps": total, "lr_history": lr_history, "losses": losses})
+    done = len(lr_history)
+    if done == total:
+        peft_model.save_pretrained(out, safe_serialization=True)
+        # expert.json is what POST /v1/adapters and the config take; training.json is the record
+        (out / METADATA_FILE).write_text(json.dumps(
+            {"name": cfg.name, "description": cfg.description, "examples": cfg.examples, "stop": cfg.stop}, indent=2))
+        (out / "training.json").write_text(json.dumps(
+            {"base_model": str(folder), "examples": len(examples), "steps": total, "batch_size": cfg.batch_size,
+             "lr": cfg.lr, "rank": cfg.rank, "final_loss": losses[-1] if losses else None}, indent=2))
+    return TrainResult(done, total, lr_history, losses)
