@@ -124,6 +124,16 @@ def _save_checkpoint(out: Path, peft_model, optimizer, scheduler, state: dict) -
     os.replace(staging, final)  # a crash mid-save keeps the previous checkpoint
 
 
+def save_half_precision(folder: Path) -> None:
+    """Rewrite adapter_model.safetensors in float16: half the size to ship; the server computes
+    in its own dtype either way."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -180,6 +190,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     done = len(lr_history)
     if done == total:
         peft_model.save_pretrained(out, safe_serialization=True)
+        save_half_precision(out)
         # expert.json is what POST /v1/adapters and the config take; training.json is the record
         (out / METADATA_FILE).write_text(json.dumps(
             {"name": cfg.name, "description": cfg.description, "examples": cfg.examples, "stop": cfg.stop}, indent=2))
