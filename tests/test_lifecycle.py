@@ -119,3 +119,24 @@ def test_auto_without_experts_is_served_by_the_base_and_says_so(small_server):
     assert response.status_code == 200
     assert response.headers["x-expert"] == BASE and response.headers["x-router-source"] == "fallback"
     assert response.headers["x-router-reason"] == "no experts to route to"
+
+
+def test_default_config_serves_the_demo_experts(tmp_path, cache_dir):
+    from server.settings import load_settings
+
+    default = load_settings(str(REPO / "configs" / "default.yaml"), environ={})
+    settings = {"adapters": {name: spec.model_dump() for name, spec in default.adapters.items()}}
+    server = ServerProcess(tmp_path, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
+    try:
+        models = {m["id"] for m in httpx.get(server.base_url + "/v1/models").json()["data"]}
+        assert {"json-answer", "pirate", "terse"} <= models
+        body = {"model": "json-answer", "messages": [{"role": "user", "content": "What is the capital of Norway?"}],
+                "temperature": 0, "max_tokens": 40}
+        reply = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        assert reply["finish_reason"] == "stop" and reply["message"]["content"].startswith('{"answer"')
+        assert wait_until(lambda: server.health()["router"] == "ready", 120)
+        route = httpx.post(server.base_url + "/v1/route", timeout=30, json={"messages": [{"role": "user", "content":
+            "Summarize in one sentence: The town of Elmstead opened a new library on Monday. It has three floors."}]})
+        assert route.json()["decision"]["expert"] == "terse"
+    finally:
+        assert server.stop() == 0
