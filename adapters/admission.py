@@ -38,6 +38,13 @@ def check_new_name(name: str, base_name: str, taken: bool) -> None:
         raise AdmissionError(409, f"an adapter named '{name}' is already registered; DELETE it first or pick another name", "name")
 
 
+def check_stop_token_ids(ids, vocab_size: int) -> None:
+    bad = sorted(i for i in ids if not 0 <= i < vocab_size)
+    if bad:
+        raise AdmissionError(400, f"stop_token_ids {bad} are outside the vocabulary (0..{vocab_size - 1})",
+                             "stop_token_ids")
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import re
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_settings(str(REPO / "configs" / "default.yaml"), environ={})
     settings = {**config.model_dump(exclude={"host", "port", "cache_dir", "data_dir"}), "max_batch_size": 16}
-    server = ServerProcess(Path(__import__("tempfile").mkdtemp()), settings,
+    server = ServerProcess(Path(tempfile.mkdtemp()), settings,
                            env={"LORAPLEX_CACHE": Settings().cache_dir}).start()
     try:
         report = asyncio.run(evaluate(server.base_url, list(config.adapters), args.max_tokens))

@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from adapters.admission import (
     AdmissionError,
     check_new_name,
+    check_stop_token_ids,
     fill_from_folder,
     stage_from_path,
     stage_upload,
@@ -21,7 +22,7 @@ from adapters.admission import (
 )
 from adapters.registry import AdapterRecord
 from server.auth import require_admin
-from server.bootstrap import check_stop_token_ids, new_key, record_for
+from server.bootstrap import new_key, record_for
 from server.errors import APIError
 from server.settings import AdapterSpec
 from server.state import ServerState

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.admission import AdmissionError, fill_from_folder, validate_staged
+from adapters.admission import AdmissionError, check_stop_token_ids, fill_from_folder, validate_staged
 from adapters.lora import BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
@@ -63,13 +63,6 @@ def record_for(name: str, key: str, folder: str, source: str, weights, spec) -> 
         stop_token_ids=frozenset(spec.stop_token_ids),
         defaults=defaults,
     )
-
-
-def check_stop_token_ids(ids, vocab_size: int) -> None:
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise AdmissionError(400, f"stop_token_ids {bad} are outside the vocabulary (0..{vocab_size - 1})",
-                             "stop_token_ids")
 
 
 def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, registry: AdapterRegistry,

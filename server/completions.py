@@ -11,6 +11,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from adapters.admission import AdmissionError, check_stop_token_ids
 from adapters.registry import AdapterRecord
 from router.resolve import Route
 from server.chat import render_prompt
@@ -20,7 +21,6 @@ from server.protocol import ChatCompletionRequest
 from server.sampling import SamplingParams, make_generator
 from server.sequence import EngineOutput, Sequence
 from server.state import ServerState
-
 
 
 @dataclass
@@ -70,11 +70,10 @@ def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerS
     default_budget = defaults.get("max_tokens", settings.default_max_tokens)
     max_tokens = min(requested if requested is not None else default_budget, settings.max_tokens_limit, room)
     extra_ids = frozenset(req.stop_token_ids or ())
-    bad = sorted(i for i in extra_ids if not 0 <= i < base.vocab_size)
-    if bad:
-        raise APIError(
-            400, f"stop_token_ids {bad} are outside the vocabulary (0..{base.vocab_size - 1}).", param="stop_token_ids"
-        )
+    try:
+        check_stop_token_ids(extra_ids, base.vocab_size)
+    except AdmissionError as exc:
+        raise APIError(exc.status, exc.message, param=exc.param) from None
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,

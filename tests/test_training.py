@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from adapters.chat_data import IGNORE, DataError, encode_conversation, load_chat_jsonl
@@ -120,9 +121,9 @@ def test_merge_round_trip_matches_the_adapter_on_the_dequantized_base(tiny_folde
     # reference: the same dequantized NF4 weights with the adapter applied by peft, unmerged
     zero = tmp_path / "zero"
     zero.mkdir()
-    state = {k: (torch.zeros_like(v) if "lora_B" in k else v) for k, v in
-             __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).items()}
-    __import__("safetensors.torch", fromlist=["save_file"]).save_file(state, str(zero / "adapter_model.safetensors"))
+    trained = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in trained.items()},
+              str(zero / "adapter_model.safetensors"))
     (zero / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
     dequantized_base = merge(zero, tmp_path / "dequantized", base_model=str(tiny_folder))
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dequantized_base),
