@@ -131,3 +131,28 @@ def test_merge_round_trip_matches_the_adapter_on_the_dequantized_base(tiny_folde
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 47, 198]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_merged_demo_expert_greedy_matches_the_served_expert(tmp_path, smollm_folder, cache_dir):
+    """The merged pirate model, in plain transformers, answers like the server's NF4 + LoRA path."""
+    from server.model_loader import load_base
+    from server.settings import load_settings
+
+    adapter = REPO / "adapters" / "demo" / "pirate" / "adapter"
+    merged_dir = merge(adapter, tmp_path / "merged", cache_dir=cache_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    served = load_base(load_settings(cli_overrides={"cache_dir": cache_dir}, environ={}))
+    runner = ModelRunner(served.model, served.tokenizer, 2, 512)
+    runner.lora.add("pirate", load_lora(adapter, BaseShape.from_config(served.model.config)))
+    prompts = json.loads((REPO / "adapters" / "demo" / "pirate" / "heldout.json").read_text())["prompts"][:4]
+    for prompt in prompts:
+        ids = served.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)
+        logits = runner.prefill([PrefillItem(0, ids, "pirate")])
+        tokens = [int(logits[0].argmax())]
+        while len(tokens) < 24 and tokens[-1] != IM_END:
+            logits = runner.decode([tokens[-1]], [len(ids) + len(tokens) - 1], ["pirate"])
+            tokens.append(int(logits[0].argmax()))
+        generated = merged.generate(torch.tensor([ids]), max_new_tokens=len(tokens), do_sample=False)
+        assert generated[0, len(ids):].tolist()[: len(tokens)] == tokens
