@@ -4,14 +4,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from server.settings import ConfigError, load_settings
+
+
+# configs/default.yaml of this checkout: the embedded base plus the demo experts
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 def _serve(args: argparse.Namespace) -> int:
     from server.serve import serve
 
-    settings = load_settings(args.config, {"host": args.host, "port": args.port})
+    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
+    settings = load_settings(config, {"host": args.host, "port": args.port})
     return serve(settings)
 
 
@@ -52,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the base model and its experts over an OpenAI-compatible API")
-    serve.add_argument("--config", help="YAML settings file (see configs/)")
+    serve.add_argument("--config", help="YAML settings file (default: configs/default.yaml, the base and demo experts)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.set_defaults(handler=_serve)
@@ -88,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # bitsandbytes tries a hub-hosted CPU kernel at import and warns "pip install kernels" when it
+    # is absent; it falls back to its own AVX-512 kernel, and a hub download is not wanted here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.handler(args)
     except ConfigError as exc:

@@ -1,4 +1,6 @@
 """Settings precedence and validation."""
+from pathlib import Path
+
 import pytest
 
 from server.settings import ConfigError, load_settings
@@ -58,3 +60,13 @@ def test_bad_env_value_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         load_settings(environ={"LORAPLEX_MAX_BATCH_SIZE": "many"})
     assert "max_batch_size" in str(err.value)
+
+
+def test_plain_serve_uses_the_default_config_with_the_demo_experts():
+    from server.cli import DEFAULT_CONFIG
+
+    settings = load_settings(str(DEFAULT_CONFIG), environ={})
+    assert settings.base_model == "embedded:smollm2"
+    assert set(settings.adapters) == {"json-answer", "pirate", "terse"}
+    for spec in settings.adapters.values():
+        assert (Path(spec.path) / "adapter_model.safetensors").is_file()
