@@ -204,7 +204,6 @@ class Engine:
         batch.sort(key=lambda seq: (seq.adapter is None, seq.adapter or ""))
         now = time.monotonic()
         for seq in batch:
-            seq.admitted_time = now
             self.metrics.queue_wait.labels(seq.label).observe(now - seq.arrival_time)
             seq.output = OutputText(self.runner.tokenizer, seq.params.stop)
             seq.slot = len(self._running)
@@ -256,7 +255,6 @@ class Engine:
             seq.emit(EngineOutput(text))
 
     def _finish(self, seq: Sequence, reason: str, text: str) -> None:
-        seq.finish_reason = reason
         seq.finish_time = time.monotonic()
         self.metrics.e2e.labels(seq.label).observe(seq.finish_time - seq.arrival_time)
         self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))

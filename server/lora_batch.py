@@ -50,7 +50,6 @@ class _GroupWeights:
 
 @dataclass
 class _ActiveSet:
-    names: tuple[str, ...]
     rank: int  # every active adapter zero-padded to this rank
     groups: dict[tuple[int, str], _GroupWeights]
 
@@ -171,7 +170,7 @@ class LoraBank:
                 if all(stack is None for stack in stacks):
                     continue
                 groups[(layer, group)] = self._group_weights(stacks, len(adapters), rank)
-        return _ActiveSet(names, rank, groups)
+        return _ActiveSet(rank, groups)
 
     def _group_weights(self, stacks, count: int, rank: int) -> _GroupWeights:
         in_features = next(stack[0].shape[1] for stack in stacks if stack is not None)

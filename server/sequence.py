@@ -37,10 +37,8 @@ class Sequence:
     kv_len: int = 0  # positions of this request written to its cache slot
     slot: int = -1
     cancelled: bool = False
-    finish_reason: str | None = None
     label: str = ""  # the expert's name (or the base's) for metrics and logs
     arrival_time: float = field(default_factory=time.monotonic)
-    admitted_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_time: float | None = None
