@@ -40,8 +40,7 @@ class AdapterRegistration(AdapterSpec):
 
 def _state(request: Request) -> ServerState:
     state = request.app.state.loraplex
-    if not state.ready:
-        raise APIError(503, "The model is still loading; retry shortly.", code="loading")
+    state.require_ready()
     return state
 
 

@@ -43,8 +43,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(require_user)])
     async def list_models():
-        if not state.ready:
-            raise APIError(503, "The model is still loading; retry shortly.", code="loading")
+        state.require_ready()
         base = state.base.name
         data = [_model_entry(base, state.started_at)]
         data += [_model_entry(r.name, state.started_at, parent=base) for r in state.registry.all()]
@@ -52,8 +51,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(require_user)])
     async def get_model(model_id: str):
-        if not state.ready:
-            raise APIError(503, "The model is still loading; retry shortly.", code="loading")
+        state.require_ready()
         if model_id == state.base.name:
             return _model_entry(model_id, state.started_at)
         if state.registry.get(model_id) is not None:
@@ -63,8 +61,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/route", dependencies=[Depends(require_user)])
     async def route(body: RouteRequest, request: Request):
         """The router's decision and ranking for these messages, without generating."""
-        if not state.ready:
-            raise APIError(503, "The model is still loading; retry shortly.", code="loading")
+        state.require_ready()
         decision = await route_request(body, request, state)
         return {
             "object": "route",

@@ -110,8 +110,7 @@ def route_headers(route: Route) -> dict[str, str]:
 async def _submit(req: ChatCompletionRequest, request: Request, state: ServerState) -> _Call:
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
-    if not state.ready:
-        raise APIError(503, "The model is still loading; retry shortly.", code="loading", headers={"Retry-After": "2"})
+    state.require_ready()
     base = state.base
     route = await route_request(req, request, state)
     state.metrics.router_decisions.labels(route.source, route.expert).inc()

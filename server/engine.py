@@ -162,11 +162,9 @@ class Engine:
                 future.set_exception(exc)
 
     def _reap_cancelled(self) -> None:
+        # cancelled requests still waiting are dropped by _admit's pass over the queue
         for seq in [s for s in self._running if s.cancelled]:
             self._release(seq)
-        if any(s.cancelled for s in self._waiting):
-            with self._wakeup:
-                self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
 
     def _admit(self) -> bool:
         """Prefill what can start now; a request whose adapter is still loading keeps its place."""

@@ -13,6 +13,7 @@ from router.encoder import TextEncoder, embedded_encoder_folder
 from router.resolve import ExpertRouter
 from server.bootstrap import BaseInfo, build_runtime
 from server.engine import Engine
+from server.errors import APIError
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -34,6 +35,12 @@ class ServerState:
     @property
     def ready(self) -> bool:
         return self.base is not None and self.engine.ready.is_set()
+
+    def require_ready(self) -> None:
+        """503 (with Retry-After) until the model and the experts are loaded."""
+        if not self.ready:
+            raise APIError(503, "The model is still loading; retry shortly.", code="loading",
+                           headers={"Retry-After": "2"})
 
 
 def _start_classifier(state: ServerState) -> None:
