@@ -91,6 +91,8 @@ class LoraBank:
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = device
         self.dtype = dtype
+        # the row padding only buys batch invariance from CPU BLAS; on a GPU it is wasted work
+        self.min_rows = MIN_GEMM_ROWS if device.type == "cpu" else 1
         self._adapters: dict[str, LoraWeights] = {}
         self._active_sets: OrderedDict[tuple[str, ...], _ActiveSet] = OrderedDict()
 
@@ -113,7 +115,7 @@ class LoraBank:
         for row, name in enumerate(row_adapters):
             if name is not None:
                 rows_of[name].append(row)
-        segment_rows = max(MIN_GEMM_ROWS, max(len(rows) for rows in rows_of.values()))
+        segment_rows = max(self.min_rows, max(len(rows) for rows in rows_of.values()))
         active_set = self._active_set(active)
         if row_adapters == [name for name in active for _ in range(segment_rows)]:
             # rows already sit in equal, sorted segments (the engine groups arrivals by

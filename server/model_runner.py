@@ -116,7 +116,7 @@ class ModelRunner:
     # ---- internals ----------------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """lm_head over fixed chunks of LOGIT_CHUNK rows, as `W @ rows.T`.
+        """lm_head over fixed chunks of LOGIT_CHUNK rows, as `W @ rows.T` (on CPU).
 
         The vocabulary-sized matmul is the largest of a decode step. Fixed chunks keep each
         row's logits bit-identical whatever the batch, and the W @ x.T orientation streams W
@@ -125,6 +125,9 @@ class ModelRunner:
         weight = getattr(self.lm_head, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype or self.lm_head.bias is not None:
             return matmul_rows(hidden, self.lm_head).float()  # e.g. a quantized lm_head
+        if hidden.device.type != "cpu":
+            # GPU GEMMs are not batch-invariant whatever we do; one launch beats 16 at batch 64
+            return (hidden @ weight.T).float()
         rows = hidden.shape[0]
         padded = -(-rows // LOGIT_CHUNK) * LOGIT_CHUNK
         if padded != rows:
