@@ -9,7 +9,7 @@ CONFIG ?= configs/default.yaml
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench report clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test: install
 
 bench: install
 	$(PY) -m loadtests.bench_serving
+
+report: install  # README's Performance section from loadtests/results/*.json
+	$(PY) -m loadtests.report --write
 
 clean:
 	rm -rf $(VENV)

@@ -19,12 +19,11 @@ import asyncio
 import json
 import re
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import openai
 
-from loadtests.bench_serving import _machine
+from loadtests.provenance import stamp
 from loadtests.harness import REPO, ServerProcess
 from server.model_loader import EMBEDDED_NAME
 from server.settings import Settings, load_settings
@@ -91,8 +90,7 @@ def main() -> None:
     finally:
         server.stop()
     training = {name: json.loads((DEMO / name / "adapter" / "training.json").read_text()) for name in config.adapters}
-    out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
-           "max_tokens": args.max_tokens, "experts": report, "training": training}
+    out = {**stamp("loadtests.bench_experts"), "max_tokens": args.max_tokens, "experts": report, "training": training}
     Path(args.out).write_text(json.dumps(out, indent=2))
     for name, r in report.items():
         print(f"{name}: expert {r['expert']}  base {r['base']}")

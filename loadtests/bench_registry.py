@@ -19,14 +19,14 @@ import shutil
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import torch
 
 from adapters.lora import BaseShape, load_lora
-from loadtests.bench_serving import ALL_LINEAR, _machine
+from loadtests.bench_serving import ALL_LINEAR
+from loadtests.provenance import stamp
 from loadtests.harness import REPO, ServerProcess, make_peft_adapter
 from server.lora_batch import LoraBank
 from server.model_loader import EMBEDDED_NAME, convert_embedded
@@ -103,8 +103,7 @@ def main() -> None:
         return statistics.median(tokens / total for _, total, tokens in runs)
 
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        **stamp("loadtests.bench_registry"),
         "registered_to_first_token_s": {"median": statistics.median(to_first_token), "max": max(to_first_token),
                                         "runs": to_first_token},
         "store_to_device_load_ms": {"median": statistics.median(load_ms), "max": max(load_ms)},

@@ -14,11 +14,10 @@ import argparse
 import json
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from adapters.registry import AdapterRecord, AdapterRegistry
-from loadtests.bench_serving import _machine
+from loadtests.provenance import stamp
 from loadtests.harness import REPO
 from router.classifier import ExpertClassifier
 from router.encoder import TextEncoder, embedded_encoder_folder
@@ -88,15 +87,16 @@ def main() -> None:
     threshold = Settings().router_threshold if args.threshold is None else args.threshold
     data = json.loads(DATA.read_text())
     router = build_router(data, threshold)
+    sweep = []
     if args.sweep:
         for candidate in (-1.0, 0.15, 0.18, 0.21, 0.24, 0.27, 0.30):
             router.threshold = candidate
             r = evaluate(router, data)
+            sweep.append({k: r[k] for k in ("threshold", "top1_accuracy", "off_topic_to_fallback")})
             print(f"threshold {candidate:.2f}: top-1 {r['top1_accuracy']:.3f}  off-topic->fallback "
                   f"{r['off_topic_to_fallback']:.3f}")
         router.threshold = threshold
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
-              **evaluate(router, data)}
+    report = {**stamp("loadtests.bench_router"), **evaluate(router, data), "sweep": sweep}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"threshold {report['threshold']}: top-1 {report['top1_accuracy']:.3f} (goal >= 0.90), macro-F1 "

@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import openai
 import torch
 
 from loadtests.harness import REPO, ServerProcess, make_peft_adapter
+from loadtests.provenance import stamp
 from server.model_loader import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
@@ -126,21 +125,6 @@ def _naive_and_raw(folder: Path, adapters: dict[str, Path], models: list[str], t
     return {"naive": naive, "raw_generate": raw}
 
 
-def _machine() -> str:
-    import os
-
-    import bitsandbytes
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
-            f"bitsandbytes {bitsandbytes.__version__}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=16)
@@ -193,8 +177,7 @@ def main() -> None:
         "single_vs_raw_generate": single["tokens_per_s"] / baselines["raw_generate"]["tokens_per_s"],
     }
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        **stamp("loadtests.bench_serving"),
         "config": vars(args),
         "loraplex_mixed": mixed,
         "loraplex_no_adapter": base,

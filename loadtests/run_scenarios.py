@@ -17,13 +17,13 @@ import json
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import torch
 
-from loadtests.bench_serving import ALL_LINEAR, _machine
+from loadtests.bench_serving import ALL_LINEAR
+from loadtests.provenance import stamp
 from loadtests.harness import REPO, ServerProcess, free_port, make_peft_adapter, wait_until
 from loadtests.loadgen import markdown, report, run
 from server.model_loader import EMBEDDED_NAME, convert_embedded
@@ -140,8 +140,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     plots = _plot(levels, series, RESULTS)
-    out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
-           "max_tokens": args.max_tokens, "levels": levels, "series": series, "scenarios": extra, "ratios": ratios,
+    out = {**stamp("loadtests.run_scenarios"), "max_tokens": args.max_tokens, "levels": levels, "series": series, "scenarios": extra, "ratios": ratios,
            "plots": plots}
     (RESULTS / "scenarios.json").write_text(json.dumps(out, indent=2))
     lines = [f"`python -m loadtests.run_scenarios` ({out['date'][:10]}, {out['machine']}), streaming, "
