@@ -103,7 +103,7 @@ def markdown(summary: dict) -> str:
              f"{meta['adapters']} rank-{meta['rank']} all-linear adapters ({meta['date']})", ""]
     loads = summary["adapter_load_ms"]
     if loads:
-        lines += [f"Adapter load, disk -> GPU bank: median {statistics.median(loads):.1f} ms "
+        lines += [f"Adapter load, disk -> device bank: median {statistics.median(loads):.1f} ms "
                   f"(min {min(loads):.1f}, max {max(loads):.1f}, n={len(loads)})", ""]
     lines += [f"| batch | mode | decode step ms | decode tok/s | e2e tok/s | peak memory GiB ({meta['memory_measure']}) |",
               "|---:|---|---:|---:|---:|---:|"]
