@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Collection
 
 from adapters.lora import CONFIG_FILE, WEIGHTS_FILE, AdapterError, BaseShape, LoraWeights, load_lora
 from adapters.names import check_adapter_name
@@ -27,15 +28,20 @@ class AdmissionError(Exception):
         self.param = param
 
 
-def check_new_name(name: str, base_name: str, taken: bool) -> None:
+def check_new_name(name: str, reserved: Collection[str]) -> None:
+    """A valid expert name that is not the base's nor one of the router's ("auto")."""
     try:
         check_adapter_name(name)
     except ValueError as exc:
         raise AdmissionError(400, str(exc), "name") from None
-    if name == base_name or name == "auto":
-        raise AdmissionError(400, f"'{name}' is reserved (the base model's name or 'auto'); choose another", "name")
-    if taken:
-        raise AdmissionError(409, f"an adapter named '{name}' is already registered; DELETE it first or pick another name", "name")
+    if name in reserved:
+        raise AdmissionError(400, f"'{name}' is reserved (the base model's name or a router name such as 'auto'); "
+                                  "choose another", "name")
+
+
+def name_taken(name: str) -> AdmissionError:
+    return AdmissionError(409, f"an adapter named '{name}' is already registered; DELETE it first or pick another name",
+                          "name")
 
 
 def check_stop_token_ids(ids, vocab_size: int) -> None:

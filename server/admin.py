@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from adapters.admission import (
     AdmissionError,
     check_new_name,
+    name_taken,
     check_stop_token_ids,
     fill_from_folder,
     stage_from_path,
@@ -122,7 +123,9 @@ async def register_adapter(request: Request):
     registration, files = await _read_registration(request)
     name = registration.name
     try:
-        check_new_name(name, state.base.name, taken=not state.registry.reserve(name))
+        check_new_name(name, {state.base.name, *state.router.auto_names})
+        if not state.registry.reserve(name):
+            raise name_taken(name)
     except AdmissionError as exc:
         raise APIError(exc.status, exc.message, param=exc.param) from None
     staging = state.store.staging_dir()

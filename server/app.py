@@ -14,8 +14,14 @@ from server.protocol import ChatCompletionRequest, RouteRequest
 from server.state import ServerState
 
 
-def _model_entry(model_id: str, created: int, parent: str | None = None) -> dict:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "loraplex", "parent": parent}
+def _model_entry(model_id: str, created: int, parent: str | None = None, owned_by: str = "loraplex") -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by, "parent": parent}
+
+
+def _router_entries(state: ServerState) -> list[dict]:
+    """The names that mean "let the router choose" ("auto"), listed so clients can discover them."""
+    names = sorted(state.router.auto_names)
+    return [_model_entry(name, state.started_at, owned_by="loraplex-router") for name in names]
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -47,7 +53,7 @@ def create_app(state: ServerState) -> FastAPI:
         base = state.base.name
         data = [_model_entry(base, state.started_at)]
         data += [_model_entry(r.name, state.started_at, parent=base) for r in state.registry.all()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data + _router_entries(state)}
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(require_user)])
     async def get_model(model_id: str):
@@ -56,6 +62,9 @@ def create_app(state: ServerState) -> FastAPI:
             return _model_entry(model_id, state.started_at)
         if state.registry.get(model_id) is not None:
             return _model_entry(model_id, state.started_at, parent=state.base.name)
+        for entry in _router_entries(state):
+            if entry["id"] == model_id:
+                return entry
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
     @app.post("/v1/route", dependencies=[Depends(require_user)])

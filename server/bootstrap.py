@@ -10,10 +10,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.admission import AdmissionError, check_stop_token_ids, fill_from_folder, validate_staged
+from adapters.admission import AdmissionError, check_new_name, check_stop_token_ids, fill_from_folder, validate_staged
 from adapters.lora import BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
+from router.resolve import AUTO_MODEL
 from server.chat import base_stop_token_ids
 from server.model_loader import LoadedBase, load_base
 from server.metrics import Metrics
@@ -70,6 +71,7 @@ def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, re
     for name, spec in settings.adapters.items():
         spec = fill_from_folder(spec, spec.path)
         try:
+            check_new_name(name, {base.name, AUTO_MODEL, *settings.auto_model_names})
             check_stop_token_ids(spec.stop_token_ids, base.vocab_size)
             weights = validate_staged(Path(spec.path), base.shape, settings.max_adapter_rank, base.names,
                                       settings.base_mismatch)

@@ -26,8 +26,10 @@ QUESTIONS = [
 
 def test_models_lists_base_and_adapters(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {BASE, "alpha", "beta", "noisy", "beta-stops"}
+    assert set(models) == {BASE, "alpha", "beta", "noisy", "beta-stops", "auto"}
     assert models["alpha"].parent == BASE and models["beta"].parent == BASE
+    assert models["auto"].owned_by == "loraplex-router"  # the router's name is discoverable
+    assert client.models.retrieve("auto").id == "auto" and client.models.retrieve("alpha").parent == BASE
 
 
 def test_base_and_adapters_answer_differently(client):

@@ -46,6 +46,15 @@ def test_broken_adapter_stops_the_server_with_its_name(tmp_path, cache_dir):
     assert "broken" in server.log() and "safetensors" in server.log()
 
 
+def test_config_expert_named_like_the_router_stops_the_server(tmp_path, cache_dir):
+    (tmp_path / "any").mkdir()
+    server = ServerProcess(tmp_path, {"adapters": {"auto": {"path": str(tmp_path / "any")}}},
+                           env={"LORAPLEX_CACHE": cache_dir})
+    server.launch()
+    assert server.proc.wait(180) == 1
+    assert "adapter 'auto'" in server.log() and "reserved" in server.log()
+
+
 def test_health_is_503_while_loading_then_200(tmp_path, cache_dir):
     server = ServerProcess(tmp_path, {}, env={"LORAPLEX_CACHE": cache_dir}).launch()
     try:

@@ -53,7 +53,8 @@ def layout(tmp_path_factory, smollm_adapters):
 
 def start_server(layout, cache_dir):
     settings = {"compute_dtype": "float32", "max_batch_size": 8, "max_adapter_rank": 32, "max_gpu_adapters": 2,
-                "max_cpu_adapters": 1, "default_max_tokens": 32, "adapter_roots": [str(layout["roots"])]}
+                "max_cpu_adapters": 1, "default_max_tokens": 32, "adapter_roots": [str(layout["roots"])],
+                "auto_model_names": ["auto", "pick-for-me"]}
     env = {"LORAPLEX_CACHE": cache_dir, "LORAPLEX_ADMIN_KEY": "admin-one,admin-two",
            "LORAPLEX_DATA_DIR": str(layout["data"])}
     return ServerProcess(layout["root"], settings, env=env).start()
@@ -128,6 +129,8 @@ def test_register_by_upload_serves_the_same_weights(admin_server, layout):
         ({"name": "alpha-path", "path": "ALPHA"}, 409, "already registered"),
         ({"name": "bad name!", "path": "ALPHA"}, 400, "1-64 characters"),
         ({"name": BASE, "path": "ALPHA"}, 400, "reserved"),
+        ({"name": "auto", "path": "ALPHA"}, 400, "reserved"),
+        ({"name": "pick-for-me", "path": "ALPHA"}, 400, "reserved"),  # a configured router name
         ({"name": "p6"}, 400, "path"),
         ({"name": "p7", "path": "ALPHA", "stop": [""]}, 400, "stop"),
         ({"name": "p8", "path": "ALPHA", "stop_token_ids": [10**6]}, 400, "vocabulary"),
