@@ -74,6 +74,13 @@ def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerS
         check_stop_token_ids(extra_ids, base.vocab_size)
     except AdmissionError as exc:
         raise APIError(exc.status, exc.message, param=exc.param) from None
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs: true.", param="top_logprobs")
+    logit_bias = {int(token): value for token, value in (req.logit_bias or {}).items()}
+    outside = sorted(token for token in logit_bias if token >= base.vocab_size)
+    if outside:
+        raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary of {base.vocab_size} "
+                            "tokens.", param="logit_bias")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,
@@ -82,6 +89,11 @@ def _sampling_params(req: ChatCompletionRequest, prompt_len: int, state: ServerS
         stop=list(record.stop if record else ()) + req.stop_list(),
         stop_token_ids=extra_ids,
         ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=logit_bias,
+        logprobs=bool(req.logprobs),
+        top_logprobs=req.top_logprobs or 0,
     )
 
 
@@ -174,6 +186,7 @@ async def _cancel_on_disconnect(call: _Call, request: Request, state: ServerStat
 async def _complete(call: _Call, request: Request, state: ServerState) -> JSONResponse:
     watcher = asyncio.create_task(_cancel_on_disconnect(call, request, state))
     parts: list[str] = []
+    logprobs: list[dict] = []
     try:
         while True:
             out = await call.outputs.get()
@@ -182,6 +195,7 @@ async def _complete(call: _Call, request: Request, state: ServerState) -> JSONRe
             if out.error:
                 raise _engine_failed(out)
             parts.append(out.text)
+            logprobs += out.logprobs or []
             if out.finish_reason:
                 _record_finish(call, out)
                 break
@@ -196,7 +210,7 @@ async def _complete(call: _Call, request: Request, state: ServerState) -> JSONRe
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": "".join(parts)},
-                "logprobs": None,
+                "logprobs": _logprobs(call, logprobs),
                 "finish_reason": out.finish_reason,
             }
         ],
@@ -205,19 +219,23 @@ async def _complete(call: _Call, request: Request, state: ServerState) -> JSONRe
     return JSONResponse(body, headers=route_headers(call.route))
 
 
+def _logprobs(call: _Call, entries: list[dict] | None) -> dict | None:
+    return {"content": entries or [], "refusal": None} if call.seq.params.logprobs else None
+
+
 def _sse(payload: dict | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n".encode()
 
 
 async def _stream(call: _Call, state: ServerState, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+    def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         body = {
             "id": call.completion_id,
             "object": "chat.completion.chunk",
             "created": call.created,
             "model": call.route.expert,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if include_usage:
             body["usage"] = None
@@ -232,8 +250,8 @@ async def _stream(call: _Call, state: ServerState, include_usage: bool) -> Async
                 error = _engine_failed(out)
                 yield _sse({"error": {"message": error.message, "type": "server_error", "param": None, "code": error.code}})
                 break
-            if out.text:
-                yield _sse(chunk({"content": out.text}))
+            if out.text or out.logprobs:  # a held-back stop string can leave logprobs with no text
+                yield _sse(chunk({"content": out.text}, logprobs=_logprobs(call, out.logprobs)))
             if out.finish_reason:
                 _record_finish(call, out)
                 yield _sse(chunk({}, out.finish_reason))

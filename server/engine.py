@@ -19,7 +19,8 @@ from server.detokenizer import OutputText
 from server.model_runner import ModelRunner, PrefillItem
 from server.metrics import Metrics
 from server.residency import AdapterCache, AdapterUnavailable
-from server.sampling import sample_batch
+from server.logprobs import TokenPieces
+from server.sampling import TokenLogprob, sample_batch
 from server.sequence import EngineOutput, Sequence
 
 log = logging.getLogger("loraplex.engine")
@@ -123,6 +124,7 @@ class Engine:
             if self._on_fatal:
                 self._on_fatal(exc)
             return
+        self._pieces = TokenPieces(self.runner.tokenizer)
         self.ready.set()
         try:
             self._loop()
@@ -210,9 +212,7 @@ class Engine:
         logits = self.runner.prefill(items)
         for seq in batch:
             seq.kv_len = len(seq.prompt_ids)
-        tokens = sample_batch(logits, [s.params for s in batch], [s.generator for s in batch])
-        for seq, token in zip(batch, tokens):
-            self._accept_token(seq, token)
+        self._sample_and_accept(batch, logits)
         return True
 
     def _decode_step(self) -> None:
@@ -225,13 +225,21 @@ class Engine:
         )
         for seq in running:
             seq.kv_len += 1
-        tokens = sample_batch(logits, [s.params for s in running], [s.generator for s in running])
-        for seq, token in zip(list(running), tokens):
-            self._accept_token(seq, token)
+        self._sample_and_accept(list(running), logits)
 
-    def _accept_token(self, seq: Sequence, token: int) -> None:
+    def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
+        tokens, logprobs = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                        [s.generated_counts for s in seqs])
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            self._accept_token(seq, token, logprob)
+
+    def _accept_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.generated += 1
         seq.last_token = token
+        if seq.generated_counts is not None:
+            seq.generated_counts[token] += 1
+        if logprob is not None and token not in seq.stop_token_ids:  # a stop token is not part of the answer
+            seq.pending_logprobs.append(self._pieces.entry(logprob))
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -250,7 +258,7 @@ class Engine:
         elif stopped:
             self._finish(seq, "stop", text)
         elif text:
-            seq.emit(EngineOutput(text))
+            seq.emit(EngineOutput(text, logprobs=seq.take_logprobs()))
 
     def _finish(self, seq: Sequence, reason: str, text: str) -> None:
         seq.finish_time = time.monotonic()
@@ -258,7 +266,7 @@ class Engine:
         self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))
         self.metrics.generation_tokens.labels(seq.label).inc(seq.generated)
         self._release(seq)
-        seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated))
+        seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated, logprobs=seq.take_logprobs()))
 
     def _release(self, seq: Sequence) -> None:
         """Take seq out of the batch; the last running request moves into its slot."""

@@ -58,7 +58,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     where = f"'{param}': " if param else ""
     extra = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"{where}{first.get('msg', 'invalid value')}{extra}", param
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's prefix says nothing
+    return f"{where}{message}{extra}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

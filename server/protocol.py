@@ -45,6 +45,14 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # accepted only when empty / plain text, so a client relying on them hears that they are not served
+    tools: list[dict] | None = None
+    response_format: dict | None = None
     # vLLM-compatible extensions
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -55,6 +63,31 @@ class ChatCompletionRequest(BaseModel):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (strings of digits), got {token!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {value} for token {token}")
+        return bias
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: list[dict] | None) -> list[dict] | None:
+        if tools:
+            raise ValueError("tool calling is not supported by this server")
+        return tools
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, response_format: dict | None) -> dict | None:
+        if response_format and response_format.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported; for JSON answers use an expert "
+                             "trained for it")
+        return response_format
 
     @field_validator("stop")
     @classmethod

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,7 @@ class EngineOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[dict] | None = None  # OpenAI logprob entries of the tokens behind this piece (when asked)
 
 
 @dataclass
@@ -42,3 +44,15 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_time: float | None = None
+    generated_counts: Counter | None = None  # token -> times generated; kept only for penalties
+    pending_logprobs: list[dict] = field(default_factory=list)  # entries whose text is not sent yet
+
+    def __post_init__(self) -> None:
+        if self.params.penalizes:
+            self.generated_counts = Counter()
+
+    def take_logprobs(self) -> list[dict] | None:
+        if not self.params.logprobs:
+            return None
+        taken, self.pending_logprobs = self.pending_logprobs, []
+        return taken

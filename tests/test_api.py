@@ -141,6 +141,19 @@ def test_content_parts_roles_and_max_completion_tokens(client):
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+         "top_logprobs"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5},
+         "frequency_penalty"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"10000000": 1}},
+         "logit_bias"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"hello": 1}}, "logit_bias"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+         "response_format"),
     ],
 )
 def test_bad_requests_are_400_in_openai_shape(server, body, param):
@@ -198,3 +211,54 @@ def test_non_stream_disconnect_frees_the_slot(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=1.5)
     assert wait_until(lambda: server.health()["running"] == 0, 3), server.health()
+
+
+def test_logprobs_describe_each_token_of_the_answer(client):
+    completion = ask(client, BASE, QUESTIONS[0], max_tokens=12, logprobs=True, top_logprobs=3)
+    choice = completion.choices[0]
+    entries = choice.logprobs.content
+    shown_tokens = completion.usage.completion_tokens - (choice.finish_reason == "stop")  # the stop token is not shown
+    assert len(entries) == shown_tokens > 0
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == choice.message.content
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        values = [alt.logprob for alt in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob)
+    assert ask(client, BASE, QUESTIONS[0], max_tokens=4).choices[0].logprobs is None  # only when asked
+
+
+def test_streamed_logprobs_equal_the_non_stream_ones(client):
+    full = ask(client, "alpha", QUESTIONS[1], max_tokens=16, logprobs=True, top_logprobs=1)
+    streamed = []
+    for chunk in ask(client, "alpha", QUESTIONS[1], max_tokens=16, logprobs=True, top_logprobs=1, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in full.choices[0].logprobs.content]
+
+
+def test_frequency_penalty_curbs_repetition(client):
+    question = "List the numbers from 1 to 15, separated by commas."
+
+    def most_repeated(**penalty) -> int:
+        entries = ask(client, BASE, question, max_tokens=40, logprobs=True, **penalty).choices[0].logprobs.content
+        return max(sum(1 for e in entries if e.token == token) for token in {e.token for e in entries})
+
+    plain = most_repeated()
+    assert most_repeated(frequency_penalty=2.0) < plain < most_repeated(frequency_penalty=-2.0)
+
+
+def test_logit_bias_forces_and_bans_a_token(client, tokenizer):
+    hello = tokenizer.convert_tokens_to_ids("Hello")
+    forced = ask(client, BASE, "Hi", max_tokens=3, logit_bias={str(hello): 100})
+    assert forced.choices[0].message.content == "HelloHelloHello"
+    first = ask(client, BASE, QUESTIONS[0], max_tokens=1, logprobs=True).choices[0].logprobs.content[0]
+    first_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(first.token))[0]
+    banned = ask(client, BASE, QUESTIONS[0], max_tokens=1, logprobs=True, logit_bias={str(first_id): -100})
+    assert banned.choices[0].logprobs.content[0].token != first.token
+
+
+def test_plain_text_response_format_is_accepted(client):
+    completion = ask(client, BASE, QUESTIONS[1], max_tokens=4, response_format={"type": "text"})
+    assert completion.choices[0].message.content

@@ -1,0 +1,62 @@
+"""Penalties, logit_bias and logprobs on known logits; token bytes for byte-level and SentencePiece vocabularies."""
+from collections import Counter
+
+import pytest
+import torch
+
+from server.logprobs import LOWEST_LOGPROB, TokenPieces
+from server.sampling import SamplingParams, TokenLogprob, adjust_logits, make_generator, sample_batch
+
+
+def test_penalties_follow_openai_formula():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    params = SamplingParams(max_tokens=4, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 10.0})
+    adjusted = adjust_logits(logits, params, Counter({3: 2, 1: 1}))
+    # token 3: 4 - 2 * 0.25 - 0.5; token 1: 2 - 0.25 - 0.5; token 0: + bias; untouched otherwise
+    assert adjusted.tolist() == [11.0, 1.25, 3.0, 3.0]
+    assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]  # the batch's logits are not modified
+
+
+def test_greedy_rows_with_bias_or_penalty_pick_the_adjusted_argmax():
+    logits = torch.tensor([[0.0, 5.0, 4.0], [0.0, 5.0, 4.0], [0.0, 5.0, 4.0]])
+    params = [SamplingParams(4, temperature=0.0), SamplingParams(4, temperature=0.0, logit_bias={1: -100.0}),
+              SamplingParams(4, temperature=0.0, frequency_penalty=2.0)]
+    generators = [make_generator(0, torch.device("cpu")) for _ in params]
+    tokens, logprobs = sample_batch(logits, params, generators, [None, None, Counter({1: 1})])
+    assert tokens == [1, 2, 2] and logprobs == [None, None, None]
+
+
+def test_logprobs_report_the_model_distribution_with_alternatives():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    params = [SamplingParams(4, temperature=0.0, logprobs=True, top_logprobs=2, logit_bias={3: 100.0})]
+    tokens, (logprob,) = sample_batch(logits, params, [make_generator(0, torch.device("cpu"))])
+    expected = torch.log_softmax(logits[0], dim=-1)
+    assert tokens == [3]  # the bias decided the token...
+    assert logprob.logprob == pytest.approx(float(expected[3]))  # ...but the logprob is the model's own
+    assert [token for token, _ in logprob.top] == [0, 1]
+    assert [value for _, value in logprob.top] == pytest.approx(expected[:2].tolist())
+
+
+def test_token_bytes_rebuild_text_split_inside_a_character(tokenizer):
+    pieces = TokenPieces(tokenizer)
+    text = "Ahoy café 😀 ünïcödé"
+    ids = tokenizer.encode(text)
+    assert b"".join(pieces.token_bytes(i) for i in ids).decode() == text
+    entry = pieces.entry(TokenLogprob(ids[0], float("-inf"), [(ids[1], -1.5)]))
+    assert entry["logprob"] == LOWEST_LOGPROB and entry["top_logprobs"][0]["logprob"] == -1.5
+    assert entry["bytes"] == list(pieces.token_bytes(ids[0]))
+
+
+class _SentencePieceLike:
+    """Tokens as SentencePiece writes them: U+2581 for spaces, <0xNN> for raw bytes."""
+
+    vocab = ["\u2581Hello", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "!"]
+
+    def convert_ids_to_tokens(self, token_id):
+        return self.vocab[token_id]
+
+
+def test_token_bytes_for_sentencepiece_vocabularies():
+    pieces = TokenPieces(_SentencePieceLike())
+    assert b"".join(pieces.token_bytes(i) for i in range(6)).decode() == " Hello😀!"
+    assert pieces.entry(TokenLogprob(1, -0.1, []))["token"] == "\ufffd"  # a lone byte of a 4-byte character
