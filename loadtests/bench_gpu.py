@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--layers", type=int, default=None, help="default: 8 for 7b, 2 for tiny")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                        help="compute dtype; auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--batches", default="1,8,16,32,64")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
@@ -302,7 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
     layers = args.layers or (8 if args.shape == "7b" else 2)
     batches = [int(b) for b in args.batches.split(",")]
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; for a smoke run use --shape tiny --device cpu")
 

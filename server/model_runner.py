@@ -191,5 +191,7 @@ class ModelRunner:
         q = q.view(batch, self.num_kv_heads, group, self.head_dim)
         scores = torch.matmul(q, k_cache[:batch, :, :max_len].transpose(-1, -2)) * self.attn_scale
         scores.masked_fill_(hidden_keys, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), v_cache[:batch, :, :max_len])
+        # softmax in float32 as HF's eager attention does: in bf16 (GPU) it visibly loses precision
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        out = torch.matmul(probs, v_cache[:batch, :, :max_len])
         return out.reshape(batch, -1)

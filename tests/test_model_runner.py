@@ -31,14 +31,15 @@ def tiny_fp32(tiny_folder, tokenizer):
     return model
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_greedy_matches_hf_generate(tiny_folder, tokenizer, quantized):
+@pytest.mark.parametrize("quantized, dtype", [(False, torch.float32), (True, torch.float32),
+                                              (True, torch.bfloat16)])  # bf16: the GPU's compute dtype
+def test_greedy_matches_hf_generate(tiny_folder, tokenizer, quantized, dtype):
     kwargs = {}
     if quantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=dtype, **kwargs).eval()
     runner = ModelRunner(model, tokenizer, max_slots=4, context_window=128)
     for prompt in PROMPTS:
         assert _greedy(runner, prompt, 12) == _hf_greedy(model, prompt, 12)
