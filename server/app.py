@@ -1,4 +1,4 @@
-"""The FastAPI application: routes only; the work happens in completions.py and the engine."""
+"""The FastAPI application: routes only; the work happens in completions.py, text_completions.py and the engine."""
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
@@ -7,11 +7,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import admin
 from server.auth import require_admin, require_user
-from server.completions import chat_completions, route_request
+from server.completions import chat_completions, last_user_text
+from server.dispatch import route_request
 from server.errors import APIError, install_error_handlers
 from server.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestOutcomeMiddleware
-from server.protocol import ChatCompletionRequest, RouteRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, RouteRequest
 from server.state import ServerState
+from server.text_completions import text_completions
 
 
 def _model_entry(model_id: str, created: int, parent: str | None = None, owned_by: str = "loraplex") -> dict:
@@ -71,7 +73,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def route(body: RouteRequest, request: Request):
         """The router's decision and ranking for these messages, without generating."""
         state.require_ready()
-        decision = await route_request(body, request, state)
+        decision = await route_request(body.model, last_user_text(body.messages), request, state)
         return {
             "object": "route",
             "decision": {"expert": decision.expert, "adapter": decision.adapter, "source": decision.source,
@@ -83,6 +85,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(require_user)])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat_completions(body, request, state)
+
+    @app.post("/v1/completions", dependencies=[Depends(require_user)])
+    async def create_completion(body: CompletionRequest, request: Request):
+        return await text_completions(body, request, state)
 
     # added last = outermost: the request id is on every response, 413s included
     app.include_router(admin.router)

@@ -100,20 +100,20 @@ class BodyLimitMiddleware:
 
 
 class RequestOutcomeMiddleware:
-    """Counts every chat completion by adapter, finish reason and status, and logs one JSON line.
+    """Counts every (chat or text) completion by adapter, finish reason and status; logs one JSON line.
 
     The handler fills scope["state"]["outcome"] as it learns things (expert, routing source,
     tokens, timings); this layer sees the status and whether the body was sent to the end, so
     a client that went away mid-stream is counted as `cancelled`.
     """
 
-    def __init__(self, app, metrics, path: str = "/v1/chat/completions"):
+    def __init__(self, app, metrics, paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions")):
         self.app = app
         self.metrics = metrics
-        self.path = path
+        self.paths = paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         outcome = state.setdefault("outcome", {})
@@ -137,6 +137,7 @@ class RequestOutcomeMiddleware:
             self.metrics.requests.labels(adapter, finish or "none", str(status)).inc()
             request_log.info(json.dumps({
                 "request_id": state.get("request_id"),
+                "endpoint": scope["path"],
                 "adapter": adapter,
                 "source": outcome.get("source"),
                 "status": status,

@@ -1,7 +1,7 @@
 """OpenAI request/response shapes, validated at the HTTP edge and nowhere else."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -30,14 +30,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """What chat and text completions share: the model, the budget, sampling and stops."""
+
     # Unknown fields are ignored, as OpenAI-compatible servers do: clients send many extras.
     model_config = ConfigDict(extra="ignore")
+    PROMPT_PARAM: ClassVar[str] = "prompt"  # where an over-long prompt is reported
 
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = None
@@ -48,11 +49,6 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    # accepted only when empty / plain text, so a client relying on them hears that they are not served
-    tools: list[dict] | None = None
-    response_format: dict | None = None
     # vLLM-compatible extensions
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -64,6 +60,16 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("only n=1 is supported")
         return n
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stop
+
     @field_validator("logit_bias")
     @classmethod
     def _bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
@@ -73,6 +79,32 @@ class ChatCompletionRequest(BaseModel):
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {value} for token {token}")
         return bias
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The budget the client asked for, and the name of the field it came in."""
+        return self.max_tokens, "max_tokens"
+
+    def logprob_request(self) -> tuple[bool, int]:
+        """(whether to report logprobs, how many alternatives per token)."""
+        return False, 0
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    PROMPT_PARAM: ClassVar[str] = "messages"
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # accepted only when empty / plain text, so a client relying on them hears that they are not served
+    tools: list[dict] | None = None
+    response_format: dict | None = None
 
     @field_validator("tools")
     @classmethod
@@ -89,21 +121,57 @@ class ChatCompletionRequest(BaseModel):
                              "trained for it")
         return response_format
 
-    @field_validator("stop")
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def logprob_request(self) -> tuple[bool, int]:
+        return bool(self.logprobs), self.top_logprobs or 0
+
+
+class CompletionRequest(SamplingFields):
+    """The legacy /v1/completions: a raw prompt, continued as is (no chat template)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)  # here: how many alternatives; 0 = the chosen token only
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
     @classmethod
-    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stop
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError("only one prompt per request is supported (n=1)")
+        if prompt == "" or prompt == [] or prompt == [""] or prompt == [[]]:
+            raise ValueError("the prompt is empty")
+        return prompt
 
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix (insertion) is not supported")
+        return suffix
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return best_of
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt, as text or as token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            return prompt[0]
+        return prompt
+
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
 
 class RouteRequest(BaseModel):

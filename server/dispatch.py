@@ -1,0 +1,234 @@
+"""One generation request on its way: route it, set its sampling, queue it, then collect or stream it.
+
+Shared by /v1/chat/completions and /v1/completions, which differ only in how the prompt is
+made and how the answer is shaped (completions.py, text_completions.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from adapters.admission import AdmissionError, check_stop_token_ids
+from adapters.registry import AdapterRecord
+from router.resolve import Route
+from server.engine import EngineStopped, QueueFull
+from server.errors import APIError
+from server.protocol import SamplingFields
+from server.sampling import SamplingParams, make_generator
+from server.sequence import EngineOutput, Sequence
+from server.state import ServerState
+
+
+@dataclass
+class Call:
+    """One accepted request on its way through the engine."""
+
+    completion_id: str
+    created: int
+    route: Route
+    seq: Sequence
+    outputs: asyncio.Queue
+    outcome: dict  # what the request-outcome middleware counts and logs
+
+
+@dataclass
+class Collected:
+    text: str
+    logprobs: list[dict]
+    final: EngineOutput  # the last output: finish reason and token counts
+
+
+def _record_finish(call: Call, out: EngineOutput) -> None:
+    seq = call.seq
+    call.outcome.update(
+        finish_reason=out.finish_reason,
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        ttft_s=round(seq.first_token_time - seq.arrival_time, 4) if seq.first_token_time else None,
+    )
+
+
+def _check_room(prompt_len: int, requested: int | None, param: str, prompt_param: str, context_window: int) -> None:
+    if context_window - prompt_len < 1:
+        raise APIError(
+            400,
+            f"The prompt is {prompt_len} tokens, which leaves no room in the context window of "
+            f"{context_window} tokens.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if requested is not None and prompt_len + requested > context_window:
+        raise APIError(
+            400,
+            f"The prompt ({prompt_len} tokens) plus {param} ({requested}) is {prompt_len + requested} tokens, "
+            f"over the context window of {context_window} tokens. Shorten the prompt or lower {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, record: AdapterRecord | None,
+                    default_max_tokens: int | None = None) -> SamplingParams:
+    """The request's sampling, with the expert's defaults under it; 400 for what cannot be served."""
+    settings, base = state.settings, state.base
+    defaults = record.defaults if record else {}
+    requested, param = req.requested_max_tokens()
+    _check_room(prompt_len, requested, param, req.PROMPT_PARAM, base.context_window)
+    room = base.context_window - prompt_len
+    default_budget = defaults.get("max_tokens", default_max_tokens or settings.default_max_tokens)
+    max_tokens = min(requested if requested is not None else default_budget, settings.max_tokens_limit, room)
+    extra_ids = frozenset(req.stop_token_ids or ())
+    try:
+        check_stop_token_ids(extra_ids, base.vocab_size)
+    except AdmissionError as exc:
+        raise APIError(exc.status, exc.message, param=exc.param) from None
+    logprobs, top_logprobs = req.logprob_request()
+    logit_bias = {int(token): value for token, value in (req.logit_bias or {}).items()}
+    outside = sorted(token for token in logit_bias if token >= base.vocab_size)
+    if outside:
+        raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary of {base.vocab_size} "
+                            "tokens.", param="logit_bias")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,
+        top_p=defaults.get("top_p", 1.0) if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=list(record.stop if record else ()) + req.stop_list(),
+        stop_token_ids=extra_ids,
+        ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=logit_bias,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+async def route_request(model: str, routing_text: str, request: Request, state: ServerState) -> Route:
+    router, header = state.router, request.headers.get("x-expert")
+    if router.needs_classifier(model, header):
+        with state.metrics.router_latency.time():
+            return await asyncio.to_thread(router.by_prompt, routing_text)
+    return router.by_name(model, header)
+
+
+def route_headers(route: Route) -> dict[str, str]:
+    headers = {"X-Expert": route.expert, "X-Router-Source": route.source}
+    if route.score is not None:
+        headers["X-Router-Score"] = f"{route.score:.4f}"
+    if route.reason:
+        headers["X-Router-Reason"] = route.reason
+    return headers
+
+
+async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, request: Request,
+                 state: ServerState, id_prefix: str, default_max_tokens: int | None = None) -> Call:
+    if state.draining:
+        raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
+    state.require_ready()
+    base = state.base
+    route = await route_request(req.model, routing_text, request, state)
+    state.metrics.router_decisions.labels(route.source, route.expert).inc()
+    outcome = request.scope.setdefault("state", {}).setdefault("outcome", {})
+    outcome.update(expert=route.expert, source=route.source)
+    record = state.registry.get(route.adapter) if route.adapter else None
+    if route.adapter and record is None:  # retired between routing and here
+        raise APIError(404, f"The expert '{route.adapter}' does not exist.", param="model", code="model_not_found")
+    params = sampling_params(req, len(prompt_ids), state, record, default_max_tokens)
+    # ends a turn: EOS and the template's end-of-turn token (unless ignore_eos), the expert's
+    # own stop tokens, and the request's stop_token_ids
+    stop_ids = params.stop_token_ids | (record.stop_token_ids if record else frozenset())
+    if not params.ignore_eos:
+        stop_ids |= base.stop_token_ids
+    loop = asyncio.get_running_loop()
+    outputs: asyncio.Queue = asyncio.Queue()
+    seq = Sequence(
+        request_id=request.scope.get("state", {}).get("request_id", uuid.uuid4().hex),
+        prompt_ids=prompt_ids,
+        adapter=record.key if record else None,
+        label=route.expert,
+        params=params,
+        stop_token_ids=stop_ids,
+        generator=make_generator(params.seed, state.engine.runner.device),
+        emit=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+    )
+    try:
+        state.engine.submit(seq)
+    except QueueFull:
+        raise APIError(
+            429, "Too many requests are queued; retry shortly.", code="queue_full", headers={"Retry-After": "1"}
+        ) from None
+    except EngineStopped:
+        raise APIError(503, "The server is shutting down.", code="shutting_down") from None
+    if record is not None:
+        state.registry.count_request(record.name)
+    return Call(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), route, seq, outputs, outcome)
+
+
+def usage(out: EngineOutput) -> dict:
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "total_tokens": out.prompt_tokens + out.completion_tokens,
+    }
+
+
+def engine_failed(out: EngineOutput) -> APIError:
+    return APIError(503, out.error or "generation failed", code="engine_error")
+
+
+async def _cancel_on_disconnect(call: Call, request: Request, state: ServerState) -> None:
+    """Wait for the client to go away; then cancel its request and wake the collector."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    state.engine.cancel(call.seq)
+    call.outputs.put_nowait(None)
+
+
+async def collect(call: Call, request: Request, state: ServerState) -> Collected | None:
+    """The whole answer, or None when the client went away first (its request is cancelled)."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(call, request, state))
+    parts: list[str] = []
+    logprobs: list[dict] = []
+    try:
+        while True:
+            out = await call.outputs.get()
+            if out is None:
+                return None
+            if out.error:
+                raise engine_failed(out)
+            parts.append(out.text)
+            logprobs += out.logprobs or []
+            if out.finish_reason:
+                _record_finish(call, out)
+                return Collected("".join(parts), logprobs, out)
+    except BaseException:
+        state.engine.cancel(call.seq)
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def stream(call: Call, state: ServerState) -> AsyncIterator[EngineOutput]:
+    """The answer piece by piece, ending with the piece that finishes it or an error.
+
+    Leaving early (the client went away, the server closes the stream) cancels the request.
+    """
+    finished = False
+    try:
+        while True:
+            out = await call.outputs.get()
+            if out.finish_reason and not out.error:
+                _record_finish(call, out)
+            yield out
+            if out.error or out.finish_reason:
+                finished = True
+                return
+    finally:
+        if not finished:
+            state.engine.cancel(call.seq)
