@@ -1,7 +1,6 @@
 """POST /v1/chat/completions: messages -> chat template -> dispatch -> one response or an SSE stream."""
 from __future__ import annotations
 
-import json
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -12,21 +11,13 @@ from server.chat import render_prompt
 from server.dispatch import Call, collect, engine_failed, route_headers, stream, submit, usage
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
+from server.sse import sse, sse_error
 from server.state import ServerState
 
 
 def last_user_text(messages) -> str:
     """What the router classifies: the newest user turn."""
     return next((m.text() for m in reversed(messages) if m.role == "user"), messages[-1].text())
-
-
-def sse(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
-
-
-def sse_error(error: APIError) -> bytes:
-    return sse({"error": {"message": error.message, "type": "server_error", "param": None, "code": error.code}})
 
 
 def _logprobs(call: Call, entries: list[dict] | None) -> dict | None:

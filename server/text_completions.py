@@ -12,10 +12,10 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.completions import sse, sse_error
 from server.dispatch import Call, collect, engine_failed, route_headers, stream, submit, usage
 from server.errors import APIError
 from server.protocol import CompletionRequest
+from server.sse import sse, sse_error
 from server.state import ServerState
 
 # OpenAI's default for this endpoint: a short continuation unless asked for more.
