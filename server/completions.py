@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.chat import render_prompt
-from server.dispatch import Call, collect, engine_failed, route_headers, stream, submit, usage
+from server.dispatch import Call, collect, engine_failed, route_headers, stream, submit
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
 from server.sse import sse, sse_error
@@ -21,7 +21,7 @@ def last_user_text(messages) -> str:
 
 
 def _logprobs(call: Call, entries: list[dict] | None) -> dict | None:
-    return {"content": entries or [], "refusal": None} if call.seq.params.logprobs else None
+    return {"content": entries or [], "refusal": None} if call.params.logprobs else None
 
 
 async def _complete(call: Call, request: Request, state: ServerState) -> JSONResponse:
@@ -35,42 +35,44 @@ async def _complete(call: Call, request: Request, state: ServerState) -> JSONRes
         "model": call.route.expert,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": answer.text},
-                "logprobs": _logprobs(call, answer.logprobs),
-                "finish_reason": answer.final.finish_reason,
+                "index": choice.index,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": _logprobs(call, choice.logprobs),
+                "finish_reason": choice.finish_reason,
             }
+            for choice in answer.choices
         ],
-        "usage": usage(answer.final),
+        "usage": answer.usage,
     }
     return JSONResponse(body, headers=route_headers(call.route))
 
 
 async def _stream(call: Call, state: ServerState, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         body = {
             "id": call.completion_id,
             "object": "chat.completion.chunk",
             "created": call.created,
             "model": call.route.expert,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if include_usage:
             body["usage"] = None
         return body
 
-    yield sse(chunk({"role": "assistant", "content": ""}))
+    for index in range(len(call.seqs)):
+        yield sse(chunk(index, {"role": "assistant", "content": ""}))
     async with aclosing(stream(call, state)) as outputs:
-        async for out in outputs:
+        async for index, out, usage in outputs:
             if out.error:
                 yield sse_error(engine_failed(out))
                 break
             if out.text or out.logprobs:  # a held-back stop string can leave logprobs with no text
-                yield sse(chunk({"content": out.text}, logprobs=_logprobs(call, out.logprobs)))
+                yield sse(chunk(index, {"content": out.text}, logprobs=_logprobs(call, out.logprobs)))
             if out.finish_reason:
-                yield sse(chunk({}, out.finish_reason))
-                if include_usage:
-                    yield sse({**chunk({}), "choices": [], "usage": usage(out)})
+                yield sse(chunk(index, {}, out.finish_reason))
+            if usage and include_usage:
+                yield sse({**chunk(0, {}), "choices": [], "usage": usage})
     yield sse("[DONE]")
 
 

@@ -26,31 +26,62 @@ from server.state import ServerState
 
 @dataclass
 class Call:
-    """One accepted request on its way through the engine."""
+    """One accepted request on its way through the engine: one Sequence per choice (`n`)."""
 
     completion_id: str
     created: int
     route: Route
-    seq: Sequence
-    outputs: asyncio.Queue
+    params: SamplingParams
+    seqs: list[Sequence]
+    outputs: asyncio.Queue  # (choice index, EngineOutput), or None when the client has gone
     outcome: dict  # what the request-outcome middleware counts and logs
+
+    def cancel(self, engine) -> None:
+        for seq in self.seqs:
+            engine.cancel(seq)
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    logprobs: list[dict]
+    finish_reason: str | None = None
 
 
 @dataclass
 class Collected:
-    text: str
-    logprobs: list[dict]
-    final: EngineOutput  # the last output: finish reason and token counts
+    choices: list[Choice]
+    usage: dict
 
 
-def _record_finish(call: Call, out: EngineOutput) -> None:
-    seq = call.seq
-    call.outcome.update(
-        finish_reason=out.finish_reason,
-        prompt_tokens=out.prompt_tokens,
-        completion_tokens=out.completion_tokens,
-        ttft_s=round(seq.first_token_time - seq.arrival_time, 4) if seq.first_token_time else None,
-    )
+class _Usage:
+    """Token counts over the choices: the prompt once, every choice's completion."""
+
+    def __init__(self, call: Call):
+        self.call = call
+        self.prompt_tokens = len(call.seqs[0].prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reasons: dict[int, str] = {}
+
+    def finish(self, index: int, out: EngineOutput) -> bool:
+        """Count a finished choice; True once every choice has finished (then the outcome is recorded)."""
+        self.completion_tokens += out.completion_tokens
+        self.finish_reasons[index] = out.finish_reason
+        done = len(self.finish_reasons) == len(self.call.seqs)
+        if done:
+            first = self.call.seqs[0]
+            self.call.outcome.update(
+                finish_reason=self.finish_reasons[0],
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                ttft_s=round(first.first_token_time - first.arrival_time, 4) if first.first_token_time else None,
+            )
+        return done
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _check_room(prompt_len: int, requested: int | None, param: str, prompt_param: str, context_window: int) -> None:
@@ -147,35 +178,38 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
         stop_ids |= base.stop_token_ids
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue = asyncio.Queue()
-    seq = Sequence(
-        request_id=request.scope.get("state", {}).get("request_id", uuid.uuid4().hex),
-        prompt_ids=prompt_ids,
-        adapter=record.key if record else None,
-        label=route.expert,
-        params=params,
-        stop_token_ids=stop_ids,
-        generator=make_generator(params.seed, state.engine.runner.device),
-        emit=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
-    )
+    request_id = request.scope.get("state", {}).get("request_id", uuid.uuid4().hex)
+
+    def emitter(index: int):
+        return lambda out: loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
+
+    seqs = [
+        Sequence(
+            request_id=request_id if req.n == 1 else f"{request_id}-{index}",
+            prompt_ids=prompt_ids,
+            adapter=record.key if record else None,
+            label=route.expert,
+            params=params,
+            stop_token_ids=stop_ids,
+            # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
+            generator=make_generator(None if params.seed is None else params.seed + index, state.engine.runner.device),
+            emit=emitter(index),
+        )
+        for index in range(req.n)
+    ]
+    call = Call(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), route, params, seqs, outputs, outcome)
     try:
-        state.engine.submit(seq)
-    except QueueFull:
-        raise APIError(
-            429, "Too many requests are queued; retry shortly.", code="queue_full", headers={"Retry-After": "1"}
-        ) from None
-    except EngineStopped:
+        for seq in seqs:
+            state.engine.submit(seq)
+    except (QueueFull, EngineStopped) as exc:
+        call.cancel(state.engine)  # the choices already queued go too
+        if isinstance(exc, QueueFull):
+            raise APIError(429, "Too many requests are queued; retry shortly.", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
         raise APIError(503, "The server is shutting down.", code="shutting_down") from None
     if record is not None:
         state.registry.count_request(record.name)
-    return Call(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), route, seq, outputs, outcome)
-
-
-def usage(out: EngineOutput) -> dict:
-    return {
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": out.completion_tokens,
-        "total_tokens": out.prompt_tokens + out.completion_tokens,
-    }
+    return call
 
 
 def engine_failed(out: EngineOutput) -> APIError:
@@ -186,49 +220,55 @@ async def _cancel_on_disconnect(call: Call, request: Request, state: ServerState
     """Wait for the client to go away; then cancel its request and wake the collector."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    state.engine.cancel(call.seq)
+    call.cancel(state.engine)
     call.outputs.put_nowait(None)
 
 
 async def collect(call: Call, request: Request, state: ServerState) -> Collected | None:
-    """The whole answer, or None when the client went away first (its request is cancelled)."""
+    """Every choice's whole answer, or None when the client went away first (its request is cancelled)."""
     watcher = asyncio.create_task(_cancel_on_disconnect(call, request, state))
-    parts: list[str] = []
-    logprobs: list[dict] = []
+    choices = [Choice(index, "", []) for index in range(len(call.seqs))]
+    counts = _Usage(call)
     try:
         while True:
-            out = await call.outputs.get()
-            if out is None:
+            item = await call.outputs.get()
+            if item is None:
                 return None
+            index, out = item
             if out.error:
                 raise engine_failed(out)
-            parts.append(out.text)
-            logprobs += out.logprobs or []
+            choice = choices[index]
+            choice.text += out.text
+            choice.logprobs += out.logprobs or []
             if out.finish_reason:
-                _record_finish(call, out)
-                return Collected("".join(parts), logprobs, out)
+                choice.finish_reason = out.finish_reason
+                if counts.finish(index, out):
+                    return Collected(choices, counts.as_dict())
     except BaseException:
-        state.engine.cancel(call.seq)
+        call.cancel(state.engine)
         raise
     finally:
         watcher.cancel()
 
 
-async def stream(call: Call, state: ServerState) -> AsyncIterator[EngineOutput]:
-    """The answer piece by piece, ending with the piece that finishes it or an error.
+async def stream(call: Call, state: ServerState) -> AsyncIterator[tuple[int, EngineOutput, dict | None]]:
+    """(choice index, piece, usage once every choice is done) until all choices finish or one fails.
 
     Leaving early (the client went away, the server closes the stream) cancels the request.
     """
+    counts = _Usage(call)
     finished = False
     try:
         while True:
-            out = await call.outputs.get()
-            if out.finish_reason and not out.error:
-                _record_finish(call, out)
-            yield out
-            if out.error or out.finish_reason:
+            index, out = await call.outputs.get()
+            if out.error:
+                yield index, out, None
+                return
+            done = bool(out.finish_reason) and counts.finish(index, out)
+            yield index, out, counts.as_dict() if done else None
+            if done:
                 finished = True
                 return
     finally:
         if not finished:
-            state.engine.cancel(call.seq)
+            call.cancel(state.engine)

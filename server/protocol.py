@@ -6,6 +6,9 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+MAX_CHOICES = 16
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -44,7 +47,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, each generated as its own sequence
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -52,13 +55,6 @@ class SamplingFields(BaseModel):
     # vLLM-compatible extensions
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -144,7 +140,7 @@ class CompletionRequest(SamplingFields):
     def _one_prompt(cls, prompt):
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise ValueError("only one prompt per request is supported (n=1)")
+                raise ValueError("only one prompt per request is supported; use n for several completions")
         if prompt == "" or prompt == [] or prompt == [""] or prompt == [[]]:
             raise ValueError("the prompt is empty")
         return prompt

@@ -12,7 +12,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.dispatch import Call, collect, engine_failed, route_headers, stream, submit, usage
+from server.dispatch import Call, collect, engine_failed, route_headers, stream, submit
 from server.errors import APIError
 from server.protocol import CompletionRequest
 from server.sse import sse, sse_error
@@ -53,8 +53,8 @@ class _Logprobs:
         }
 
 
-def _choice(text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
-    return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+def _choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _body(call: Call, choices: list[dict]) -> dict:
@@ -66,9 +66,13 @@ async def _complete(call: Call, request: Request, state: ServerState, echo: str)
     answer = await collect(call, request, state)
     if answer is None:
         return JSONResponse({}, status_code=499)  # nobody is listening any more
-    logprobs = _Logprobs(len(echo)).shape(answer.logprobs) if call.seq.params.logprobs else None
-    body = _body(call, [_choice(echo + answer.text, logprobs, answer.final.finish_reason)])
-    body["usage"] = usage(answer.final)
+
+    def logprobs(entries: list[dict]) -> dict | None:
+        return _Logprobs(len(echo)).shape(entries) if call.params.logprobs else None
+
+    body = _body(call, [_choice(c.index, echo + c.text, logprobs(c.logprobs), c.finish_reason)
+                        for c in answer.choices])
+    body["usage"] = answer.usage
     return JSONResponse(body, headers=route_headers(call.route))
 
 
@@ -79,22 +83,22 @@ async def _stream(call: Call, state: ServerState, include_usage: bool, echo: str
             body["usage"] = None
         return body
 
-    wants_logprobs = call.seq.params.logprobs
-    logprobs = _Logprobs(len(echo))
+    offsets = [_Logprobs(len(echo)) for _ in call.seqs]  # each choice's text offsets run on their own
     if echo:
-        yield sse(chunk([_choice(echo, None, None)]))
+        for index in range(len(call.seqs)):
+            yield sse(chunk([_choice(index, echo, None, None)]))
     async with aclosing(stream(call, state)) as outputs:
-        async for out in outputs:
+        async for index, out, usage in outputs:
             if out.error:
                 yield sse_error(engine_failed(out))
                 break
             if out.text or out.logprobs:
-                shaped = logprobs.shape(out.logprobs or []) if wants_logprobs else None
-                yield sse(chunk([_choice(out.text, shaped, None)]))
+                shaped = offsets[index].shape(out.logprobs or []) if call.params.logprobs else None
+                yield sse(chunk([_choice(index, out.text, shaped, None)]))
             if out.finish_reason:
-                yield sse(chunk([_choice("", None, out.finish_reason)]))
-                if include_usage:
-                    yield sse({**chunk([]), "usage": usage(out)})
+                yield sse(chunk([_choice(index, "", None, out.finish_reason)]))
+            if usage and include_usage:
+                yield sse({**chunk([]), "usage": usage})
     yield sse("[DONE]")
 
 

@@ -139,7 +139,8 @@ def test_content_parts_roles_and_max_completion_tokens(client):
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
-        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
@@ -262,3 +263,31 @@ def test_logit_bias_forces_and_bans_a_token(client, tokenizer):
 def test_plain_text_response_format_is_accepted(client):
     completion = ask(client, BASE, QUESTIONS[1], max_tokens=4, response_format={"type": "text"})
     assert completion.choices[0].message.content
+
+
+def test_n_choices_are_each_what_a_single_request_gets(client):
+    sampled = {"temperature": 1.0, "seed": 11, "max_tokens": 16}
+    single = ask(client, "alpha", QUESTIONS[3], **sampled)
+    several = ask(client, "alpha", QUESTIONS[3], n=3, **sampled)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    # choice i draws from seed + i, and batching never changes a sequence's tokens
+    assert several.choices[0].message.content == single.choices[0].message.content
+    assert len({c.message.content for c in several.choices}) > 1
+    assert several.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt is counted once
+    assert several.usage.completion_tokens > single.usage.completion_tokens
+    again = ask(client, "alpha", QUESTIONS[3], n=3, **sampled)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in several.choices]
+
+
+def test_n_choices_stream_by_index(client):
+    full = ask(client, BASE, QUESTIONS[2], n=2, temperature=0.8, seed=3, max_tokens=20)
+    texts, finishes, usage = ["", ""], [None, None], None
+    for chunk in ask(client, BASE, QUESTIONS[2], n=2, temperature=0.8, seed=3, max_tokens=20, stream=True,
+                     stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+        usage = chunk.usage or usage
+    assert texts == [c.message.content for c in full.choices]
+    assert finishes == [c.finish_reason for c in full.choices]
+    assert usage.completion_tokens == full.usage.completion_tokens

@@ -93,3 +93,12 @@ def test_bad_requests_are_openai_errors(server, body, status, param):
 def test_openai_client_raises_on_errors(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=BASE, prompt=["a", "b"])
+
+
+def test_n_completions(client):
+    several = complete(client, n=2, temperature=1.0, seed=4, max_tokens=10, logprobs=1)
+    assert [c.index for c in several.choices] == [0, 1]
+    single = complete(client, temperature=1.0, seed=4, max_tokens=10)
+    assert several.choices[0].text == single.choices[0].text
+    for choice in several.choices:
+        assert "".join(choice.logprobs.tokens) == choice.text and choice.logprobs.text_offset[0] == 0
