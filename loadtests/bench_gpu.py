@@ -34,10 +34,11 @@ import statistics
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from loadtests.provenance import stamp
 
 SHAPES = {
     # Llama-2-7B's widths; depth comes from --layers
@@ -100,7 +101,7 @@ def ratios(runs: list[dict]) -> list[dict]:
 def markdown(summary: dict) -> str:
     meta = summary["meta"]
     lines = [f"# bench_gpu: {meta['device_name']}, {meta['shape']} x {meta['layers']} layers, NF4, "
-             f"{meta['adapters']} rank-{meta['rank']} all-linear adapters ({meta['date']})", ""]
+             f"{meta['adapters']} rank-{meta['rank']} all-linear adapters ({meta['date'][:10]})", ""]
     loads = summary["adapter_load_ms"]
     if loads:
         lines += [f"Adapter load, disk -> device bank: median {statistics.median(loads):.1f} ms "
@@ -312,8 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("no CUDA device; for a smoke run use --shape tiny --device cpu")
 
     meta = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python -m loadtests.bench_gpu " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        **stamp("loadtests.bench_gpu", argv),  # date, machine, command, as every result file has them
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "shape": args.shape, "layers": layers, "dtype": str(dtype),
         "adapters": args.adapters, "rank": args.rank, "prompt_tokens": args.prompt, "output_tokens": args.tokens,

@@ -223,7 +223,7 @@ def gpu_section() -> str:
         return head + "\n" + ("Not measured yet: no GPU has been available to this project's sessions so far. "
                               "The script runs on CPU with `--shape tiny --device cpu` (the test suite does).")
     meta = result["meta"]
-    return "\n".join([head, f"`{meta['command']}`, {meta['date']}, {meta['device_name']}, torch {meta['torch']}:",
+    return "\n".join([head, f"`{meta['command']}`, {meta['date'][:10]}, {meta['device_name']}, torch {meta['torch']}:",
                       "", markdown(result).split("\n", 2)[2].rstrip()])
 
 

@@ -18,8 +18,8 @@ from typing import Callable
 from server.detokenizer import OutputText
 from server.model_runner import ModelRunner, PrefillItem
 from server.metrics import Metrics
-from server.residency import AdapterCache, AdapterUnavailable
 from server.logprobs import TokenPieces
+from server.residency import AdapterCache, AdapterUnavailable
 from server.sampling import TokenLogprob, sample_batch
 from server.sequence import EngineOutput, Sequence
 
@@ -47,6 +47,7 @@ class Engine:
         self.max_queued = max_queued
         self.runner: ModelRunner | None = None
         self.adapters: AdapterCache | None = None
+        self._pieces: TokenPieces | None = None  # token -> logprob entry text; built with the runner
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._waiting: collections.deque[Sequence] = collections.deque()

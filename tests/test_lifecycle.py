@@ -35,24 +35,26 @@ def test_missing_config_file_exits_non_zero(tmp_path):
     assert result.returncode == 2 and "cannot read config file" in result.stderr
 
 
+def _log_of_refused_config_expert(tmp_path, cache_dir, name: str, folder) -> str:
+    """Start a server whose config names one expert; it must exit 1. Returns its log."""
+    server = ServerProcess(tmp_path, {"adapters": {name: {"path": str(folder)}}}, env={"LORAPLEX_CACHE": cache_dir})
+    server.launch()
+    assert server.proc.wait(180) == 1
+    return server.log()
+
+
 def test_broken_adapter_stops_the_server_with_its_name(tmp_path, cache_dir):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "adapter_model.bin").write_bytes(b"pickle")
     (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
-    server = ServerProcess(tmp_path, {"adapters": {"broken": {"path": str(tmp_path / "broken")}}},
-                           env={"LORAPLEX_CACHE": cache_dir})
-    server.launch()
-    assert server.proc.wait(180) == 1
-    assert "broken" in server.log() and "safetensors" in server.log()
+    log = _log_of_refused_config_expert(tmp_path, cache_dir, "broken", tmp_path / "broken")
+    assert "broken" in log and "safetensors" in log
 
 
 def test_config_expert_named_like_the_router_stops_the_server(tmp_path, cache_dir):
     (tmp_path / "any").mkdir()
-    server = ServerProcess(tmp_path, {"adapters": {"auto": {"path": str(tmp_path / "any")}}},
-                           env={"LORAPLEX_CACHE": cache_dir})
-    server.launch()
-    assert server.proc.wait(180) == 1
-    assert "adapter 'auto'" in server.log() and "reserved" in server.log()
+    log = _log_of_refused_config_expert(tmp_path, cache_dir, "auto", tmp_path / "any")
+    assert "adapter 'auto'" in log and "reserved" in log
 
 
 def test_health_is_503_while_loading_then_200(tmp_path, cache_dir):
