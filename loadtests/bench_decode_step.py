@@ -1,0 +1,88 @@
+"""One decode step of the model runner, timed: where the mixed-adapter cost of a batch goes.
+
+    python -m loadtests.bench_decode_step [--batch 16] [--adapters 4] [--min-rows 4] [--profile interleaved]
+
+On the default model (NF4, float32 compute), with random rank-16 all-linear adapters, it
+prefills --batch rows and times ModelRunner.decode (median of 30 steps, three alternated
+rounds) for three layouts of the rows: no adapter; rows grouped by adapter (the LoRA step
+needs no gather); adapters interleaved row by row (gather/scatter, segments padded to
+--min-rows, 4 = the CPU batch-invariance padding; 1 = none). --profile LAYOUT prints the
+torch profiler's op table for that layout.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from adapters.lora import LINEAR_MODULES, BaseShape, LoraWeights
+from server.model_loader import load_base
+from server.model_runner import ModelRunner, PrefillItem
+from server.settings import Settings
+
+RANK = 16
+
+
+def random_adapter(shape: BaseShape, seed: int) -> LoraWeights:
+    generator = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for layer in range(shape.num_layers):
+        for module in LINEAR_MODULES:
+            fan_in, fan_out = shape.linear_features[module]
+            pairs[(layer, module)] = (torch.randn(fan_in, RANK, generator=generator) / fan_in**0.5,
+                                      torch.randn(RANK, fan_out, generator=generator) * 0.005)
+    return LoraWeights(RANK, pairs, LINEAR_MODULES, None)
+
+
+def time_steps(runner: ModelRunner, batch: int, adapters: list, steps: int) -> float:
+    """Median milliseconds of one decode step (the prefilled cache is reused: position 40 every time)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        runner.decode([5] * batch, [40] * batch, adapters)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--min-rows", type=int, default=None, help="LoRA segment padding (default: the bank's)")
+    parser.add_argument("--profile", choices=("none", "grouped", "interleaved"), default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = load_base(Settings(compute_dtype="float32"))
+    runner = ModelRunner(base.model, base.tokenizer, args.batch, 256)
+    shape = BaseShape.from_config(base.model.config)
+    names = [f"e{i}" for i in range(args.adapters)]
+    for i, name in enumerate(names):
+        runner.lora.add(name, random_adapter(shape, i))
+    if args.min_rows is not None:
+        runner.lora.min_rows = args.min_rows
+    runner.prefill([PrefillItem(i, list(range(100, 140)), None) for i in range(args.batch)])
+    layouts = {
+        "none": [None] * args.batch,
+        "grouped": [names[i * len(names) // args.batch] for i in range(args.batch)],
+        "interleaved": [names[i % len(names)] for i in range(args.batch)],
+    }
+    for adapters in layouts.values():  # warm-up: kernels, the stacked adapter sets
+        time_steps(runner, args.batch, adapters, 5)
+    results = {name: [] for name in layouts}
+    for _ in range(3):  # alternated rounds: this machine's speed drifts
+        for name, adapters in layouts.items():
+            results[name].append(time_steps(runner, args.batch, adapters, 30))
+    for name, runs in results.items():
+        print(f"batch {args.batch}, {name}: {statistics.median(runs):.2f} ms per decode step")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            time_steps(runner, args.batch, layouts[args.profile], 10)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
