@@ -212,8 +212,14 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
     return call
 
 
+# an engine error's kind -> (status, code): a server stopping or an adapter that cannot load is
+# "try again later" (503); a request whose generation broke is the server's fault (500)
+_ENGINE_ERRORS = {"shutdown": (503, "shutting_down"), "adapter": (503, "adapter_unavailable")}
+
+
 def engine_failed(out: EngineOutput) -> APIError:
-    return APIError(503, out.error or "generation failed", code="engine_error")
+    status, code = _ENGINE_ERRORS.get(out.error_kind, (500, "generation_failed"))
+    return APIError(status, out.error or "generation failed", code=code)
 
 
 async def _cancel_on_disconnect(call: Call, request: Request, state: ServerState) -> None:
@@ -262,6 +268,11 @@ async def stream(call: Call, state: ServerState) -> AsyncIterator[tuple[int, Eng
         while True:
             index, out = await call.outputs.get()
             if out.error:
+                # every choice still open ends with a finish_reason ("abort": the server ended it), then the error
+                call.outcome["finish_reason"] = "error"
+                for open_index in range(len(call.seqs)):
+                    if open_index not in counts.finish_reasons:
+                        yield open_index, EngineOutput("", "abort"), None
                 yield index, out, None
                 return
             done = bool(out.finish_reason) and counts.finish(index, out)

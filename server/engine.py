@@ -131,7 +131,7 @@ class Engine:
             self._loop()
         except BaseException as exc:
             log.exception("engine crashed")
-            self._fail_all(f"engine error: {exc}")
+            self._fail_all(f"engine error: {exc}", kind="fault")
             if self._on_fatal:
                 self._on_fatal(exc)
 
@@ -152,7 +152,7 @@ class Engine:
             self._stalled = not admitted and not self._running and bool(self._waiting)
             self.adapters.release_unused({s.adapter for s in (*self._running, *self._waiting)})
         self.adapters.close()
-        self._fail_all("server is shutting down")
+        self._fail_all("server is shutting down", kind="shutdown")
 
     def _run_tasks(self) -> None:
         while self._tasks:
@@ -198,7 +198,7 @@ class Engine:
                 tokens += len(seq.prompt_ids)
             self._waiting = kept
         for seq, message in failed:
-            seq.emit(EngineOutput("", "error", len(seq.prompt_ids), 0, error=message))
+            self._fail(seq, message, kind="adapter")
         if not batch:
             return False
         # Requests of one adapter side by side let the LoRA step skip its gather/scatter.
@@ -229,10 +229,38 @@ class Engine:
         self._sample_and_accept(list(running), logits)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
-        tokens, logprobs = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                        [s.generated_counts for s in seqs])
-        for seq, token, logprob in zip(seqs, tokens, logprobs):
-            self._accept_token(seq, token, logprob)
+        """Sample a token for every row and hand each to its request; a row's fault ends that request only."""
+        try:
+            sampled = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                                   [s.generated_counts for s in seqs])
+        except Exception as exc:  # nothing of this step can be trusted; the requests end, the engine goes on
+            log.exception("sampling failed for a whole step of %d requests", len(seqs))
+            for seq in seqs:
+                self._fail(seq, f"sampling failed: {exc}")
+            return
+        for row in sampled.masked:
+            self.metrics.non_finite_logits.labels(seqs[row].label).inc()
+            log.warning("request %s (%s): non-finite logits masked", seqs[row].request_id, seqs[row].label)
+        for row, seq in enumerate(seqs):
+            error = sampled.errors.get(row)
+            if error is None:
+                try:
+                    self._accept_token(seq, sampled.tokens[row], sampled.logprobs[row])
+                    continue
+                except Exception as exc:  # detokenizing or emitting this request broke
+                    log.exception("request %s failed after sampling", seq.request_id)
+                    error = f"generation failed: {exc}"
+            self._fail(seq, error)
+
+    def _fail(self, seq: Sequence, message: str, kind: str = "fault") -> None:
+        """End one request with an error (it leaves the batch, its metrics are counted); others go on."""
+        if seq.slot >= 0:
+            self._release(seq)
+        self.metrics.request_failures.labels(seq.label, kind).inc()
+        try:
+            seq.emit(EngineOutput("", "error", len(seq.prompt_ids), seq.generated, error=message, error_kind=kind))
+        except Exception:  # the listener is gone; nothing more to tell it
+            log.exception("could not report the failure of request %s", seq.request_id)
 
     def _accept_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.generated += 1
@@ -279,10 +307,11 @@ class Engine:
             self._running[slot] = last
         seq.slot = -1
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, kind: str) -> None:
         with self._wakeup:
             pending = list(self._running) + list(self._waiting)
             self._running.clear()
             self._waiting.clear()
         for seq in pending:
-            seq.emit(EngineOutput("", "error", len(seq.prompt_ids), seq.generated, error=message))
+            seq.slot = -1  # the batch is gone as a whole
+            self._fail(seq, message, kind)

@@ -52,6 +52,12 @@ class Metrics:
                                         ["source", "expert"], registry=r)
         self.router_latency = Histogram("loraplex_router_latency_seconds", "Classifier routing time",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.non_finite_logits = Counter("loraplex_non_finite_logits_total",
+                                         "Decode rows whose logits held NaN/inf (masked before sampling)",
+                                         ["adapter"], registry=r)
+        self.request_failures = Counter("loraplex_request_failures_total",
+                                        "Requests the engine ended with an error, by kind (fault, adapter, shutdown)",
+                                        ["adapter", "kind"], registry=r)
         self.batch_size = Gauge("loraplex_batch_size", "Rows in the latest decode step", registry=r)
         self._gauges: dict[str, Gauge] = {}
 

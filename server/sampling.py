@@ -4,6 +4,11 @@ Each request owns its torch.Generator, so a seeded request draws the same tokens
 else shares its batch. Presence/frequency penalties and logit_bias adjust a row's logits
 before it is sampled; logprobs report the model's own distribution (before temperature,
 penalties and bias, as vLLM does), so they say what the model thought, not what we did.
+
+Every legal value is served and no row can take the others down: a temperature too small to
+divide by is greedy (as in vLLM), the most likely token always survives top_p, non-finite
+logits (a broken adapter, an overflow) are masked out before anything samples from them, and
+a row that cannot be sampled is reported as that row's error, not raised for the batch.
 """
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this a temperature is greedy: logits / 1e-300 is inf (or 0/0 = NaN) in float32, and the
+# distribution such a temperature asks for is the argmax to within float precision anyway.
+SAMPLING_EPS = 1e-5
 
 @dataclass
 class SamplingParams:
@@ -31,7 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def penalizes(self) -> bool:
@@ -71,8 +79,10 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, sorted_ids = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the most likely token always stays,
+        # also for a top_p that float32 rounds to 0 (5e-324)
         outside = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        outside[0] = False
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(sorted_ids[choice])
@@ -88,19 +98,60 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
+@dataclass
+class Sampled:
+    """One step's draw: a token per row (None where the row failed), logprobs where asked,
+    the rows whose logits held non-finite values (masked), and each failed row's reason."""
+
+    tokens: list[int | None]
+    logprobs: list[TokenLogprob | None]
+    masked: list[int]
+    errors: dict[int, str]
+
+
+def _mask_non_finite(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """NaN/inf logits set to -inf (never sampled); one reduction decides for the whole batch."""
+    finite = torch.isfinite(logits)
+    bad_rows = (~finite.all(dim=-1)).nonzero().flatten().tolist()
+    if not bad_rows:
+        return logits, []
+    return logits.masked_fill(~finite, float("-inf")), bad_rows
+
+
+def _sample_row(row_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                generated: Counter | None, argmax: int) -> int:
+    if params.penalizes or params.logit_bias:
+        row_logits = adjust_logits(row_logits, params, generated)
+        if params.greedy:
+            return int(row_logits.argmax())
+    if not params.greedy:
+        return sample_one(row_logits, params, generator)
+    return argmax
+
+
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-                 generated: list[Counter | None] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row, and its logprob for rows that asked. Plain greedy rows share one argmax."""
-    tokens = logits.argmax(dim=-1).tolist()
-    logprobs: list[TokenLogprob | None] = [None] * len(params)
+                 generated: list[Counter | None] | None = None) -> Sampled:
+    """One token per row, and its logprob for rows that asked. Plain greedy rows share one argmax.
+
+    A row whose logits are all non-finite, or whose sampling raises, gets an error instead of
+    a token; the other rows are sampled as if it were not there.
+    """
+    logits, masked = _mask_non_finite(logits)
+    argmax = logits.argmax(dim=-1).tolist()
+    result = Sampled([None] * len(params), [None] * len(params), masked, {})
+    for row in masked:
+        if not torch.isfinite(logits[row]).any():
+            result.errors[row] = "the model produced no finite logits for this request"
     for row, row_params in enumerate(params):
-        row_logits = logits[row]
-        if row_params.penalizes or row_params.logit_bias:
-            row_logits = adjust_logits(row_logits, row_params, generated[row] if generated else None)
-            if row_params.greedy:
-                tokens[row] = int(row_logits.argmax())
-        if not row_params.greedy:
-            tokens[row] = sample_one(row_logits, row_params, generators[row])
-        if row_params.logprobs:
-            logprobs[row] = token_logprob(logits[row], tokens[row], row_params.top_logprobs)
-    return tokens, logprobs
+        if row in result.errors:
+            continue
+        try:
+            token = _sample_row(logits[row], row_params, generators[row], generated[row] if generated else None,
+                                argmax[row])
+            if row_params.logprobs:
+                result.logprobs[row] = token_logprob(logits[row], token, row_params.top_logprobs)
+        except Exception as exc:  # this row's fault; the batch goes on
+            result.errors[row] = f"sampling failed: {exc}"
+            continue
+        result.tokens[row] = token
+    return result

@@ -21,6 +21,9 @@ class EngineOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # why it failed: "shutdown" (the server is stopping), "adapter" (its weights could not be
+    # loaded) or "fault" (this request's generation broke); the edge picks the status from it
+    error_kind: str | None = None
     logprobs: list[dict] | None = None  # OpenAI logprob entries of the tokens behind this piece (when asked)
 
 

@@ -167,3 +167,105 @@ def test_queue_full_is_refused(tiny_model, tokenizer):
     engine.submit(seq)
     with pytest.raises(QueueFull):
         engine.submit(make_seq(PROMPTS[1])[0])
+
+
+# ---- fault isolation: a fault in one request ends that request, never the engine ----------------
+
+def _serves_after(engine, tokenizer_free_prompt=PROMPTS[3]):
+    seq, out = make_seq(tokenizer_free_prompt, max_tokens=6)
+    engine.submit(seq)
+    assert out.done.wait(30)
+    return out.final
+
+
+def test_a_request_whose_emit_raises_fails_alone(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        good, good_out = make_seq(PROMPTS[0], max_tokens=30)
+        seen = []
+
+        def broken_emit(out):  # e.g. the HTTP side's loop went away under us
+            seen.append(out)
+            if out.finish_reason is None:
+                raise RuntimeError("listener exploded")
+
+        bad, _ = make_seq(PROMPTS[1], max_tokens=30)
+        bad.emit = broken_emit
+        engine.submit(good)
+        engine.submit(bad)
+        assert good_out.done.wait(30)
+        assert good_out.final.finish_reason == "length" and good_out.final.completion_tokens == 30
+        assert wait_until(lambda: seen and seen[-1].finish_reason == "error", 10)
+        assert seen[-1].error_kind == "fault" and "listener exploded" in seen[-1].error
+        assert bad.slot == -1 and engine.num_running == 0
+        assert _serves_after(engine).finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_a_request_whose_detokenizer_raises_fails_alone(tiny_model, tokenizer, monkeypatch):
+    import server.engine as engine_module
+
+    class ExplodingOutput(engine_module.OutputText):
+        def push(self, token_id):
+            raise UnicodeError("detokenizer exploded")
+
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        good, good_out = make_seq(PROMPTS[0], max_tokens=10)
+        engine.submit(good)
+        assert good_out.done.wait(30)
+        monkeypatch.setattr(engine_module, "OutputText", ExplodingOutput)
+        bad, bad_out = make_seq(PROMPTS[1], max_tokens=10)
+        engine.submit(bad)
+        assert bad_out.done.wait(30)
+        assert bad_out.final.finish_reason == "error" and "detokenizer exploded" in bad_out.final.error
+        monkeypatch.undo()
+        assert _serves_after(engine).finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        good, good_out = make_seq(PROMPTS[0], max_tokens=12)
+        bad, bad_out = make_seq(PROMPTS[1], max_tokens=12)
+        bad.params.logit_bias = {10**9: 1.0}  # past the edge's checks: indexing the logits raises
+        engine.submit(good)
+        engine.submit(bad)
+        assert good_out.done.wait(30) and bad_out.done.wait(30)
+        assert good_out.final.completion_tokens == 12
+        assert bad_out.final.finish_reason == "error" and bad_out.final.error_kind == "fault"
+        assert _serves_after(engine).finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_an_adapter_that_makes_logits_nan_fails_its_requests_only(tiny_model, tokenizer):
+    """Weights that admission would refuse, put straight into the engine: the sampler never sees NaN."""
+    from adapters.lora import LoraWeights
+
+    shape = BaseShape.from_config(tiny_model.config)
+    inp, out = shape.linear_features["q_proj"]
+    weights = LoraWeights(16, {(0, "q_proj"): (torch.ones(inp, 16), torch.full((16, out), float("nan")))},
+                          ("q_proj",), None)
+    metrics = Metrics()
+    engine = Engine(lambda: tiny_runtime(tiny_model, tokenizer, 4), 4, 16, metrics)
+    engine.start()
+    assert engine.ready.wait(60)
+    try:
+        engine.call(lambda _: engine.adapters.register("nan-key", "/nonexistent", weights)).result(10)
+        good, good_out = make_seq(PROMPTS[0], max_tokens=16)
+        bad, bad_out = make_seq(PROMPTS[1], max_tokens=16, temperature=1.0)
+        bad.adapter, bad.label = "nan-key", "nan-expert"
+        engine.submit(good)
+        engine.submit(bad)
+        assert good_out.done.wait(30) and bad_out.done.wait(30)
+        assert good_out.final.finish_reason == "length" and good_out.final.completion_tokens == 16
+        assert bad_out.final.finish_reason == "error" and "no finite logits" in bad_out.final.error
+        assert metrics.non_finite_logits.labels("nan-expert")._value.get() == 1
+        assert metrics.request_failures.labels("nan-expert", "fault")._value.get() == 1
+        assert _serves_after(engine).finish_reason == "length"
+    finally:
+        engine.stop()

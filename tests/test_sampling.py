@@ -22,19 +22,63 @@ def test_greedy_rows_with_bias_or_penalty_pick_the_adjusted_argmax():
     params = [SamplingParams(4, temperature=0.0), SamplingParams(4, temperature=0.0, logit_bias={1: -100.0}),
               SamplingParams(4, temperature=0.0, frequency_penalty=2.0)]
     generators = [make_generator(0, torch.device("cpu")) for _ in params]
-    tokens, logprobs = sample_batch(logits, params, generators, [None, None, Counter({1: 1})])
-    assert tokens == [1, 2, 2] and logprobs == [None, None, None]
+    sampled = sample_batch(logits, params, generators, [None, None, Counter({1: 1})])
+    assert sampled.tokens == [1, 2, 2] and sampled.logprobs == [None, None, None] and not sampled.errors
 
 
 def test_logprobs_report_the_model_distribution_with_alternatives():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     params = [SamplingParams(4, temperature=0.0, logprobs=True, top_logprobs=2, logit_bias={3: 100.0})]
-    tokens, (logprob,) = sample_batch(logits, params, [make_generator(0, torch.device("cpu"))])
+    sampled = sample_batch(logits, params, [make_generator(0, torch.device("cpu"))])
+    (logprob,) = sampled.logprobs
     expected = torch.log_softmax(logits[0], dim=-1)
-    assert tokens == [3]  # the bias decided the token...
+    assert sampled.tokens == [3]  # the bias decided the token...
     assert logprob.logprob == pytest.approx(float(expected[3]))  # ...but the logprob is the model's own
     assert [token for token, _ in logprob.top] == [0, 1]
     assert [value for _, value in logprob.top] == pytest.approx(expected[:2].tolist())
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature):
+    # a runner-up only 1e-3 below the best: any real sampling at temperature 1 would pick it often
+    logits = torch.tensor([[0.0, 3.0, 2.999, -1.0]] * 64)
+    params = [SamplingParams(4, temperature=temperature) for _ in range(64)]
+    sampled = sample_batch(logits, params, [make_generator(i, torch.device("cpu")) for i in range(64)])
+    assert sampled.tokens == [1] * 64 and not sampled.errors
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-9])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    logits = torch.tensor([[0.0, 1.0, 0.5, -1.0]] * 32)
+    params = [SamplingParams(4, temperature=1.0, top_p=top_p) for _ in range(32)]
+    sampled = sample_batch(logits, params, [make_generator(i, torch.device("cpu")) for i in range(32)])
+    assert sampled.tokens == [1] * 32 and not sampled.errors
+
+
+def test_non_finite_logits_are_masked_and_a_row_with_none_left_fails_alone():
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5],  # healthy
+                           [nan, 1.0, inf, 0.5],  # some bad values: masked, the finite best wins
+                           [nan, nan, -inf, inf],  # nothing finite: this row fails
+                           [3.0, nan, 1.0, 0.0]])
+    params = [SamplingParams(4, temperature=0.0, logprobs=True, top_logprobs=3),
+              SamplingParams(4, temperature=1.0, logprobs=True, top_logprobs=3),
+              SamplingParams(4, temperature=1.0), SamplingParams(4, temperature=0.0, top_p=0.5)]
+    sampled = sample_batch(logits, params, [make_generator(i, torch.device("cpu")) for i in range(4)])
+    assert sampled.masked == [1, 2, 3]
+    assert set(sampled.errors) == {2} and "no finite logits" in sampled.errors[2]
+    assert sampled.tokens[0] == 2 and sampled.tokens[1] in (1, 3) and sampled.tokens[2] is None
+    assert sampled.tokens[3] == 0
+    for logprob in sampled.logprobs[:2]:  # JSON-safe numbers only (no NaN, no inf)
+        values = [logprob.logprob] + [value for _, value in logprob.top]
+        assert all(value == value and value != inf for value in values)
+
+
+def test_a_row_whose_sampling_raises_fails_alone():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    params = [SamplingParams(4, temperature=0.0), SamplingParams(4, temperature=0.0, logit_bias={7: 1.0})]  # 7: outside
+    sampled = sample_batch(logits, params, [make_generator(i, torch.device("cpu")) for i in range(2)])
+    assert sampled.tokens == [2, None] and set(sampled.errors) == {1}
 
 
 def test_token_bytes_rebuild_text_split_inside_a_character(tokenizer):
