@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Collection
 
+from pydantic import ValidationError
+
 from adapters.lora import CONFIG_FILE, WEIGHTS_FILE, AdapterError, BaseShape, LoraWeights, load_lora
 from adapters.names import check_adapter_name
 
@@ -61,11 +63,27 @@ def _check_size(path: Path, limit: int) -> None:
         raise AdmissionError(413, f"{path.name} is {size} bytes, over the limit of {limit} bytes", "path")
 
 
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+
+
 def stage_from_path(path: str, roots: list[str], staging: Path, max_bytes: int) -> None:
-    """Copy a server-side adapter folder into staging, if (after symlinks) it lies inside a root."""
+    """Copy a server-side adapter folder into staging, if (after symlinks) it lies inside a root.
+
+    Its files must be plain files with one name: a symlink or a hard link could make a file
+    from outside the roots look as if it were inside.
+    """
     if not roots:
         raise AdmissionError(403, "registration by path is disabled: set adapter_roots (LORAPLEX_ADAPTER_ROOTS)", "path")
+    if "\0" in path or len(path) > MAX_PATH_CHARS:
+        raise AdmissionError(400, f"path must be at most {MAX_PATH_CHARS} characters with no NUL byte", "path")
     real_roots = [os.path.realpath(root) for root in roots]
+    try:
+        _stage_inside_roots(path, real_roots, roots, staging, max_bytes)
+    except OSError as exc:  # e.g. a component too long, or not readable
+        raise AdmissionError(400, f"path {path!r} cannot be read: {exc.strerror}", "path") from None
+
+
+def _stage_inside_roots(path: str, real_roots: list[str], roots: list[str], staging: Path, max_bytes: int) -> None:
     real = os.path.realpath(path)
     if not any(_inside(real, root) for root in real_roots):
         raise AdmissionError(400, f"path {path!r} is outside the adapter roots {roots}", "path")
@@ -81,6 +99,9 @@ def stage_from_path(path: str, roots: list[str], staging: Path, max_bytes: int) 
         # a file may itself be a link out of the root
         if not any(_inside(os.path.realpath(source), root) for root in real_roots):
             raise AdmissionError(400, f"{name} in {path!r} links outside the adapter roots", "path")
+        if source.stat().st_nlink > 1:
+            raise AdmissionError(400, f"{name} in {path!r} is a hard link (it may be a file from outside the adapter "
+                                      "roots); copy the file instead", "path")
         _check_size(source, max_bytes)
         shutil.copyfile(source, staging / name)
 
@@ -123,13 +144,25 @@ def folder_metadata(folder: str | Path) -> dict:
     path = Path(folder) / METADATA_FILE
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return {k: data[k] for k in METADATA_FIELDS if k in data} if isinstance(data, dict) else {}
 
 
 def fill_from_folder(spec, folder: str | Path):
-    """The spec, with fields it leaves empty taken from the adapter folder's expert.json."""
+    """The spec, with fields it leaves empty taken from the adapter folder's expert.json.
+
+    The merged spec is validated again, so expert.json passes the same checks as fields sent
+    in the request (types, non-empty stops, encodable text); a bad file is a 400 naming it.
+    """
     found = folder_metadata(folder)
     update = {k: v for k, v in found.items() if not getattr(spec, k)}
-    return spec.model_copy(update=update) if update else spec
+    if not update:
+        return spec
+    try:
+        return type(spec).model_validate({**spec.model_dump(), **update})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise AdmissionError(400, f"{METADATA_FILE} in the adapter folder: {where + ': ' if where else ''}"
+                                  f"{error['msg'].removeprefix('Value error, ')}", "path") from None

@@ -7,6 +7,7 @@ padded to one rank per adapter so several adapters can be concatenated column-wi
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from adapters.text import find_unencodable, unencodable_message
+
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TENSOR_KEY = re.compile(
-    r"layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+    r"layers\.(?P<layer>[0-9]{1,9})\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# Largest |value| of an A matrix or a scaled B matrix that is served. Trained adapters stay
+# below ~10 (A ~ 1/sqrt(in), B ~ 1e-2, scaling alpha/r ~ 2); values past this are a broken or
+# hostile file that would turn every answer into NaN or noise, so they are refused up front.
+MAX_LORA_VALUE = 1e3
+MAX_LORA_ALPHA = 1e6
 
 
 class AdapterError(ValueError):
@@ -95,6 +103,52 @@ def _pattern_value(patterns: dict, module_path: str, default):
     return default
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_alpha(value, where: str) -> float:
+    if not _is_number(value) or not 0 < abs(value) <= MAX_LORA_ALPHA:
+        raise AdapterError(f"{where} must be a finite non-zero number of magnitude at most {MAX_LORA_ALPHA:g}, "
+                           f"got {value!r}")
+    return float(value)
+
+
+def _check_rank(value, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AdapterError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_pattern(config: dict, field: str, check) -> None:
+    patterns = config.get(field)
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{field} must be an object of module pattern -> value, got {type(patterns).__name__}")
+    for key, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?{key}$")
+        except re.error as exc:
+            raise AdapterError(f"{field} key {key!r} is not a valid pattern: {exc}") from None
+        check(value, f"{field}[{key!r}]")
+
+
+def _check_config_types(config: dict) -> None:
+    """Every field we read has the type PEFT writes: a wrong one is the file's fault, said as such."""
+    if "r" in config:
+        _check_rank(config["r"], "r")
+    if "lora_alpha" in config:
+        _check_alpha(config["lora_alpha"], "lora_alpha")
+    _check_pattern(config, "alpha_pattern", _check_alpha)
+    _check_pattern(config, "rank_pattern", _check_rank)
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"base_model_name_or_path must be a string, got {type(base).__name__}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError("use_rslora must be true or false")
+
+
 def _read_config(folder: Path) -> dict:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
@@ -103,8 +157,13 @@ def _read_config(folder: Path) -> dict:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise AdapterError(f"{CONFIG_FILE} is nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_FILE} must be a JSON object")
+    location = find_unencodable(config)
+    if location is not None:
+        raise AdapterError(f"{CONFIG_FILE}: {unencodable_message(location)}")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served")
     if config.get("use_dora"):
@@ -113,7 +172,18 @@ def _read_config(folder: Path) -> dict:
         raise AdapterError("LoRA bias terms (bias != 'none') are not supported")
     if config.get("modules_to_save"):
         raise AdapterError("modules_to_save is not supported: the adapter may only hold LoRA matrices")
+    _check_config_types(config)
     return config
+
+
+def _check_values(name: str, tensor: torch.Tensor) -> None:
+    """Finite, and no larger than MAX_LORA_VALUE: what reaches the model cannot overflow it by itself."""
+    if not torch.isfinite(tensor).all():
+        raise AdapterError(f"{name} holds NaN or infinite values")
+    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if largest > MAX_LORA_VALUE:
+        raise AdapterError(f"{name} holds a value of magnitude {largest:.3g}, over the limit of {MAX_LORA_VALUE:g} "
+                           "(a broken or mis-scaled adapter)")
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -139,6 +209,9 @@ def _group_pairs(tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[tupl
             raise AdapterError(f"target module {module!r} does not exist in the base (has {', '.join(LINEAR_MODULES)})")
         if layer >= base.num_layers:
             raise AdapterError(f"tensor {key!r} targets layer {layer}, but the base has {base.num_layers} layers")
+        if tensor.dim() != 2 or not tensor.is_floating_point():
+            raise AdapterError(f"tensor {key!r} must be a 2-d floating-point matrix, got {tensor.dim()}-d "
+                               f"{str(tensor.dtype).removeprefix('torch.')}")
         grouped.setdefault((layer, module), {})[match["ab"]] = tensor
     return grouped
 
@@ -152,7 +225,7 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
     if not grouped:
         raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA matrices")
 
-    default_rank = int(config.get("r", 8))
+    default_rank = config.get("r", 8)
     default_alpha = float(config.get("lora_alpha", default_rank))
     raw_pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for (layer, module), ab in sorted(grouped.items()):
@@ -161,6 +234,8 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
         lora_a, lora_b = ab["A"].float(), ab["B"].float()  # peft: A [r, in], B [out, r]
         in_features, out_features = base.linear_features[module]
         rank = lora_a.shape[0]
+        if rank < 1:
+            raise AdapterError(f"layer {layer} {module}: LoRA rank is 0 (an empty A matrix)")
         if lora_a.shape != (rank, in_features) or lora_b.shape != (out_features, rank):
             raise AdapterError(
                 f"layer {layer} {module}: LoRA shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit "
@@ -169,6 +244,8 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
         module_path = f"model.layers.{layer}.{module}"
         alpha = float(_pattern_value(config.get("alpha_pattern"), module_path, default_alpha))
         scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
+        _check_values(f"layer {layer} {module} lora_A", lora_a)
+        _check_values(f"layer {layer} {module} lora_B x scaling ({scaling:g})", lora_b * scaling)
         raw_pairs[(layer, module)] = (lora_a, lora_b, scaling)
 
     rank = max(a.shape[0] for a, _, _ in raw_pairs.values())

@@ -1,11 +1,13 @@
-"""Naming rule for experts, shared by config loading and (later) HTTP registration."""
+"""Naming rule for experts, shared by config loading and HTTP registration."""
 import re
 
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# fullmatch, never match: with match, `$` also matches before a final newline, and a name like
+# "ok\n" would be accepted and then break every response header that carries it.
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def check_adapter_name(name: str) -> str:
-    if not ADAPTER_NAME_RE.match(name) or name in {".", ".."}:
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name) or name in {".", ".."}:
         raise ValueError(
             f"adapter name {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'"
         )

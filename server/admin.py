@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -22,13 +22,12 @@ from adapters.admission import (
     validate_staged,
 )
 from adapters.registry import AdapterRecord
-from server.auth import require_admin
 from server.bootstrap import new_key, record_for
-from server.errors import APIError
+from server.errors import APIError, validation_message
 from server.settings import AdapterSpec
 from server.state import ServerState
 
-router = APIRouter(dependencies=[Depends(require_admin)])
+router = APIRouter()  # every path here needs an admin key (server/auth.py checks it before the body)
 LIST_FIELDS = ("examples", "stop", "stop_token_ids")
 
 
@@ -92,13 +91,15 @@ async def _read_registration(request: Request) -> tuple[AdapterRegistration, dic
         body = await request.json()
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
-        registration = AdapterRegistration(**body)
+        # JSON carries real types: "0.5" for a number is an error here (form fields are all text, so lax)
+        registration = AdapterRegistration.model_validate(body, strict=True)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(400, f"'{param}': {err['msg']}", param=param) from None
+        message, param = validation_message(exc)
+        raise APIError(400, message, param=param) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "The request body is not valid JSON.") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.") from None
     if registration.path is None:
         raise APIError(400, "give 'path' (a folder inside adapter_roots) or upload the files as multipart/form-data",
                        param="path")
@@ -131,16 +132,22 @@ async def register_adapter(request: Request):
     staging = state.store.staging_dir()
     folder = None
     record = None
+    classifier = state.router.classifier
     try:
         weights, registration = await asyncio.to_thread(_stage_and_validate, state, registration, files, staging)
         key = new_key(name)
         folder = state.store.commit_files(staging, key)
         record = record_for(name, key, str(folder), "upload" if files else "path", weights, registration)
         await asyncio.wrap_future(state.engine.call(lambda _: state.engine.adapters.register(key, str(folder), weights)))
+        if classifier is not None:  # indexed before it is listed: routable from the next request on
+            await asyncio.to_thread(classifier.add, name, record.description, record.examples)
+        # the manifest is written last: once it names the expert, the registration has happened
         await asyncio.to_thread(state.store.add_entry, name, record.to_manifest())
     except BaseException as exc:
-        # leave nothing behind: no staging files, no store folder, no engine entry, no name
+        # leave nothing behind: no staging files, no store folder, no engine entry, no index entry, no name
         shutil.rmtree(staging, ignore_errors=True)
+        if classifier is not None:
+            classifier.remove(name)
         if record is not None:
             state.engine.call(lambda _: state.engine.adapters.retire(record.key))
         elif folder is not None:
@@ -150,8 +157,6 @@ async def register_adapter(request: Request):
             raise APIError(exc.status, exc.message, param=exc.param) from None
         raise
     state.registry.add(record)
-    if state.router.classifier is not None:  # routable from the next request on
-        await asyncio.to_thread(state.router.classifier.add, name, record.description, record.examples)
     return _describe(record, state)
 
 
@@ -181,6 +186,7 @@ async def delete_adapter(name: str, request: Request):
     if record.source == "config":
         raise APIError(400, f"'{name}' comes from the config file; remove it there and restart", param="name")
     state.registry.remove(name)  # new requests for it get 404 from here on
+    state.metrics.forget_expert(name)
     if state.router.classifier is not None:
         state.router.classifier.remove(name)
     await asyncio.to_thread(state.store.remove_entry, name, record.key)

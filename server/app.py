@@ -1,15 +1,16 @@
 """The FastAPI application: routes only; the work happens in completions.py, text_completions.py and the engine."""
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import admin
-from server.auth import require_admin, require_user
+from server.auth import AuthMiddleware
 from server.completions import chat_completions, last_user_text
 from server.dispatch import route_request
 from server.errors import APIError, install_error_handlers
+from server.openapi import install_openapi
 from server.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestOutcomeMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, RouteRequest
 from server.state import ServerState
@@ -44,12 +45,10 @@ def create_app(state: ServerState) -> FastAPI:
         return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting, "router": router}
 
     @app.get("/metrics")
-    async def metrics(request: Request):
-        if state.settings.metrics_require_admin:
-            require_admin(request)
+    async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(require_user)])
+    @app.get("/v1/models")
     async def list_models():
         state.require_ready()
         base = state.base.name
@@ -57,7 +56,7 @@ def create_app(state: ServerState) -> FastAPI:
         data += [_model_entry(r.name, state.started_at, parent=base) for r in state.registry.all()]
         return {"object": "list", "data": data + _router_entries(state)}
 
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_user)])
+    @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str):
         state.require_ready()
         if model_id == state.base.name:
@@ -69,7 +68,7 @@ def create_app(state: ServerState) -> FastAPI:
                 return entry
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
-    @app.post("/v1/route", dependencies=[Depends(require_user)])
+    @app.post("/v1/route")
     async def route(body: RouteRequest, request: Request):
         """The router's decision and ranking for these messages, without generating."""
         state.require_ready()
@@ -82,22 +81,25 @@ def create_app(state: ServerState) -> FastAPI:
             "ranking": [{"expert": s.expert, "score": s.score} for s in decision.ranking[: body.top_k]],
         }
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_user)])
+    @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat_completions(body, request, state)
 
-    @app.post("/v1/completions", dependencies=[Depends(require_user)])
+    @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request):
         return await text_completions(body, request, state)
 
-    # added last = outermost: the request id is on every response, 413s included
     app.include_router(admin.router)
+    install_openapi(app, admin.AdapterRegistration)
+    # added last = outermost: the request id is on every response, 413s included
     app.add_middleware(
         BodyLimitMiddleware,
         limit=state.settings.max_request_bytes,
         upload_paths=("/v1/adapters",),
         upload_limit=state.settings.max_adapter_bytes + 1_000_000,  # files plus form fields
+        read_timeout=state.settings.request_body_timeout_s,
     )
+    app.add_middleware(AuthMiddleware, settings=state.settings)  # keys before any body byte is read
     app.add_middleware(RequestOutcomeMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -1,15 +1,22 @@
-"""Bearer keys: admin keys for the registry, optional user keys for inference."""
+"""Bearer keys, checked from the headers before anything reads the request body.
+
+Admin keys guard the registry (/v1/adapters) and, if configured, /metrics; optional user keys
+guard inference (every other /v1 path; an admin key works there too). The check is ASGI
+middleware outside the body-size limit, so a request without the right key costs a header
+read: an unauthenticated 200 MB upload is refused before its first byte is buffered.
+"""
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from server.errors import send_error
+from server.settings import Settings
 
-from server.errors import APIError
+ADMIN_PREFIX = "/v1/adapters"
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def _bearer(headers: dict[bytes, bytes]) -> str | None:
+    header = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
@@ -24,17 +31,37 @@ def _matches(token: str | None, keys: list[str]) -> bool:
     return found
 
 
-def require_admin(request: Request) -> None:
-    keys = request.app.state.loraplex.settings.admin_key
-    if not keys:
-        raise APIError(403, "Adapter management over HTTP is disabled. Set LORAPLEX_ADMIN_KEY (or admin_key in the "
-                            "config) and send it as 'Authorization: Bearer <key>'.", code="admin_disabled")
-    if not _matches(_bearer(request), keys):
-        raise APIError(401, "Missing or wrong admin key: send 'Authorization: Bearer <admin key>'.",
-                       code="invalid_api_key")
+def _is_admin_path(path: str, settings: Settings) -> bool:
+    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+        return True
+    return path == "/metrics" and settings.metrics_require_admin
 
 
-def require_user(request: Request) -> None:
-    settings = request.app.state.loraplex.settings
-    if settings.api_key and not _matches(_bearer(request), settings.api_key + settings.admin_key):
-        raise APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+def refusal(path: str, headers: dict[bytes, bytes], settings: Settings) -> tuple[int, str, str] | None:
+    """(status, message, code) when this request may not go on; None when it may."""
+    token = _bearer(headers)
+    if _is_admin_path(path, settings):
+        if not settings.admin_key:
+            return (403, "Adapter management over HTTP is disabled. Set LORAPLEX_ADMIN_KEY (or admin_key in the "
+                         "config) and send it as 'Authorization: Bearer <key>'.", "admin_disabled")
+        if not _matches(token, settings.admin_key):
+            return 401, "Missing or wrong admin key: send 'Authorization: Bearer <admin key>'.", "invalid_api_key"
+        return None
+    if path.startswith("/v1/") and settings.api_key and not _matches(token, settings.api_key + settings.admin_key):
+        return 401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", "invalid_api_key"
+    return None
+
+
+class AuthMiddleware:
+    def __init__(self, app, settings: Settings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refused = refusal(scope["path"], dict(scope["headers"]), self.settings)
+            if refused is not None:
+                status, message, code = refused
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                return await send_error(send, status, message, code=code, headers=headers)
+        await self.app(scope, receive, send)

@@ -15,7 +15,7 @@ from adapters.lora import BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
 from router.resolve import AUTO_MODEL
-from server.chat import base_stop_token_ids
+from server.chat import PromptEncoder, base_stop_token_ids
 from server.model_loader import LoadedBase, load_base
 from server.metrics import Metrics
 from server.model_runner import ModelRunner
@@ -32,6 +32,7 @@ class BaseInfo:
     name: str
     names: frozenset[str]  # names an adapter's base_model_name_or_path may use for this base
     tokenizer: object  # the HTTP side's own tokenizer instance (not shared with the engine)
+    prompts: PromptEncoder  # over that tokenizer: chat template rendering and raw prompt encoding
     stop_token_ids: frozenset[int]
     context_window: int
     vocab_size: int
@@ -69,8 +70,8 @@ def record_for(name: str, key: str, folder: str, source: str, weights, spec) -> 
 def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, registry: AdapterRegistry,
                      store: AdapterStore) -> None:
     for name, spec in settings.adapters.items():
-        spec = fill_from_folder(spec, spec.path)
         try:
+            spec = fill_from_folder(spec, spec.path)
             check_new_name(name, {base.name, AUTO_MODEL, *settings.auto_model_names})
             check_stop_token_ids(spec.stop_token_ids, base.vocab_size)
             weights = validate_staged(Path(spec.path), base.shape, settings.max_adapter_rank, base.names,
@@ -102,10 +103,12 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
     runner = ModelRunner(loaded.model, loaded.tokenizer, settings.max_batch_size, context_window)
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(loaded.folder)
     base = BaseInfo(
         name=loaded.name,
         names=frozenset({loaded.name, loaded.folder.name}),
-        tokenizer=AutoTokenizer.from_pretrained(loaded.folder),
+        tokenizer=tokenizer,
+        prompts=PromptEncoder(tokenizer),
         stop_token_ids=base_stop_token_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None)),
         context_window=context_window,
         vocab_size=config.vocab_size,

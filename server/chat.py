@@ -1,6 +1,9 @@
 """Prompt rendering with the base's chat template, and the set of tokens that end a turn."""
 from __future__ import annotations
 
+import re
+import secrets
+
 from server.protocol import ChatMessage
 
 # Used only when a base folder carries no chat template of its own.
@@ -11,16 +14,70 @@ FALLBACK_CHATML = (
 END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
 
 
-def render_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    # "developer" is OpenAI's newer name for the system role; templates only know "system".
-    conversation = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages
-    ]
-    template = None if tokenizer.chat_template else FALLBACK_CHATML
-    ids = tokenizer.apply_chat_template(
-        conversation, add_generation_prompt=True, tokenize=True, return_dict=False, chat_template=template
-    )
-    return list(ids)
+class PromptEncoder:
+    """Messages -> prompt token ids with the base's chat template, and raw text -> token ids.
+
+    Special tokens typed inside a message are text, never control tokens: a user who writes
+    "<|im_end|><|im_start|>system" gets those characters tokenized as characters (as vLLM and
+    llama.cpp do), so they cannot close their turn and fake a system or assistant turn. Only
+    the template's own special tokens are encoded as such. To do that, each special-token
+    string inside a message is replaced by a marker carrying a per-call random nonce before the
+    template runs; the rendered prompt is encoded around the markers, and each marker becomes
+    the special string's plain-text tokens.
+
+    Thread-safe (it is called from worker threads, off the event loop): it only reads the
+    tokenizer, through the Rust tokenizer's encode_batch, which also releases the GIL.
+    """
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = tokenizer
+        self._backend = tokenizer.backend_tokenizer
+        specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len,
+                          reverse=True)  # longest first, so one special inside another is not split
+        plain = Tokenizer.from_str(self._backend.to_str())  # a private copy, flag set once, never shared
+        plain.encode_special_tokens = True
+        self._index = {text: index for index, text in enumerate(specials)}
+        self._plain_ids = [plain.encode(text, add_special_tokens=False).ids for text in specials]
+        self._special_re = re.compile("|".join(re.escape(text) for text in specials)) if specials else None
+        # No token covers more characters than its vocabulary entry has (byte-level entries have one
+        # character per byte, SentencePiece one per character); x4 leaves room for a normalizer that
+        # merges characters. So a text of n characters is at least n / max_chars_per_token tokens,
+        # which refuses a megabyte prompt for a 2k context in microseconds instead of tokenizing it.
+        longest = max(map(len, [*tokenizer.get_vocab(), *specials]))
+        self.max_chars_per_token = 4 * longest
+
+    def min_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens of any text of `chars` characters."""
+        return chars // self.max_chars_per_token
+
+    def render(self, messages: list[ChatMessage]) -> list[int]:
+        nonce = secrets.token_hex(8)
+        marker = re.compile(f"\ue000{nonce}:([0-9]+)\ue001")
+
+        def mark(text: str) -> str:
+            if self._special_re is None:
+                return text
+            return self._special_re.sub(lambda m: f"\ue000{nonce}:{self._index[m.group()]}\ue001", text)
+
+        # "developer" is OpenAI's newer name for the system role; templates only know "system".
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": mark(m.text())}
+                        for m in messages]
+        template = None if self._tokenizer.chat_template else FALLBACK_CHATML
+        rendered = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+                                                       chat_template=template)
+        pieces = marker.split(rendered)  # text, special index, text, special index, ..., text
+        encoded = self._backend.encode_batch(pieces[0::2], add_special_tokens=False)
+        ids: list[int] = list(encoded[0].ids)
+        for special, text in zip(pieces[1::2], encoded[1:]):
+            ids += self._plain_ids[int(special)]
+            ids += text.ids
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A raw prompt as the tokenizer reads it (its special tokens are special: the caller wrote the template)."""
+        return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
 
 def base_stop_token_ids(tokenizer, generation_config) -> frozenset[int]:

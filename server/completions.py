@@ -1,14 +1,14 @@
 """POST /v1/chat/completions: messages -> chat template -> dispatch -> one response or an SSE stream."""
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.chat import render_prompt
-from server.dispatch import Call, collect, engine_failed, route_headers, stream, submit
+from server.dispatch import Call, check_prompt_chars, collect, engine_failed, route_headers, stream, submit
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
 from server.sse import sse, sse_error
@@ -80,7 +80,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true.", param="top_logprobs")
     state.require_ready()
-    prompt_ids = render_prompt(state.base.tokenizer, req.messages)
+    check_prompt_chars(sum(len(m.text()) for m in req.messages), "messages", state)
+    # tokenizing a long prompt takes ~0.4 s per MB: in a worker thread, so /health and other requests never wait on it
+    prompt_ids = await asyncio.to_thread(state.base.prompts.render, req.messages)
     call = await submit(req, prompt_ids, last_user_text(req.messages), request, state, "chatcmpl")
     if not req.stream:
         return await _complete(call, request, state)

@@ -103,6 +103,15 @@ def _check_room(prompt_len: int, requested: int | None, param: str, prompt_param
         )
 
 
+def check_prompt_chars(chars: int, param: str, state: ServerState) -> None:
+    """Refuse, before tokenizing, a prompt that has too many characters to fit the context window."""
+    base = state.base
+    at_least = base.prompts.min_tokens(chars)
+    if at_least >= base.context_window:
+        raise APIError(400, f"The prompt is {chars} characters, at least {at_least} tokens, over the context window "
+                            f"of {base.context_window} tokens.", param=param, code="context_length_exceeded")
+
+
 def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, record: AdapterRecord | None,
                     default_max_tokens: int | None = None) -> SamplingParams:
     """The request's sampling, with the expert's defaults under it; 400 for what cannot be served."""
@@ -162,6 +171,9 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
     state.require_ready()
+    if req.n > state.settings.max_queued_requests:
+        raise APIError(400, f"n ({req.n}) is more than this server ever queues at once "
+                            f"({state.settings.max_queued_requests}); ask for fewer choices.", param="n")
     base = state.base
     route = await route_request(req.model, routing_text, request, state)
     state.metrics.router_decisions.labels(route.source, route.expert).inc()

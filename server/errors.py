@@ -6,6 +6,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("loraplex.http")
@@ -16,6 +17,7 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -34,20 +36,24 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPE_BY_STATUS.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {
-        "error": {
-            "message": message,
-            "type": _TYPE_BY_STATUS.get(status, "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+async def send_error(send, status: int, message: str, param: str | None = None, code: str | None = None,
+                     headers: dict[str, str] | None = None) -> None:
+    """The same error, sent by ASGI middleware that answers before the app runs (auth, body limits)."""
+    await error_response(status, message, param, code, headers)({"type": "http"}, None, send)
+
+
+def validation_message(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
+    """(message, param) from the first problem pydantic found; the location names the field."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -69,7 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

@@ -60,6 +60,17 @@ class Metrics:
                                         ["adapter", "kind"], registry=r)
         self.batch_size = Gauge("loraplex_batch_size", "Rows in the latest decode step", registry=r)
         self._gauges: dict[str, Gauge] = {}
+        # (metric, the label that names an expert): what forget_expert clears
+        self._per_expert = [(self.requests, "adapter"), (self.prompt_tokens, "adapter"),
+                            (self.generation_tokens, "adapter"), (self.ttft, "adapter"),
+                            (self.inter_token, "adapter"), (self.e2e, "adapter"), (self.queue_wait, "adapter"),
+                            (self.non_finite_logits, "adapter"), (self.request_failures, "adapter"),
+                            (self.router_decisions, "expert")]
+
+    def forget_expert(self, name: str) -> None:
+        """Drop every series labelled with a retired expert: deleted experts must not pile up in /metrics."""
+        for metric, label in self._per_expert:
+            metric.remove_by_labels({label: name})
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
               tiers: Callable[[], dict[str, int]]) -> None:

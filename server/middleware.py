@@ -1,10 +1,13 @@
 """Plain ASGI middleware: request ids on every response, and a cap on request body size."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
+
+from server.errors import send_error
 
 request_log = logging.getLogger("loraplex.requests")
 
@@ -34,56 +37,44 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-async def _send_413(send, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "message": f"Request body is larger than the limit of {limit} bytes.",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "request_too_large",
-            }
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 class BodyLimitMiddleware:
-    """Refuse bodies over `limit` bytes with 413 before the app parses anything.
+    """Refuse bodies over `limit` bytes with 413 before the app parses anything, and bodies that
+    stall (no bytes for `read_timeout` seconds) with 408, so a half-sent body cannot hold a
+    connection and its buffer forever.
 
     The body is read here (bounded), then replayed to the app; after the replay, receive()
     goes to the server again so the app still learns about client disconnects.
     """
 
-    def __init__(self, app, limit: int, upload_paths: tuple[str, ...] = (), upload_limit: int = 0):
+    def __init__(self, app, limit: int, upload_paths: tuple[str, ...] = (), upload_limit: int = 0,
+                 read_timeout: float = 30.0):
         self.app = app
         self.default_limit = limit
         self.upload_paths = upload_paths  # these (adapter uploads) may carry up to upload_limit bytes
         self.upload_limit = upload_limit
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         limit = self.upload_limit if scope["path"].rstrip("/") in self.upload_paths else self.default_limit
+        too_large = f"Request body is larger than the limit of {limit} bytes."
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_413(send, limit)
+            return await send_error(send, 413, too_large, code="request_too_large")
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:
+                return await send_error(send, 408, f"No request body bytes arrived for {self.read_timeout:g} s.",
+                                        code="request_timeout", headers={"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return await _send_413(send, limit)
+                return await send_error(send, 413, too_large, code="request_too_large")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

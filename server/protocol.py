@@ -1,21 +1,33 @@
 """OpenAI request/response shapes, validated at the HTTP edge and nowhere else."""
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from adapters.text import EncodableText
+
 
 MAX_CHOICES = 16
+# Seeds torch.Generator can take: any signed or unsigned 64-bit integer.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# logit_bias keys: token ids written in ASCII digits (str.isdigit also says yes to "²", which int() refuses)
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
+# Every request model is strict: "stream": "yes", "n": "2" or "max_tokens": true are type errors
+# (400), not silently coerced into something the client may not have meant.
+STRICT = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
@@ -30,28 +42,34 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(EncodableText):
     """What chat and text completions share: the model, the budget, sampling and stops."""
 
     # Unknown fields are ignored, as OpenAI-compatible servers do: clients send many extras.
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     PROMPT_PARAM: ClassVar[str] = "prompt"  # where an over-long prompt is reported
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, each generated as its own sequence
-    stop: str | list[str] | None = None
+    # the sibling keywords document the validators below (they apply to the string / array branch)
+    stop: str | list[str] | None = Field(None, json_schema_extra={"minLength": 1, "maxItems": 4,
+                                                                  "items": {"type": "string", "minLength": 1}})
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={
+        "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
     # vLLM-compatible extensions
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -70,8 +88,8 @@ class SamplingFields(BaseModel):
     @classmethod
     def _bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for token, value in (bias or {}).items():
-            if not token.isdigit():
-                raise ValueError(f"logit_bias keys are token ids (strings of digits), got {token!r}")
+            if not _TOKEN_ID.fullmatch(token):
+                raise ValueError(f"logit_bias keys are token ids (at most 10 ASCII digits), got {token[:32]!r}")
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {value} for token {token}")
         return bias
@@ -170,10 +188,10 @@ class CompletionRequest(SamplingFields):
         return self.logprobs is not None, self.logprobs or 0
 
 
-class RouteRequest(BaseModel):
+class RouteRequest(EncodableText):
     """POST /v1/route: what the router would do with these messages."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str = "auto"
     messages: list[ChatMessage] = Field(min_length=1)

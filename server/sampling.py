@@ -56,8 +56,9 @@ class TokenLogprob:
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A request's own generator; seeds are taken modulo 2**64, as torch itself does for negative ones."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    generator.manual_seed(seed % 2**64 if seed is not None else secrets.randbits(63))
     return generator
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from adapters.text import EncodableText
 
 ENV_PREFIX = "LORAPLEX_"
 EMBEDDED_BASE = "embedded:smollm2"
@@ -21,7 +23,7 @@ class ConfigError(Exception):
     """A configuration problem worth a one-line message and a non-zero exit."""
 
 
-class AdapterSpec(BaseModel):
+class AdapterSpec(EncodableText):
     """An expert to load at start: where its files are plus metadata for routing and stops."""
 
     model_config = ConfigDict(extra="forbid")
@@ -43,7 +45,7 @@ class AdapterSpec(BaseModel):
         return stops
 
 
-class Settings(BaseModel):
+class Settings(EncodableText):
     model_config = ConfigDict(extra="forbid")
 
     base_model: str = Field(
@@ -60,6 +62,9 @@ class Settings(BaseModel):
     max_tokens_limit: int = Field(2048, ge=1, description="Upper bound on a request's max_tokens.")
     context_window: int = Field(2048, ge=16, description="Prompt plus completion tokens per request.")
     max_request_bytes: int = Field(1_000_000, ge=1024)
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, description="A request whose body sends no bytes for this long is refused (408)."
+    )
     shutdown_timeout_s: float = Field(30.0, ge=0)
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")),

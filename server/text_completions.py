@@ -6,13 +6,14 @@ the chat endpoint's (server/dispatch.py); only the prompt and the response shape
 """
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.dispatch import Call, collect, engine_failed, route_headers, stream, submit
+from server.dispatch import Call, check_prompt_chars, collect, engine_failed, route_headers, stream, submit
 from server.errors import APIError
 from server.protocol import CompletionRequest
 from server.sse import sse, sse_error
@@ -22,11 +23,11 @@ from server.state import ServerState
 DEFAULT_MAX_TOKENS = 16
 
 
-def _prompt(req: CompletionRequest, tokenizer, vocab_size: int) -> tuple[list[int], str]:
-    """(token ids, text) of the one prompt, given as text or as token ids."""
-    prompt = req.single_prompt()
+def _prompt(req: CompletionRequest, base) -> tuple[list[int], str]:
+    """(token ids, text) of the one prompt, given as text or as token ids. Runs in a worker thread."""
+    prompt, tokenizer, vocab_size = req.single_prompt(), base.tokenizer, base.vocab_size
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt, add_special_tokens=True)), prompt
+        return base.prompts.encode(prompt), prompt
     outside = [token for token in prompt if not 0 <= token < vocab_size]
     if outside:
         raise APIError(400, f"prompt token {outside[0]} is outside the vocabulary of {vocab_size} tokens.",
@@ -106,7 +107,10 @@ async def text_completions(req: CompletionRequest, request: Request, state: Serv
     state.require_ready()
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs is not supported (prompt tokens are not scored).", param="echo")
-    prompt_ids, prompt_text = _prompt(req, state.base.tokenizer, state.base.vocab_size)
+    prompt = req.single_prompt()
+    if isinstance(prompt, str):
+        check_prompt_chars(len(prompt), "prompt", state)
+    prompt_ids, prompt_text = await asyncio.to_thread(_prompt, req, state.base)  # off the event loop
     call = await submit(req, prompt_ids, prompt_text, request, state, "cmpl", default_max_tokens=DEFAULT_MAX_TOKENS)
     echo = prompt_text if req.echo else ""
     if not req.stream:

@@ -1,0 +1,52 @@
+"""Text that can be encoded: the one check every piece of incoming text passes.
+
+JSON and YAML can carry escapes such as "\\ud800" (a lone surrogate) that decode to a Python
+str but cannot be written as UTF-8: the tokenizer, the sentence encoder, the manifest and
+every JSON response would fail on it later, far from where it came in. So it is refused where
+it enters (request bodies, registration metadata, adapter configs, settings) with a message
+that says where it was. It lives here, in the lowest package, because the HTTP edge, the
+settings and adapter admission all use it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, model_validator
+
+
+def find_unencodable(value: Any, where: str = "") -> str | None:
+    """The location of the first string (or dict key) in `value` that is not valid Unicode, else None."""
+    stack = [(value, where)]
+    while stack:  # iterative: a body nested 100k deep must not exhaust the Python stack
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"{path or 'text'} (character {exc.start}: {item[exc.start]!r})"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and find_unencodable(key) is not None:
+                    return f"{path or 'object'} (a key)"
+                stack.append((child, child_path))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, f"{path}.{index}" if path else str(index)) for index, child in enumerate(item))
+    return None
+
+
+def unencodable_message(location: str) -> str:
+    return (f"{location} is not valid Unicode text (a lone surrogate such as \\ud800, or an invalid code point); "
+            "send UTF-8 text")
+
+
+class EncodableText(BaseModel):
+    """A model whose every string, at any depth, can be encoded as UTF-8 (checked before its fields)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        location = find_unencodable(data)
+        if location is not None:
+            raise ValueError(unencodable_message(location))
+        return data
