@@ -14,6 +14,7 @@ from adapters.admission import AdmissionError, check_new_name, check_stop_token_
 from adapters.lora import BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
+from adapters.text import find_unencodable, unencodable_message
 from router.resolve import AUTO_MODEL
 from server.chat import PromptEncoder, base_stop_token_ids
 from server.model_loader import LoadedBase, load_base
@@ -88,6 +89,10 @@ def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, re
     for name, entry in store.read_manifest().items():
         if name in settings.adapters:
             log.warning("adapter %s is in the config and in the store; serving the config's", name)
+            continue
+        problem = find_unencodable(entry)
+        if problem is not None:  # written by an older version that let such text in: kept on disk, not served
+            log.error("manifest entry %s is not served: %s", name, unencodable_message(problem))
             continue
         record = AdapterRecord.from_manifest(entry)
         cache.register(record.key, record.folder)  # read from disk on first use

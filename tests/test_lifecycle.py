@@ -1,4 +1,5 @@
 """Start-up, overload and shutdown of the real server process."""
+import json
 import subprocess
 import sys
 import threading
@@ -151,3 +152,22 @@ def test_default_config_serves_the_demo_experts(tmp_path, cache_dir):
         assert route.json()["decision"]["expert"] == "terse"
     finally:
         assert server.stop() == 0
+
+
+def test_a_stream_cut_by_the_shutdown_timeout_ends_with_a_finish_reason(tmp_path, cache_dir):
+    settings = {"max_batch_size": 2, "compute_dtype": "float32", "shutdown_timeout_s": 0.5}
+    server = ServerProcess(tmp_path, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
+    try:
+        results = []
+        running = stream_in_background(server, {**LONG, "max_tokens": 400}, results)
+        assert wait_until(lambda: server.health()["running"] == 1, 30)
+        server.signal()
+        running.join(120)
+        assert server.proc.wait(60) == 0
+        frames = results[0]
+        assert frames[-1] == "data: [DONE]"
+        cut = json.loads(frames[-3].removeprefix("data: "))
+        assert cut["choices"][0]["finish_reason"] == "abort"  # the server ended it: said, not left open
+        assert json.loads(frames[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    finally:
+        server.stop()
