@@ -205,6 +205,33 @@ def experts_section() -> str:
     return "\n".join(lines)
 
 
+def edge_section() -> str:
+    head = ("### What big or unauthenticated requests cost everyone else\n\n"
+            "`python -m loadtests.bench_edge` polls `/health` on one connection every 5 ms while 6 clients each send\n"
+            "5 chat requests in a row with huge prompts (900 kB: refused by the character bound before tokenizing; 150 kB:\n"
+            "tokenized in the worker pool, then refused as over the 2,048-token context), and watches the\n"
+            "server's resident memory while 6 clients POST 200 MB to `/v1/adapters` without a key. Before issue\n"
+            "20, tokenizing ran on the event loop (six 900 kB prompts delayed `/health` by up to 0.85 s, 2.5 s with\n"
+            "`auto`) and upload bodies were buffered before the key was checked (+1.3 GB).\n")
+    result = _load("bench_edge.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_edge")
+    idle = result["health_idle"]
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_edge')}:", "",
+             "| load | answers | `/health` p50 / max |", "| --- | --- | --- |",
+             f"| idle | | {idle['p50_ms']:.1f} / {idle['max_ms']:.1f} ms |"]
+    for run in result["large_prompts"]:
+        lines.append(f"| {run['clients']} clients x {run.get('rounds', 1)} requests, {run['prompt_chars'] // 1000} kB "
+                     f"prompt, `model: {run['model']}` | "
+                     f"{', '.join(map(str, run['statuses']))} in {run['wall_s']:.2f} s | "
+                     f"{run['health']['p50_ms']:.1f} / {run['health']['max_ms']:.1f} ms |")
+    uploads = result["unauthenticated_uploads"]
+    lines += ["", f"{uploads['clients']} unauthenticated uploads of {uploads['megabytes_each']} MB each: answered "
+                  f"{', '.join(uploads['statuses'])}; server resident memory {uploads['rss_before_mb']} MB before, "
+                  f"{uploads['rss_peak_mb']} MB at peak (+{uploads['rss_growth_mb']} MB)."]
+    return "\n".join(lines)
+
+
 def gpu_section() -> str:
     from loadtests.bench_gpu import markdown
 
@@ -227,7 +254,8 @@ def gpu_section() -> str:
                       "", markdown(result).split("\n", 2)[2].rstrip()])
 
 
-SECTIONS = (serving_section, scenarios_section, registry_section, router_section, experts_section, gpu_section)
+SECTIONS = (serving_section, scenarios_section, registry_section, router_section, experts_section, edge_section,
+            gpu_section)
 
 
 def performance() -> str:

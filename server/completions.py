@@ -1,7 +1,6 @@
 """POST /v1/chat/completions: messages -> chat template -> dispatch -> one response or an SSE stream."""
 from __future__ import annotations
 
-import asyncio
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -82,7 +81,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
     state.require_ready()
     check_prompt_chars(sum(len(m.text()) for m in req.messages), "messages", state)
     # tokenizing a long prompt takes ~0.4 s per MB: in a worker thread, so /health and other requests never wait on it
-    prompt_ids = await asyncio.to_thread(state.base.prompts.render, req.messages)
+    prompt_ids = await state.in_text_pool(state.base.prompts.render, req.messages)
     call = await submit(req, prompt_ids, last_user_text(req.messages), request, state, "chatcmpl")
     if not req.stream:
         return await _complete(call, request, state)

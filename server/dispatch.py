@@ -153,7 +153,7 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
     router, header = state.router, request.headers.get("x-expert")
     if router.needs_classifier(model, header):
         with state.metrics.router_latency.time():
-            return await asyncio.to_thread(router.by_prompt, routing_text)
+            return await state.in_text_pool(router.by_prompt, routing_text)
     return router.by_name(model, header)
 
 

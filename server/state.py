@@ -1,8 +1,11 @@
 """Everything the HTTP side shares: settings, the engine, the registry, the store, the base's facts."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +34,14 @@ class ServerState:
     base: BaseInfo | None = None  # set once the engine thread has loaded the model
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Tokenizing and routing run here, off the event loop, in fewer threads than there are cores:
+    # a burst of megabyte prompts then cannot take every core from the event loop and the engine.
+    text_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="loraplex-text"))
+
+    async def in_text_pool(self, fn, *args):
+        """fn(*args) in the text pool (tokenizing, template rendering, routing), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self.text_pool, fn, *args)
 
     @property
     def ready(self) -> bool:

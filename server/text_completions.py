@@ -6,7 +6,6 @@ the chat endpoint's (server/dispatch.py); only the prompt and the response shape
 """
 from __future__ import annotations
 
-import asyncio
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -110,7 +109,7 @@ async def text_completions(req: CompletionRequest, request: Request, state: Serv
     prompt = req.single_prompt()
     if isinstance(prompt, str):
         check_prompt_chars(len(prompt), "prompt", state)
-    prompt_ids, prompt_text = await asyncio.to_thread(_prompt, req, state.base)  # off the event loop
+    prompt_ids, prompt_text = await state.in_text_pool(_prompt, req, state.base)  # off the event loop
     call = await submit(req, prompt_ids, prompt_text, request, state, "cmpl", default_max_tokens=DEFAULT_MAX_TOKENS)
     echo = prompt_text if req.echo else ""
     if not req.stream:
