@@ -70,3 +70,22 @@ def test_plain_serve_uses_the_default_config_with_the_demo_experts():
     assert set(settings.adapters) == {"json-answer", "pirate", "terse"}
     for spec in settings.adapters.values():
         assert (Path(spec.path) / "adapter_model.safetensors").is_file()
+
+
+def test_config_text_that_is_not_valid_unicode_is_a_clear_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text('adapters:\n  x:\n    path: /a\n    description: "ok \\ud800"\n')  # YAML escape: a lone surrogate
+    with pytest.raises(ConfigError, match="adapters.x.description .*not valid Unicode"):
+        load_settings(str(config), environ={})
+
+
+def test_environment_bytes_that_are_not_utf8_are_a_clear_error():
+    # os.environ turns undecodable bytes into lone surrogates (surrogateescape)
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        load_settings(environ={"LORAPLEX_API_KEY": "key\udcff"})
+
+
+@pytest.mark.parametrize("name", ["ok\n", "a/b", "", "x" * 65])
+def test_config_expert_names_must_match_as_a_whole(tmp_path, name):
+    with pytest.raises(ConfigError, match="adapter name"):
+        load_settings(cli_overrides={"adapters": {name: {"path": "/a"}}}, environ={})
