@@ -96,9 +96,10 @@ class LoraWeights:
 
 
 def _pattern_value(patterns: dict, module_path: str, default):
-    """PEFT's rank_pattern/alpha_pattern: a key matches a module path ending in it."""
+    """PEFT's rank_pattern/alpha_pattern (peft.utils.other.get_pattern_key): the first key, taken as a
+    regular expression, that matches the end of the module's path (model.layers.3.self_attn.q_proj)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
+        if re.match(rf"(.*\.)?({key})$", module_path):
             return value
     return default
 
@@ -128,7 +129,7 @@ def _check_pattern(config: dict, field: str, check) -> None:
         raise AdapterError(f"{field} must be an object of module pattern -> value, got {type(patterns).__name__}")
     for key, value in patterns.items():
         try:
-            re.compile(rf"(.*\.)?{key}$")
+            re.compile(rf"(.*\.)?({key})$")
         except re.error as exc:
             raise AdapterError(f"{field} key {key!r} is not a valid pattern: {exc}") from None
         check(value, f"{field}[{key!r}]")
@@ -241,7 +242,8 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
                 f"layer {layer} {module}: LoRA shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit "
                 f"the base's {in_features}->{out_features} linear (adapter trained on another base?)"
             )
-        module_path = f"model.layers.{layer}.{module}"
+        block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        module_path = f"model.layers.{layer}.{block}.{module}"  # the path PEFT matches patterns against
         alpha = float(_pattern_value(config.get("alpha_pattern"), module_path, default_alpha))
         scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
         _check_values(f"layer {layer} {module} lora_A", lora_a)

@@ -23,11 +23,14 @@ def free_port() -> int:
 
 
 def make_peft_adapter(model, out_dir: Path, seed: int, rank: int = 8, targets=("q_proj", "v_proj", "down_proj"),
-                      b_std: float = 0.05) -> Path:
-    """Save a LoRA made with peft on `model`, with non-zero B so it really changes the output."""
+                      b_std: float = 0.05, **lora_options) -> Path:
+    """Save a LoRA made with peft on `model`, with non-zero B so it really changes the output.
+
+    lora_options go to peft's LoraConfig as they are (rank_pattern, alpha_pattern, use_rslora...).
+    """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0, **lora_options)
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

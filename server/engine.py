@@ -219,6 +219,7 @@ class Engine:
     def _decode_step(self) -> None:
         running = self._running
         self.metrics.batch_size.set(len(running))
+        self.metrics.decode_rows.observe(len(running))
         logits = self.runner.decode(
             [seq.last_token for seq in running],
             [seq.kv_len for seq in running],

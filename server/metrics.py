@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Latency buckets from GPU speed (ms) to a busy 2-core CPU (tens of seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5, 10, 20, 40, 80)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.12, 0.25, 0.5, 1, 2, 4)
 
 
@@ -59,6 +60,8 @@ class Metrics:
                                         "Requests the engine ended with an error, by kind (fault, adapter, shutdown)",
                                         ["adapter", "kind"], registry=r)
         self.batch_size = Gauge("loraplex_batch_size", "Rows in the latest decode step", registry=r)
+        self.decode_rows = Histogram("loraplex_decode_batch_rows", "Requests decoded together, per decode step",
+                                     buckets=ROW_BUCKETS, registry=r)
         self._gauges: dict[str, Gauge] = {}
         # (metric, the label that names an expert): what forget_expert clears
         self._per_expert = [(self.requests, "adapter"), (self.prompt_tokens, "adapter"),

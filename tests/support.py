@@ -1,6 +1,8 @@
 """Test-only helpers (the server and adapter harness shared with load tests is loadtests/harness.py)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import httpx
 
 BASE = "SmolLM2-135M-Instruct"  # the embedded default's served name
@@ -74,3 +76,49 @@ def upload_files(folder) -> dict:
     """The two files of a LoRA folder as the multipart fields POST /v1/adapters takes."""
     return {"adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
             "adapter_model": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes())}
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """Every sample of the server's /metrics: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name, **labels) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def shared_decode_steps(samples) -> float:
+    """Decode steps that ran more than one request (from the decode-rows histogram)."""
+    return (value(samples, "loraplex_decode_batch_rows_count")
+            - value(samples, "loraplex_decode_batch_rows_bucket", le="1.0"))
+
+
+@contextmanager
+def in_process(base_folder, data_dir, router: bool = True, **overrides):
+    """The real app and engine in this process (on a small base), for tests that set unusual settings
+    or inject a fault into one step: yields (state, TestClient)."""
+    from fastapi.testclient import TestClient
+
+    from loadtests.harness import wait_until
+    from server.app import create_app
+    from server.settings import Settings
+    from server.state import create_state
+
+    settings = {"base_model": str(base_folder), "quantization": "none", "compute_dtype": "float32",
+                "data_dir": str(data_dir), "max_batch_size": 2, "context_window": 256, "default_max_tokens": 4,
+                "router": "embedded" if router else "none", **overrides}
+    state = create_state(Settings(**settings))
+    state.engine.start()
+    try:
+        assert state.engine.ready.wait(180) and wait_until(lambda: state.ready, 30), state.engine.load_error
+        if router:
+            assert wait_until(lambda: state.router.classifier is not None, 120), state.router.unavailable_reason
+        with TestClient(create_app(state), raise_server_exceptions=False) as client:
+            yield state, client
+    finally:
+        state.engine.stop(timeout=10)

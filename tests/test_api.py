@@ -1,5 +1,6 @@
 """The real server (uvicorn subprocess, SmolLM2 NF4, two peft adapters) through the openai client."""
 import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,7 +9,7 @@ import openai
 import pytest
 
 from loadtests.harness import wait_until
-from tests.support import BASE, ask, assert_openai_error, post
+from tests.support import BASE, ask, assert_openai_error, post, scrape, shared_decode_steps, value
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +73,44 @@ def test_unknown_expert_is_404(client, server):
     assert_openai_error(response, 404, param="X-Expert")
 
 
-def test_concurrent_mixed_requests_match_their_solo_answers(client):
+def test_concurrent_mixed_requests_match_their_solo_answers(client, server):
     jobs = [(["alpha", "beta", BASE][i % 3], q) for i, q in enumerate(QUESTIONS)]
     solo = [ask(client, model, q, max_tokens=32).choices[0].message.content for model, q in jobs]
+    shared_before = shared_decode_steps(scrape(server))
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda job: ask(client, *job, max_tokens=32).choices[0].message.content, jobs))
     assert together == solo
+    assert shared_decode_steps(scrape(server)) > shared_before  # they really were decoded together
+
+
+def test_staggered_mixed_adapters_match_their_solo_answers(client, server):
+    """Each request joins while the one before is mid-generation (it waits for that one's first token)."""
+    jobs = [("alpha", QUESTIONS[0]), ("beta", QUESTIONS[1]), (BASE, QUESTIONS[2]), ("beta", QUESTIONS[6])]
+    solo = [ask(client, model, q, max_tokens=40, extra_body={"ignore_eos": True}).choices[0].message.content
+            for model, q in jobs]
+    shared_before = shared_decode_steps(scrape(server))
+    texts, started = [None] * len(jobs), [threading.Event() for _ in jobs]
+
+    def run(index):
+        model, question = jobs[index]
+        chunks = ask(client, model, question, max_tokens=40, stream=True, extra_body={"ignore_eos": True})
+        parts = []
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                started[index].set()
+                parts.append(chunk.choices[0].delta.content)
+        texts[index] = "".join(parts)
+
+    workers = []
+    for index in range(len(jobs)):
+        if workers:
+            assert started[index - 1].wait(60)  # the previous request is decoding: this one joins its batch
+        workers.append(threading.Thread(target=run, args=(index,)))
+        workers[-1].start()
+    for worker in workers:
+        worker.join(120)
+    assert texts == solo
+    assert shared_decode_steps(scrape(server)) > shared_before
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "top_p": 0.9, "seed": 1234}])
@@ -108,12 +141,18 @@ def test_stream_ends_with_done(server):
 
 
 def test_seed_reproduces_sampled_answer(client):
-    answers = {ask(client, "alpha", QUESTIONS[5], temperature=1.0, seed=7, max_tokens=20).choices[0].message.content
-               for _ in range(2)}
-    assert len(answers) == 1
+    def sampled(seed):
+        return ask(client, "alpha", QUESTIONS[5], temperature=1.0, seed=seed, max_tokens=20).choices[0].message.content
+
+    first = sampled(7)
+    assert sampled(7) == first
+    # and the temperature is really applied: other seeds and greedy decoding give other answers
+    others = {sampled(seed) for seed in (8, 9, 10)}
+    greedy = ask(client, "alpha", QUESTIONS[5], temperature=0, max_tokens=20).choices[0].message.content
+    assert len(others | {first}) >= 3 and greedy not in others | {first}
 
 
-def test_content_parts_roles_and_max_completion_tokens(client):
+def test_content_parts_roles_and_max_completion_tokens(client, tokenizer):
     completion = client.chat.completions.create(
         model=BASE,
         messages=[
@@ -126,6 +165,15 @@ def test_content_parts_roles_and_max_completion_tokens(client):
         temperature=0,
     )
     assert completion.usage.completion_tokens == 3 and completion.choices[0].finish_reason == "length"
+    # the parts are joined with a newline and "developer" is the template's "system": the same prompt, token for token
+    conversation = [{"role": "system", "content": "You answer briefly."},
+                    {"role": "user", "content": "What is the capital\nof Italy?"},
+                    {"role": "assistant", "content": "Let me think."}, {"role": "user", "content": "Go on."}]
+    expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert completion.usage.prompt_tokens == len(expected)
+    plain = client.chat.completions.create(model=BASE, messages=conversation, max_completion_tokens=3, temperature=0)
+    assert plain.choices[0].message.content == completion.choices[0].message.content
+    assert plain.usage.prompt_tokens == completion.usage.prompt_tokens
 
 
 @pytest.mark.parametrize(
@@ -179,39 +227,57 @@ def test_oversized_body_is_413(server):
 
 
 def test_errors_do_not_disturb_a_running_stream(client, server):
-    expected = ask(client, "alpha", QUESTIONS[3], max_tokens=48).choices[0].message.content
+    budget = {"max_tokens": 150, "extra_body": {"ignore_eos": True}}
+    expected = ask(client, "alpha", QUESTIONS[3], **budget).choices[0].message.content
     result = {}
 
     def stream():
-        chunks = ask(client, "alpha", QUESTIONS[3], max_tokens=48, stream=True)
+        chunks = ask(client, "alpha", QUESTIONS[3], stream=True, **budget)
         result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     worker = threading.Thread(target=stream)
     worker.start()
+    assert wait_until(lambda: server.health()["running"] == 1, 30)  # the stream is decoding
     for _ in range(5):
         assert post(server, {"model": BASE, "messages": "bad"}).status_code == 400
         assert post(server, {"model": "ghost", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
+    assert server.health()["running"] == 1  # ... and still was while the errors were answered
     worker.join(120)
     assert result["text"] == expected
+
+
+def _assert_cancelled(server, before, model):
+    """The request left the batch as cancelled, before its 400-token budget: never finished, no tokens counted."""
+    assert wait_until(lambda: server.health()["running"] == 0, 30), server.health()
+    after = scrape(server)
+    assert value(after, "loraplex_requests_total", adapter=model, finish_reason="cancelled") == \
+        value(before, "loraplex_requests_total", adapter=model, finish_reason="cancelled") + 1
+    assert value(after, "loraplex_generation_tokens_total", adapter=model) == \
+        value(before, "loraplex_generation_tokens_total", adapter=model)
 
 
 def test_stream_disconnect_frees_the_slot(server):
     body = {"model": "beta", "messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 400, "stream": True, "ignore_eos": True}
+    before = scrape(server)
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
         assert server.health()["running"] == 1
-    assert wait_until(lambda: server.health()["running"] == 0, 3), server.health()
+    _assert_cancelled(server, before, "beta")
 
 
 def test_non_stream_disconnect_frees_the_slot(server):
-    body = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": 400, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=1.5)
-    assert wait_until(lambda: server.health()["running"] == 0, 3), server.health()
+    body = json.dumps({"model": BASE, "messages": [{"role": "user", "content": "Tell me a long story."}],
+                       "max_tokens": 400, "ignore_eos": True}).encode()
+    before = scrape(server)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        # hang up once the request is decoding: a sync point, not a guess at how fast 400 tokens are
+        assert wait_until(lambda: server.health()["running"] == 1, 30)
+    _assert_cancelled(server, before, BASE)
 
 
 def test_logprobs_describe_each_token_of_the_answer(client):

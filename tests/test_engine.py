@@ -65,6 +65,13 @@ def make_seq(prompt, max_tokens=16, temperature=0.0, seed=None, stop=(), stop_id
 PROMPTS = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77], [1, 5, 6]]
 
 
+def _steps_over(engine, rows: int) -> float:
+    """Decode steps that ran more than `rows` requests together (`rows` is a bucket of the engine's histogram)."""
+    buckets = {float(s.labels["le"]): s.value for metric in engine.metrics.decode_rows.collect()
+               for s in metric.samples if s.name.endswith("_bucket")}
+    return buckets[float("inf")] - buckets[float(rows)]
+
+
 def test_requests_joining_a_running_batch_get_their_solo_answer(tiny_model, tokenizer):
     engine = make_engine(tiny_model, tokenizer)
     try:
@@ -74,17 +81,20 @@ def test_requests_joining_a_running_batch_get_their_solo_answer(tiny_model, toke
             engine.submit(seq)
             assert out.done.wait(30)
             solo.append(out.text)
-        # staggered arrivals: later requests join while earlier ones are mid-generation
-        collectors = []
+        # staggered arrivals: each request joins once the one before is mid-generation
+        collectors, previous = [], None
         for prompt in PROMPTS:
+            if previous is not None:
+                assert wait_until(lambda: previous.generated >= 2, 30, interval=0.001)
             seq, out = make_seq(prompt, max_tokens=20)
             engine.submit(seq)
             collectors.append(out)
-            time.sleep(0.01)
+            previous = seq
         for out in collectors:
             assert out.done.wait(30)
         assert [c.text for c in collectors] == solo
         assert all(c.final.finish_reason == "length" and c.final.completion_tokens == 20 for c in collectors)
+        assert _steps_over(engine, 2) > 0  # they really shared decode steps, three or four at a time
     finally:
         engine.stop()
 
@@ -114,14 +124,19 @@ def test_slot_moves_when_requests_finish_early_keep_answers_intact(tiny_model, t
 
 def test_seeded_sampling_is_reproducible(tiny_model, tokenizer):
     engine = make_engine(tiny_model, tokenizer)
+
+    def generate(seed, temperature=1.0):
+        seq, out = make_seq(PROMPTS[0], max_tokens=12, temperature=temperature, seed=seed)
+        engine.submit(seq)
+        assert out.done.wait(30)
+        return out.text
+
     try:
-        texts = []
-        for _ in range(2):
-            seq, out = make_seq(PROMPTS[0], max_tokens=12, temperature=1.0, seed=42)
-            engine.submit(seq)
-            assert out.done.wait(30)
-            texts.append(out.text)
-        assert texts[0] == texts[1]
+        first = generate(42)
+        assert generate(42) == first
+        # the temperature is really applied: other seeds, and greedy decoding, give other answers
+        others = {generate(seed) for seed in (1, 2, 3)}
+        assert len(others | {first}) >= 3 and generate(None, temperature=0.0) not in others | {first}
     finally:
         engine.stop()
 

@@ -96,23 +96,44 @@ def stream_in_background(server, body, results):
     return thread
 
 
+def hold_stream(server, body):
+    """A stream read in the background until `release` is set, then closed (the client goes away)."""
+    release, frames = threading.Event(), []
+
+    def run():
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=120) as response:
+            for line in response.iter_lines():
+                frames.append(line)
+                if release.is_set():
+                    return
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, release, frames
+
+
 def test_queue_full_is_429_with_retry_after(small_server):
-    results = []
-    running = stream_in_background(small_server, LONG, results)
+    # budgets far longer than the test: the requests stay running / queued until the test lets them go
+    held = {**LONG, "max_tokens": 1500}
+    running, release_running, _ = hold_stream(small_server, held)
     assert wait_until(lambda: small_server.health()["running"] == 1, 30)
-    queued = stream_in_background(small_server, LONG, results)
+    queued, release_queued, queued_frames = hold_stream(small_server, held)
     assert wait_until(lambda: small_server.health()["waiting"] == 1, 30)
     response = httpx.post(small_server.base_url + "/v1/chat/completions", json=LONG, timeout=30)
     assert response.status_code == 429 and response.headers["retry-after"]
     assert response.json()["error"]["type"] == "rate_limit_error"
-    running.join(120)
-    queued.join(120)
-    assert all(frames[-1] == "data: [DONE]" for frames in results) and len(results) == 2
+    release_running.set()  # the running one goes: the queued one is admitted in its place
+    running.join(60)
+    assert wait_until(lambda: small_server.health()["waiting"] == 0 and any("content" in f for f in queued_frames), 30)
+    release_queued.set()
+    queued.join(60)
+    assert wait_until(lambda: small_server.health()["running"] == 0, 30)
 
 
 def test_sigterm_drains_running_requests_then_exits_0(small_server):
     results = []
-    running = stream_in_background(small_server, LONG, results)
+    running = stream_in_background(small_server, {**LONG, "max_tokens": 300}, results)  # runs through the checks
     assert wait_until(lambda: small_server.health()["running"] == 1, 30)
     small_server.signal()
     assert wait_until(lambda: small_server.health()["status"] == "draining", 10)

@@ -51,6 +51,12 @@ def test_smoke_run_against_the_server(server, scenario, stream):
     overall = summary["overall"]
     assert overall["ok"] == 6 and overall["output_tokens"] == 48  # ignore_eos: exactly max_tokens each
     assert overall["output_tokens_per_s"] > 0 and overall["e2e_s"]["p50"] > 0
-    if stream:
-        assert overall["ttft_s"]["p99"] <= overall["e2e_s"]["p99"] and overall["inter_token_s"]["p50"] > 0
+    for result in results:  # the timings it recorded are the server's answer as it arrived
+        assert result.start < result.first_token <= result.end
+        if stream:  # one arrival per streamed chunk (8 tokens: at least 2 chunks), in order
+            assert len(result.token_times) >= 2 and result.token_times == sorted(result.token_times)
+            assert result.token_times[0] == result.first_token and result.token_times[-1] <= result.end
+        else:  # a non-streamed answer arrives at once: its first token is its whole body
+            assert result.token_times == []
+    assert (overall["inter_token_s"]["p50"] is not None) == stream
     assert set(summary["per_model"]) == {"alpha", "SmolLM2-135M-Instruct"}

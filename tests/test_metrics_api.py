@@ -4,10 +4,9 @@ import json
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.harness import ServerProcess, wait_until
-from tests.support import BASE, ask
+from tests.support import BASE, ask, scrape, value
 
 pytestmark = pytest.mark.integration
 
@@ -19,16 +18,6 @@ def fresh_server(tmp_path_factory, smollm_adapters, cache_dir):
     server = ServerProcess(tmp_path_factory.mktemp("metrics"), settings, env={"LORAPLEX_CACHE": cache_dir}).start()
     yield server
     server.stop()
-
-
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(server.base_url + "/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples, name, **labels) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
 
 
 def test_metrics_after_a_known_mix_of_traffic(fresh_server):

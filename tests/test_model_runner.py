@@ -94,3 +94,23 @@ def test_mixed_batch_decode_equals_each_alone(tiny_fp32, tokenizer, tmp_path):
         for row, token in enumerate(logits.argmax(-1).tolist()):
             together[row].append(token)
     assert together == alone
+
+
+def test_rank_and_alpha_patterns_match_peft(tiny_fp32, tokenizer, tiny_folder, tmp_path):
+    """Per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern) give PEFT's own output."""
+    from peft import PeftModel
+
+    folder = make_peft_adapter(tiny_fp32, tmp_path / "p", seed=5, rank=8, b_std=0.2,
+                               rank_pattern={"v_proj": 4, "layers.1.self_attn.q_proj": 16},
+                               alpha_pattern={"down_proj": 64, "layers.0.self_attn.q_proj": 3})
+    weights = load_lora(folder, BaseShape.from_config(tiny_fp32.config))
+    assert weights.rank == 16  # the widest module; the others are zero-padded to it
+    runner = ModelRunner(tiny_fp32, tokenizer, max_slots=2, context_window=128)
+    runner.lora.add("p", weights)
+    ours = runner.prefill([PrefillItem(0, PROMPTS[0], "p")])[0]
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(fresh, folder)(torch.tensor([PROMPTS[0]])).logits[0, -1]
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    plain = runner.prefill([PrefillItem(0, PROMPTS[0], None)])[0]
+    assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter really changes the answer

@@ -83,7 +83,9 @@ def test_random_token_streams_never_leak_a_stop_string(tokenizer, ids, stops):
     full = decode(tokenizer, ids)
     expected, expect_stop = reference(full, stops)
     assert not any(stop in joined for stop in stops)
-    assert expected.startswith(joined.rstrip(FFFD)) or joined == expected.rstrip(FFFD)
+    # the windowed detokenizer may place U+FFFD for broken bytes elsewhere than a one-shot decode
+    # (or drop a trailing one), but every real character is there, cut at the same stop
+    assert joined.replace(FFFD, "") == expected.replace(FFFD, "")
 
 
 def test_emoji_split_across_tokens_is_sent_whole(tokenizer):

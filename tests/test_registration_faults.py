@@ -9,36 +9,19 @@ text does not stop the server or its router at the next start.
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 
 from loadtests.harness import wait_until
-from server.app import create_app
-from server.settings import Settings
-from server.state import create_state
-from tests.support import write_lora
+from tests.support import in_process, write_lora
 
 ADMIN = {"Authorization": "Bearer k"}
-
-
-def start(tiny_folder, data_dir, roots):
-    settings = Settings(base_model=str(tiny_folder), quantization="none", compute_dtype="float32",
-                        data_dir=str(data_dir), admin_key=["k"], adapter_roots=[str(roots)], max_batch_size=2,
-                        context_window=256, default_max_tokens=4)
-    state = create_state(settings)
-    state.engine.start()
-    assert state.engine.ready.wait(120) and wait_until(lambda: state.ready, 30)
-    assert wait_until(lambda: state.router.classifier is not None, 120), state.router.unavailable_reason
-    return state
 
 
 @pytest.fixture
 def inproc(tiny_folder, tmp_path):
     roots = tmp_path / "roots"
     write_lora(roots / "tiny", width=128)
-    state = start(tiny_folder, tmp_path / "data", roots)
-    with TestClient(create_app(state), raise_server_exceptions=False) as client:
+    with in_process(tiny_folder, tmp_path / "data", admin_key=["k"], adapter_roots=[str(roots)]) as (state, client):
         yield state, client, roots
-    state.engine.stop(timeout=10)
 
 
 def _nothing_left(state, roots, name):
@@ -75,24 +58,19 @@ def test_a_manifest_entry_with_unencodable_text_is_kept_but_not_served(tiny_fold
     roots = tmp_path / "roots"
     write_lora(roots / "tiny", width=128)
     data = tmp_path / "data"
-    state = start(tiny_folder, data, roots)
-    with TestClient(create_app(state)) as client:
+    settings = {"admin_key": ["k"], "adapter_roots": [str(roots)]}
+    with in_process(tiny_folder, data, **settings) as (state, client):
         for name in ("good", "bad"):
             assert client.post("/v1/adapters", headers=ADMIN, json={"name": name, "path": str(roots / "tiny"),
                                                                     "description": name}).status_code == 201
-    state.engine.stop(timeout=10)
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["adapters"]["bad"]["description"] = "\ud800"  # as a version before the check could write it
     (data / "manifest.json").write_text(json.dumps(manifest))
 
-    restarted = start(tiny_folder, data, roots)  # the router comes up (it died on this text before)
-    try:
-        with TestClient(create_app(restarted)) as client:
-            assert client.get("/health").json()["router"] == "ready"
-            assert [a["id"] for a in client.get("/v1/adapters", headers=ADMIN).json()["data"]] == ["good"]
-            auto = client.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 2,
-                                                              "messages": [{"role": "user", "content": "good"}]})
-            assert auto.status_code == 200 and auto.headers["x-expert"] == "good"
-        assert "bad" in json.loads((data / "manifest.json").read_text())["adapters"]  # not lost
-    finally:
-        restarted.engine.stop(timeout=10)
+    with in_process(tiny_folder, data, **settings) as (state, client):  # the router comes up (it died here before)
+        assert client.get("/health").json()["router"] == "ready"
+        assert [a["id"] for a in client.get("/v1/adapters", headers=ADMIN).json()["data"]] == ["good"]
+        auto = client.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 2,
+                                                          "messages": [{"role": "user", "content": "good"}]})
+        assert auto.status_code == 200 and auto.headers["x-expert"] == "good"
+    assert "bad" in json.loads((data / "manifest.json").read_text())["adapters"]  # not lost

@@ -86,6 +86,20 @@ def answer(server, model, max_tokens=16, **extra):
     return response.json()["choices"][0]
 
 
+def ensure(server, name: str, folder: Path) -> None:
+    """Register `name` from `folder` unless it is already there: each test sets up what it needs."""
+    if name not in listed(server):
+        created = register(server, name=name, path=str(folder))
+        assert created.status_code == 201, created.text
+
+
+def store_state(layout) -> tuple:
+    """The registry's files: the store's folders (staging ones included) and the manifest's text."""
+    manifest = layout["data"] / "manifest.json"
+    return (sorted(p.name for p in (layout["data"] / "store").iterdir()),
+            manifest.read_text() if manifest.exists() else "")
+
+
 def delete(server, name, headers=ADMIN):
     return httpx.delete(server.base_url + f"/v1/adapters/{name}", headers=headers, timeout=60)
 
@@ -98,21 +112,24 @@ def listed(server) -> set[str]:
 
 def test_register_by_path_and_use_it_in_the_next_request(admin_server, layout):
     base_text = answer(admin_server, BASE)["message"]["content"]
-    created = register(admin_server, name="alpha-path", path=str(layout["roots"] / "alpha"),
+    created = register(admin_server, name="alpha-first", path=str(layout["roots"] / "alpha"),
                        description="test expert", examples=["Hi"], stop=["</end>"])
     assert created.status_code == 201, created.text
     info = created.json()
     assert info["rank"] == 8 and info["target_modules"] == ["down_proj", "q_proj", "v_proj"]
     assert info["source"] == "path" and info["size_bytes"] > 0
-    text = answer(admin_server, "alpha-path")["message"]["content"]
+    text = answer(admin_server, "alpha-first")["message"]["content"]
     assert text != base_text
-    shown = httpx.get(admin_server.base_url + "/v1/adapters/alpha-path", headers=ADMIN).json()
+    shown = httpx.get(admin_server.base_url + "/v1/adapters/alpha-first", headers=ADMIN).json()
     assert shown["requests"] == 1 and shown["tier"] == "device" and shown["stop"] == ["</end>"]
     models = httpx.get(admin_server.base_url + "/v1/models").json()["data"]
-    assert {"id": "alpha-path", "parent": BASE}.items() <= next(m for m in models if m["id"] == "alpha-path").items()
+    assert {"id": "alpha-first", "parent": BASE}.items() <= next(m for m in models if m["id"] == "alpha-first").items()
 
 
 def test_register_by_upload_serves_the_same_weights(admin_server, layout):
+    ensure(admin_server, "alpha-path", layout["roots"] / "alpha")
+    if "alpha-up" in listed(admin_server):
+        assert delete(admin_server, "alpha-up").status_code == 200
     assert upload(admin_server, "alpha-up", layout["roots"] / "alpha", examples=["a", "b"]).status_code == 201
     assert answer(admin_server, "alpha-up") == answer(admin_server, "alpha-path")
     assert httpx.get(admin_server.base_url + "/v1/adapters/alpha-up", headers=ADMIN).json()["source"] == "upload"
@@ -142,22 +159,21 @@ def test_refusals_leave_nothing_behind(admin_server, layout, body, status, fragm
              "RANK64": layout["roots"] / "rank64", "ALPHA": layout["roots"] / "alpha"}
     if "path" in body:
         body = {**body, "path": str(paths[body["path"]])}
-    before = (listed(admin_server), sorted(p.name for p in (layout["data"] / "store").iterdir()),
-              (layout["data"] / "manifest.json").read_text())
+    ensure(admin_server, "alpha-path", layout["roots"] / "alpha")  # what the 409 case collides with
+    before = (listed(admin_server), store_state(layout))
     error = assert_openai_error(register(admin_server, **body), status)
     assert fragment in error["message"]
-    after = (listed(admin_server), sorted(p.name for p in (layout["data"] / "store").iterdir()),
-             (layout["data"] / "manifest.json").read_text())
-    assert after == before
+    assert (listed(admin_server), store_state(layout)) == before
 
 
 def test_pickle_upload_is_refused(admin_server, layout):
     folder = layout["root"] / "pickle-upload"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     torch.save({"x": torch.zeros(1)}, folder / "adapter_model.safetensors")
-    assert_openai_error(upload(admin_server, "pk", folder), 400)
-    assert "pk" not in listed(admin_server)
+    before = (listed(admin_server), store_state(layout))
+    assert "pickle" in assert_openai_error(upload(admin_server, "pk", folder), 400)["message"]
+    assert (listed(admin_server), store_state(layout)) == before  # no staging folder, no files, no entry
 
 
 @pytest.mark.parametrize("headers, status", [({}, 401), ({"Authorization": "Bearer nope"}, 401),
@@ -174,7 +190,9 @@ def test_registration_is_disabled_without_an_admin_key(server):
 
 
 def test_eviction_and_reload_keep_answers(admin_server, layout):
-    assert register(admin_server, name="beta-path", path=str(layout["roots"] / "beta")).status_code == 201
+    ensure(admin_server, "alpha-path", layout["roots"] / "alpha")
+    ensure(admin_server, "alpha-up", layout["roots"] / "alpha")
+    ensure(admin_server, "beta-path", layout["roots"] / "beta")
     first = {name: answer(admin_server, name) for name in ("alpha-path", "beta-path", "alpha-up")}
     tiers = {a["id"]: a["tier"] for a in httpx.get(admin_server.base_url + "/v1/adapters", headers=ADMIN).json()["data"]}
     assert list(tiers.values()).count("device") <= 2  # max_gpu_adapters
@@ -185,7 +203,7 @@ def test_eviction_and_reload_keep_answers(admin_server, layout):
 def test_delete_while_streaming_finishes_the_stream_then_404(admin_server, layout):
     assert register(admin_server, name="doomed", path=str(layout["roots"] / "beta")).status_code == 201
     folder = next(p for p in (layout["data"] / "store").iterdir() if p.name.startswith("doomed-"))
-    body = {"model": "doomed", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60,
+    body = {"model": "doomed", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 200,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     frames = []
 
@@ -197,10 +215,12 @@ def test_delete_while_streaming_finishes_the_stream_then_404(admin_server, layou
     worker.start()
     assert wait_until(lambda: admin_server.health()["running"] == 1, 30)
     assert delete(admin_server, "doomed").status_code == 200
+    # the delete really happened mid-stream: the stream is still generating on the retired weights
+    assert admin_server.health()["running"] == 1
     assert_openai_error(httpx.post(admin_server.base_url + "/v1/chat/completions", json={**body, "stream": False}), 404)
     worker.join(120)
     assert frames[-1] == "data: [DONE]"
-    assert json.loads(frames[-2][6:])["usage"]["completion_tokens"] == 60
+    assert json.loads(frames[-2][6:])["usage"]["completion_tokens"] == 200
     assert wait_until(lambda: not folder.exists(), 10)  # freed once the stream was done
     assert_openai_error(delete(admin_server, "doomed"), 404)
 
@@ -221,6 +241,7 @@ def test_registration_and_retirement_update_the_router(admin_server, layout):
 
 
 def test_racing_registrations_deletions_and_traffic_lose_nothing(admin_server, layout):
+    ensure(admin_server, "alpha-path", layout["roots"] / "alpha")
     names = [f"race{i}" for i in range(10)]
     errors = []
 
@@ -246,10 +267,18 @@ def test_racing_registrations_deletions_and_traffic_lose_nothing(admin_server, l
         assert answer(admin_server, name, max_tokens=4)["finish_reason"] in ("stop", "length")
 
 
-def test_restart_serves_exactly_the_registered_experts(admin_server, layout, cache_dir):
-    before = listed(admin_server)
-    reference = answer(admin_server, "beta-path")
-    assert admin_server.stop() == 0
+def test_restart_serves_exactly_the_registered_experts(layout, cache_dir, tmp_path):
+    """On a server of its own (it stops it): the module's server stays up for the other tests."""
+    own = {**layout, "root": tmp_path, "data": tmp_path / "data"}
+    first = start_server(own, cache_dir)
+    try:
+        ensure(first, "beta-path", layout["roots"] / "beta")
+        assert upload(first, "alpha-up", layout["roots"] / "alpha").status_code == 201
+        before = listed(first)
+        reference = answer(first, "beta-path")
+    finally:
+        assert first.stop() == 0
+    layout = own
     # a crash between copying files and writing the manifest leaves an unnamed store folder
     store = AdapterStore(layout["data"])
     staging = store.staging_dir()

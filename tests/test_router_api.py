@@ -3,7 +3,7 @@ import httpx
 import pytest
 
 from loadtests.harness import wait_until
-from tests.support import BASE, assert_openai_error, post
+from tests.support import BASE, assert_openai_error, post, scrape, value
 
 pytestmark = pytest.mark.integration
 PYTHON_QUESTION = "How do I write a Python function that checks whether a list is sorted?"
@@ -47,7 +47,7 @@ def test_header_and_model_win_over_the_classifier(routed_server):
 
 
 def test_route_endpoint_ranks_without_generating(routed_server):
-    before = routed_server.health()
+    before = scrape(routed_server)
     response = httpx.post(routed_server.base_url + "/v1/route", timeout=30, json={
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PYTHON_QUESTION}],
         "top_k": 2})
@@ -56,7 +56,12 @@ def test_route_endpoint_ranks_without_generating(routed_server):
     assert body["decision"]["expert"] == "alpha" and body["decision"]["source"] == "classifier"
     assert [r["expert"] for r in body["ranking"]] == ["alpha", "beta"]
     assert body["ranking"][0]["score"] > body["ranking"][1]["score"]
-    assert routed_server.health()["running"] == before["running"] == 0
+    after = scrape(routed_server)  # nothing was queued, prefilled or generated for it
+    for counter in ("loraplex_prompt_tokens_total", "loraplex_generation_tokens_total", "loraplex_requests_total",
+                    "loraplex_queue_wait_seconds_count"):
+        assert value(after, counter) == value(before, counter), counter
+    assert value(after, "loraplex_router_decisions_total", source="classifier", expert="alpha") == \
+        value(before, "loraplex_router_decisions_total", source="classifier", expert="alpha") + 1
     assert_openai_error(httpx.post(routed_server.base_url + "/v1/route", json={"messages": []}), 400)
 
 

@@ -81,10 +81,15 @@ def test_stop_token_ids_end_the_answer_without_their_text(client, tokenizer, ful
 
 
 def test_end_of_turn_token_stops_and_is_not_shown(client):
-    reply = ask(client, BASE, QUESTION, max_tokens=100)
-    assert reply.choices[0].finish_reason == "stop"
-    assert "<|im_end|>" not in reply.choices[0].message.content
-    assert reply.usage.completion_tokens < 100
+    reply = ask(client, BASE, QUESTION, max_tokens=100, logprobs=True)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and reply.usage.completion_tokens < 100
+    shown = len(choice.logprobs.content)
+    assert reply.usage.completion_tokens == shown + 1  # one token generated, counted, and not shown...
+    # ...and it was the template's end of turn: with it ignored, the same greedy run emits it right there
+    on = ask(client, BASE, QUESTION, max_tokens=shown + 1, logprobs=True, extra_body={"ignore_eos": True})
+    assert on.choices[0].logprobs.content[shown].token == "<|im_end|>"
+    assert on.choices[0].message.content.startswith(choice.message.content)
 
 
 def test_emoji_stream_never_sends_broken_characters(client):

@@ -35,8 +35,9 @@ def test_continues_the_raw_prompt_without_a_chat_template(client, server, tokeni
 
 
 def test_default_budget_is_sixteen_tokens(client):
-    completion = client.completions.create(model=BASE, prompt="Once upon a time", temperature=0)
-    assert completion.usage.completion_tokens <= 16
+    completion = client.completions.create(model=BASE, prompt="Once upon a time", temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 16 and completion.choices[0].finish_reason == "length"
 
 
 def test_experts_and_stops_work_as_in_chat(client):
