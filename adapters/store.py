@@ -18,6 +18,7 @@ from adapters.lora import CONFIG_FILE, WEIGHTS_FILE
 
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
+MANIFEST_TMP_PREFIX = ".manifest-"  # a manifest being written; one left by a crash is deleted at start
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,12 +45,18 @@ class AdapterStore:
         return json.loads(path.read_text())["adapters"]
 
     def _write_manifest(self, entries: dict[str, dict]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=self.root)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"version": 1, "adapters": entries}, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.root / MANIFEST)
+        """Write a new manifest beside the old one, then swap it in: a reader (or a crash) sees the old
+        manifest or the new one, never half of one. A failed write leaves the old one and no temp file."""
+        fd, tmp = tempfile.mkstemp(prefix=MANIFEST_TMP_PREFIX, dir=self.root)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"version": 1, "adapters": entries}, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.root / MANIFEST)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         _fsync_dir(self.root)
 
     def add_entry(self, name: str, entry: dict) -> None:
@@ -95,4 +102,6 @@ class AdapterStore:
             orphans = [p for p in self.files.iterdir() if p.is_dir() and p.name not in named]
             for orphan in orphans:
                 shutil.rmtree(orphan, ignore_errors=True)
+            for half_written in self.root.glob(MANIFEST_TMP_PREFIX + "*"):
+                half_written.unlink(missing_ok=True)
             return [orphan.name for orphan in orphans]

@@ -47,11 +47,13 @@ def make_peft_adapter(model, out_dir: Path, seed: int, rank: int = 8, targets=("
 class ServerProcess:
     """`loraplex serve` in a subprocess on a free loopback port, as a user would run it."""
 
-    def __init__(self, workdir: Path, settings: dict, env: dict | None = None):
+    def __init__(self, workdir: Path, settings: dict | None, env: dict | None = None):
+        """settings None: `loraplex serve` with no --config at all (it serves configs/default.yaml)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.config_path = workdir / f"server-{self.port}.yaml"
-        self.config_path.write_text(yaml.safe_dump(settings))
+        self.config_path = None if settings is None else workdir / f"server-{self.port}.yaml"
+        if self.config_path is not None:
+            self.config_path.write_text(yaml.safe_dump(settings))
         self.log_path = workdir / f"server-{self.port}.log"
         # a private adapter store per server: never the user's, never another test's
         self._env = {**os.environ, "LORAPLEX_DATA_DIR": str(workdir / f"data-{self.port}"), **(env or {})}
@@ -60,7 +62,8 @@ class ServerProcess:
     def launch(self) -> "ServerProcess":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--config", str(self.config_path), "--port", str(self.port)],
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
+             *(["--config", str(self.config_path)] if self.config_path is not None else [])],
             cwd=REPO,
             env=self._env,
             stdout=self._log,

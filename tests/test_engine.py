@@ -13,7 +13,7 @@ from server.residency import AdapterCache
 from server.model_runner import ModelRunner
 from server.sampling import SamplingParams, make_generator
 from server.sequence import Sequence
-from loadtests.harness import wait_until
+from loadtests.harness import make_peft_adapter, wait_until
 
 
 class Collector:
@@ -282,5 +282,38 @@ def test_an_adapter_that_makes_logits_nan_fails_its_requests_only(tiny_model, to
         assert metrics.non_finite_logits.labels("nan-expert")._value.get() == 1
         assert metrics.request_failures.labels("nan-expert", "fault")._value.get() == 1
         assert _serves_after(engine).finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_a_cold_adapter_loads_in_the_background_while_the_batch_decodes(tiny_model, tokenizer, tmp_path, monkeypatch):
+    import server.residency as residency
+
+    folder = make_peft_adapter(tiny_model, tmp_path / "cold", seed=4, b_std=0.2)
+    real_load, load_started = residency.load_lora, threading.Event()
+
+    def slow_load(*args, **kwargs):  # a disk slow enough to see what the engine does meanwhile
+        load_started.set()
+        time.sleep(1.0)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(residency, "load_lora", slow_load)
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        engine.call(lambda _: engine.adapters.register("cold-key", str(folder))).result(10)  # disk tier only
+        assert engine.adapters.tier("cold-key") == "disk"
+        running, running_out = make_seq(PROMPTS[0], max_tokens=200)
+        engine.submit(running)
+        assert wait_until(lambda: running.generated >= 1, 30, interval=0.001)
+        cold, cold_out = make_seq(PROMPTS[1], max_tokens=4)
+        cold.adapter = "cold-key"
+        engine.submit(cold)
+        assert load_started.wait(10)
+        during = running.generated
+        assert wait_until(lambda: cold.generated >= 1, 30, interval=0.001)
+        assert running.generated - during >= 5  # the running request kept decoding through the load
+        assert cold_out.done.wait(30) and cold_out.final.completion_tokens == 4
+        assert engine.adapters.tier("cold-key") == "device"
+        assert running_out.done.wait(60) and running_out.final.completion_tokens == 200
     finally:
         engine.stop()

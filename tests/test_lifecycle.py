@@ -154,12 +154,8 @@ def test_auto_without_experts_is_served_by_the_base_and_says_so(small_server):
     assert response.headers["x-router-reason"] == "no experts to route to"
 
 
-def test_default_config_serves_the_demo_experts(tmp_path, cache_dir):
-    from server.settings import load_settings
-
-    default = load_settings(str(REPO / "configs" / "default.yaml"), environ={})
-    settings = {"adapters": {name: spec.model_dump() for name, spec in default.adapters.items()}}
-    server = ServerProcess(tmp_path, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
+def test_serve_with_no_config_serves_the_default_config_and_its_demo_experts(tmp_path, cache_dir):
+    server = ServerProcess(tmp_path, None, env={"LORAPLEX_CACHE": cache_dir}).start()  # `loraplex serve`, no --config
     try:
         models = {m["id"] for m in httpx.get(server.base_url + "/v1/models").json()["data"]}
         assert {"json-answer", "pirate", "terse"} <= models

@@ -92,7 +92,29 @@ def test_resume_follows_the_uninterrupted_schedule_exactly(tiny_folder, data_fil
     shape = BaseShape.from_config(AutoModelForCausalLM.from_pretrained(tiny_folder).config)
     a = load_lora(tmp_path / "straight", shape)
     b = load_lora(tmp_path / "resumed", shape)
+    for key in a.pairs:  # A and B alike
+        torch.testing.assert_close(a.pairs[key][0], b.pairs[key][0])
+        torch.testing.assert_close(a.pairs[key][1], b.pairs[key][1])
+
+
+def test_cli_stop_after_then_resume_equals_an_uninterrupted_run(tiny_folder, data_file, tmp_path, capsys):
+    """`loraplex train --stop-after` then the same command with `--resume`, through the command line."""
+    from server.cli import main
+
+    def cli(out, *extra):
+        return main(["train", "--data", str(data_file), "--name", "x", "--out", str(out), "--base", str(tiny_folder),
+                     "--rank", "4", "--steps", "6", "--batch-size", "4", "--lr", "0.01", "--max-length", "64", *extra])
+
+    assert cli(tmp_path / "straight") == 0
+    assert cli(tmp_path / "resumed", "--stop-after", "2") == 0
+    assert "stopped (resume with --resume): 2/6 steps" in capsys.readouterr().out
+    assert cli(tmp_path / "resumed", "--resume") == 0
+    assert "finished: 6/6 steps" in capsys.readouterr().out
+    shape = BaseShape.from_config(AutoModelForCausalLM.from_pretrained(tiny_folder).config)
+    a, b = load_lora(tmp_path / "straight", shape), load_lora(tmp_path / "resumed", shape)
+    assert a.pairs.keys() == b.pairs.keys()
     for key in a.pairs:
+        torch.testing.assert_close(a.pairs[key][0], b.pairs[key][0])
         torch.testing.assert_close(a.pairs[key][1], b.pairs[key][1])
 
 
