@@ -58,10 +58,8 @@ def test_route_endpoint_ranks_without_generating(routed_server):
     assert body["ranking"][0]["score"] > body["ranking"][1]["score"]
     after = scrape(routed_server)  # nothing was queued, prefilled or generated for it
     for counter in ("loraplex_prompt_tokens_total", "loraplex_generation_tokens_total", "loraplex_requests_total",
-                    "loraplex_queue_wait_seconds_count"):
+                    "loraplex_queue_wait_seconds_count", "loraplex_router_decisions_total"):  # a dry run: not served
         assert value(after, counter) == value(before, counter), counter
-    assert value(after, "loraplex_router_decisions_total", source="classifier", expert="alpha") == \
-        value(before, "loraplex_router_decisions_total", source="classifier", expert="alpha") + 1
     assert_openai_error(httpx.post(routed_server.base_url + "/v1/route", json={"messages": []}), 400)
 
 
