@@ -46,11 +46,12 @@ def name_taken(name: str) -> AdmissionError:
                           "name")
 
 
-def check_stop_token_ids(ids, vocab_size: int) -> None:
+def check_token_ids(ids, vocab_size: int, param: str) -> None:
+    """Every id names a token of the vocabulary (the one check for stop_token_ids, logit_bias, prompt ids)."""
     bad = sorted(i for i in ids if not 0 <= i < vocab_size)
     if bad:
-        raise AdmissionError(400, f"stop_token_ids {bad} are outside the vocabulary (0..{vocab_size - 1})",
-                             "stop_token_ids")
+        raise AdmissionError(400, f"{param} names tokens {bad[:5]} outside the vocabulary (0..{vocab_size - 1})",
+                             param)
 
 
 def _inside(path: str, root: str) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.base_model import EMBEDDED_BASE, load_model, resolve_base_folder
 from adapters.lora import BaseShape, load_lora
 
 
@@ -23,20 +24,12 @@ def _dequantized(linear) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
 
 
-def merge(adapter_dir: str | Path, out_dir: str | Path, base_model: str = "embedded:smollm2",
+def merge(adapter_dir: str | Path, out_dir: str | Path, base_model: str = EMBEDDED_BASE,
           quantization: str = "nf4", cache_dir: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.model_loader import _quantization_config, resolve_base_folder
-    from server.settings import Settings
-
-    overrides = {"base_model": base_model, "quantization": quantization}
-    if cache_dir:
-        overrides["cache_dir"] = cache_dir
-    folder, _ = resolve_base_folder(Settings(**overrides))
-    quantized = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, quantization_config=_quantization_config(quantization, torch.float32)
-    )
+    folder, _ = resolve_base_folder(base_model, cache_dir)
+    quantized = load_model(folder, quantization, torch.float32)
     lora = load_lora(adapter_dir, BaseShape.from_config(quantized.config))  # same checks as serving
     merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # the float32 skeleton
     with torch.no_grad():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -25,6 +26,16 @@ class AdapterRecord:
     defaults: dict = field(default_factory=dict)  # sampling defaults: temperature, top_p, max_tokens
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @classmethod
+    def create(cls, name: str, folder: str, source: str, weights, spec, key: str | None = None) -> "AdapterRecord":
+        """A new registration of `name` (under `key`, else a fresh one). spec: anything with description,
+        examples, stop, stop_token_ids and the sampling defaults temperature / top_p / max_tokens."""
+        defaults = {k: getattr(spec, k) for k in ("temperature", "top_p", "max_tokens") if getattr(spec, k) is not None}
+        return cls(name=name, key=key or new_key(name), folder=folder, source=source, rank=weights.rank,
+                   target_modules=weights.target_modules, nbytes=weights.nbytes, description=spec.description,
+                   examples=tuple(spec.examples), stop=tuple(spec.stop), stop_token_ids=frozenset(spec.stop_token_ids),
+                   defaults=defaults)
+
     def to_manifest(self) -> dict:
         entry = asdict(self)
         entry["target_modules"] = list(self.target_modules)
@@ -44,6 +55,10 @@ class AdapterRecord:
                 "stop_token_ids": frozenset(entry.get("stop_token_ids", ())),
             }
         )
+
+
+def new_key(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:12]}"
 
 
 class AdapterRegistry:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adapters.base_model import EMBEDDED_BASE, base_stop_token_ids, load_model, resolve_base_folder
 from adapters.chat_data import IGNORE, Example, load_chat_jsonl
 
 CHECKPOINT = "checkpoint"
@@ -29,7 +30,7 @@ class TrainConfig:
     data: str
     name: str
     out: str
-    base_model: str = "embedded:smollm2"
+    base_model: str = EMBEDDED_BASE
     cache_dir: str | None = None
     quantization: str = "nf4"
     rank: int = 8
@@ -93,21 +94,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _load_base(cfg: TrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from server.model_loader import _quantization_config, resolve_base_folder
-    from server.settings import Settings
-
-    overrides = {"base_model": cfg.base_model, "quantization": cfg.quantization}
-    if cfg.cache_dir:
-        overrides["cache_dir"] = cfg.cache_dir
-    settings = Settings(**overrides)
-    folder, _ = resolve_base_folder(settings)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, quantization_config=_quantization_config(cfg.quantization, torch.float32)
-    )
-    return folder, tokenizer, model
+    folder, _ = resolve_base_folder(cfg.base_model, cfg.cache_dir)
+    return folder, AutoTokenizer.from_pretrained(folder), load_model(folder, cfg.quantization, torch.float32)
 
 
 def _save_checkpoint(out: Path, peft_model, optimizer, scheduler, state: dict) -> None:
@@ -136,8 +126,6 @@ def save_half_precision(folder: Path) -> None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
-    from server.chat import base_stop_token_ids
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,8 @@ import time
 import torch
 
 from adapters.lora import LINEAR_MODULES, BaseShape, LoraWeights
-from server.model_loader import load_base
-from server.model_runner import ModelRunner, PrefillItem
-from server.settings import Settings
+from adapters.base_model import EMBEDDED_BASE, load_base
+from server.engine.model_runner import ModelRunner, PrefillItem
 
 RANK = 16
 
@@ -54,7 +53,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=("none", "grouped", "interleaved"), default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    base = load_base(Settings(compute_dtype="float32"))
+    base = load_base(EMBEDDED_BASE, compute_dtype="float32")
     runner = ModelRunner(base.model, base.tokenizer, args.batch, 256)
     shape = BaseShape.from_config(base.model.config)
     names = [f"e{i}" for i in range(args.adapters)]

@@ -25,7 +25,7 @@ import openai
 
 from loadtests.provenance import stamp
 from loadtests.harness import REPO, ServerProcess
-from server.model_loader import EMBEDDED_NAME
+from adapters.base_model import EMBEDDED_NAME
 from server.settings import Settings, load_settings
 
 DEMO = REPO / "adapters" / "demo"

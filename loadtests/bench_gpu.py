@@ -163,7 +163,7 @@ def save_random_base(config, folder: Path, device: torch.device) -> None:
 
 
 def load_nf4(folder: Path, device: torch.device, dtype: torch.dtype):
-    """The same NF4 settings as `loraplex serve` (server/model_loader.py)."""
+    """The same NF4 settings as `loraplex serve` (adapters/base_model.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
@@ -222,11 +222,11 @@ class StepTimer:
 
 
 def run_load(engine, timer: StepTimer, adapters: list[str | None], prompt_len: int, tokens: int, seed: int) -> dict:
-    from server.sampling import SamplingParams, make_generator
-    from server.sequence import Sequence
+    from server.engine.sampling import SamplingParams, make_generator
+    from server.engine.sequence import Sequence
 
     generator = torch.Generator().manual_seed(seed)
-    vocab = engine.runner.vocab_size
+    vocab = engine.call(lambda runner: runner.vocab_size).result(60)
     remaining = len(adapters)
     done = threading.Event()
     lock = threading.Lock()
@@ -249,7 +249,7 @@ def run_load(engine, timer: StepTimer, adapters: list[str | None], prompt_len: i
         prompt = [1] + torch.randint(3, vocab, (prompt_len - 1,), generator=generator).tolist()
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         engine.submit(Sequence(f"bench-{i}", prompt, adapter, params, frozenset(),
-                               make_generator(0, engine.runner.device), collect, label=adapter or "base"))
+                               make_generator(0, engine.device), collect, label=adapter or "base"))
     if not done.wait(600):
         raise RuntimeError("load did not finish in 600 s")
     wall = time.perf_counter() - start
@@ -349,10 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int):
     from adapters.lora import BaseShape
-    from server.engine import Engine
+    from server.engine.engine import Engine
     from server.metrics import Metrics
-    from server.model_runner import ATTENTION_BLOCK, ModelRunner
-    from server.residency import AdapterCache
+    from server.engine.model_runner import ATTENTION_BLOCK, ModelRunner
+    from server.engine.residency import AdapterCache
 
     window = -(-context // ATTENTION_BLOCK) * ATTENTION_BLOCK
     built = {}
@@ -360,7 +360,7 @@ def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int):
     def load_runner():
         runner = ModelRunner(model, tokenizer, max_batch, window)
         cache = AdapterCache(runner.lora, BaseShape.from_config(model.config), max_device=adapters,
-                             max_cpu=adapters, wake=lambda: engine.wake(), on_freed=lambda key, folder: None,
+                             max_cpu=adapters, wake=lambda: engine.wake(), on_freed=lambda folder: None,
                              metrics=Metrics())
         built["timer"] = StepTimer(runner)
         return runner, cache
@@ -378,7 +378,7 @@ def measure_adapter_loads(engine, folders: list[Path], report: Report) -> None:
     """Disk -> validated LoraWeights -> the GPU bank, timed on the engine thread (it owns the bank)."""
     from adapters.lora import BaseShape, load_lora
 
-    shape = BaseShape.from_config(engine.runner.config)
+    shape = BaseShape.from_config(engine.call(lambda runner: runner.config).result(60))
 
     def timed_load(folder: Path):
         def load(runner):
@@ -401,7 +401,8 @@ def measure_adapter_loads(engine, folders: list[Path], report: Report) -> None:
 
 def register_adapters(engine, folders: list[Path]) -> list[str]:
     names = [folder.name for folder in folders]
-    engine.call(lambda runner: [engine.adapters.register(n, str(f)) for n, f in zip(names, folders)]).result(60)
+    for name, folder in zip(names, folders):
+        engine.register_adapter(name, str(folder)).result(60)
     return names
 
 

@@ -28,8 +28,8 @@ from adapters.lora import BaseShape, load_lora
 from loadtests.bench_serving import ALL_LINEAR
 from loadtests.provenance import stamp
 from loadtests.harness import REPO, ServerProcess, make_peft_adapter
-from server.lora_batch import LoraBank
-from server.model_loader import EMBEDDED_NAME, convert_embedded
+from server.engine.lora_batch import LoraBank
+from adapters.base_model import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
 ADMIN = {"Authorization": "Bearer bench"}

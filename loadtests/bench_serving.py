@@ -26,7 +26,7 @@ import torch
 
 from loadtests.harness import REPO, ServerProcess, make_peft_adapter
 from loadtests.provenance import stamp
-from server.model_loader import EMBEDDED_NAME, convert_embedded
+from adapters.base_model import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

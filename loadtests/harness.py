@@ -62,7 +62,7 @@ class ServerProcess:
     def launch(self) -> "ServerProcess":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
+            [sys.executable, "-m", "server.startup.cli", "serve", "--port", str(self.port),
              *(["--config", str(self.config_path)] if self.config_path is not None else [])],
             cwd=REPO,
             env=self._env,

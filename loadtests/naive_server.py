@@ -21,18 +21,16 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.model_loader import EMBEDDED_NAME, _quantization_config, resolve_base_folder
-from server.settings import Settings
+from adapters.base_model import EMBEDDED_BASE, EMBEDDED_NAME, load_model, resolve_base_folder
 
 
 def build_app(adapters: dict[str, str]) -> FastAPI:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    folder, _ = resolve_base_folder(Settings())
+    folder, _ = resolve_base_folder(EMBEDDED_BASE)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                 quantization_config=_quantization_config("nf4", torch.float32)).eval()
+    model = load_model(folder, "nf4", torch.float32).eval()  # the NF4 base as the server loads it
     names = list(adapters)
     if names:
         model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])

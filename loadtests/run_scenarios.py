@@ -26,7 +26,7 @@ from loadtests.bench_serving import ALL_LINEAR
 from loadtests.provenance import stamp
 from loadtests.harness import REPO, ServerProcess, free_port, make_peft_adapter, wait_until
 from loadtests.loadgen import markdown, report, run
-from server.model_loader import EMBEDDED_NAME, convert_embedded
+from adapters.base_model import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
 RESULTS = REPO / "loadtests" / "results"

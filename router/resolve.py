@@ -12,9 +12,17 @@ from dataclasses import dataclass
 
 from adapters.registry import AdapterRegistry
 from router.classifier import ExpertClassifier, ExpertScore
-from server.errors import APIError
 
 AUTO_MODEL = "auto"
+
+
+class UnknownExpert(LookupError):
+    """A request named an expert (by `model` or X-Expert) that is neither registered nor the base."""
+
+    def __init__(self, name: str, param: str):
+        super().__init__(name)
+        self.name = name
+        self.param = param  # where the name came from: "model" or "X-Expert"
 
 
 @dataclass(frozen=True)
@@ -69,9 +77,4 @@ class ExpertRouter:
             return Route(None, self.base_name, "base")
         if self.registry.get(name) is not None:
             return Route(name, name, source)
-        raise APIError(
-            404,
-            f"The model or expert '{name}' does not exist. GET /v1/models lists the base and the registered experts.",
-            param=param,
-            code="model_not_found",
-        )
+        raise UnknownExpert(name, param)

@@ -13,10 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from adapters.base_model import EMBEDDED_BASE, default_cache_dir
 from adapters.text import EncodableText
 
 ENV_PREFIX = "LORAPLEX_"
-EMBEDDED_BASE = "embedded:smollm2"
 
 
 class ConfigError(Exception):
@@ -67,7 +67,7 @@ class Settings(EncodableText):
     )
     shutdown_timeout_s: float = Field(30.0, ge=0)
     cache_dir: str = Field(
-        default_factory=lambda: os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")),
+        default_factory=default_cache_dir,
         description="Where the embedded base is converted to safetensors once.",
     )
     adapters: dict[str, AdapterSpec] = Field(default_factory=dict)

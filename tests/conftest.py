@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.model_loader import convert_embedded
+from adapters.base_model import convert_embedded
 from server.settings import Settings
 from loadtests.harness import ServerProcess, make_peft_adapter
 from tests.support import tiny_llama_config

@@ -105,9 +105,9 @@ def in_process(base_folder, data_dir, router: bool = True, **overrides):
     from fastapi.testclient import TestClient
 
     from loadtests.harness import wait_until
-    from server.app import create_app
+    from server.api.app import create_app
     from server.settings import Settings
-    from server.state import create_state
+    from server.startup.bootstrap import create_state
 
     settings = {"base_model": str(base_folder), "quantization": "none", "compute_dtype": "float32",
                 "data_dir": str(data_dir), "max_batch_size": 2, "context_window": 256, "default_max_tokens": 4,

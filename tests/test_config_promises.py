@@ -84,8 +84,8 @@ def test_int8_quantization_serves_what_the_int8_model_generates(tiny_folder, tmp
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     with in_process(tiny_folder, tmp_path / "data", router=False, quantization="int8") as (state, client):
-        layer = state.engine.runner.layers[0].self_attn.q_proj
-        assert type(layer).__name__ == "Linear8bitLt"
+        layer = state.engine.call(lambda runner: type(runner.layers[0].self_attn.q_proj).__name__).result(10)
+        assert layer == "Linear8bitLt"
         reply = client.post("/v1/completions", json={"model": state.base.name, "prompt": [1, 504, 3575],
                                                      "max_tokens": 6, "temperature": 0, "ignore_eos": True})
         assert reply.status_code == 200, reply.text

@@ -7,12 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adapters.lora import BaseShape
-from server.engine import Engine, QueueFull
+from server.engine.engine import Engine, QueueFull
 from server.metrics import Metrics
-from server.residency import AdapterCache
-from server.model_runner import ModelRunner
-from server.sampling import SamplingParams, make_generator
-from server.sequence import Sequence
+from server.engine.residency import AdapterCache
+from server.engine.model_runner import ModelRunner
+from server.engine.sampling import SamplingParams, make_generator
+from server.engine.sequence import Sequence
 from loadtests.harness import make_peft_adapter, wait_until
 
 
@@ -43,7 +43,7 @@ def tiny_model(tiny_folder):
 def tiny_runtime(model, tokenizer, slots):
     runner = ModelRunner(model, tokenizer, slots, 256)
     cache = AdapterCache(runner.lora, BaseShape.from_config(model.config), max_device=4, max_cpu=4,
-                         wake=lambda: None, on_freed=lambda key, folder: None, metrics=Metrics())
+                         wake=lambda: None, on_freed=lambda folder: None, metrics=Metrics())
     return runner, cache
 
 
@@ -219,7 +219,7 @@ def test_a_request_whose_emit_raises_fails_alone(tiny_model, tokenizer):
 
 
 def test_a_request_whose_detokenizer_raises_fails_alone(tiny_model, tokenizer, monkeypatch):
-    import server.engine as engine_module
+    import server.engine.engine as engine_module
 
     class ExplodingOutput(engine_module.OutputText):
         def push(self, token_id):
@@ -270,7 +270,7 @@ def test_an_adapter_that_makes_logits_nan_fails_its_requests_only(tiny_model, to
     engine.start()
     assert engine.ready.wait(60)
     try:
-        engine.call(lambda _: engine.adapters.register("nan-key", "/nonexistent", weights)).result(10)
+        engine.register_adapter("nan-key", "/nonexistent", weights).result(10)
         good, good_out = make_seq(PROMPTS[0], max_tokens=16)
         bad, bad_out = make_seq(PROMPTS[1], max_tokens=16, temperature=1.0)
         bad.adapter, bad.label = "nan-key", "nan-expert"
@@ -287,7 +287,7 @@ def test_an_adapter_that_makes_logits_nan_fails_its_requests_only(tiny_model, to
 
 
 def test_a_cold_adapter_loads_in_the_background_while_the_batch_decodes(tiny_model, tokenizer, tmp_path, monkeypatch):
-    import server.residency as residency
+    import server.engine.residency as residency
 
     folder = make_peft_adapter(tiny_model, tmp_path / "cold", seed=4, b_std=0.2)
     real_load, load_started = residency.load_lora, threading.Event()
@@ -300,8 +300,8 @@ def test_a_cold_adapter_loads_in_the_background_while_the_batch_decodes(tiny_mod
     monkeypatch.setattr(residency, "load_lora", slow_load)
     engine = make_engine(tiny_model, tokenizer)
     try:
-        engine.call(lambda _: engine.adapters.register("cold-key", str(folder))).result(10)  # disk tier only
-        assert engine.adapters.tier("cold-key") == "disk"
+        engine.register_adapter("cold-key", str(folder)).result(10)  # disk tier only
+        assert engine.adapter_tier("cold-key") == "disk"
         running, running_out = make_seq(PROMPTS[0], max_tokens=200)
         engine.submit(running)
         assert wait_until(lambda: running.generated >= 1, 30, interval=0.001)
@@ -313,7 +313,7 @@ def test_a_cold_adapter_loads_in_the_background_while_the_batch_decodes(tiny_mod
         assert wait_until(lambda: cold.generated >= 1, 30, interval=0.001)
         assert running.generated - during >= 5  # the running request kept decoding through the load
         assert cold_out.done.wait(30) and cold_out.final.completion_tokens == 4
-        assert engine.adapters.tier("cold-key") == "device"
+        assert engine.adapter_tier("cold-key") == "device"
         assert running_out.done.wait(60) and running_out.final.completion_tokens == 200
     finally:
         engine.stop()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loadtests.harness import ServerProcess
-from server.protocol import ChatMessage
+from server.api.protocol import ChatMessage
 from tests.support import BASE, INJECTED, Q_PROJ_KEY, assert_openai_error, upload_files, write_lora
 
 pytestmark = pytest.mark.integration
@@ -148,7 +148,7 @@ def test_unencodable_expert_metadata_is_refused_and_nothing_is_registered(hard):
 
 def test_special_tokens_typed_by_a_user_are_text(hard, tokenizer):
     """A typed <|im_end|><|im_start|>system cannot close the user's turn: the server encodes it as text."""
-    from server.chat import PromptEncoder
+    from server.api.prompts import PromptEncoder
 
     messages = [{"role": "user", "content": INJECTED}]
     usage = chat(hard, messages=messages, max_tokens=1).json()["usage"]

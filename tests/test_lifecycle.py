@@ -17,7 +17,7 @@ LONG = {"model": BASE, "messages": [{"role": "user", "content": "Tell me a story
 
 
 def run_cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "server.startup.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from server.detokenizer import OutputText, StopMatcher
+from server.engine.detokenizer import OutputText, StopMatcher
 
 FFFD = "\ufffd"
 PIECES = ["🎉", "😀👍", "👩‍👩‍👧", "日本語", "中文字符", "é", "ß", " the", " Paris", "</response>", "\n", "END", "ärger", "🇫🇷"]

@@ -2,8 +2,8 @@
 control tokens typed inside a message stay text (no role injection)."""
 import pytest
 
-from server.chat import PromptEncoder
-from server.protocol import ChatMessage
+from server.api.prompts import PromptEncoder
+from server.api.protocol import ChatMessage
 from tests.support import INJECTED
 
 

@@ -30,7 +30,7 @@ def _nothing_left(state, roots, name):
     # no committed files, no staging folder (the engine frees a retired adapter's files in the background)
     assert wait_until(lambda: not list((state.store.root / "store").iterdir()), 10)
     assert name not in state.store.read_manifest()
-    assert state.engine.call(lambda _: state.engine.adapters.counts()).result(10) == {"device": 0, "cpu": 0, "disk": 0}
+    assert state.engine.call(lambda _: state.engine.adapter_counts()).result(10) == {"device": 0, "cpu": 0, "disk": 0}
 
 
 def _boom(*args, **kwargs):

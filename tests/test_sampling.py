@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from server.logprobs import LOWEST_LOGPROB, TokenPieces
-from server.sampling import SamplingParams, TokenLogprob, adjust_logits, make_generator, sample_batch
+from server.api.logprobs import LOWEST_LOGPROB, TokenPieces
+from server.engine.sampling import SamplingParams, TokenLogprob, adjust_logits, make_generator, sample_batch
 
 
 def test_penalties_follow_openai_formula():

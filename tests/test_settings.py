@@ -63,7 +63,7 @@ def test_bad_env_value_is_a_config_error():
 
 
 def test_plain_serve_uses_the_default_config_with_the_demo_experts():
-    from server.cli import DEFAULT_CONFIG
+    from server.startup.cli import DEFAULT_CONFIG
 
     settings = load_settings(str(DEFAULT_CONFIG), environ={})
     assert settings.base_model == "embedded:smollm2"

@@ -13,8 +13,8 @@ from adapters.lora import BaseShape, load_lora
 from adapters.merge import merge
 from adapters.train import TrainConfig, train
 from loadtests.harness import REPO
-from server.admin import AdapterRegistration
-from server.model_runner import ModelRunner, PrefillItem
+from server.api.admin import AdapterRegistration
+from server.engine.model_runner import ModelRunner, PrefillItem
 
 IM_END = 2
 CHATS = [
@@ -66,7 +66,7 @@ def test_bad_data_names_the_line(tokenizer, tmp_path, lines, message):
 def test_cli_reports_bad_data_without_a_traceback(tmp_path, tiny_folder):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    result = subprocess.run([sys.executable, "-m", "server.cli", "train", "--data", str(path), "--name", "x",
+    result = subprocess.run([sys.executable, "-m", "server.startup.cli", "train", "--data", str(path), "--name", "x",
                              "--out", str(tmp_path / "out"), "--base", str(tiny_folder)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "line 1: no assistant turn" in result.stderr
@@ -99,7 +99,7 @@ def test_resume_follows_the_uninterrupted_schedule_exactly(tiny_folder, data_fil
 
 def test_cli_stop_after_then_resume_equals_an_uninterrupted_run(tiny_folder, data_file, tmp_path, capsys):
     """`loraplex train --stop-after` then the same command with `--resume`, through the command line."""
-    from server.cli import main
+    from server.startup.cli import main
 
     def cli(out, *extra):
         return main(["train", "--data", str(data_file), "--name", "x", "--out", str(out), "--base", str(tiny_folder),
@@ -158,13 +158,12 @@ def test_merge_round_trip_matches_the_adapter_on_the_dequantized_base(tiny_folde
 @pytest.mark.integration
 def test_merged_demo_expert_greedy_matches_the_served_expert(tmp_path, smollm_folder, cache_dir):
     """The merged pirate model, in plain transformers, answers like the server's NF4 + LoRA path."""
-    from server.model_loader import load_base
-    from server.settings import load_settings
+    from adapters.base_model import EMBEDDED_BASE, load_base
 
     adapter = REPO / "adapters" / "demo" / "pirate" / "adapter"
     merged_dir = merge(adapter, tmp_path / "merged", cache_dir=cache_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    served = load_base(load_settings(cli_overrides={"cache_dir": cache_dir}, environ={}))
+    served = load_base(EMBEDDED_BASE, compute_dtype="float32", cache_dir=cache_dir)  # as `loraplex serve` on CPU
     runner = ModelRunner(served.model, served.tokenizer, 2, 512)
     runner.lora.add("pirate", load_lora(adapter, BaseShape.from_config(served.model.config)))
     prompts = json.loads((REPO / "adapters" / "demo" / "pirate" / "heldout.json").read_text())["prompts"][:4]

@@ -6,8 +6,9 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
-from server.errors import send_error
+from server.api.errors import send_error
 
 request_log = logging.getLogger("loraplex.requests")
 
@@ -90,6 +91,26 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+@dataclass
+class RequestOutcome:
+    """What the handler learns about a completion request, for the middleware to count and log."""
+
+    expert: str | None = None  # the expert (or the base) that served it
+    source: str | None = None  # how it was chosen: header | model | base | classifier | fallback
+    finish_reason: str | None = None  # of choice 0, once every choice has finished ("error" if the server ended it)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+
+
+def outcome_of(scope) -> RequestOutcome:
+    """The request's outcome record, made on first use."""
+    state = scope.setdefault("state", {})
+    if "outcome" not in state:
+        state["outcome"] = RequestOutcome()
+    return state["outcome"]
+
+
 class RequestOutcomeMiddleware:
     """Counts every (chat or text) completion by adapter, finish reason and status; logs one JSON line.
 
@@ -106,8 +127,7 @@ class RequestOutcomeMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
-        state = scope.setdefault("state", {})
-        outcome = state.setdefault("outcome", {})
+        outcome = outcome_of(scope)
         status, completed, start = 500, False, time.monotonic()
 
         async def tracking_send(message):
@@ -121,20 +141,20 @@ class RequestOutcomeMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         finally:
-            finish = outcome.get("finish_reason")
+            finish = outcome.finish_reason
             if status == 499 or (status == 200 and not (completed and finish)):
                 finish = "cancelled"
-            adapter = outcome.get("expert", "none")
+            adapter = outcome.expert or "none"
             self.metrics.requests.labels(adapter, finish or "none", str(status)).inc()
             request_log.info(json.dumps({
-                "request_id": state.get("request_id"),
+                "request_id": scope["state"].get("request_id"),
                 "endpoint": scope["path"],
                 "adapter": adapter,
-                "source": outcome.get("source"),
+                "source": outcome.source,
                 "status": status,
                 "finish_reason": finish,
-                "prompt_tokens": outcome.get("prompt_tokens"),
-                "completion_tokens": outcome.get("completion_tokens"),
-                "ttft_s": outcome.get("ttft_s"),
+                "prompt_tokens": outcome.prompt_tokens,
+                "completion_tokens": outcome.completion_tokens,
+                "ttft_s": outcome.ttft_s,
                 "e2e_s": round(time.monotonic() - start, 4),
             }))

@@ -1,7 +1,8 @@
-"""One generation request on its way: route it, set its sampling, queue it, then collect or stream it.
+"""One generation request on its way in: route it, set its sampling, check it fits, queue it.
 
 Shared by /v1/chat/completions and /v1/completions, which differ only in how the prompt is
-made and how the answer is shaped (completions.py, text_completions.py).
+made (chat_completions.py, text_completions.py) and how the answer is shaped (responses.py
+collects or streams it).
 """
 from __future__ import annotations
 
@@ -9,19 +10,19 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi import Request
 
-from adapters.admission import AdmissionError, check_stop_token_ids
+from adapters.admission import check_token_ids
 from adapters.registry import AdapterRecord
 from router.resolve import Route
-from server.engine import EngineStopped, QueueFull
-from server.errors import APIError
-from server.protocol import SamplingFields
-from server.sampling import SamplingParams, make_generator
-from server.sequence import EngineOutput, Sequence
-from server.state import ServerState
+from server.api.errors import APIError
+from server.api.middleware import RequestOutcome, outcome_of
+from server.api.protocol import SamplingFields
+from server.api.state import ServerState
+from server.engine.engine import EngineStopped, QueueFull
+from server.engine.sampling import SamplingParams, make_generator
+from server.engine.sequence import Sequence
 
 
 @dataclass
@@ -34,54 +35,11 @@ class Call:
     params: SamplingParams
     seqs: list[Sequence]
     outputs: asyncio.Queue  # (choice index, EngineOutput), or None when the client has gone
-    outcome: dict  # what the request-outcome middleware counts and logs
+    outcome: RequestOutcome  # what the request-outcome middleware counts and logs
 
     def cancel(self, engine) -> None:
         for seq in self.seqs:
             engine.cancel(seq)
-
-
-@dataclass
-class Choice:
-    index: int
-    text: str
-    logprobs: list[dict]
-    finish_reason: str | None = None
-
-
-@dataclass
-class Collected:
-    choices: list[Choice]
-    usage: dict
-
-
-class _Usage:
-    """Token counts over the choices: the prompt once, every choice's completion."""
-
-    def __init__(self, call: Call):
-        self.call = call
-        self.prompt_tokens = len(call.seqs[0].prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reasons: dict[int, str] = {}
-
-    def finish(self, index: int, out: EngineOutput) -> bool:
-        """Count a finished choice; True once every choice has finished (then the outcome is recorded)."""
-        self.completion_tokens += out.completion_tokens
-        self.finish_reasons[index] = out.finish_reason
-        done = len(self.finish_reasons) == len(self.call.seqs)
-        if done:
-            first = self.call.seqs[0]
-            self.call.outcome.update(
-                finish_reason=self.finish_reasons[0],
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                ttft_s=round(first.first_token_time - first.arrival_time, 4) if first.first_token_time else None,
-            )
-        return done
-
-    def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _check_room(prompt_len: int, requested: int | None, param: str, prompt_param: str, context_window: int) -> None:
@@ -123,16 +81,10 @@ def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, re
     default_budget = defaults.get("max_tokens", default_max_tokens or settings.default_max_tokens)
     max_tokens = min(requested if requested is not None else default_budget, settings.max_tokens_limit, room)
     extra_ids = frozenset(req.stop_token_ids or ())
-    try:
-        check_stop_token_ids(extra_ids, base.vocab_size)
-    except AdmissionError as exc:
-        raise APIError(exc.status, exc.message, param=exc.param) from None
+    check_token_ids(extra_ids, base.vocab_size, "stop_token_ids")
     logprobs, top_logprobs = req.logprob_request()
     logit_bias = {int(token): value for token, value in (req.logit_bias or {}).items()}
-    outside = sorted(token for token in logit_bias if token >= base.vocab_size)
-    if outside:
-        raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary of {base.vocab_size} "
-                            "tokens.", param="logit_bias")
+    check_token_ids(logit_bias, base.vocab_size, "logit_bias")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,
@@ -157,28 +109,19 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
     return router.by_name(model, header)
 
 
-def route_headers(route: Route) -> dict[str, str]:
-    headers = {"X-Expert": route.expert, "X-Router-Source": route.source}
-    if route.score is not None:
-        headers["X-Router-Score"] = f"{route.score:.4f}"
-    if route.reason:
-        headers["X-Router-Reason"] = route.reason
-    return headers
-
-
 async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, request: Request,
                  state: ServerState, id_prefix: str, default_max_tokens: int | None = None) -> Call:
+    """Route and queue a request whose prompt is tokenized (the endpoint checked readiness first)."""
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
-    state.require_ready()
     if req.n > state.settings.max_queued_requests:
         raise APIError(400, f"n ({req.n}) is more than this server ever queues at once "
                             f"({state.settings.max_queued_requests}); ask for fewer choices.", param="n")
     base = state.base
     route = await route_request(req.model, routing_text, request, state)
     state.metrics.router_decisions.labels(route.source, route.expert).inc()
-    outcome = request.scope.setdefault("state", {}).setdefault("outcome", {})
-    outcome.update(expert=route.expert, source=route.source)
+    outcome = outcome_of(request.scope)
+    outcome.expert, outcome.source = route.expert, route.source
     record = state.registry.get(route.adapter) if route.adapter else None
     if route.adapter and record is None:  # retired between routing and here
         raise APIError(404, f"The expert '{route.adapter}' does not exist.", param="model", code="model_not_found")
@@ -204,7 +147,7 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             params=params,
             stop_token_ids=stop_ids,
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
-            generator=make_generator(None if params.seed is None else params.seed + index, state.engine.runner.device),
+            generator=make_generator(None if params.seed is None else params.seed + index, state.engine.device),
             emit=emitter(index),
         )
         for index in range(req.n)
@@ -222,76 +165,3 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
     if record is not None:
         state.registry.count_request(record.name)
     return call
-
-
-# an engine error's kind -> (status, code): a server stopping or an adapter that cannot load is
-# "try again later" (503); a request whose generation broke is the server's fault (500)
-_ENGINE_ERRORS = {"shutdown": (503, "shutting_down"), "adapter": (503, "adapter_unavailable")}
-
-
-def engine_failed(out: EngineOutput) -> APIError:
-    status, code = _ENGINE_ERRORS.get(out.error_kind, (500, "generation_failed"))
-    return APIError(status, out.error or "generation failed", code=code)
-
-
-async def _cancel_on_disconnect(call: Call, request: Request, state: ServerState) -> None:
-    """Wait for the client to go away; then cancel its request and wake the collector."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    call.cancel(state.engine)
-    call.outputs.put_nowait(None)
-
-
-async def collect(call: Call, request: Request, state: ServerState) -> Collected | None:
-    """Every choice's whole answer, or None when the client went away first (its request is cancelled)."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(call, request, state))
-    choices = [Choice(index, "", []) for index in range(len(call.seqs))]
-    counts = _Usage(call)
-    try:
-        while True:
-            item = await call.outputs.get()
-            if item is None:
-                return None
-            index, out = item
-            if out.error:
-                raise engine_failed(out)
-            choice = choices[index]
-            choice.text += out.text
-            choice.logprobs += out.logprobs or []
-            if out.finish_reason:
-                choice.finish_reason = out.finish_reason
-                if counts.finish(index, out):
-                    return Collected(choices, counts.as_dict())
-    except BaseException:
-        call.cancel(state.engine)
-        raise
-    finally:
-        watcher.cancel()
-
-
-async def stream(call: Call, state: ServerState) -> AsyncIterator[tuple[int, EngineOutput, dict | None]]:
-    """(choice index, piece, usage once every choice is done) until all choices finish or one fails.
-
-    Leaving early (the client went away, the server closes the stream) cancels the request.
-    """
-    counts = _Usage(call)
-    finished = False
-    try:
-        while True:
-            index, out = await call.outputs.get()
-            if out.error:
-                # every choice still open ends with a finish_reason ("abort": the server ended it), then the error
-                call.outcome["finish_reason"] = "error"
-                for open_index in range(len(call.seqs)):
-                    if open_index not in counts.finish_reasons:
-                        yield open_index, EngineOutput("", "abort"), None
-                yield index, out, None
-                return
-            done = bool(out.finish_reason) and counts.finish(index, out)
-            yield index, out, counts.as_dict() if done else None
-            if done:
-                finished = True
-                return
-    finally:
-        if not finished:
-            call.cancel(state.engine)

@@ -5,16 +5,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server import admin
-from server.auth import AuthMiddleware
-from server.completions import chat_completions, last_user_text
-from server.dispatch import route_request
-from server.errors import APIError, install_error_handlers
-from server.openapi import install_openapi
-from server.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestOutcomeMiddleware
-from server.protocol import ChatCompletionRequest, CompletionRequest, RouteRequest
-from server.state import ServerState
-from server.text_completions import text_completions
+from server.api import admin
+from server.api.auth import AuthMiddleware
+from server.api.chat_completions import chat_completions, last_user_text
+from server.api.dispatch import route_request
+from server.api.errors import APIError, install_error_handlers
+from server.api.openapi import install_openapi
+from server.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestOutcomeMiddleware
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, RouteRequest
+from server.api.state import ServerState
+from server.api.text_completions import text_completions
 
 
 def _model_entry(model_id: str, created: int, parent: str | None = None, owned_by: str = "loraplex") -> dict:

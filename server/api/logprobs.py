@@ -2,14 +2,15 @@
 
 A token may hold part of a character (byte-level BPE splits emoji across tokens), so `bytes`
 is the truth and `token` is those bytes decoded with U+FFFD for the incomplete part, as
-OpenAI does. Runs on the engine thread, with the engine's tokenizer.
+OpenAI does. Runs at the HTTP edge, with the edge's own tokenizer: the engine hands out typed
+TokenLogprob values and never builds OpenAI shapes.
 """
 from __future__ import annotations
 
 import re
 from functools import lru_cache
 
-from server.sampling import TokenLogprob
+from server.engine.sampling import TokenLogprob
 
 LOWEST_LOGPROB = -9999.0  # OpenAI's floor; also keeps -inf out of the JSON
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -48,10 +49,17 @@ class TokenPieces:
             return bytes([int(match.group(1), 16)])
         return piece.replace("\u2581", " ").encode("utf-8")  # SentencePiece marks spaces with U+2581
 
+    def text(self, token_id: int) -> str:
+        """The token's text: its bytes, with U+FFFD for a partial character (as OpenAI writes it)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    @staticmethod
+    def value(logprob: float) -> float:
+        """A logprob as JSON can carry it: -inf floored at OpenAI's -9999."""
+        return max(logprob, LOWEST_LOGPROB)
+
     def _item(self, token_id: int, logprob: float) -> dict:
-        raw = self.token_bytes(token_id)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, LOWEST_LOGPROB),
-                "bytes": list(raw)}
+        return {"token": self.text(token_id), "logprob": self.value(logprob), "bytes": list(self.token_bytes(token_id))}
 
     def entry(self, logprob: TokenLogprob) -> dict:
         """One element of OpenAI's `logprobs.content`."""

@@ -11,9 +11,10 @@ import time
 
 import uvicorn
 
-from server.app import create_app
+from server.api.app import create_app
 from server.settings import Settings
-from server.state import ServerState, create_state
+from server.api.state import ServerState
+from server.startup.bootstrap import create_state
 
 log = logging.getLogger("loraplex.serve")
 

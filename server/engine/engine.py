@@ -3,8 +3,10 @@
 Iteration-level (continuous) batching: between two decode steps the engine drops cancelled
 requests, prefills newly arrived ones (they join the running batch at once) and runs other
 engine-thread work (adapter loads). A finished request leaves the batch immediately; its slot
-is refilled by moving the last running request into it, so running requests stay in slots
-0..B-1.
+is refilled by moving the last running request into it (scheduler.py decides; this file does).
+
+Its public face is small: submit / cancel a request, register / retire an adapter, where an
+adapter resides, the device. Nothing outside reaches the runner or the adapter cache.
 """
 from __future__ import annotations
 
@@ -15,19 +17,17 @@ import time
 from concurrent.futures import Future
 from typing import Callable
 
-from server.detokenizer import OutputText
-from server.model_runner import ModelRunner, PrefillItem
+import torch
+
+from server.engine.detokenizer import OutputText
+from server.engine.model_runner import ModelRunner, PrefillItem
+from server.engine.residency import AdapterCache
+from server.engine.sampling import TokenLogprob, sample_batch
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import EngineOutput, Sequence
 from server.metrics import Metrics
-from server.logprobs import TokenPieces
-from server.residency import AdapterCache, AdapterUnavailable
-from server.sampling import TokenLogprob, sample_batch
-from server.sequence import EngineOutput, Sequence
 
 log = logging.getLogger("loraplex.engine")
-
-# A prefill forward holds at most this many prompt tokens: long enough to batch arrivals,
-# short enough that running streams are not stalled for long.
-PREFILL_TOKEN_BUDGET = 2048
 
 
 class QueueFull(Exception):
@@ -43,15 +43,13 @@ class Engine:
                  max_queued: int, metrics: Metrics):
         self._load_runner = load_runner
         self.metrics = metrics
-        self.max_batch_size = max_batch_size
         self.max_queued = max_queued
-        self.runner: ModelRunner | None = None
-        self.adapters: AdapterCache | None = None
-        self._pieces: TokenPieces | None = None  # token -> logprob entry text; built with the runner
+        self._runner: ModelRunner | None = None
+        self._adapters: AdapterCache | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
-        self._waiting: collections.deque[Sequence] = collections.deque()
-        self._running: list[Sequence] = []
+        self._on_fatal: Callable[[BaseException], None] | None = None
+        self._scheduler = Scheduler(max_batch_size)
         self._tasks: collections.deque[tuple[Callable[[ModelRunner], object], Future]] = collections.deque()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -71,14 +69,13 @@ class Engine:
         self._thread.join(timeout)
 
     def submit(self, seq: Sequence) -> None:
-        if self.runner is not None and len(seq.prompt_ids) + seq.params.max_tokens > self.runner.context_window:
-            raise ValueError("prompt plus max_tokens exceeds the context window")  # callers check first
+        """Queue a request (the caller has checked it fits the context window)."""
         with self._wakeup:
             if self._stopping:
                 raise EngineStopped()
-            if len(self._waiting) >= self.max_queued:
+            if len(self._scheduler.waiting) >= self.max_queued:
                 raise QueueFull()
-            self._waiting.append(seq)
+            self._scheduler.waiting.append(seq)
             self._wakeup.notify()
 
     def wake(self) -> None:
@@ -102,30 +99,49 @@ class Engine:
             self._wakeup.notify()
         return future
 
+    def register_adapter(self, key: str, folder: str, weights=None) -> Future:
+        """Make an adapter servable under `key` (weights already read and checked, or read from folder on use)."""
+        return self.call(lambda _: self._adapters.register(key, folder, weights))
+
+    def retire_adapter(self, key: str) -> Future:
+        """No new request will use it; its memory is freed once running ones are done."""
+        return self.call(lambda _: self._adapters.retire(key))
+
+    def adapter_tier(self, key: str) -> str:
+        """Where an adapter resides now: device, cpu or disk (a snapshot, safe from any thread)."""
+        return self._adapters.tier(key)
+
+    def adapter_counts(self) -> dict[str, int]:
+        """Adapters per residency tier (a snapshot)."""
+        return self._adapters.counts() if self._adapters is not None else {}
+
+    @property
+    def device(self) -> torch.device:
+        return self._runner.device
+
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._scheduler.running)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._scheduler.waiting)
 
     @property
     def idle(self) -> bool:
-        return not self._running and not self._waiting
+        return not self._scheduler.running and not self._scheduler.waiting
 
     # ---- engine thread ------------------------------------------------------------------
 
     def _main(self) -> None:
         try:
-            self.runner, self.adapters = self._load_runner()
+            self._runner, self._adapters = self._load_runner()
         except BaseException as exc:  # reported to the server, which exits non-zero
             self.load_error = exc
             log.error("model load failed: %s", exc)
             if self._on_fatal:
                 self._on_fatal(exc)
             return
-        self._pieces = TokenPieces(self.runner.tokenizer)
         self.ready.set()
         try:
             self._loop()
@@ -138,7 +154,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not (self._stopping or self._tasks or self._waiting or self._running):
+                while not (self._stopping or self._tasks or not self.idle):
                     self._wakeup.wait()
                 if self._stalled and not (self._stopping or self._tasks):
                     self._wakeup.wait(0.05)
@@ -147,11 +163,11 @@ class Engine:
             self._run_tasks()
             self._reap_cancelled()
             admitted = self._admit()
-            if self._running:
+            if self._scheduler.running:
                 self._decode_step()
-            self._stalled = not admitted and not self._running and bool(self._waiting)
-            self.adapters.release_unused({s.adapter for s in (*self._running, *self._waiting)})
-        self.adapters.close()
+            self._stalled = not admitted and not self._scheduler.running and bool(self._scheduler.waiting)
+            self._adapters.release_unused(self._scheduler.adapters_in_use())
+        self._adapters.close()
         self._fail_all("server is shutting down", kind="shutdown")
 
     def _run_tasks(self) -> None:
@@ -160,67 +176,37 @@ class Engine:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn(self.runner))
+                future.set_result(fn(self._runner))
             except BaseException as exc:
                 future.set_exception(exc)
 
     def _reap_cancelled(self) -> None:
-        # cancelled requests still waiting are dropped by _admit's pass over the queue
-        for seq in [s for s in self._running if s.cancelled]:
+        for seq in self._scheduler.cancelled():
             self._release(seq)
 
     def _admit(self) -> bool:
-        """Prefill what can start now; a request whose adapter is still loading keeps its place."""
-        batch: list[Sequence] = []
-        failed: list[tuple[Sequence, str]] = []
-        tokens = 0
-        in_use = {seq.adapter for seq in self._running}
+        """Prefill what the scheduler admits now; True when something was."""
         with self._wakeup:
-            kept: collections.deque[Sequence] = collections.deque()
-            while self._waiting:
-                seq = self._waiting.popleft()
-                if seq.cancelled:
-                    continue
-                room = len(self._running) + len(batch) < self.max_batch_size
-                if not room or (batch and tokens + len(seq.prompt_ids) > PREFILL_TOKEN_BUDGET):
-                    kept.append(seq)
-                    continue
-                try:
-                    ready = seq.adapter is None or self.adapters.acquire(seq.adapter, in_use | {seq.adapter})
-                except AdapterUnavailable as exc:
-                    failed.append((seq, str(exc)))
-                    continue
-                if not ready:
-                    kept.append(seq)
-                    continue
-                in_use.add(seq.adapter)
-                batch.append(seq)
-                tokens += len(seq.prompt_ids)
-            self._waiting = kept
+            batch, failed = self._scheduler.admit(self._adapters.acquire)
         for seq, message in failed:
             self._fail(seq, message, kind="adapter")
         if not batch:
             return False
-        # Requests of one adapter side by side let the LoRA step skip its gather/scatter.
-        batch.sort(key=lambda seq: (seq.adapter is None, seq.adapter or ""))
         now = time.monotonic()
         for seq in batch:
             self.metrics.queue_wait.labels(seq.label).observe(now - seq.arrival_time)
-            seq.output = OutputText(self.runner.tokenizer, seq.params.stop)
-            seq.slot = len(self._running)
-            self._running.append(seq)
-        items = [PrefillItem(seq.slot, seq.prompt_ids, seq.adapter) for seq in batch]
-        logits = self.runner.prefill(items)
+            seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
+        logits = self._runner.prefill([PrefillItem(seq.slot, seq.prompt_ids, seq.adapter) for seq in batch])
         for seq in batch:
             seq.kv_len = len(seq.prompt_ids)
         self._sample_and_accept(batch, logits)
         return True
 
     def _decode_step(self) -> None:
-        running = self._running
+        running = self._scheduler.running
         self.metrics.batch_size.set(len(running))
         self.metrics.decode_rows.observe(len(running))
-        logits = self.runner.decode(
+        logits = self._runner.decode(
             [seq.last_token for seq in running],
             [seq.kv_len for seq in running],
             [seq.adapter for seq in running],
@@ -269,7 +255,7 @@ class Engine:
         if seq.generated_counts is not None:
             seq.generated_counts[token] += 1
         if logprob is not None and token not in seq.stop_token_ids:  # a stop token is not part of the answer
-            seq.pending_logprobs.append(self._pieces.entry(logprob))
+            seq.pending_logprobs.append(logprob)
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -299,20 +285,14 @@ class Engine:
         seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated, logprobs=seq.take_logprobs()))
 
     def _release(self, seq: Sequence) -> None:
-        """Take seq out of the batch; the last running request moves into its slot."""
-        slot = seq.slot
-        last = self._running.pop()
-        if last is not seq:
-            self.runner.move_slot(last.slot, slot, last.kv_len)
-            last.slot = slot
-            self._running[slot] = last
-        seq.slot = -1
+        """Take seq out of the batch; the request the scheduler moves into its slot takes its KV cache along."""
+        old_slot = len(self._scheduler.running) - 1
+        moved = self._scheduler.release(seq)
+        if moved is not None:
+            self._runner.move_slot(old_slot, moved.slot, moved.kv_len)
 
     def _fail_all(self, message: str, kind: str) -> None:
         with self._wakeup:
-            pending = list(self._running) + list(self._waiting)
-            self._running.clear()
-            self._waiting.clear()
+            pending = self._scheduler.drain()
         for seq in pending:
-            seq.slot = -1  # the batch is gone as a whole
             self._fail(seq, message, kind)

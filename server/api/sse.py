@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from server.errors import APIError
+from server.api.errors import APIError
 
 
 def sse(payload: dict | str) -> bytes:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server.lora_batch import LoraBank, StepLora, matmul_rows
+from server.engine.lora_batch import LoraBank, StepLora, matmul_rows
 
 # Decode attention runs over cache lengths rounded up to this (see _decode_attention).
 ATTENTION_BLOCK = 64

@@ -9,6 +9,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.admission import AdmissionError
+from router.resolve import UnknownExpert
+
 log = logging.getLogger("loraplex.http")
 
 _TYPE_BY_STATUS = {
@@ -72,6 +75,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(AdmissionError)
+    async def _refused(request: Request, exc: AdmissionError):
+        return error_response(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(UnknownExpert)
+    async def _unknown_expert(request: Request, exc: UnknownExpert):
+        return error_response(404, f"The model or expert '{exc.name}' does not exist. GET /v1/models lists the base "
+                                   "and the registered experts.", exc.param, "model_not_found")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -10,11 +10,11 @@ from server.settings import ConfigError, load_settings
 
 
 # configs/default.yaml of this checkout: the embedded base plus the demo experts
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.serve import serve
+    from server.startup.serve import serve
 
     config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
     settings = load_settings(config, {"host": args.host, "port": args.port})

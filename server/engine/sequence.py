@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
-from server.detokenizer import OutputText
-from server.sampling import SamplingParams
+from server.engine.detokenizer import OutputText
+from server.engine.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -24,7 +24,7 @@ class EngineOutput:
     # why it failed: "shutdown" (the server is stopping), "adapter" (its weights could not be
     # loaded) or "fault" (this request's generation broke); the edge picks the status from it
     error_kind: str | None = None
-    logprobs: list[dict] | None = None  # OpenAI logprob entries of the tokens behind this piece (when asked)
+    logprobs: list[TokenLogprob] | None = None  # of the tokens behind this piece (when asked); shaped at the edge
 
 
 @dataclass
@@ -48,13 +48,13 @@ class Sequence:
     last_token_time: float | None = None
     finish_time: float | None = None
     generated_counts: Counter | None = None  # token -> times generated; kept only for penalties
-    pending_logprobs: list[dict] = field(default_factory=list)  # entries whose text is not sent yet
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
 
     def __post_init__(self) -> None:
         if self.params.penalizes:
             self.generated_counts = Counter()
 
-    def take_logprobs(self) -> list[dict] | None:
+    def take_logprobs(self) -> list[TokenLogprob] | None:
         if not self.params.logprobs:
             return None
         taken, self.pending_logprobs = self.pending_logprobs, []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 
-from server.errors import send_error
+from server.api.errors import send_error
 from server.settings import Settings
 
 ADMIN_PREFIX = "/v1/adapters"

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from adapters.lora import BaseShape, LoraWeights, load_lora
-from server.lora_batch import LoraBank
+from server.engine.lora_batch import LoraBank
 from server.metrics import Metrics
 
 log = logging.getLogger("loraplex.residency")
@@ -25,14 +25,14 @@ class AdapterUnavailable(Exception):
 
 class AdapterCache:
     def __init__(self, bank: LoraBank, shape: BaseShape, max_device: int, max_cpu: int,
-                 wake: Callable[[], None], on_freed: Callable[[str, str], None], metrics: Metrics):
+                 wake: Callable[[], None], on_freed: Callable[[str], None], metrics: Metrics):
         self.metrics = metrics
         self.bank = bank
         self.shape = shape
         self.max_device = max_device
         self.max_cpu = max_cpu
         self._wake = wake  # tells the engine a background load finished
-        self._on_freed = on_freed  # (key, folder) of a retired adapter once nothing uses it any more
+        self._on_freed = on_freed  # called with a retired adapter's folder once nothing uses it any more
         self._folders: dict[str, str] = {}
         self._device: OrderedDict[str, None] = OrderedDict()  # keys in the bank, least recent first
         self._cpu: OrderedDict[str, LoraWeights] = OrderedDict()
@@ -82,7 +82,7 @@ class AdapterCache:
             self._device.pop(key, None)
             self._cpu.pop(key, None)
             self._loading.pop(key, None)
-            self._on_freed(key, self._folders.pop(key))
+            self._on_freed(self._folders.pop(key))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

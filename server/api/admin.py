@@ -12,20 +12,18 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.admission import (
-    AdmissionError,
     check_new_name,
-    name_taken,
-    check_stop_token_ids,
+    check_token_ids,
     fill_from_folder,
+    name_taken,
     stage_from_path,
     stage_upload,
     validate_staged,
 )
-from adapters.registry import AdapterRecord
-from server.bootstrap import new_key, record_for
-from server.errors import APIError, validation_message
+from adapters.registry import AdapterRecord, new_key
+from server.api.errors import APIError, validation_message
+from server.api.state import ServerState
 from server.settings import AdapterSpec
-from server.state import ServerState
 
 router = APIRouter()  # every path here needs an admin key (server/auth.py checks it before the body)
 LIST_FIELDS = ("examples", "stop", "stop_token_ids")
@@ -58,7 +56,7 @@ def _describe(record: AdapterRecord, state: ServerState) -> dict:
         "rank": record.rank,
         "target_modules": list(record.target_modules),
         "size_bytes": record.nbytes,
-        "tier": state.engine.adapters.tier(record.key),
+        "tier": state.engine.adapter_tier(record.key),
         "requests": state.registry.request_count(record.name),
     }
 
@@ -113,7 +111,7 @@ def _stage_and_validate(state: ServerState, registration: AdapterRegistration, f
         registration = fill_from_folder(registration, os.path.realpath(registration.path))
     else:
         stage_upload(files["adapter_config"], files["adapter_model"], staging, settings.max_adapter_bytes)
-    check_stop_token_ids(registration.stop_token_ids, base.vocab_size)
+    check_token_ids(registration.stop_token_ids, base.vocab_size, "stop_token_ids")
     weights = validate_staged(staging, base.shape, settings.max_adapter_rank, base.names, settings.base_mismatch)
     return weights, registration
 
@@ -123,12 +121,9 @@ async def register_adapter(request: Request):
     state = _state(request)
     registration, files = await _read_registration(request)
     name = registration.name
-    try:
-        check_new_name(name, {state.base.name, *state.router.auto_names})
-        if not state.registry.reserve(name):
-            raise name_taken(name)
-    except AdmissionError as exc:
-        raise APIError(exc.status, exc.message, param=exc.param) from None
+    check_new_name(name, {state.base.name, *state.router.auto_names})
+    if not state.registry.reserve(name):
+        raise name_taken(name)
     staging = state.store.staging_dir()
     folder = None
     record = None
@@ -137,8 +132,8 @@ async def register_adapter(request: Request):
         weights, registration = await asyncio.to_thread(_stage_and_validate, state, registration, files, staging)
         key = new_key(name)
         folder = state.store.commit_files(staging, key)
-        record = record_for(name, key, str(folder), "upload" if files else "path", weights, registration)
-        await asyncio.wrap_future(state.engine.call(lambda _: state.engine.adapters.register(key, str(folder), weights)))
+        record = AdapterRecord.create(name, str(folder), "upload" if files else "path", weights, registration, key)
+        await asyncio.wrap_future(state.engine.register_adapter(key, str(folder), weights))
         if classifier is not None:  # indexed before it is listed: routable from the next request on
             await asyncio.to_thread(classifier.add, name, record.description, record.examples)
         # the manifest is written last: once it names the expert, the registration has happened
@@ -149,13 +144,11 @@ async def register_adapter(request: Request):
         if classifier is not None:
             classifier.remove(name)
         if record is not None:
-            state.engine.call(lambda _: state.engine.adapters.retire(record.key))
+            state.engine.retire_adapter(record.key)
         elif folder is not None:
             state.store.delete_files(folder)
         state.registry.release(name)
-        if isinstance(exc, AdmissionError):
-            raise APIError(exc.status, exc.message, param=exc.param) from None
-        raise
+        raise  # an AdmissionError is answered with its own status (errors.py)
     state.registry.add(record)
     return _describe(record, state)
 
@@ -191,5 +184,5 @@ async def delete_adapter(name: str, request: Request):
         state.router.classifier.remove(name)
     await asyncio.to_thread(state.store.remove_entry, name, record.key)
     # running requests finish on it; the engine frees memory and files afterwards
-    state.engine.call(lambda _: state.engine.adapters.retire(record.key))
+    state.engine.retire_adapter(record.key)
     return {"id": name, "object": "adapter", "deleted": True}

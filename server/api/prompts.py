@@ -1,18 +1,11 @@
-"""Prompt rendering with the base's chat template, and the set of tokens that end a turn."""
+"""Prompts as token ids: chat messages through the base's chat template, raw text as it is."""
 from __future__ import annotations
 
 import re
 import secrets
 
-from server.protocol import ChatMessage
-
-# Used only when a base folder carries no chat template of its own.
-FALLBACK_CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
-
+from adapters.base_model import FALLBACK_CHATML
+from server.api.protocol import ChatMessage
 
 class PromptEncoder:
     """Messages -> prompt token ids with the base's chat template, and raw text -> token ids.
@@ -78,21 +71,3 @@ class PromptEncoder:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A raw prompt as the tokenizer reads it (its special tokens are special: the caller wrote the template)."""
         return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
-
-
-def base_stop_token_ids(tokenizer, generation_config) -> frozenset[int]:
-    """EOS of the tokenizer and generation config, plus the template's end-of-turn token."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    config_eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif config_eos:
-        ids.update(config_eos)
-    template = tokenizer.chat_template or FALLBACK_CHATML
-    vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_CANDIDATES:
-        if token in template and token in vocab:
-            ids.add(vocab[token])
-    return frozenset(ids)

@@ -1,0 +1,191 @@
+"""One generation request on its way out: its answer collected whole, or streamed as Server-Sent
+Events through the one streaming loop both endpoints share (each endpoint only shapes chunks).
+"""
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from router.resolve import Route
+from server.api.dispatch import Call
+from server.api.errors import APIError
+from server.api.sse import sse, sse_error
+from server.api.state import ServerState
+from server.engine.sampling import TokenLogprob
+from server.engine.sequence import EngineOutput
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Collected:
+    choices: list[Choice]
+    usage: dict
+
+
+class _Usage:
+    """Token counts over the choices: the prompt once, every choice's completion."""
+
+    def __init__(self, call: Call):
+        self.call = call
+        self.prompt_tokens = len(call.seqs[0].prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reasons: dict[int, str] = {}
+
+    def finish(self, index: int, out: EngineOutput) -> bool:
+        """Count a finished choice; True once every choice has finished (then the outcome is recorded)."""
+        self.completion_tokens += out.completion_tokens
+        self.finish_reasons[index] = out.finish_reason
+        done = len(self.finish_reasons) == len(self.call.seqs)
+        if done:
+            first, outcome = self.call.seqs[0], self.call.outcome
+            outcome.finish_reason = self.finish_reasons[0]
+            outcome.prompt_tokens, outcome.completion_tokens = self.prompt_tokens, self.completion_tokens
+            outcome.ttft_s = round(first.first_token_time - first.arrival_time, 4) if first.first_token_time else None
+        return done
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def route_headers(route: Route) -> dict[str, str]:
+    headers = {"X-Expert": route.expert, "X-Router-Source": route.source}
+    if route.score is not None:
+        headers["X-Router-Score"] = f"{route.score:.4f}"
+    if route.reason:
+        headers["X-Router-Reason"] = route.reason
+    return headers
+
+
+# an engine error's kind -> (status, code): a server stopping or an adapter that cannot load is
+# "try again later" (503); a request whose generation broke is the server's fault (500)
+_ENGINE_ERRORS = {"shutdown": (503, "shutting_down"), "adapter": (503, "adapter_unavailable")}
+
+
+def engine_failed(out: EngineOutput) -> APIError:
+    status, code = _ENGINE_ERRORS.get(out.error_kind, (500, "generation_failed"))
+    return APIError(status, out.error or "generation failed", code=code)
+
+
+async def _cancel_on_disconnect(call: Call, request: Request, state: ServerState) -> None:
+    """Wait for the client to go away; then cancel its request and wake the collector."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    call.cancel(state.engine)
+    call.outputs.put_nowait(None)
+
+
+async def collect(call: Call, request: Request, state: ServerState) -> Collected | None:
+    """Every choice's whole answer, or None when the client went away first (its request is cancelled)."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(call, request, state))
+    choices = [Choice(index, "", []) for index in range(len(call.seqs))]
+    counts = _Usage(call)
+    try:
+        while True:
+            item = await call.outputs.get()
+            if item is None:
+                return None
+            index, out = item
+            if out.error:
+                raise engine_failed(out)
+            choice = choices[index]
+            choice.text += out.text
+            choice.logprobs += out.logprobs or []
+            if out.finish_reason:
+                choice.finish_reason = out.finish_reason
+                if counts.finish(index, out):
+                    return Collected(choices, counts.as_dict())
+    except BaseException:
+        call.cancel(state.engine)
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def stream(call: Call, state: ServerState) -> AsyncIterator[tuple[int, EngineOutput, dict | None]]:
+    """(choice index, piece, usage once every choice is done) until all choices finish or one fails.
+
+    Leaving early (the client went away, the server closes the stream) cancels the request.
+    """
+    counts = _Usage(call)
+    finished = False
+    try:
+        while True:
+            index, out = await call.outputs.get()
+            if out.error:
+                # every choice still open ends with a finish_reason ("abort": the server ended it), then the error
+                call.outcome.finish_reason = "error"
+                for open_index in range(len(call.seqs)):
+                    if open_index not in counts.finish_reasons:
+                        yield open_index, EngineOutput("", "abort"), None
+                yield index, out, None
+                return
+            done = bool(out.finish_reason) and counts.finish(index, out)
+            yield index, out, counts.as_dict() if done else None
+            if done:
+                finished = True
+                return
+    finally:
+        if not finished:
+            call.cancel(state.engine)
+
+
+class ChunkShaper(Protocol):
+    """How one endpoint writes its stream's chunks (chat.completion.chunk, text_completion, ...)."""
+
+    def opening(self, index: int) -> dict | None:
+        """The first chunk of a choice before any text (the chat role, an echoed prompt), if any."""
+
+    def piece(self, index: int, out: EngineOutput) -> dict:
+        """A chunk carrying a piece of a choice's text (and its logprobs)."""
+
+    def finish(self, index: int, reason: str) -> dict:
+        """The chunk that ends a choice."""
+
+    def usage(self, usage: dict) -> dict:
+        """The last chunk, with the usage of the whole request (stream_options.include_usage)."""
+
+
+async def _events(call: Call, state: ServerState, shaper: ChunkShaper, include_usage: bool) -> AsyncIterator[bytes]:
+    for index in range(len(call.seqs)):
+        opening = shaper.opening(index)
+        if opening is not None:
+            yield sse(opening)
+    async with aclosing(stream(call, state)) as outputs:
+        async for index, out, usage in outputs:
+            if out.error:
+                yield sse_error(engine_failed(out))
+                break
+            if out.text or out.logprobs:  # a held-back stop string can leave logprobs with no text
+                yield sse(shaper.piece(index, out))
+            if out.finish_reason:
+                yield sse(shaper.finish(index, out.finish_reason))
+            if usage and include_usage:
+                yield sse(shaper.usage(usage))
+    yield sse("[DONE]")
+
+
+def streaming_response(call: Call, state: ServerState, shaper: ChunkShaper, include_usage: bool) -> StreamingResponse:
+    """The answer as Server-Sent Events, ending with `data: [DONE]`; the route in the headers."""
+    return StreamingResponse(_events(call, state, shaper, include_usage), media_type="text/event-stream",
+                             headers={**route_headers(call.route), "Cache-Control": "no-cache"})
+
+
+async def complete_response(call: Call, request: Request, state: ServerState, body) -> JSONResponse:
+    """The whole answer as one JSON body, `body(collected)` shaping it; 499 when the client went away first."""
+    answer = await collect(call, request, state)
+    if answer is None:
+        return JSONResponse({}, status_code=499)  # nobody is listening any more
+    return JSONResponse(body(answer), headers=route_headers(call.route))

