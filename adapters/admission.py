@@ -14,7 +14,16 @@ from typing import Collection
 
 from pydantic import ValidationError
 
-from adapters.lora import CONFIG_FILE, WEIGHTS_FILE, AdapterError, BaseShape, LoraWeights, load_lora
+from adapters.lora import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    AdapterError,
+    BaseShape,
+    LoraWeights,
+    load_lora,
+    refuse_pickled,
+)
 from adapters.names import check_adapter_name
 
 log = logging.getLogger("loraplex.adapters")
@@ -91,8 +100,10 @@ def _stage_inside_roots(path: str, real_roots: list[str], roots: list[str], stag
     folder = Path(real)
     if not folder.is_dir():
         raise AdmissionError(400, f"path {path!r} is not a folder", "path")
-    if not (folder / WEIGHTS_FILE).exists() and (folder / "adapter_model.bin").exists():
-        raise AdmissionError(400, "adapter_model.bin (pickle) is refused; save the adapter as safetensors", "path")
+    try:
+        refuse_pickled(folder)
+    except AdapterError as exc:
+        raise AdmissionError(400, str(exc), "path") from None
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         source = folder / name
         if not source.is_file():
@@ -136,7 +147,6 @@ def validate_staged(staging: Path, shape: BaseShape, max_rank: int, base_names: 
 
 
 
-METADATA_FILE = "expert.json"  # written by `loraplex train` beside the adapter files
 METADATA_FIELDS = ("description", "examples", "stop")
 
 

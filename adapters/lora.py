@@ -18,12 +18,17 @@ from safetensors.torch import load_file
 
 from adapters.text import find_unencodable, unencodable_message
 
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The Llama linears a LoRA may target, and the block each lives in (its path: model.layers.N.<block>.<module>).
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
 _TENSOR_KEY = re.compile(
     r"layers\.(?P<layer>[0-9]{1,9})\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # never loaded: unpickling runs code
+METADATA_FILE = "expert.json"  # written by `loraplex train` beside the adapter files: description, examples, stop
 # Largest |value| of an A matrix or a scaled B matrix that is served. Trained adapters stay
 # below ~10 (A ~ 1/sqrt(in), B ~ 1e-2, scaling alpha/r ~ 2); values past this are a broken or
 # hostile file that would turn every answer into NaN or noise, so they are refused up front.
@@ -187,11 +192,16 @@ def _check_values(name: str, tensor: torch.Tensor) -> None:
                            "(a broken or mis-scaled adapter)")
 
 
+def refuse_pickled(folder: Path) -> None:
+    """A folder with only pickled weights gets the one message that says why, wherever it is read."""
+    if not (folder / WEIGHTS_FILE).exists() and (folder / PICKLED_WEIGHTS_FILE).exists():
+        raise AdapterError(f"{PICKLED_WEIGHTS_FILE} (pickle) is refused; save the adapter as safetensors")
+
+
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
-        if (folder / "adapter_model.bin").exists():
-            raise AdapterError("adapter_model.bin (pickle) is refused; save the adapter as safetensors")
+        refuse_pickled(folder)
         raise AdapterError(f"{folder} has no {WEIGHTS_FILE}")
     try:
         return load_file(str(weights_path), device="cpu")
@@ -242,7 +252,7 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
                 f"layer {layer} {module}: LoRA shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit "
                 f"the base's {in_features}->{out_features} linear (adapter trained on another base?)"
             )
-        block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        block = "self_attn" if module in ATTENTION_MODULES else "mlp"
         module_path = f"model.layers.{layer}.{block}.{module}"  # the path PEFT matches patterns against
         alpha = float(_pattern_value(config.get("alpha_pattern"), module_path, default_alpha))
         scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank

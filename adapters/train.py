@@ -19,10 +19,9 @@ from tqdm import tqdm
 
 from adapters.base_model import EMBEDDED_BASE, base_stop_token_ids, load_model, resolve_base_folder
 from adapters.chat_data import IGNORE, Example, load_chat_jsonl
+from adapters.lora import LINEAR_MODULES, METADATA_FILE
 
 CHECKPOINT = "checkpoint"
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METADATA_FILE = "expert.json"
 
 
 @dataclass
@@ -35,7 +34,7 @@ class TrainConfig:
     quantization: str = "nf4"
     rank: int = 8
     alpha: int = 16
-    targets: tuple[str, ...] = ALL_LINEAR
+    targets: tuple[str, ...] = LINEAR_MODULES
     epochs: int = 2
     steps: int | None = None  # planned total steps; default epochs * steps per epoch
     stop_after: int | None = None  # stop this run early (an interruption), keeping the plan

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.lora import ATTENTION_MODULES, LINEAR_MODULES
 from loadtests.provenance import stamp
 
 SHAPES = {
@@ -48,7 +49,6 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=64),
 }
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("none", "one", "mixed8")
 
 
@@ -184,9 +184,9 @@ def write_random_adapter(config, folder: Path, rank: int, seed: int) -> Path:
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config.num_hidden_layers):
-        for module in ALL_LINEAR:
+        for module in LINEAR_MODULES:
             in_features, out_features = shape.linear_features[module]
-            block = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            block = "self_attn" if module in ATTENTION_MODULES else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, in_features, generator=generator)
                                                   / in_features**0.5).to(torch.float16)
@@ -195,7 +195,7 @@ def write_random_adapter(config, folder: Path, rank: int, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(ALL_LINEAR),
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LINEAR_MODULES),
         "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM",
     }))
     return folder
@@ -249,7 +249,7 @@ def run_load(engine, timer: StepTimer, adapters: list[str | None], prompt_len: i
         prompt = [1] + torch.randint(3, vocab, (prompt_len - 1,), generator=generator).tolist()
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         engine.submit(Sequence(f"bench-{i}", prompt, adapter, params, frozenset(),
-                               make_generator(0, engine.device), collect, label=adapter or "base"))
+                               make_generator(0, engine.device), collect, model=adapter or "base"))
     if not done.wait(600):
         raise RuntimeError("load did not finish in 600 s")
     wall = time.perf_counter() - start

@@ -25,7 +25,7 @@ import httpx
 import torch
 
 from adapters.lora import BaseShape, load_lora
-from loadtests.bench_serving import ALL_LINEAR
+from adapters.lora import LINEAR_MODULES
 from loadtests.provenance import stamp
 from loadtests.harness import REPO, ServerProcess, make_peft_adapter
 from server.engine.lora_batch import LoraBank
@@ -68,7 +68,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    adapter = make_peft_adapter(fp32, roots / "expert", seed=7, rank=16, targets=ALL_LINEAR, b_std=0.005)
+    adapter = make_peft_adapter(fp32, roots / "expert", seed=7, rank=16, targets=LINEAR_MODULES, b_std=0.005)
     shape = BaseShape.from_config(fp32.config)
     del fp32
 

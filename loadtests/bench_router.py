@@ -61,7 +61,7 @@ def evaluate(router: ExpertRouter, data: dict) -> dict:
         start = time.perf_counter()
         route = router.by_prompt(prompt)
         latencies_ms.append((time.perf_counter() - start) * 1000)
-        pairs.append((label, FALLBACK if route.source == "fallback" else route.expert))
+        pairs.append((label, FALLBACK if route.source == "fallback" else route.model))
     on_topic = [(want, got) for want, got in pairs if want != FALLBACK]
     off_topic = [(want, got) for want, got in pairs if want == FALLBACK]
     latencies_ms.sort()

@@ -24,12 +24,12 @@ from pathlib import Path
 import openai
 import torch
 
+from adapters.lora import LINEAR_MODULES
 from loadtests.harness import REPO, ServerProcess, make_peft_adapter
 from loadtests.provenance import stamp
 from adapters.base_model import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUESTIONS = [
     "Explain how a rainbow forms.",
     "Write a short poem about the sea.",
@@ -144,7 +144,7 @@ def main() -> None:
     fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     adapters = {
         f"expert{i}": make_peft_adapter(fp32, workdir / f"expert{i}", seed=100 + i, rank=args.rank,
-                                        targets=ALL_LINEAR, b_std=0.005)
+                                        targets=LINEAR_MODULES, b_std=0.005)
         for i in range(args.adapters)
     }
     del fp32

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from loadtests.bench_serving import ALL_LINEAR
+from adapters.lora import LINEAR_MODULES
 from loadtests.provenance import stamp
 from loadtests.harness import REPO, ServerProcess, free_port, make_peft_adapter, wait_until
 from loadtests.loadgen import markdown, report, run
@@ -36,7 +36,7 @@ def _adapters(workdir: Path, count: int) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM
 
     fp32 = AutoModelForCausalLM.from_pretrained(convert_embedded(Settings().cache_dir), dtype=torch.float32)
-    return {f"expert{i}": make_peft_adapter(fp32, workdir / f"expert{i}", seed=200 + i, rank=16, targets=ALL_LINEAR,
+    return {f"expert{i}": make_peft_adapter(fp32, workdir / f"expert{i}", seed=200 + i, rank=16, targets=LINEAR_MODULES,
                                             b_std=0.005) for i in range(count)}
 
 

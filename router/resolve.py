@@ -27,8 +27,8 @@ class UnknownExpert(LookupError):
 
 @dataclass(frozen=True)
 class Route:
-    adapter: str | None  # None: the base model, no LoRA
-    expert: str  # what the X-Expert response header says: the adapter or the base name
+    expert: str | None  # the registered expert that serves it; None: the base model, no LoRA
+    model: str  # who serves it by name (the expert's or the base's): response `model`, X-Expert, metrics label
     source: str  # header | model | base | classifier | fallback
     score: float | None = None  # the classifier's score for the chosen expert
     ranking: tuple[ExpertScore, ...] = ()

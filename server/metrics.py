@@ -31,7 +31,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("loraplex_requests_total", "Chat completion requests by outcome",
+        self.requests = Counter("loraplex_requests_total", "Chat and text completion requests by outcome",
                                 ["adapter", "finish_reason", "status"], registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens_total", "Prompt tokens", ["adapter"], registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens_total", "Generated tokens", ["adapter"],

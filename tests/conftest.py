@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adapters.base_model import convert_embedded
+from adapters.lora import LINEAR_MODULES
 from server.settings import Settings
 from loadtests.harness import ServerProcess, make_peft_adapter
 from tests.support import tiny_llama_config
@@ -41,7 +42,7 @@ def smollm_adapters(smollm_folder, tmp_path_factory) -> dict[str, Path]:
         # random weights big enough to wreck the model: it never emits EOS, like a bad fine-tune
         "noisy": make_peft_adapter(model, root / "noisy", seed=3, rank=8, b_std=0.05),
         "beta": make_peft_adapter(
-            model, root / "beta", seed=2, rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            model, root / "beta", seed=2, rank=16, targets=LINEAR_MODULES,
             b_std=0.005,
         ),
     }

@@ -273,7 +273,7 @@ def test_an_adapter_that_makes_logits_nan_fails_its_requests_only(tiny_model, to
         engine.register_adapter("nan-key", "/nonexistent", weights).result(10)
         good, good_out = make_seq(PROMPTS[0], max_tokens=16)
         bad, bad_out = make_seq(PROMPTS[1], max_tokens=16, temperature=1.0)
-        bad.adapter, bad.label = "nan-key", "nan-expert"
+        bad.adapter_key, bad.model = "nan-key", "nan-expert"
         engine.submit(good)
         engine.submit(bad)
         assert good_out.done.wait(30) and bad_out.done.wait(30)
@@ -306,7 +306,7 @@ def test_a_cold_adapter_loads_in_the_background_while_the_batch_decodes(tiny_mod
         engine.submit(running)
         assert wait_until(lambda: running.generated >= 1, 30, interval=0.001)
         cold, cold_out = make_seq(PROMPTS[1], max_tokens=4)
-        cold.adapter = "cold-key"
+        cold.adapter_key = "cold-key"
         engine.submit(cold)
         assert load_started.wait(10)
         during = running.generated

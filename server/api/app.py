@@ -75,7 +75,7 @@ def create_app(state: ServerState) -> FastAPI:
         decision = await route_request(body.model, last_user_text(body.messages), request, state)
         return {
             "object": "route",
-            "decision": {"expert": decision.expert, "adapter": decision.adapter, "source": decision.source,
+            "decision": {"expert": decision.model, "adapter": decision.expert, "source": decision.source,
                          "score": decision.score, "reason": decision.reason},
             "threshold": state.router.threshold,
             "ranking": [{"expert": s.expert, "score": s.score} for s in decision.ranking[: body.top_k]],

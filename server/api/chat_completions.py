@@ -6,7 +6,7 @@ from fastapi import Request
 from server.api.dispatch import Call, check_prompt_chars, submit
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest
-from server.api.responses import Collected, complete_response, streaming_response
+from server.api.responses import ChunkShaper, Collected, complete_response, streaming_response
 from server.api.state import ServerState
 from server.engine.sampling import TokenLogprob
 from server.engine.sequence import EngineOutput
@@ -17,11 +17,14 @@ def last_user_text(messages) -> str:
     return next((m.text() for m in reversed(messages) if m.role == "user"), messages[-1].text())
 
 
-class _ChatShape:
+class _ChatShape(ChunkShaper):
     """chat.completion bodies and chat.completion.chunk events."""
 
+    OBJECT = "chat.completion.chunk"
+
     def __init__(self, call: Call, state: ServerState, include_usage: bool = False):
-        self.call, self.pieces, self.include_usage = call, state.base.pieces, include_usage
+        super().__init__(call, include_usage)
+        self.pieces = state.base.pieces
 
     def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
         if not self.call.params.logprobs:
@@ -31,23 +34,15 @@ class _ChatShape:
     def body(self, answer: Collected) -> dict:
         call = self.call
         return {
-            "id": call.completion_id, "object": "chat.completion", "created": call.created, "model": call.route.expert,
+            "id": call.completion_id, "object": "chat.completion", "created": call.created, "model": call.route.model,
             "choices": [{"index": choice.index, "message": {"role": "assistant", "content": choice.text},
                          "logprobs": self.logprobs(choice.logprobs), "finish_reason": choice.finish_reason}
                         for choice in answer.choices],
             "usage": answer.usage,
         }
 
-    def _chunk(self, choices: list[dict]) -> dict:
-        call = self.call
-        body = {"id": call.completion_id, "object": "chat.completion.chunk", "created": call.created,
-                "model": call.route.expert, "choices": choices}
-        if self.include_usage:
-            body["usage"] = None
-        return body
-
     def _choice(self, index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None):
-        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
+        return self.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
 
     def opening(self, index: int) -> dict:
         return self._choice(index, {"role": "assistant", "content": ""})
@@ -57,9 +52,6 @@ class _ChatShape:
 
     def finish(self, index: int, reason: str) -> dict:
         return self._choice(index, {}, reason)
-
-    def usage(self, usage: dict) -> dict:
-        return {**self._chunk([]), "usage": usage}
 
 
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: ServerState):

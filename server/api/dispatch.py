@@ -119,12 +119,12 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
                             f"({state.settings.max_queued_requests}); ask for fewer choices.", param="n")
     base = state.base
     route = await route_request(req.model, routing_text, request, state)
-    state.metrics.router_decisions.labels(route.source, route.expert).inc()
+    state.metrics.router_decisions.labels(route.source, route.model).inc()
     outcome = outcome_of(request.scope)
-    outcome.expert, outcome.source = route.expert, route.source
-    record = state.registry.get(route.adapter) if route.adapter else None
-    if route.adapter and record is None:  # retired between routing and here
-        raise APIError(404, f"The expert '{route.adapter}' does not exist.", param="model", code="model_not_found")
+    outcome.expert, outcome.source = route.model, route.source
+    record = state.registry.get(route.expert) if route.expert else None
+    if route.expert and record is None:  # retired between routing and here
+        raise APIError(404, f"The expert '{route.expert}' does not exist.", param="model", code="model_not_found")
     params = sampling_params(req, len(prompt_ids), state, record, default_max_tokens)
     # ends a turn: EOS and the template's end-of-turn token (unless ignore_eos), the expert's
     # own stop tokens, and the request's stop_token_ids
@@ -142,8 +142,8 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
         Sequence(
             request_id=request_id if req.n == 1 else f"{request_id}-{index}",
             prompt_ids=prompt_ids,
-            adapter=record.key if record else None,
-            label=route.expert,
+            adapter_key=record.key if record else None,
+            model=route.model,
             params=params,
             stop_token_ids=stop_ids,
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from adapters.text import EncodableText
 
@@ -53,6 +53,8 @@ class SamplingFields(EncodableText):
     # Unknown fields are ignored, as OpenAI-compatible servers do: clients send many extras.
     model_config = STRICT
     PROMPT_PARAM: ClassVar[str] = "prompt"  # where an over-long prompt is reported
+    # field -> (does this value ask for something this server does not do?, why): a 400, never silently ignored
+    REFUSED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -94,6 +96,14 @@ class SamplingFields(EncodableText):
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {value} for token {token}")
         return bias
 
+    @field_validator("*")
+    @classmethod
+    def _refuse_unserved(cls, value, info: ValidationInfo):
+        refused = cls.REFUSED.get(info.field_name)
+        if refused is not None and refused[0](value):
+            raise ValueError(refused[1])
+        return value
+
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -120,20 +130,12 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict] | None = None
     response_format: dict | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, tools: list[dict] | None) -> list[dict] | None:
-        if tools:
-            raise ValueError("tool calling is not supported by this server")
-        return tools
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, response_format: dict | None) -> dict | None:
-        if response_format and response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported; for JSON answers use an expert "
-                             "trained for it")
-        return response_format
+    REFUSED = {
+        "tools": (bool, "tool calling is not supported by this server"),
+        "response_format": (lambda fmt: bool(fmt) and fmt.get("type", "text") != "text",
+                            "only response_format {'type': 'text'} is supported; for JSON answers use an expert "
+                            "trained for it"),
+    }
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
@@ -163,19 +165,10 @@ class CompletionRequest(SamplingFields):
             raise ValueError("the prompt is empty")
         return prompt
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, suffix: str | None) -> str | None:
-        if suffix:
-            raise ValueError("suffix (insertion) is not supported")
-        return suffix
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_one(cls, best_of: int | None) -> int | None:
-        if best_of not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return best_of
+    REFUSED = {
+        "suffix": (bool, "suffix (insertion) is not supported"),
+        "best_of": (lambda best_of: best_of not in (None, 1), "only best_of=1 is supported"),
+    }
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt, as text or as token ids."""

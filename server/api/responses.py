@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, ClassVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -61,7 +61,7 @@ class _Usage:
 
 
 def route_headers(route: Route) -> dict[str, str]:
-    headers = {"X-Expert": route.expert, "X-Router-Source": route.source}
+    headers = {"X-Expert": route.model, "X-Router-Source": route.source}
     if route.score is not None:
         headers["X-Router-Score"] = f"{route.score:.4f}"
     if route.reason:
@@ -142,20 +142,37 @@ async def stream(call: Call, state: ServerState) -> AsyncIterator[tuple[int, Eng
             call.cancel(state.engine)
 
 
-class ChunkShaper(Protocol):
-    """How one endpoint writes its stream's chunks (chat.completion.chunk, text_completion, ...)."""
+class ChunkShaper:
+    """How one endpoint writes its answer: the chunk envelope is shared, the choices are the endpoint's."""
+
+    OBJECT: ClassVar[str]  # the stream chunk's `object` (chat.completion.chunk, text_completion)
+
+    def __init__(self, call: Call, include_usage: bool = False):
+        self.call, self.include_usage = call, include_usage
+
+    def chunk(self, choices: list[dict]) -> dict:
+        call = self.call
+        body = {"id": call.completion_id, "object": self.OBJECT, "created": call.created, "model": call.route.model,
+                "choices": choices}
+        if self.include_usage:
+            body["usage"] = None
+        return body
 
     def opening(self, index: int) -> dict | None:
         """The first chunk of a choice before any text (the chat role, an echoed prompt), if any."""
+        return None
 
     def piece(self, index: int, out: EngineOutput) -> dict:
         """A chunk carrying a piece of a choice's text (and its logprobs)."""
+        raise NotImplementedError
 
     def finish(self, index: int, reason: str) -> dict:
         """The chunk that ends a choice."""
+        raise NotImplementedError
 
     def usage(self, usage: dict) -> dict:
         """The last chunk, with the usage of the whole request (stream_options.include_usage)."""
+        return {**self.chunk([]), "usage": usage}
 
 
 async def _events(call: Call, state: ServerState, shaper: ChunkShaper, include_usage: bool) -> AsyncIterator[bytes]:

@@ -13,7 +13,7 @@ from server.api.dispatch import Call, check_prompt_chars, submit
 from server.api.errors import APIError
 from server.api.logprobs import TokenPieces
 from server.api.protocol import CompletionRequest
-from server.api.responses import Collected, complete_response, streaming_response
+from server.api.responses import ChunkShaper, Collected, complete_response, streaming_response
 from server.api.state import BaseInfo, ServerState
 from server.engine.sampling import TokenLogprob
 from server.engine.sequence import EngineOutput
@@ -57,41 +57,33 @@ def _choice(index: int, text: str, logprobs: dict | None, finish_reason: str | N
     return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-class _TextShape:
+class _TextShape(ChunkShaper):
     """text_completion bodies and stream chunks (the same object, as at OpenAI)."""
 
+    OBJECT = "text_completion"
+
     def __init__(self, call: Call, state: ServerState, echo: str, include_usage: bool = False):
-        self.call, self.echo, self.include_usage = call, echo, include_usage
+        super().__init__(call, include_usage)
+        self.echo = echo
         # each choice's text offsets run on their own, after the echoed prompt
         self.offsets = [_LegacyLogprobs(state.base.pieces, len(echo)) for _ in call.seqs]
 
     def _logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict | None:
         return self.offsets[index].shape(entries or []) if self.call.params.logprobs else None
 
-    def _chunk(self, choices: list[dict]) -> dict:
-        call = self.call
-        body = {"id": call.completion_id, "object": "text_completion", "created": call.created,
-                "model": call.route.expert, "choices": choices}
-        if self.include_usage:
-            body["usage"] = None
-        return body
-
     def body(self, answer: Collected) -> dict:
         choices = [_choice(c.index, self.echo + c.text, self._logprobs(c.index, c.logprobs), c.finish_reason)
                    for c in answer.choices]
-        return {**self._chunk(choices), "usage": answer.usage}
+        return {**self.chunk(choices), "usage": answer.usage}
 
     def opening(self, index: int) -> dict | None:
-        return self._chunk([_choice(index, self.echo, None, None)]) if self.echo else None
+        return self.chunk([_choice(index, self.echo, None, None)]) if self.echo else None
 
     def piece(self, index: int, out: EngineOutput) -> dict:
-        return self._chunk([_choice(index, out.text, self._logprobs(index, out.logprobs), None)])
+        return self.chunk([_choice(index, out.text, self._logprobs(index, out.logprobs), None)])
 
     def finish(self, index: int, reason: str) -> dict:
-        return self._chunk([_choice(index, "", None, reason)])
-
-    def usage(self, usage: dict) -> dict:
-        return {**self._chunk([]), "usage": usage}
+        return self.chunk([_choice(index, "", None, reason)])
 
 
 async def text_completions(req: CompletionRequest, request: Request, state: ServerState):

@@ -194,9 +194,9 @@ class Engine:
             return False
         now = time.monotonic()
         for seq in batch:
-            self.metrics.queue_wait.labels(seq.label).observe(now - seq.arrival_time)
+            self.metrics.queue_wait.labels(seq.model).observe(now - seq.arrival_time)
             seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
-        logits = self._runner.prefill([PrefillItem(seq.slot, seq.prompt_ids, seq.adapter) for seq in batch])
+        logits = self._runner.prefill([PrefillItem(seq.slot, seq.prompt_ids, seq.adapter_key) for seq in batch])
         for seq in batch:
             seq.kv_len = len(seq.prompt_ids)
         self._sample_and_accept(batch, logits)
@@ -209,7 +209,7 @@ class Engine:
         logits = self._runner.decode(
             [seq.last_token for seq in running],
             [seq.kv_len for seq in running],
-            [seq.adapter for seq in running],
+            [seq.adapter_key for seq in running],
         )
         for seq in running:
             seq.kv_len += 1
@@ -226,8 +226,8 @@ class Engine:
                 self._fail(seq, f"sampling failed: {exc}")
             return
         for row in sampled.masked:
-            self.metrics.non_finite_logits.labels(seqs[row].label).inc()
-            log.warning("request %s (%s): non-finite logits masked", seqs[row].request_id, seqs[row].label)
+            self.metrics.non_finite_logits.labels(seqs[row].model).inc()
+            log.warning("request %s (%s): non-finite logits masked", seqs[row].request_id, seqs[row].model)
         for row, seq in enumerate(seqs):
             error = sampled.errors.get(row)
             if error is None:
@@ -243,7 +243,7 @@ class Engine:
         """End one request with an error (it leaves the batch, its metrics are counted); others go on."""
         if seq.slot >= 0:
             self._release(seq)
-        self.metrics.request_failures.labels(seq.label, kind).inc()
+        self.metrics.request_failures.labels(seq.model, kind).inc()
         try:
             seq.emit(EngineOutput("", "error", len(seq.prompt_ids), seq.generated, error=message, error_kind=kind))
         except Exception:  # the listener is gone; nothing more to tell it
@@ -259,9 +259,9 @@ class Engine:
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
-            self.metrics.ttft.labels(seq.label).observe(now - seq.arrival_time)
+            self.metrics.ttft.labels(seq.model).observe(now - seq.arrival_time)
         else:
-            self.metrics.inter_token.labels(seq.label).observe(now - seq.last_token_time)
+            self.metrics.inter_token.labels(seq.model).observe(now - seq.last_token_time)
         seq.last_token_time = now
         if token in seq.stop_token_ids:  # the stop token's own text is never shown
             text, _ = seq.output.finish()
@@ -278,9 +278,9 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str) -> None:
         seq.finish_time = time.monotonic()
-        self.metrics.e2e.labels(seq.label).observe(seq.finish_time - seq.arrival_time)
-        self.metrics.prompt_tokens.labels(seq.label).inc(len(seq.prompt_ids))
-        self.metrics.generation_tokens.labels(seq.label).inc(seq.generated)
+        self.metrics.e2e.labels(seq.model).observe(seq.finish_time - seq.arrival_time)
+        self.metrics.prompt_tokens.labels(seq.model).inc(len(seq.prompt_ids))
+        self.metrics.generation_tokens.labels(seq.model).inc(seq.generated)
         self._release(seq)
         seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated, logprobs=seq.take_logprobs()))
 

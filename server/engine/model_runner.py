@@ -54,7 +54,6 @@ class ModelRunner:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.max_slots = max_slots
         self.context_window = context_window
         self.vocab_size = config.vocab_size
         self.attn_scale = self.head_dim**-0.5

@@ -24,7 +24,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # request i decodes in KV slot i: slots 0..B-1 stay packed
 
     def adapters_in_use(self) -> set[str | None]:
-        return {seq.adapter for seq in (*self.running, *self.waiting)}
+        return {seq.adapter_key for seq in (*self.running, *self.waiting)}
 
     def admit(self, acquire: Callable[[str, set[str]], bool]) -> tuple[list[Sequence], list[tuple[Sequence, str]]]:
         """(requests to prefill now, each given its slot; requests that cannot run, with why).
@@ -36,7 +36,7 @@ class Scheduler:
         batch: list[Sequence] = []
         failed: list[tuple[Sequence, str]] = []
         tokens = 0
-        in_use = {seq.adapter for seq in self.running}
+        in_use = {seq.adapter_key for seq in self.running}
         kept: collections.deque[Sequence] = collections.deque()
         while self.waiting:
             seq = self.waiting.popleft()
@@ -47,18 +47,18 @@ class Scheduler:
                 kept.append(seq)
                 continue
             try:
-                ready = seq.adapter is None or acquire(seq.adapter, in_use | {seq.adapter})
+                ready = seq.adapter_key is None or acquire(seq.adapter_key, in_use | {seq.adapter_key})
             except AdapterUnavailable as exc:
                 failed.append((seq, str(exc)))
                 continue
             if not ready:
                 kept.append(seq)
                 continue
-            in_use.add(seq.adapter)
+            in_use.add(seq.adapter_key)
             batch.append(seq)
             tokens += len(seq.prompt_ids)
         self.waiting = kept
-        batch.sort(key=lambda seq: (seq.adapter is None, seq.adapter or ""))
+        batch.sort(key=lambda seq: (seq.adapter_key is None, seq.adapter_key or ""))
         for seq in batch:
             seq.slot = len(self.running)
             self.running.append(seq)

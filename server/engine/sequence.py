@@ -31,7 +31,7 @@ class EngineOutput:
 class Sequence:
     request_id: str
     prompt_ids: list[int]
-    adapter: str | None
+    adapter_key: str | None  # the engine's handle of the adapter's weights (a registration key); None: the base
     params: SamplingParams
     stop_token_ids: frozenset[int]
     generator: torch.Generator
@@ -42,7 +42,7 @@ class Sequence:
     kv_len: int = 0  # positions of this request written to its cache slot
     slot: int = -1
     cancelled: bool = False
-    label: str = ""  # the expert's name (or the base's) for metrics and logs
+    model: str = ""  # who serves it by name (the expert's or the base's): the metrics label, the logs
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None

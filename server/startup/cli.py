@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from adapters.base_model import EMBEDDED_BASE
 from server.settings import ConfigError, load_settings
 
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="JSONL, one {\"messages\": [...]} per line")
     train.add_argument("--name", required=True)
     train.add_argument("--out", required=True, help="folder for the adapter, expert.json and checkpoints")
-    train.add_argument("--base", default="embedded:smollm2", help="base model (as in the config)")
+    train.add_argument("--base", default=EMBEDDED_BASE, help="base model (as in the config)")
     train.add_argument("--rank", type=int, default=8)
     train.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default 2 x rank)")
     train.add_argument("--epochs", type=int, default=2)
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="merge an adapter into the base: a standalone HF model folder")
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
-    merge.add_argument("--base", default="embedded:smollm2")
+    merge.add_argument("--base", default=EMBEDDED_BASE)
     merge.set_defaults(handler=_merge)
     return parser
 
