@@ -294,3 +294,12 @@ def test_openapi_documents_the_real_errors_and_content_types(hard):
     upload = spec["paths"]["/v1/adapters"]["post"]["requestBody"]["content"]
     assert set(upload) == {"application/json", "multipart/form-data"}
     assert {"name", "adapter_config", "adapter_model"} <= set(upload["multipart/form-data"]["schema"]["required"])
+
+
+@pytest.mark.parametrize("path, methods", [("/v1/adapters", {"GET", "POST"}),
+                                           ("/v1/adapters/x", {"GET", "DELETE"}),
+                                           ("/v1/chat/completions", {"POST"})])
+def test_405_lists_every_method_of_the_path(hard, path, methods):
+    response = httpx.request("PATCH", hard.base_url + path, headers=ADMIN, timeout=30)
+    assert_openai_error(response, 405)
+    assert {m.strip() for m in response.headers["allow"].split(",")} - {"HEAD"} == methods

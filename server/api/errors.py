@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from adapters.admission import AdmissionError
 from router.resolve import UnknownExpert
@@ -71,6 +72,13 @@ def validation_message(exc: RequestValidationError | ValidationError) -> tuple[s
     return f"{where}{message}{extra}", param
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app answers on this path (asked the router itself, method by method)."""
+    routes = request.app.router.routes
+    return [method for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -92,7 +100,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), None, None, getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path, not only those of the first route that matched it
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(exc.status_code, str(exc.detail), None, None, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
