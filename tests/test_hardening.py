@@ -303,3 +303,9 @@ def test_405_lists_every_method_of_the_path(hard, path, methods):
     response = httpx.request("PATCH", hard.base_url + path, headers=ADMIN, timeout=30)
     assert_openai_error(response, 405)
     assert {m.strip() for m in response.headers["allow"].split(",")} - {"HEAD"} == methods
+
+
+def test_a_non_text_content_part_is_refused_in_one_clear_message(hard):
+    image = [{"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}]
+    error = assert_openai_error(chat(hard, messages=[{"role": "user", "content": image}]), 400, "messages.0.content")
+    assert "'image_url' are not supported" in error["message"]

@@ -33,6 +33,18 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """One clear message for image, audio or file parts, instead of the union's three type errors."""
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content parts of type {kind[:40]!r} are not supported: this server takes "
+                                     "text parts only")
+        return content
+
     def text(self) -> str:
         if self.content is None:
             return ""
