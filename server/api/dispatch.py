@@ -15,7 +15,7 @@ from fastapi import Request
 
 from adapters.admission import check_token_ids
 from adapters.registry import AdapterRecord
-from router.resolve import Route
+from router.resolve import Route, UnknownExpert
 from server.api.errors import APIError
 from server.api.middleware import RequestOutcome, outcome_of
 from server.api.protocol import SamplingFields
@@ -121,10 +121,10 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
     route = await route_request(req.model, routing_text, request, state)
     state.metrics.router_decisions.labels(route.source, route.model).inc()
     outcome = outcome_of(request.scope)
-    outcome.expert, outcome.source = route.model, route.source
+    outcome.model, outcome.source = route.model, route.source
     record = state.registry.get(route.expert) if route.expert else None
     if route.expert and record is None:  # retired between routing and here
-        raise APIError(404, f"The expert '{route.expert}' does not exist.", param="model", code="model_not_found")
+        raise UnknownExpert(route.expert, "model")
     params = sampling_params(req, len(prompt_ids), state, record, default_max_tokens)
     # ends a turn: EOS and the template's end-of-turn token (unless ignore_eos), the expert's
     # own stop tokens, and the request's stop_token_ids

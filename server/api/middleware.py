@@ -95,7 +95,7 @@ class BodyLimitMiddleware:
 class RequestOutcome:
     """What the handler learns about a completion request, for the middleware to count and log."""
 
-    expert: str | None = None  # the expert (or the base) that served it
+    model: str | None = None  # who served it by name: the expert's or the base's (the metrics label)
     source: str | None = None  # how it was chosen: header | model | base | classifier | fallback
     finish_reason: str | None = None  # of choice 0, once every choice has finished ("error" if the server ended it)
     prompt_tokens: int | None = None
@@ -144,7 +144,7 @@ class RequestOutcomeMiddleware:
             finish = outcome.finish_reason
             if status == 499 or (status == 200 and not (completed and finish)):
                 finish = "cancelled"
-            adapter = outcome.expert or "none"
+            adapter = outcome.model or "none"
             self.metrics.requests.labels(adapter, finish or "none", str(status)).inc()
             request_log.info(json.dumps({
                 "request_id": scope["state"].get("request_id"),
