@@ -22,6 +22,7 @@ import torch
 # distribution such a temperature asks for is the argmax to within float precision anyway.
 SAMPLING_EPS = 1e-5
 
+
 @dataclass
 class SamplingParams:
     max_tokens: int
