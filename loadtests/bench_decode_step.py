@@ -19,7 +19,7 @@ import torch
 
 from adapters.lora import LINEAR_MODULES, BaseShape, LoraWeights
 from adapters.base_model import EMBEDDED_BASE, load_base
-from server.engine.model_runner import ModelRunner, PrefillItem
+from server.engine.model_runner import ModelRunner, StepItem
 
 RANK = 16
 
@@ -35,12 +35,13 @@ def random_adapter(shape: BaseShape, seed: int) -> LoraWeights:
     return LoraWeights(RANK, pairs, LINEAR_MODULES, None)
 
 
-def time_steps(runner: ModelRunner, batch: int, adapters: list, steps: int) -> float:
+def time_steps(runner: ModelRunner, tables: list[list[int]], adapters: list, steps: int) -> float:
     """Median milliseconds of one decode step (the prefilled cache is reused: position 40 every time)."""
     times = []
+    items = [StepItem([5], 40, table, adapter) for table, adapter in zip(tables, adapters)]
     for _ in range(steps):
         start = time.perf_counter()
-        runner.decode([5] * batch, [40] * batch, adapters)
+        runner.step(items)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
@@ -54,32 +55,34 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     base = load_base(EMBEDDED_BASE, compute_dtype="float32")
-    runner = ModelRunner(base.model, base.tokenizer, args.batch, 256)
+    block_size = 16
+    runner = ModelRunner(base.model, base.tokenizer, args.batch * 3 + 1, block_size, 256)
+    tables = [[1 + 3 * i, 2 + 3 * i, 3 + 3 * i] for i in range(args.batch)]  # 48 positions each
     shape = BaseShape.from_config(base.model.config)
     names = [f"e{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
         runner.lora.add(name, random_adapter(shape, i))
     if args.min_rows is not None:
         runner.lora.min_rows = args.min_rows
-    runner.prefill([PrefillItem(i, list(range(100, 140)), None) for i in range(args.batch)])
+    runner.step([StepItem(list(range(100, 140)), 0, table, None) for table in tables])
     layouts = {
         "none": [None] * args.batch,
         "grouped": [names[i * len(names) // args.batch] for i in range(args.batch)],
         "interleaved": [names[i % len(names)] for i in range(args.batch)],
     }
     for adapters in layouts.values():  # warm-up: kernels, the stacked adapter sets
-        time_steps(runner, args.batch, adapters, 5)
+        time_steps(runner, tables, adapters, 5)
     results = {name: [] for name in layouts}
     for _ in range(3):  # alternated rounds: this machine's speed drifts
         for name, adapters in layouts.items():
-            results[name].append(time_steps(runner, args.batch, adapters, 30))
+            results[name].append(time_steps(runner, tables, adapters, 30))
     for name, runs in results.items():
         print(f"batch {args.batch}, {name}: {statistics.median(runs):.2f} ms per decode step")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            time_steps(runner, args.batch, layouts[args.profile], 10)
+            time_steps(runner, tables, layouts[args.profile], 10)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

@@ -205,19 +205,21 @@ def write_random_adapter(config, folder: Path, rank: int, seed: int) -> Path:
 
 
 class StepTimer:
-    """Wraps runner.decode: wall time of each decode step, synchronised, with its batch size."""
+    """Wraps runner.step: wall time of each decode-only step (one token per row), synchronised, with
+    its batch size. Steps that prefill a prompt chunk are not decode steps and are not recorded."""
 
     def __init__(self, runner):
         self.steps: list[tuple[int, float]] = []
-        self._decode = runner.decode
+        self._step = runner.step
         self._sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-        runner.decode = self
+        runner.step = self
 
-    def __call__(self, token_ids, lengths, adapters):
+    def __call__(self, items):
         start = time.perf_counter()
-        logits = self._decode(token_ids, lengths, adapters)
+        logits = self._step(items)
         self._sync()
-        self.steps.append((len(token_ids), time.perf_counter() - start))
+        if all(len(item.token_ids) == 1 for item in items):
+            self.steps.append((len(items), time.perf_counter() - start))
         return logits
 
 
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int):
     from adapters.lora import BaseShape
-    from server.engine.engine import Engine
+    from server.engine.engine import Engine, EngineConfig
     from server.metrics import Metrics
     from server.engine.model_runner import ATTENTION_BLOCK, ModelRunner
     from server.engine.residency import AdapterCache
@@ -358,14 +360,17 @@ def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int):
     built = {}
 
     def load_runner():
-        runner = ModelRunner(model, tokenizer, max_batch, window)
+        block_size = 16
+        runner = ModelRunner(model, tokenizer, max_batch * (window // block_size) + 1, block_size, window)
         cache = AdapterCache(runner.lora, BaseShape.from_config(model.config), max_device=adapters,
                              max_cpu=adapters, wake=lambda: engine.wake(), on_freed=lambda folder: None,
                              metrics=Metrics())
         built["timer"] = StepTimer(runner)
         return runner, cache
 
-    engine = Engine(load_runner, max_batch, max_queued=4 * max_batch, metrics=Metrics())
+    # the whole prompt in one step: the timed steps are then pure decode steps of the full batch
+    config = EngineConfig(max_batch_size=max_batch, max_queued=4 * max_batch, max_step_tokens=max_batch * window)
+    engine = Engine(load_runner, config, metrics=Metrics())
     engine.start()
     if not engine.ready.wait(600):
         raise RuntimeError(f"engine did not start: {engine.load_error}")

@@ -116,3 +116,77 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+class RunnerDriver:
+    """Drives a ModelRunner outside the engine (tests, micro-benchmarks), with block tables from a
+    real BlockManager: `prefill` starts requests by key, `decode` feeds each its next token."""
+
+    def __init__(self, runner, prefix_caching: bool = False):
+        from server.engine.block_manager import BlockManager
+
+        self.runner = runner
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, prefix_caching)
+        self.owners: dict = {}
+
+    @classmethod
+    def build(cls, model, tokenizer, tokens: int = 1024, context_window: int = 128, block_size: int = 16,
+              prefix_caching: bool = False) -> "RunnerDriver":
+        from server.engine.model_runner import ModelRunner
+
+        runner = ModelRunner(model, tokenizer, -(-tokens // block_size) + 1, block_size, context_window)
+        return cls(runner, prefix_caching)
+
+    def prefill(self, requests: dict, chunk: int | None = None):
+        """{key: (prompt ids, adapter)} -> last-token logits, one row per key in order; `chunk` splits
+        each prompt into forward passes of that many tokens (only the last pass returns logits)."""
+        from server.engine.block_manager import BlockOwner
+
+        for key, (prompt, adapter) in requests.items():
+            self.release(key)
+            owner = BlockOwner(list(prompt), adapter)
+            if not self.blocks.allocate(owner):
+                raise RuntimeError("the test pool is too small")
+            self.owners[key] = owner
+        return self._run(list(requests), chunk)
+
+    def decode(self, tokens: dict):
+        """{key: its next token} -> logits, one row per key in order."""
+        for key, token in tokens.items():
+            owner = self.owners[key]
+            owner.tokens.append(token)
+            if not self.blocks.append_slot(owner):
+                raise RuntimeError("the test pool is too small")
+        return self._run(list(tokens), None)
+
+    def release(self, key) -> None:
+        owner = self.owners.pop(key, None)
+        if owner is not None:
+            self.blocks.free(owner)
+
+    def _run(self, keys: list, chunk: int | None):
+        import torch
+
+        from server.engine.model_runner import StepItem
+
+        finished: dict = {}
+        while len(finished) < len(keys):
+            items, owners = [], []
+            for key in keys:
+                owner = self.owners[key]
+                count = len(owner.tokens) - owner.num_computed
+                if chunk is not None:
+                    count = min(count, chunk)
+                if count:
+                    last = owner.num_computed + count == len(owner.tokens)
+                    items.append(StepItem(owner.tokens[owner.num_computed : owner.num_computed + count],
+                                          owner.num_computed, owner.block_table, owner.adapter_key, last))
+                    owners.append((key, owner, count, last))
+            self.runner.clear_blocks(self.blocks.take_fresh())
+            logits = iter(self.runner.step(items))
+            for key, owner, count, last in owners:
+                owner.num_computed += count
+                self.blocks.commit(owner)
+                if last:
+                    finished[key] = next(logits)
+        return torch.stack([finished[key] for key in keys])

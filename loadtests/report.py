@@ -232,6 +232,47 @@ def edge_section() -> str:
     return "\n".join(lines)
 
 
+def kv_section() -> str:
+    head = ("### KV cache: chunked prefill, prefix caching, memory that follows tokens\n\n"
+            "`python -m loadtests.bench_kv` runs the server on the default SmolLM2 in several configurations in one\n"
+            "run: long prompts (~1,000-2,000 tokens, distinct) arriving one after another while 8 streams decode,\n"
+            "chunked prefill (`max_step_tokens` default) against one-shot prefill (a whole prompt in one forward\n"
+            "pass, as before issue 13); 16 requests sharing a ~1,000-token system prompt, two at a time, prefix\n"
+            "caching on against off; 64 concurrent short requests in a KV budget of four full-context requests\n"
+            "(all the old per-slot layout could fit: 4 slots), `max_batch_size` 64 against 4.\n")
+    result = _load("bench_kv.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_kv")
+    longs, prefix, short, ratios = (result["long_prompts"], result["shared_prefix"], result["short_requests"],
+                                    result["ratios"])
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_kv')}:", "",
+             "| long prompts while 8 streams decode | streams' inter-token p50 / p99 / max | p99 / p50 | "
+             "tokens/s (prompt + output) | peak KV in use |", "| --- | --- | --- | --- | --- |"]
+    for name, label in (("one_shot", "one-shot prefill"), ("chunked", "chunked prefill")):
+        run = longs[name]
+        lines.append(f"| {label} (`max_step_tokens` {run['max_step_tokens']}) | {run['gap_p50_ms']:.0f} / "
+                     f"{run['gap_p99_ms']:.0f} / {run['gap_max_ms']:.0f} ms | {run['p99_over_p50']:.1f} | "
+                     f"{run['tokens_per_s']:.0f} | {run['peak_kv_mib']:.0f} MiB |")
+    lines += ["", f"Chunked / one-shot throughput: **{ratios['throughput_chunked_over_one_shot']:.2f}**; long prompts "
+                  f"of {', '.join(map(str, longs['chunked']['long_prompt_tokens']))} tokens.", "",
+              "| 16 requests, shared system prompt | median time to first token | cached tokens per request | "
+              "peak KV in use |", "| --- | --- | --- | --- |"]
+    for name in ("off", "on"):
+        run = prefix[name]
+        cached = sorted(set(run["cached_tokens"]))
+        lines.append(f"| prefix caching {name} ({run['prompt_tokens']}-token prompts) | {run['median_ttft_s'] * 1000:.0f} ms "
+                     f"| {', '.join(map(str, cached))} | {run['peak_kv_mib']:.0f} MiB |")
+    lines += ["", f"Median TTFT off / on: **{ratios['ttft_prefix_off_over_on']:.1f}x**.", "",
+              "| 64 short requests, KV budget of 4 x 2,048 tokens | completed | most running at once | output tokens/s "
+              "| peak KV in use |", "| --- | --- | --- | --- | --- |"]
+    for name in ("batch4", "batch64"):
+        run = short[name]
+        lines.append(f"| `max_batch_size` {run['max_batch_size']} | {run['completed']} / {run['requests']} | "
+                     f"{run['peak_running']} | {run['output_tokens_per_s']:.0f} | {run['peak_kv_mib']:.0f} MiB |")
+    lines += ["", f"Batch 64 / batch 4 in the same budget: **{ratios['short_batch64_over_batch4']:.2f}x** output tokens/s."]
+    return "\n".join(lines)
+
+
 def gpu_section() -> str:
     from loadtests.bench_gpu import markdown
 
@@ -254,8 +295,8 @@ def gpu_section() -> str:
                       "", markdown(result).split("\n", 2)[2].rstrip()])
 
 
-SECTIONS = (serving_section, scenarios_section, registry_section, router_section, experts_section, edge_section,
-            gpu_section)
+SECTIONS = (serving_section, scenarios_section, kv_section, registry_section, router_section, experts_section,
+            edge_section, gpu_section)
 
 
 def performance() -> str:

@@ -62,6 +62,13 @@ class Metrics:
         self.batch_size = Gauge("loraplex_batch_size", "Rows in the latest decode step", registry=r)
         self.decode_rows = Histogram("loraplex_decode_batch_rows", "Requests decoded together, per decode step",
                                      buckets=ROW_BUCKETS, registry=r)
+        self.prefix_queried_tokens = Counter("loraplex_prefix_cache_queried_tokens_total",
+                                             "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hit_tokens = Counter("loraplex_prefix_cache_hit_tokens_total",
+                                         "Prompt tokens whose KV came from the prefix cache", registry=r)
+        self.preemptions = Counter("loraplex_preemptions_total",
+                                   "Running requests whose KV blocks were taken back (computed again later)",
+                                   registry=r)
         self._gauges: dict[str, Gauge] = {}
         # (metric, the label that names an expert): what forget_expert clears
         self._per_expert = [(self.requests, "adapter"), (self.prompt_tokens, "adapter"),
@@ -76,9 +83,17 @@ class Metrics:
             metric.remove_by_labels({label: name})
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
-              tiers: Callable[[], dict[str, int]]) -> None:
+              tiers: Callable[[], dict[str, int]], kv_blocks: Callable[[], tuple[int, int]],
+              kv_block_bytes: Callable[[], int]) -> None:
         """Gauges read at scrape time from the live engine."""
         r = self.registry
+        blocks = Gauge("loraplex_kv_cache_blocks", "KV cache blocks: in use, and in the pool", ["state"], registry=r)
+        blocks.labels(state="used").set_function(lambda: kv_blocks()[0])
+        blocks.labels(state="total").set_function(lambda: kv_blocks()[1])
+        Gauge("loraplex_kv_cache_usage_ratio", "Share of the KV cache pool in use (0-1)",
+              registry=r).set_function(lambda: kv_blocks()[0] / max(kv_blocks()[1], 1))
+        Gauge("loraplex_kv_cache_used_bytes", "Bytes of KV cache held by live requests",
+              registry=r).set_function(lambda: kv_blocks()[0] * kv_block_bytes())
         Gauge("loraplex_requests_running", "Requests in the decode batch", registry=r).set_function(running)
         Gauge("loraplex_requests_waiting", "Requests queued for admission", registry=r).set_function(waiting)
         Gauge("loraplex_process_resident_memory_bytes", "Resident memory of the server process",

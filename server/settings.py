@@ -56,7 +56,23 @@ class Settings(EncodableText):
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")
-    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_batch_size: int = Field(
+        16, ge=1, le=1024,
+        description="Requests decoded together. KV memory is not reserved per row, so this can be large.",
+    )
+    kv_cache_memory: str = Field(
+        "auto",
+        description="KV cache pool size: bytes ('2GiB', '512MiB', 1073741824), a fraction of free memory "
+                    "('0.9': of free device memory on CUDA, of available RAM on CPU), or 'auto' (CUDA: 0.9; "
+                    "CPU: max_batch_size x context_window tokens, at most a quarter of available RAM).",
+    )
+    kv_block_size: Literal[8, 16, 32, 64] = Field(16, description="Token positions per KV cache block.")
+    max_step_tokens: int = Field(
+        256, ge=16,
+        description="Tokens one engine step computes (decode rows plus prompt chunks): a long prompt is prefilled "
+                    "this many tokens per step while running streams keep decoding.",
+    )
+    prefix_caching: bool = Field(True, description="Reuse the KV of prompt prefixes already computed (same adapter).")
     max_queued_requests: int = Field(256, ge=0)
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_limit: int = Field(2048, ge=1, description="Upper bound on a request's max_tokens.")
@@ -119,6 +135,15 @@ class Settings(EncodableText):
             return [part.strip() for part in parts if part.strip()]
         return value
 
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _memory_amount(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("give bytes ('2GiB'), a fraction ('0.9') or 'auto'")
+        text = str(value).strip()
+        parse_memory(text)
+        return text
+
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> "Settings":
         if self.default_max_tokens > self.max_tokens_limit:
@@ -126,6 +151,32 @@ class Settings(EncodableText):
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
             )
         return self
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> tuple[int | None, float | None]:
+    """'auto' -> (None, None); '0.9' -> (None, 0.9); '2GiB' / '2000000000' -> (bytes, None)."""
+    import re
+
+    text = text.strip().lower()
+    if text == "auto":
+        return None, None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text)
+    if match is None or match.group(2) not in _UNITS:
+        raise ValueError(f"{text!r} is not an amount of memory: give bytes ('2GiB', '512MiB'), a fraction ('0.9') "
+                         "or 'auto'")
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit and number <= 1:
+        if number <= 0:
+            raise ValueError("a fraction of free memory must be above 0")
+        return None, number
+    amount = int(number * _UNITS[unit])
+    if amount < 1:
+        raise ValueError("the KV cache needs more than 0 bytes")
+    return amount, None
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from server.metrics import Metrics
 
 def test_dashboard_queries_name_exported_metrics():
     metrics = Metrics()
-    metrics.watch(running=lambda: 0, waiting=lambda: 0, tiers=lambda: {})
+    metrics.watch(running=lambda: 0, waiting=lambda: 0, tiers=lambda: {}, kv_blocks=lambda: (0, 0), kv_block_bytes=lambda: 0)
     exported = {sample.name for family in metrics.registry.collect() for sample in family.samples}
     dashboard = json.loads((Path(__file__).resolve().parents[1] / "configs" / "grafana-dashboard.json").read_text())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adapters.lora import BaseShape
-from server.engine.engine import Engine, QueueFull
+from server.engine.engine import Engine, EngineConfig, QueueFull
 from server.metrics import Metrics
 from server.engine.residency import AdapterCache
 from server.engine.model_runner import ModelRunner
@@ -40,15 +40,17 @@ def tiny_model(tiny_folder):
     return AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
 
 
-def tiny_runtime(model, tokenizer, slots):
-    runner = ModelRunner(model, tokenizer, slots, 256)
+def tiny_runtime(model, tokenizer, slots, kv_blocks=None):
+    """A runner whose pool holds `slots` full 256-token requests (or `kv_blocks` blocks of 16 tokens)."""
+    runner = ModelRunner(model, tokenizer, (kv_blocks or slots * 16) + 1, 16, 256)
     cache = AdapterCache(runner.lora, BaseShape.from_config(model.config), max_device=4, max_cpu=4,
                          wake=lambda: None, on_freed=lambda folder: None, metrics=Metrics())
     return runner, cache
 
 
-def make_engine(model, tokenizer, max_batch=4, max_queued=16) -> Engine:
-    engine = Engine(lambda: tiny_runtime(model, tokenizer, max_batch), max_batch, max_queued, Metrics())
+def make_engine(model, tokenizer, max_batch=4, max_queued=16, kv_blocks=None, **config) -> Engine:
+    engine = Engine(lambda: tiny_runtime(model, tokenizer, max_batch, kv_blocks),
+                    EngineConfig(max_batch_size=max_batch, max_queued=max_queued, **config), Metrics())
     engine.start()
     assert engine.ready.wait(60)
     return engine
@@ -99,8 +101,8 @@ def test_requests_joining_a_running_batch_get_their_solo_answer(tiny_model, toke
         engine.stop()
 
 
-def test_slot_moves_when_requests_finish_early_keep_answers_intact(tiny_model, tokenizer):
-    """Short requests leave first; the last running request is moved into the freed slot."""
+def test_requests_finishing_early_keep_the_others_answers_intact(tiny_model, tokenizer):
+    """Short requests leave first and give their KV blocks back while the others decode on."""
     engine = make_engine(tiny_model, tokenizer)
     budgets = [3, 25, 7, 25]
     try:
@@ -150,7 +152,7 @@ def test_cancel_frees_the_slot_and_others_continue(tiny_model, tokenizer):
         engine.submit(other_seq)
         assert wait_until(lambda: engine.num_running == 2, 10, interval=0.002)
         engine.cancel(long_seq)
-        assert wait_until(lambda: long_seq.slot == -1, 2, interval=0.002)
+        assert wait_until(lambda: not long_seq.running, 2, interval=0.002)
         assert other_out.done.wait(30)
         assert other_out.final.completion_tokens == 240
         assert not long_out.done.is_set() and long_seq.generated < 240
@@ -177,7 +179,8 @@ def test_stop_token_ends_generation_and_is_not_shown(tiny_model, tokenizer):
 
 
 def test_queue_full_is_refused(tiny_model, tokenizer):
-    engine = Engine(lambda: tiny_runtime(tiny_model, tokenizer, 1), 1, 1, Metrics())  # not started: nothing drains
+    engine = Engine(lambda: tiny_runtime(tiny_model, tokenizer, 1), EngineConfig(max_batch_size=1, max_queued=1),
+                    Metrics())  # not started: nothing drains
     seq, _ = make_seq(PROMPTS[0])
     engine.submit(seq)
     with pytest.raises(QueueFull):
@@ -212,7 +215,7 @@ def test_a_request_whose_emit_raises_fails_alone(tiny_model, tokenizer):
         assert good_out.final.finish_reason == "length" and good_out.final.completion_tokens == 30
         assert wait_until(lambda: seen and seen[-1].finish_reason == "error", 10)
         assert seen[-1].error_kind == "fault" and "listener exploded" in seen[-1].error
-        assert bad.slot == -1 and engine.num_running == 0
+        assert not bad.running and engine.num_running == 0
         assert _serves_after(engine).finish_reason == "length"
     finally:
         engine.stop()
@@ -266,7 +269,8 @@ def test_an_adapter_that_makes_logits_nan_fails_its_requests_only(tiny_model, to
     weights = LoraWeights(16, {(0, "q_proj"): (torch.ones(inp, 16), torch.full((16, out), float("nan")))},
                           ("q_proj",), None)
     metrics = Metrics()
-    engine = Engine(lambda: tiny_runtime(tiny_model, tokenizer, 4), 4, 16, metrics)
+    engine = Engine(lambda: tiny_runtime(tiny_model, tokenizer, 4), EngineConfig(max_batch_size=4, max_queued=16),
+                    metrics)
     engine.start()
     assert engine.ready.wait(60)
     try:

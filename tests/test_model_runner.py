@@ -4,17 +4,16 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from adapters.lora import BaseShape, load_lora
-from server.engine.model_runner import ModelRunner, PrefillItem
-from loadtests.harness import make_peft_adapter
+from loadtests.harness import RunnerDriver, make_peft_adapter
 
 PROMPTS = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77]]
 
 
-def _greedy(runner: ModelRunner, prompt: list[int], steps: int, adapter=None) -> list[int]:
-    logits = runner.prefill([PrefillItem(0, prompt, adapter)])
+def _greedy(driver: RunnerDriver, prompt: list[int], steps: int, adapter=None) -> list[int]:
+    logits = driver.prefill({0: (prompt, adapter)})
     tokens = [int(logits[0].argmax())]
     for _ in range(steps - 1):
-        logits = runner.decode([tokens[-1]], [len(prompt) + len(tokens) - 1], [adapter])
+        logits = driver.decode({0: tokens[-1]})
         tokens.append(int(logits[0].argmax()))
     return tokens
 
@@ -40,9 +39,9 @@ def test_greedy_matches_hf_generate(tiny_folder, tokenizer, quantized, dtype):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=dtype, **kwargs).eval()
-    runner = ModelRunner(model, tokenizer, max_slots=4, context_window=128)
+    driver = RunnerDriver.build(model, tokenizer)
     for prompt in PROMPTS:
-        assert _greedy(runner, prompt, 12) == _hf_greedy(model, prompt, 12)
+        assert _greedy(driver, prompt, 12) == _hf_greedy(model, prompt, 12)
 
 
 def test_mixed_adapter_prefill_matches_peft(tiny_fp32, tokenizer, tiny_folder, tmp_path):
@@ -53,12 +52,11 @@ def test_mixed_adapter_prefill_matches_peft(tiny_fp32, tokenizer, tiny_folder, t
         "b": make_peft_adapter(tiny_fp32, tmp_path / "b", seed=2, rank=8, b_std=0.2,
                                targets=("q_proj", "k_proj", "o_proj", "gate_proj", "up_proj")),
     }
-    runner = ModelRunner(tiny_fp32, tokenizer, max_slots=4, context_window=128)
+    driver = RunnerDriver.build(tiny_fp32, tokenizer)
     shape = BaseShape.from_config(tiny_fp32.config)
     for name, folder in adapter_dirs.items():
-        runner.lora.add(name, load_lora(folder, shape))
-    ours = runner.prefill([PrefillItem(0, PROMPTS[0], "a"), PrefillItem(1, PROMPTS[1], None),
-                           PrefillItem(2, PROMPTS[2], "b")])
+        driver.runner.lora.add(name, load_lora(folder, shape))
+    ours = driver.prefill({0: (PROMPTS[0], "a"), 1: (PROMPTS[1], None), 2: (PROMPTS[2], "b")})
 
     fresh = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(fresh, adapter_dirs["a"], adapter_name="a")
@@ -76,21 +74,20 @@ def test_mixed_adapter_prefill_matches_peft(tiny_fp32, tokenizer, tiny_folder, t
     for row, want in enumerate(expected):
         torch.testing.assert_close(ours[row], want, rtol=1e-4, atol=1e-4)
     # and the adapters really change the answer
-    assert not torch.allclose(ours[0], runner.prefill([PrefillItem(0, PROMPTS[0], None)])[0], atol=1e-3)
+    assert not torch.allclose(ours[0], driver.prefill({0: (PROMPTS[0], None)})[0], atol=1e-3)
 
 
 def test_mixed_batch_decode_equals_each_alone(tiny_fp32, tokenizer, tmp_path):
-    runner = ModelRunner(tiny_fp32, tokenizer, max_slots=4, context_window=128)
+    driver = RunnerDriver.build(tiny_fp32, tokenizer)
     shape = BaseShape.from_config(tiny_fp32.config)
-    runner.lora.add("a", load_lora(make_peft_adapter(tiny_fp32, tmp_path / "a", seed=3, b_std=0.2), shape))
+    driver.runner.lora.add("a", load_lora(make_peft_adapter(tiny_fp32, tmp_path / "a", seed=3, b_std=0.2), shape))
     adapters = ["a", None, "a"]
-    alone = [_greedy(runner, prompt, 10, adapter) for prompt, adapter in zip(PROMPTS, adapters)]
+    alone = [_greedy(driver, prompt, 10, adapter) for prompt, adapter in zip(PROMPTS, adapters)]
 
-    logits = runner.prefill([PrefillItem(i, p, a) for i, (p, a) in enumerate(zip(PROMPTS, adapters))])
+    logits = driver.prefill({i: (p, a) for i, (p, a) in enumerate(zip(PROMPTS, adapters))})
     together = [[int(t)] for t in logits.argmax(-1)]
     for _ in range(9):
-        lengths = [len(p) + len(t) - 1 for p, t in zip(PROMPTS, together)]
-        logits = runner.decode([t[-1] for t in together], lengths, adapters)
+        logits = driver.decode({i: t[-1] for i, t in enumerate(together)})
         for row, token in enumerate(logits.argmax(-1).tolist()):
             together[row].append(token)
     assert together == alone
@@ -105,12 +102,12 @@ def test_rank_and_alpha_patterns_match_peft(tiny_fp32, tokenizer, tiny_folder, t
                                alpha_pattern={"down_proj": 64, "layers.0.self_attn.q_proj": 3})
     weights = load_lora(folder, BaseShape.from_config(tiny_fp32.config))
     assert weights.rank == 16  # the widest module; the others are zero-padded to it
-    runner = ModelRunner(tiny_fp32, tokenizer, max_slots=2, context_window=128)
-    runner.lora.add("p", weights)
-    ours = runner.prefill([PrefillItem(0, PROMPTS[0], "p")])[0]
+    driver = RunnerDriver.build(tiny_fp32, tokenizer)
+    driver.runner.lora.add("p", weights)
+    ours = driver.prefill({0: (PROMPTS[0], "p")})[0]
     fresh = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = PeftModel.from_pretrained(fresh, folder)(torch.tensor([PROMPTS[0]])).logits[0, -1]
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
-    plain = runner.prefill([PrefillItem(0, PROMPTS[0], None)])[0]
+    plain = driver.prefill({0: (PROMPTS[0], None)})[0]
     assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter really changes the answer

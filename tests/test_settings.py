@@ -46,6 +46,11 @@ def test_env_json_for_structured_keys():
         ("adapters:\n  'bad name!':\n    path: /x", "bad name!"),
         ("- just\n- a list", "mapping"),
         ("key: [unclosed", "not valid YAML"),
+        ("kv_cache_memory: lots", "not an amount of memory"),
+        ("kv_cache_memory: 0", "above 0"),
+        ("kv_cache_memory: 2 XB", "kv_cache_memory"),
+        ("kv_block_size: 12", "kv_block_size"),
+        ("max_step_tokens: 4", "max_step_tokens"),
     ],
 )
 def test_bad_config_is_a_config_error(tmp_path, yaml_text, fragment):
@@ -89,3 +94,8 @@ def test_environment_bytes_that_are_not_utf8_are_a_clear_error():
 def test_config_expert_names_must_match_as_a_whole(tmp_path, name):
     with pytest.raises(ConfigError, match="adapter name"):
         load_settings(cli_overrides={"adapters": {name: {"path": "/a"}}}, environ={})
+
+
+@pytest.mark.parametrize("given", ["auto", "0.5", "2GiB", "512 MiB", "1073741824"])
+def test_kv_cache_memory_takes_bytes_fractions_or_auto(given):
+    assert load_settings(environ={"LORAPLEX_KV_CACHE_MEMORY": given}).kv_cache_memory == given

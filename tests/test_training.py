@@ -14,7 +14,7 @@ from adapters.merge import merge
 from adapters.train import TrainConfig, train
 from loadtests.harness import REPO
 from server.api.admin import AdapterRegistration
-from server.engine.model_runner import ModelRunner, PrefillItem
+from loadtests.harness import RunnerDriver
 
 IM_END = 2
 CHATS = [
@@ -125,12 +125,12 @@ def test_training_learns_and_the_adapter_registers_and_serves(tiny_folder, data_
     registration = AdapterRegistration(**metadata, path=str(tmp_path / "out"))  # POST /v1/adapters takes it as is
     assert registration.stop == ["</json>"] and registration.examples == ["Answer in JSON"]
     model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
-    runner = ModelRunner(model, tokenizer, 2, 128)
+    driver = RunnerDriver.build(model, tokenizer)
     weights = load_lora(tmp_path / "out", BaseShape.from_config(model.config))
     assert weights.rank == 4 and len(weights.target_modules) == 7
-    runner.lora.add("tiny-json", weights)
+    driver.runner.lora.add("tiny-json", weights)
     prompt = tokenizer.apply_chat_template(CHATS[0][:1], add_generation_prompt=True, tokenize=True, return_dict=False)
-    logits = runner.prefill([PrefillItem(0, prompt, "tiny-json"), PrefillItem(1, prompt, None)])
+    logits = driver.prefill({0: (prompt, "tiny-json"), 1: (prompt, None)})
     assert not torch.allclose(logits[0], logits[1])
 
 
@@ -164,16 +164,16 @@ def test_merged_demo_expert_greedy_matches_the_served_expert(tmp_path, smollm_fo
     merged_dir = merge(adapter, tmp_path / "merged", cache_dir=cache_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     served = load_base(EMBEDDED_BASE, compute_dtype="float32", cache_dir=cache_dir)  # as `loraplex serve` on CPU
-    runner = ModelRunner(served.model, served.tokenizer, 2, 512)
-    runner.lora.add("pirate", load_lora(adapter, BaseShape.from_config(served.model.config)))
+    driver = RunnerDriver.build(served.model, served.tokenizer, context_window=512)
+    driver.runner.lora.add("pirate", load_lora(adapter, BaseShape.from_config(served.model.config)))
     prompts = json.loads((REPO / "adapters" / "demo" / "pirate" / "heldout.json").read_text())["prompts"][:4]
     for prompt in prompts:
         ids = served.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False)
-        logits = runner.prefill([PrefillItem(0, ids, "pirate")])
+        logits = driver.prefill({0: (ids, "pirate")})
         tokens = [int(logits[0].argmax())]
         while len(tokens) < 24 and tokens[-1] != IM_END:
-            logits = runner.decode([tokens[-1]], [len(ids) + len(tokens) - 1], ["pirate"])
+            logits = driver.decode({0: tokens[-1]})
             tokens.append(int(logits[0].argmax()))
         generated = merged.generate(torch.tensor([ids]), max_new_tokens=len(tokens), do_sample=False)
         assert generated[0, len(ids):].tolist()[: len(tokens)] == tokens

@@ -41,12 +41,15 @@ class _Usage:
         self.call = call
         self.prompt_tokens = len(call.seqs[0].prompt_ids)
         self.completion_tokens = 0
+        self.cached_tokens = 0  # of the prompt, as the first choice found it in the prefix cache
         self.finish_reasons: dict[int, str] = {}
 
     def finish(self, index: int, out: EngineOutput) -> bool:
         """Count a finished choice; True once every choice has finished (then the outcome is recorded)."""
         self.completion_tokens += out.completion_tokens
         self.finish_reasons[index] = out.finish_reason
+        if index == 0:
+            self.cached_tokens = out.cached_tokens
         done = len(self.finish_reasons) == len(self.call.seqs)
         if done:
             first, outcome = self.call.seqs[0], self.call.outcome
@@ -57,7 +60,8 @@ class _Usage:
 
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def route_headers(route: Route) -> dict[str, str]:

@@ -1,9 +1,11 @@
 """The engine thread: the only code that touches the model.
 
-Iteration-level (continuous) batching: between two decode steps the engine drops cancelled
-requests, prefills newly arrived ones (they join the running batch at once) and runs other
-engine-thread work (adapter loads). A finished request leaves the batch immediately; its slot
-is refilled by moving the last running request into it (scheduler.py decides; this file does).
+Iteration-level (continuous) batching: before every step the engine drops cancelled requests
+and runs other engine-thread work (adapter loads); each step is one forward pass over what the
+scheduler planned: a token for every running request plus chunks of prompts being prefilled, so
+arrivals join the batch at once and long prompts do not stall running streams. A finished request
+leaves the batch immediately and its KV blocks go back to the pool (scheduler.py and
+block_manager.py decide; this file does).
 
 Its public face is small: submit / cancel a request, register / retire an adapter, where an
 adapter resides, the device. Nothing outside reaches the runner or the adapter cache.
@@ -15,15 +17,17 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from server.engine.detokenizer import OutputText
-from server.engine.model_runner import ModelRunner, PrefillItem
+from server.engine.block_manager import BlockManager
+from server.engine.model_runner import ModelRunner, StepItem
 from server.engine.residency import AdapterCache
 from server.engine.sampling import TokenLogprob, sample_batch
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, Step
 from server.engine.sequence import EngineOutput, Sequence
 from server.metrics import Metrics
 
@@ -38,18 +42,30 @@ class EngineStopped(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's limits, handed whole (the server builds it from its settings)."""
+
+    max_batch_size: int = 16  # requests in the batch at once
+    max_queued: int = 256  # waiting requests past which submit refuses
+    max_step_tokens: int = 256  # tokens per forward pass: decode rows plus prefill chunks
+    prefix_caching: bool = True
+
+
 class Engine:
-    def __init__(self, load_runner: Callable[[], tuple[ModelRunner, AdapterCache]], max_batch_size: int,
-                 max_queued: int, metrics: Metrics):
+    def __init__(self, load_runner: Callable[[], tuple[ModelRunner, AdapterCache]], config: EngineConfig,
+                 metrics: Metrics):
         self._load_runner = load_runner
+        self.config = config
         self.metrics = metrics
-        self.max_queued = max_queued
+        self.max_queued = config.max_queued
         self._runner: ModelRunner | None = None
         self._adapters: AdapterCache | None = None
+        self._blocks: BlockManager | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._on_fatal: Callable[[BaseException], None] | None = None
-        self._scheduler = Scheduler(max_batch_size)
+        self._scheduler = Scheduler(config.max_batch_size, config.max_step_tokens)
         self._tasks: collections.deque[tuple[Callable[[ModelRunner], object], Future]] = collections.deque()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -120,6 +136,21 @@ class Engine:
         return self._runner.device
 
     @property
+    def kv_capacity_tokens(self) -> int:
+        """Token positions the KV pool holds (once ready): no request may need more."""
+        return self._blocks.capacity_tokens
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(KV blocks in use, blocks in the pool) — a snapshot, safe from any thread."""
+        if self._blocks is None:
+            return 0, 0
+        return self._blocks.num_used, self._blocks.num_blocks - 1
+
+    def kv_block_bytes(self) -> int:
+        """Bytes one KV block takes (0 before the model is loaded)."""
+        return self._runner.kv_cache_bytes // self._runner.num_blocks if self._runner is not None else 0
+
+    @property
     def num_running(self) -> int:
         return len(self._scheduler.running)
 
@@ -136,6 +167,8 @@ class Engine:
     def _main(self) -> None:
         try:
             self._runner, self._adapters = self._load_runner()
+            self._blocks = BlockManager(self._runner.num_blocks, self._runner.block_size, self.config.prefix_caching)
+            self._scheduler.blocks = self._blocks
         except BaseException as exc:  # reported to the server, which exits non-zero
             self.load_error = exc
             log.error("model load failed: %s", exc)
@@ -162,10 +195,8 @@ class Engine:
                     break
             self._run_tasks()
             self._reap_cancelled()
-            admitted = self._admit()
-            if self._scheduler.running:
-                self._decode_step()
-            self._stalled = not admitted and not self._scheduler.running and bool(self._scheduler.waiting)
+            worked = self._step()
+            self._stalled = not worked and bool(self._scheduler.waiting)
             self._adapters.release_unused(self._scheduler.adapters_in_use())
         self._adapters.close()
         self._fail_all("server is shutting down", kind="shutdown")
@@ -182,38 +213,53 @@ class Engine:
 
     def _reap_cancelled(self) -> None:
         for seq in self._scheduler.cancelled():
-            self._release(seq)
+            self._scheduler.release(seq)
 
-    def _admit(self) -> bool:
-        """Prefill what the scheduler admits now; True when something was."""
+    def _step(self) -> bool:
+        """Run one scheduled forward pass and hand out its tokens; False when there was nothing to run."""
+        stats = self._blocks.stats
+        queried, hits = stats.queried_tokens, stats.hit_tokens
         with self._wakeup:
-            batch, failed = self._scheduler.admit(self._adapters.acquire)
-        for seq, message in failed:
-            self._fail(seq, message, kind="adapter")
-        if not batch:
+            step = self._scheduler.schedule(self._adapters.acquire)
+        self.metrics.prefix_queried_tokens.inc(stats.queried_tokens - queried)
+        self.metrics.prefix_hit_tokens.inc(stats.hit_tokens - hits)
+        for seq, message in step.failed:
+            self._fail(seq, message, kind=self._failure_kind(message))
+        for seq in step.preempted:
+            self.metrics.preemptions.inc()
+            log.info("request %s preempted (KV blocks ran out); it will be computed again", seq.request_id)
+        self._start(step)
+        if not step.work:
             return False
-        now = time.monotonic()
-        for seq in batch:
-            self.metrics.queue_wait.labels(seq.model).observe(now - seq.arrival_time)
-            seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
-        logits = self._runner.prefill([PrefillItem(seq.slot, seq.prompt_ids, seq.adapter_key) for seq in batch])
-        for seq in batch:
-            seq.kv_len = len(seq.prompt_ids)
-        self._sample_and_accept(batch, logits)
+        self._runner.clear_blocks(self._blocks.take_fresh())
+        items = [StepItem(seq.tokens[seq.num_computed : seq.num_computed + count], seq.num_computed,
+                          seq.block_table, seq.adapter_key, seq.num_computed + count == len(seq.tokens))
+                 for seq, count in step.work]
+        self.metrics.batch_size.set(len(self._scheduler.running))
+        if step.decode_rows:
+            self.metrics.decode_rows.observe(step.decode_rows)
+        logits = self._runner.step(items)
+        sampled = []
+        for seq, count in step.work:
+            seq.num_computed += count
+            self._blocks.commit(seq)
+            if seq.num_computed == len(seq.tokens):
+                sampled.append(seq)
+        self._sample_and_accept(sampled, logits)
         return True
 
-    def _decode_step(self) -> None:
-        running = self._scheduler.running
-        self.metrics.batch_size.set(len(running))
-        self.metrics.decode_rows.observe(len(running))
-        logits = self._runner.decode(
-            [seq.last_token for seq in running],
-            [seq.kv_len for seq in running],
-            [seq.adapter_key for seq in running],
-        )
-        for seq in running:
-            seq.kv_len += 1
-        self._sample_and_accept(list(running), logits)
+    @staticmethod
+    def _failure_kind(message: str) -> str:
+        return "fault" if message.startswith("request needs") else "adapter"
+
+    def _start(self, step: Step) -> None:
+        """Clocks and output text of requests entering the batch for the first time."""
+        now = time.monotonic()
+        for seq in step.admitted:
+            if not seq.admitted:
+                seq.admitted = True
+                self.metrics.queue_wait.labels(seq.model).observe(now - seq.arrival_time)
+                seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
         """Sample a token for every row and hand each to its request; a row's fault ends that request only."""
@@ -241,8 +287,7 @@ class Engine:
 
     def _fail(self, seq: Sequence, message: str, kind: str = "fault") -> None:
         """End one request with an error (it leaves the batch, its metrics are counted); others go on."""
-        if seq.slot >= 0:
-            self._release(seq)
+        self._scheduler.release(seq)
         self.metrics.request_failures.labels(seq.model, kind).inc()
         try:
             seq.emit(EngineOutput("", "error", len(seq.prompt_ids), seq.generated, error=message, error_kind=kind))
@@ -251,7 +296,7 @@ class Engine:
 
     def _accept_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.generated += 1
-        seq.last_token = token
+        seq.tokens.append(token)
         if seq.generated_counts is not None:
             seq.generated_counts[token] += 1
         if logprob is not None and token not in seq.stop_token_ids:  # a stop token is not part of the answer
@@ -281,15 +326,9 @@ class Engine:
         self.metrics.e2e.labels(seq.model).observe(seq.finish_time - seq.arrival_time)
         self.metrics.prompt_tokens.labels(seq.model).inc(len(seq.prompt_ids))
         self.metrics.generation_tokens.labels(seq.model).inc(seq.generated)
-        self._release(seq)
-        seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated, logprobs=seq.take_logprobs()))
-
-    def _release(self, seq: Sequence) -> None:
-        """Take seq out of the batch; the request the scheduler moves into its slot takes its KV cache along."""
-        old_slot = len(self._scheduler.running) - 1
-        moved = self._scheduler.release(seq)
-        if moved is not None:
-            self._runner.move_slot(old_slot, moved.slot, moved.kv_len)
+        self._scheduler.release(seq)
+        seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated, logprobs=seq.take_logprobs(),
+                              cached_tokens=seq.cached_tokens))
 
     def _fail_all(self, message: str, kind: str) -> None:
         with self._wakeup:

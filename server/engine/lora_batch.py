@@ -9,10 +9,11 @@ adapters and cached. Linears that read the same input (q/k/v, gate/up) share the
 the A matmul. So a step costs a fixed handful of ops per layer whatever the adapter mix,
 instead of one PEFT pass per adapter (this is what punica/LoRAX call segmented gather MV).
 
-Determinism: BLAS (MKL/oneDNN on CPU) changes kernel, hence summation order, for matrices
-with fewer than MIN_GEMM_ROWS rows or narrower than RANK_ALIGN columns. We pad both, so a
-row's result is bit-identical whichever requests share its batch (zero padding adds exact
-zeros). This matters more than it seems: bitsandbytes' CPU kernel rounds its input to
+Determinism: BLAS (MKL/oneDNN on CPU) changes kernel, hence summation order, with the shape:
+on this CPU a row of x @ A differs when x has 1-3, 5-7 or 9-11 rows, or when A is narrower
+than RANK_ALIGN columns. We pad segments to a multiple of MIN_GEMM_ROWS rows and ranks to
+RANK_ALIGN, so a row's result is bit-identical whichever requests share its batch (zero
+padding adds exact zeros). This matters more than it seems: bitsandbytes' CPU kernel rounds its input to
 bf16, which turns a 1e-7 drift into a different token now and then.
 """
 from __future__ import annotations
@@ -34,11 +35,12 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
 
 
 def matmul_rows(x: torch.Tensor, weight) -> torch.Tensor:
-    """x @ weight (a matrix, or a Linear applied to x), computed with at least MIN_GEMM_ROWS rows."""
+    """x @ weight (a matrix, or a Linear applied to x), computed over a multiple of MIN_GEMM_ROWS rows."""
     apply = weight if callable(weight) else (lambda rows: rows @ weight)
     rows = x.shape[0]
-    if rows < MIN_GEMM_ROWS:
-        return apply(torch.cat((x, x.new_zeros(MIN_GEMM_ROWS - rows, x.shape[1]))))[:rows]
+    padded = -(-rows // MIN_GEMM_ROWS) * MIN_GEMM_ROWS
+    if padded != rows:
+        return apply(torch.cat((x, x.new_zeros(padded - rows, x.shape[1]))))[:rows]
     return apply(x)
 
 
@@ -115,7 +117,8 @@ class LoraBank:
         for row, name in enumerate(row_adapters):
             if name is not None:
                 rows_of[name].append(row)
-        segment_rows = max(self.min_rows, max(len(rows) for rows in rows_of.values()))
+        longest = max(len(rows) for rows in rows_of.values())
+        segment_rows = -(-longest // self.min_rows) * self.min_rows
         active_set = self._active_set(active)
         if row_adapters == [name for name in active for _ in range(segment_rows)]:
             # rows already sit in equal, sorted segments (the engine groups arrivals by

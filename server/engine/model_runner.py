@@ -1,31 +1,57 @@
-"""Runs the Llama forward pass for the engine: slot-based KV cache plus per-row LoRA.
+"""Runs the Llama forward pass for the engine over a paged KV cache, with per-row LoRA.
 
 We reuse the loaded Hugging Face modules (embeddings, norms, and the quantized bitsandbytes
 linears) but drive them ourselves, because HF's forward needs one padded cache for the whole
-batch. Here every running request owns a *slot* of a preallocated KV cache, so a request
-can join or leave between two decode steps without touching anybody else's cache. Running
-requests always occupy slots 0..B-1 (the engine compacts on exit), which makes the decode
-attention a plain view of the cache instead of a gather.
+batch. Here the cache is a pool of blocks (block_manager.py decides who owns which) and one
+forward pass runs any mix of requests: decode rows (one new token) and prefill chunks (a run of
+prompt tokens continuing what the cache already holds for that request). Every query row attends
+to its own request's positions only, gathered through its block table.
+
+Determinism: a row's attention is computed over its own length rounded up (see _padded_length),
+with masked keys adding exact zeros, as plain matmul/softmax; SDPA's kernels split work by batch
+and length. So a request's tokens do not depend on who shares the step, nor on how its prompt was
+cut into chunks or how much of it came from the prefix cache (tests/test_kv_cache.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from server.engine.lora_batch import LoraBank, StepLora, matmul_rows
 
-# Decode attention runs over cache lengths rounded up to this (see _decode_attention).
+# Attention runs over key lengths rounded up to multiples of this; a kv block size must divide it.
 ATTENTION_BLOCK = 64
 LOGIT_CHUNK = 4  # see _logits
 
 
 @dataclass
-class PrefillItem:
-    slot: int
+class StepItem:
+    """One request's part of a forward pass: `token_ids` at positions start.. of its cache."""
+
     token_ids: list[int]
+    start: int
+    block_table: list[int]
     adapter: str | None
+    wants_logits: bool = True  # its last token's logits are sampled (False: a prompt chunk mid-way)
+
+
+def _padded_length(length: int) -> int:
+    """Keys a row of `length` positions attends over: its length rounded up to ATTENTION_BLOCK,
+    then to the next of 2^k or 1.5 * 2^k past 256 (rows of similar length share one matmul, and
+    no row reads more than 1.5x its own length)."""
+    padded = -(-length // ATTENTION_BLOCK) * ATTENTION_BLOCK
+    if padded <= 256:
+        return padded
+    power = 1 << (padded - 1).bit_length()
+    return power * 3 // 4 if padded <= power * 3 // 4 else power
+
+
+def kv_block_bytes(config, dtype: torch.dtype, block_size: int) -> int:
+    """Bytes one block takes: K and V, every layer, `block_size` positions."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * head_dim * element
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -38,12 +64,14 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class ModelRunner:
-    """Owns the model and the KV cache. Only the engine thread may call it."""
+    """Owns the model and the KV block pool. Only the engine thread may call it."""
 
-    def __init__(self, causal_lm, tokenizer, max_slots: int, context_window: int):
+    def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int):
         config = causal_lm.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
+        if ATTENTION_BLOCK % block_size:
+            raise ValueError(f"kv block size {block_size} must divide {ATTENTION_BLOCK}")
         self.config = config
         self.tokenizer = tokenizer  # the engine thread's own instance, for detokenizing
         self.model = causal_lm.model
@@ -57,12 +85,18 @@ class ModelRunner:
         self.context_window = context_window
         self.vocab_size = config.vocab_size
         self.attn_scale = self.head_dim**-0.5
-        cache_shape = (len(self.layers), max_slots, self.num_kv_heads, context_window, self.head_dim)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # [layer, block, position in block, kv head, head_dim]; block 0 is the zero padding block
+        cache_shape = (len(self.layers), num_blocks, block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.cos, self.sin = self._rope_tables(context_window)
         self.lora = LoraBank(self.device, self.dtype)
-        self._positions = torch.arange(context_window, device=self.device)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # HF's rotary module knows every rope_scaling variant (llama3, linear, dynamic...).
@@ -73,44 +107,130 @@ class ModelRunner:
 
     # ---- public steps -------------------------------------------------------------------
 
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Zero blocks just handed out: a block's previous contents never reach a new owner, even
+        as masked padding (0 x NaN would be NaN)."""
+        if blocks:
+            index = torch.tensor(blocks, device=self.device)
+            self.k_cache.index_fill_(1, index, 0)
+            self.v_cache.index_fill_(1, index, 0)
+
     @torch.inference_mode()
-    def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
-        """Fill each item's slot from position 0; returns last-token logits [len(items), vocab]."""
+    def step(self, items: list[StepItem]) -> torch.Tensor:
+        """Run every item's tokens; returns the last-token logits of items that want them, in order."""
         token_ids = [t for item in items for t in item.token_ids]
-        positions = torch.cat([self._positions[: len(item.token_ids)] for item in items])
-        row_adapters = [item.adapter for item in items for _ in item.token_ids]
-        spans, start = [], 0
+        positions, slots, row_adapters, spans = [], [], [], []
+        size = self.block_size
         for item in items:
-            spans.append((item.slot, start, len(item.token_ids)))
-            start += len(item.token_ids)
+            spans.append((len(positions), len(item.token_ids)))
+            for pos in range(item.start, item.start + len(item.token_ids)):
+                positions.append(pos)
+                slots.append(item.block_table[pos // size] * size + pos % size)
+            row_adapters += [item.adapter] * len(item.token_ids)
+        plan = self._attention_plan(items, spans)
+        slot_index = torch.tensor(slots, device=self.device)
 
         def attend(layer: int, q, k, v):
-            return self._prefill_attention(layer, q, k, v, spans)
+            return self._attention(layer, q, k, v, slot_index, plan)
 
-        hidden = self._forward(token_ids, positions, attend, self.lora.prepare(row_adapters))
-        last_rows = torch.tensor([s + n - 1 for _, s, n in spans], device=self.device)
-        return self._logits(hidden[last_rows])
+        position_tensor = torch.tensor(positions, device=self.device)
+        hidden = self._forward(token_ids, position_tensor, attend, self.lora.prepare(row_adapters))
+        last_rows = [start + count - 1 for item, (start, count) in zip(items, spans) if item.wants_logits]
+        if not last_rows:
+            return torch.empty(0, self.vocab_size, device=self.device)
+        return self._logits(hidden[torch.tensor(last_rows, device=self.device)])
 
-    @torch.inference_mode()
-    def decode(self, token_ids: list[int], lengths: list[int], adapters: list[str | None]) -> torch.Tensor:
-        """One token for each of slots 0..B-1; `lengths[i]` tokens are already cached for slot i."""
-        batch = len(token_ids)
-        positions = torch.tensor(lengths, device=self.device)
-        max_len = min(-(-(max(lengths) + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK, self.context_window)
-        # keys past a row's own position are stale (a previous occupant of the slot) or padding
-        hidden_keys = (self._positions[:max_len][None, :] > positions[:, None]).view(batch, 1, 1, max_len)
-        rows = torch.arange(batch, device=self.device)
+    # ---- attention ------------------------------------------------------------------------
 
-        def attend(layer: int, q, k, v):
-            return self._decode_attention(layer, q, k, v, rows, positions, hidden_keys, max_len)
+    def _attention_plan(self, items: list[StepItem], spans) -> tuple[list, list]:
+        """(decode groups, prefill chunks): how this step's query rows are put into matmuls.
 
-        hidden = self._forward(token_ids, positions, attend, self.lora.prepare(adapters))
-        return self._logits(hidden)
+        A single-token row is one matrix of `group` query rows against its own keys; rows of the
+        same padded length share one batched matmul. A prompt chunk is cut at multiples of the
+        block size into pieces, and each piece is one matrix of its positions' query rows against
+        keys padded from the piece's end. Pieces therefore do not depend on where a chunk started or
+        stopped, nor on how much of the prompt came from the prefix cache: prompt tokens get the
+        same numbers however the scheduler cut them (the scheduler keeps chunk ends on block
+        boundaries). Every matrix has at least `group` rows and its own padded length, so a row never
+        depends on which other rows share the step (CPU BLAS picks kernels by shape).
+        """
+        singles: dict[int, list[int]] = {}
+        chunks = []
+        for index, item in enumerate(items):
+            count = len(item.token_ids)
+            if count == 1:
+                singles.setdefault(_padded_length(item.start + 1), []).append(index)
+                continue
+            end = item.start + count
+            blocks = self._block_index([item], _padded_length(end))
+            pieces: dict[tuple[int, int], list[int]] = {}  # (padded length, piece length) -> piece starts
+            piece_start = item.start
+            while piece_start < end:
+                piece_end = min(end, (piece_start // self.block_size + 1) * self.block_size)
+                pieces.setdefault((_padded_length(piece_end), piece_end - piece_start), []).append(piece_start)
+                piece_start = piece_end
+            groups = []
+            for (padded, length), starts in pieces.items():  # consecutive positions, hence consecutive rows
+                positions = self._tensor([[p + i for i in range(length)] for p in starts])  # [n, length]
+                hidden = torch.arange(padded, device=self.device)[None, None, :] > positions[:, :, None]
+                row = spans[index][0] + starts[0] - item.start
+                groups.append((row, len(starts), length, padded, hidden))
+            chunks.append((blocks, groups))
+        decode = []
+        for padded, members in sorted(singles.items()):
+            rows = self._tensor([spans[i][0] for i in members])
+            positions = self._tensor([items[i].start for i in members])
+            hidden = torch.arange(padded, device=self.device)[None, :] > positions[:, None]
+            decode.append((rows, self._block_index([items[i] for i in members], padded), hidden))
+        return decode, chunks
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy a request's cache to another slot (used to keep running slots contiguous)."""
-        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
-        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, device=self.device)
+
+    def _block_index(self, items: list[StepItem], padded: int) -> torch.Tensor:
+        """[rows, padded // block_size] block ids, padded with the zero block."""
+        width = padded // self.block_size
+        return self._tensor([(item.block_table + [0] * width)[:width] for item in items])
+
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """[rows, kv_heads, padded, head_dim] of the rows' blocks, contiguous."""
+        rows, width = blocks.shape
+        gathered = cache[blocks]  # [rows, width, block_size, kv_heads, head_dim]
+        gathered = gathered.view(rows, width * self.block_size, self.num_kv_heads, self.head_dim)
+        return gathered.transpose(1, 2).contiguous()
+
+    def _attend(self, queries, keys, values, hidden) -> torch.Tensor:
+        scores = torch.matmul(queries, keys.transpose(-1, -2)) * self.attn_scale
+        scores.masked_fill_(hidden, float("-inf"))
+        # softmax in float32 as HF's eager attention does: in bf16 (GPU) it visibly loses precision
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        return torch.matmul(probs, values)
+
+    def _attention(self, layer: int, q, k, v, slot_index, plan) -> torch.Tensor:
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        flat = (-1, self.num_kv_heads, self.head_dim)
+        k_cache.view(flat).index_copy_(0, slot_index, k)
+        v_cache.view(flat).index_copy_(0, slot_index, v)
+        kv_heads, group, head_dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        out = q.new_empty(q.shape[0], self.num_heads * head_dim)
+        decode, chunks = plan
+        for rows, blocks, hidden in decode:
+            n = len(rows)
+            queries = q.index_select(0, rows).view(n, kv_heads, group, head_dim)
+            result = self._attend(queries, self._gather(k_cache, blocks), self._gather(v_cache, blocks),
+                                  hidden.view(n, 1, 1, -1))
+            out.index_copy_(0, rows, result.reshape(n, -1))
+        for blocks, groups in chunks:
+            keys, values = self._gather(k_cache, blocks), self._gather(v_cache, blocks)  # [1, kv, padded, d]
+            for row, n, length, padded, hidden in groups:
+                # [n pieces, kv_heads, group * length, head_dim]: one matrix per piece, rows (group, position)
+                queries = q[row : row + n * length].view(n, length, kv_heads, group, head_dim)
+                queries = queries.permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * length, head_dim)
+                mask = hidden[:, None, None].expand(n, 1, group, length, padded).reshape(n, 1, group * length, padded)
+                result = self._attend(queries, keys[:, :, :padded], values[:, :, :padded], mask)
+                result = result.view(n, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
+                out[row : row + n * length] = result.reshape(n * length, -1)
+        return out
 
     # ---- internals ----------------------------------------------------------------------
 
@@ -162,35 +282,3 @@ class ModelRunner:
                 step_lora.apply(i, "down", x, (down,))
             hidden = hidden + down
         return self.model.norm(hidden)
-
-    def _prefill_attention(self, layer: int, q, k, v, spans) -> torch.Tensor:
-        outputs = []
-        for slot, start, length in spans:
-            k_seq = k[start : start + length].transpose(0, 1)  # [kv_heads, n, head_dim]
-            v_seq = v[start : start + length].transpose(0, 1)
-            self.k_cache[layer, slot, :, :length] = k_seq
-            self.v_cache[layer, slot, :, :length] = v_seq
-            q_seq = q[start : start + length].transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                q_seq[None], k_seq[None], v_seq[None], is_causal=True, enable_gqa=True
-            )
-            outputs.append(out[0].transpose(0, 1).reshape(length, -1))
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-
-    def _decode_attention(self, layer: int, q, k, v, rows, positions, hidden_keys, max_len) -> torch.Tensor:
-        # Plain matmul/softmax instead of SDPA, over a length padded to a multiple of
-        # ATTENTION_BLOCK: masked keys then add exact zeros in the same order whatever else
-        # is in the batch, so a request's tokens do not depend on who it is batched with
-        # (SDPA's kernels split work by batch size and length).
-        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
-        k_cache[rows, :, positions] = k
-        v_cache[rows, :, positions] = v
-        batch = q.shape[0]
-        group = self.num_heads // self.num_kv_heads
-        q = q.view(batch, self.num_kv_heads, group, self.head_dim)
-        scores = torch.matmul(q, k_cache[:batch, :, :max_len].transpose(-1, -2)) * self.attn_scale
-        scores.masked_fill_(hidden_keys, float("-inf"))
-        # softmax in float32 as HF's eager attention does: in bf16 (GPU) it visibly loses precision
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-        out = torch.matmul(probs, v_cache[:batch, :, :max_len])
-        return out.reshape(batch, -1)

@@ -1,90 +1,147 @@
-"""Scheduling decisions, apart from the thread that carries them out: who is admitted into the
-batch, in which order, and where a finished request's slot goes.
+"""Scheduling decisions, apart from the thread that carries them out: which requests run in the
+next engine step, with how many of their tokens, and who gives up KV blocks when they run out.
 
-Not thread-safe by itself: the engine calls `admit` under its queue lock and the rest on its own
-thread. Nothing here touches the model: the engine does what these decisions say.
+One step mixes decode rows (one token each) and prefill chunks under a token budget
+(`max_step_tokens`), so a long prompt is prefilled a chunk per step while running streams keep
+getting a token every step (chunked prefill). Requests are admitted in arrival order when a batch
+row and KV blocks for their whole prompt are free; when a running request needs a new block and
+none is free, the newest running request is preempted: its blocks are freed and it goes back to
+the head of the queue, to be computed again (cheaply, from the prefix cache when its blocks
+survived).
+
+Not thread-safe by itself: the engine calls `schedule` under its queue lock and the rest on its
+own thread. Nothing here touches the model: the engine does what these decisions say.
 """
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass, field
 from typing import Callable
 
+from server.engine.block_manager import BlockManager
 from server.engine.residency import AdapterUnavailable
 from server.engine.sequence import Sequence
 
-# A prefill forward holds at most this many prompt tokens: long enough to batch arrivals,
-# short enough that running streams are not stalled for long.
-PREFILL_TOKEN_BUDGET = 2048
+
+@dataclass
+class Step:
+    """What one forward pass computes: (request, how many of its uncomputed tokens) in row order."""
+
+    work: list[tuple[Sequence, int]] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)  # joined the batch this step (first time or again)
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # cannot run, with why
+
+    @property
+    def decode_rows(self) -> int:
+        return sum(1 for seq, count in self.work if count == 1 and seq.uncomputed == 1)
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int):
+    def __init__(self, max_batch_size: int, max_step_tokens: int, blocks: BlockManager | None = None):
         self.max_batch_size = max_batch_size
+        self.max_step_tokens = max_step_tokens
+        self.blocks = blocks  # set by the engine once the model (hence the pool size) is loaded
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []  # request i decodes in KV slot i: slots 0..B-1 stay packed
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
 
     def adapters_in_use(self) -> set[str | None]:
         return {seq.adapter_key for seq in (*self.running, *self.waiting)}
 
-    def admit(self, acquire: Callable[[str, set[str]], bool]) -> tuple[list[Sequence], list[tuple[Sequence, str]]]:
-        """(requests to prefill now, each given its slot; requests that cannot run, with why).
-
-        In arrival order while there is room and prefill budget; a request whose adapter is still
-        loading (acquire returns False) keeps its place; cancelled waiting requests are dropped.
-        The admitted batch is ordered by adapter, so the LoRA step finds equal adapters side by side.
-        """
-        batch: list[Sequence] = []
-        failed: list[tuple[Sequence, str]] = []
-        tokens = 0
+    def schedule(self, acquire: Callable[[str, set[str]], bool]) -> Step:
+        """Plan the next step. `acquire(adapter, in_use)` says whether an adapter is on the device
+        (False: still loading; the request keeps its place; AdapterUnavailable: it cannot run)."""
+        step = Step()
+        budget = self.max_step_tokens
+        # 1. every running request that has its prompt computed decodes one token
+        for seq in list(self.running):
+            if not seq.running or seq.uncomputed != 1:
+                continue
+            while not self.blocks.append_slot(seq):
+                victim = self.running[-1]
+                self._preempt(victim, step)
+                if victim is seq:
+                    break
+            if seq.running:
+                step.work.append((seq, 1))
+                budget -= 1
+        # prefill always progresses, even when the decode rows alone fill the budget
+        budget = max(budget, self.blocks.block_size)
+        # 2. requests part-way through their prompt continue, oldest first
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.uncomputed > 1:
+                count = self._chunk(seq, budget)
+                if count:
+                    step.work.append((seq, count))
+                    budget -= count
+        # 3. new arrivals, in order, while a row, the budget and KV blocks allow
         in_use = {seq.adapter_key for seq in self.running}
         kept: collections.deque[Sequence] = collections.deque()
-        while self.waiting:
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting.popleft()
             if seq.cancelled:
-                continue
-            room = len(self.running) + len(batch) < self.max_batch_size
-            if not room or (batch and tokens + len(seq.prompt_ids) > PREFILL_TOKEN_BUDGET):
-                kept.append(seq)
                 continue
             try:
                 ready = seq.adapter_key is None or acquire(seq.adapter_key, in_use | {seq.adapter_key})
             except AdapterUnavailable as exc:
-                failed.append((seq, str(exc)))
+                step.failed.append((seq, str(exc)))
                 continue
             if not ready:
                 kept.append(seq)
                 continue
-            in_use.add(seq.adapter_key)
-            batch.append(seq)
-            tokens += len(seq.prompt_ids)
-        self.waiting = kept
-        batch.sort(key=lambda seq: (seq.adapter_key is None, seq.adapter_key or ""))
-        for seq in batch:
-            seq.slot = len(self.running)
+            if step.preempted or not self.blocks.allocate(seq):
+                if not self.running and not step.preempted:  # the whole pool is free and still too small
+                    step.failed.append((seq, f"request needs {len(seq.tokens)} tokens of KV cache; the pool holds "
+                                             f"{self.blocks.capacity_tokens}"))
+                    continue
+                self.waiting.appendleft(seq)  # first in line when blocks free up: no overtaking
+                break
+            if not seq.admitted:
+                seq.cached_tokens = seq.num_computed
+            seq.running = True
             self.running.append(seq)
-        return batch, failed
+            in_use.add(seq.adapter_key)
+            step.admitted.append(seq)
+            count = self._chunk(seq, budget)
+            if count:
+                step.work.append((seq, count))
+                budget -= count
+        self.waiting.extendleft(reversed(kept))
+        return step
 
-    def release(self, seq: Sequence) -> Sequence | None:
-        """Take seq out of the batch. Returns the request moved into its slot (from the last slot), if any:
-        its KV cache must follow it."""
-        slot = seq.slot
-        seq.slot = -1
-        last = self.running.pop()
-        if last is seq:
-            return None
-        last.slot = slot
-        self.running[slot] = last
-        return last
+    def release(self, seq: Sequence) -> None:
+        """Take seq out of the batch and give its blocks back."""
+        if seq.running:
+            seq.running = False
+            self.running.remove(seq)
+            self.blocks.free(seq)
 
     def cancelled(self) -> list[Sequence]:
-        """Running requests whose client went away (waiting ones are dropped by admit)."""
+        """Running requests whose client went away (waiting ones are dropped by schedule)."""
         return [seq for seq in self.running if seq.cancelled]
 
     def drain(self) -> list[Sequence]:
         """Every request, running or waiting, taken out at once (the engine is stopping)."""
         pending = [*self.running, *self.waiting]
-        self.running.clear()
+        for seq in list(self.running):
+            self.release(seq)
         self.waiting.clear()
-        for seq in pending:
-            seq.slot = -1
         return pending
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of seq's prompt to compute now: all that is left if the budget allows, else up to a
+        block boundary (the runner computes prompt tokens in block-aligned pieces, so where a chunk
+        ends never changes their numbers; model_runner._attention_plan)."""
+        if seq.uncomputed <= budget:
+            return seq.uncomputed
+        size = self.blocks.block_size
+        end = (seq.num_computed + budget) // size * size
+        return max(end - seq.num_computed, 0)
+
+    def _preempt(self, seq: Sequence, step: Step) -> None:
+        self.release(seq)
+        seq.preemptions += 1
+        self.waiting.appendleft(seq)
+        step.preempted.append(seq)

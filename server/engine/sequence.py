@@ -25,6 +25,7 @@ class EngineOutput:
     # loaded) or "fault" (this request's generation broke); the edge picks the status from it
     error_kind: str | None = None
     logprobs: list[TokenLogprob] | None = None  # of the tokens behind this piece (when asked); shaped at the edge
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (usage.prompt_tokens_details)
 
 
 @dataclass
@@ -38,9 +39,16 @@ class Sequence:
     emit: Callable[[EngineOutput], None]
     output: OutputText | None = None  # built on the engine thread at admission, with its tokenizer
     generated: int = 0  # tokens sampled, the stop token included (what usage reports)
-    last_token: int = -1  # sampled but not yet in the KV cache
-    kv_len: int = 0  # positions of this request written to its cache slot
-    slot: int = -1
+    # KV state (block_manager.py): the prompt then every sampled token; the last one sampled is
+    # not yet in the cache. After a preemption all of them are computed again.
+    tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading positions of `tokens` whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_digests: list[bytes] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    admitted: bool = False  # has been in the batch (first admission starts its clocks and output)
+    running: bool = False  # in the batch now (holds blocks)
+    preemptions: int = 0
     cancelled: bool = False
     model: str = ""  # who serves it by name (the expert's or the base's): the metrics label, the logs
     arrival_time: float = field(default_factory=time.monotonic)
@@ -51,8 +59,18 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
 
     def __post_init__(self) -> None:
+        self.tokens = list(self.prompt_ids)
         if self.params.penalizes:
             self.generated_counts = Counter()
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
+
+    @property
+    def uncomputed(self) -> int:
+        """Positions still to run through the model before the next token can be sampled."""
+        return len(self.tokens) - self.num_computed
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
         if not self.params.logprobs:

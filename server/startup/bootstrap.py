@@ -21,11 +21,12 @@ from router.resolve import AUTO_MODEL, ExpertRouter
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
 from server.api.state import BaseInfo, ServerState
-from server.engine.engine import Engine
-from server.engine.model_runner import ModelRunner
+from server.engine.engine import Engine, EngineConfig
+from server.engine.model_runner import ModelRunner, kv_block_bytes
 from server.engine.residency import AdapterCache
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
+from server.startup.kv_budget import plan_kv_blocks
 
 log = logging.getLogger("loraplex.bootstrap")
 
@@ -76,7 +77,12 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
         raise ConfigError(str(exc)) from exc
     config = loaded.model.config
     context_window = context_window_for(settings, config)
-    runner = ModelRunner(loaded.model, loaded.tokenizer, settings.max_batch_size, context_window)
+    device, dtype = loaded.model.model.embed_tokens.weight.device, loaded.model.model.embed_tokens.weight.dtype
+    block_bytes = kv_block_bytes(config, dtype, settings.kv_block_size)
+    num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window)
+    runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window)
+    log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", num_blocks - 1, settings.kv_block_size,
+             num_blocks * block_bytes / 2**20, (num_blocks - 1) * settings.kv_block_size)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(loaded.folder)
@@ -151,14 +157,16 @@ def create_state(settings: Settings) -> ServerState:
     metrics = Metrics()
     engine = Engine(
         load_runner=lambda: build_runtime(settings, registry, store, set_base, engine.wake, delete_retired, metrics),
-        max_batch_size=settings.max_batch_size,
-        max_queued=settings.max_queued_requests,
+        config=EngineConfig(max_batch_size=settings.max_batch_size, max_queued=settings.max_queued_requests,
+                            max_step_tokens=settings.max_step_tokens, prefix_caching=settings.prefix_caching),
         metrics=metrics,
     )
     metrics.watch(
         running=lambda: engine.num_running,
         waiting=lambda: engine.num_waiting,
         tiers=engine.adapter_counts,
+        kv_blocks=engine.kv_usage,
+        kv_block_bytes=engine.kv_block_bytes,
     )
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics)
     return state

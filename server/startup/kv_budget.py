@@ -1,0 +1,62 @@
+"""How many KV cache blocks the server gets: the `kv_cache_memory` setting turned into a block
+count for the loaded model, checked before the pool is allocated.
+
+Checked at start, not discovered at the first long request: a budget that cannot hold one request
+of the full context window is refused with both numbers, so the operator can raise the budget or
+lower context_window.
+"""
+from __future__ import annotations
+
+import torch
+
+from server.settings import ConfigError, Settings, parse_memory
+
+AUTO_CUDA_FRACTION = 0.9
+AUTO_CPU_RAM_SHARE = 0.25
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _available_ram()
+
+
+def kv_budget_bytes(settings: Settings, device: torch.device, block_bytes: int, context_window: int) -> int:
+    amount, fraction = parse_memory(settings.kv_cache_memory)
+    if amount is not None:
+        return amount
+    if fraction is not None:
+        return int(_free_memory(device) * fraction)
+    if device.type == "cuda":
+        return int(_free_memory(device) * AUTO_CUDA_FRACTION)
+    per_request = -(-context_window // settings.kv_block_size)  # blocks of one full-context request
+    wanted = (settings.max_batch_size * per_request + 1) * block_bytes  # + the padding block
+    return max(min(wanted, int(_free_memory(device) * AUTO_CPU_RAM_SHARE)), (per_request + 1) * block_bytes)
+
+
+def plan_kv_blocks(settings: Settings, device: torch.device, block_bytes: int, context_window: int) -> int:
+    """Blocks in the pool (the padding block included); ConfigError when one full request cannot fit."""
+    block_size = settings.kv_block_size
+    budget = kv_budget_bytes(settings, device, block_bytes, context_window)
+    usable = budget // block_bytes - 1  # block 0 pads block tables
+    needed = -(-context_window // block_size)
+    if usable < needed:
+        raise ConfigError(
+            f"kv_cache_memory ({settings.kv_cache_memory}: {budget:,} bytes) holds {max(usable, 0) * block_size:,} "
+            f"tokens of KV cache, but one request of the full context window needs {context_window:,} tokens "
+            f"({(needed + 1) * block_bytes:,} bytes). Raise kv_cache_memory or lower context_window."
+        )
+    return usable + 1
