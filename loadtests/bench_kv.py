@@ -118,7 +118,9 @@ def chat_messages(base_url: str, messages: list[dict], max_tokens: int) -> dict:
     return record
 
 
-def long_prompts_while_streaming(base_url: str, streams: int, long_prompts: int, stream_tokens: int) -> dict:
+def long_prompts_while_streaming(base_url: str, streams: int, long_prompts: int, stream_tokens: int,
+                                 seed: int = 1000) -> dict:
+    """`seed` picks the long prompts' text: give every run its own, or the prefix cache answers them."""
     records = [{} for _ in range(streams)]
     threads = [threading.Thread(target=stream, args=(base_url, f"Tell story number {i} about the sea.",
                                                      stream_tokens, records[i])) for i in range(streams)]
@@ -128,15 +130,18 @@ def long_prompts_while_streaming(base_url: str, streams: int, long_prompts: int,
         for thread in threads:
             thread.start()
         time.sleep(2.0)  # the streams are decoding
+        long_sent = time.perf_counter()
         for i in range(long_prompts):
             words = 800 + 350 * (i % 3)  # ~1,000-1,900 tokens
             record: dict = {}
-            stream(base_url, text(words, seed=1000 + i) + "\nSummarize.", 4, record)
+            stream(base_url, text(words, seed=seed + i) + "\nSummarize.", 4, record)
             long_records.append(record)
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - start
     gaps = [(b - a) * 1000 for r in records for a, b in zip(r["times"], r["times"][1:])]
+    # the streams' usual pace: gaps that ended before the first long prompt was sent
+    quiet = [(b - a) * 1000 for r in records for a, b in zip(r["times"], r["times"][1:]) if b < long_sent]
     tokens = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in records + long_records)
     return {
         "streams": streams, "stream_tokens": stream_tokens,
@@ -144,6 +149,8 @@ def long_prompts_while_streaming(base_url: str, streams: int, long_prompts: int,
         "long_prompt_ttft_s": [round(r["ttft_s"], 3) for r in long_records],
         "gap_p50_ms": round(percentile(gaps, 50), 1), "gap_p99_ms": round(percentile(gaps, 99), 1),
         "gap_max_ms": round(max(gaps), 1), "p99_over_p50": round(percentile(gaps, 99) / percentile(gaps, 50), 2),
+        "quiet_gap_p50_ms": round(percentile(quiet, 50), 1),
+        "p99_over_quiet_p50": round(percentile(gaps, 99) / percentile(quiet, 50), 2),
         "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2), "peak_kv_mib": round(peak.bytes / 2**20, 1),
     }
 
@@ -202,22 +209,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--long-prompts", type=int, default=3)
     parser.add_argument("--stream-tokens", type=int, default=160)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of the long-prompt scenario")
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "bench_kv.json")
     args = parser.parse_args(argv)
     result: dict = {**stamp("loadtests.bench_kv", argv), "long_prompts": {}, "shared_prefix": {}, "short_requests": {}}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        runs = {"chunked": {}, "one_shot": {"max_step_tokens": 8192}}
-        for name, settings in runs.items():
-            server = serve(workdir, **settings)
-            try:
-                result["long_prompts"][name] = long_prompts_while_streaming(
-                    server.base_url, args.streams, args.long_prompts, args.stream_tokens)
-                result["long_prompts"][name]["max_step_tokens"] = settings.get("max_step_tokens",
-                                                                                Settings().max_step_tokens)
-                print(name, result["long_prompts"][name], flush=True)
-            finally:
+        # one-shot: a whole prompt in one forward pass, as the engine did before chunked prefill
+        runs = {"chunked": {}, "one_shot": {"max_step_tokens": 8192, "max_step_slowdown": 0}}
+        servers = {name: serve(workdir, **settings) for name, settings in runs.items()}  # both up, used in turn
+        try:
+            rounds: dict[str, list[dict]] = {name: [] for name in runs}
+            for round_ in range(args.rounds):  # alternated: this machine's speed drifts
+                for index, (name, server) in enumerate(servers.items()):
+                    rounds[name].append(long_prompts_while_streaming(
+                        server.base_url, args.streams, args.long_prompts, args.stream_tokens,
+                        seed=1000 + 100 * round_ + 10 * index))
+                    print(name, rounds[name][-1], flush=True)
+        finally:
+            for server in servers.values():
                 server.stop()
+        for name, runs_of in rounds.items():
+            median = {key: statistics.median(run[key] for run in runs_of) for key, value in runs_of[0].items()
+                      if isinstance(value, (int, float))}
+            result["long_prompts"][name] = {**runs_of[0], **median, "rounds": runs_of,
+                                            "max_step_tokens": runs[name].get("max_step_tokens",
+                                                                              Settings().max_step_tokens),
+                                            "max_step_slowdown": runs[name].get("max_step_slowdown",
+                                                                                Settings().max_step_slowdown)}
         for name, caching in (("on", True), ("off", False)):
             server = serve(workdir, prefix_caching=caching)
             try:

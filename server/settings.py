@@ -68,9 +68,14 @@ class Settings(EncodableText):
     )
     kv_block_size: Literal[8, 16, 32, 64] = Field(16, description="Token positions per KV cache block.")
     max_step_tokens: int = Field(
-        256, ge=16,
-        description="Tokens one engine step computes (decode rows plus prompt chunks): a long prompt is prefilled "
-                    "this many tokens per step while running streams keep decoding.",
+        512, ge=16,
+        description="Most tokens one engine step computes (decode rows plus prompt chunks); a longer prompt is "
+                    "prefilled over several steps while running streams keep decoding.",
+    )
+    max_step_slowdown: float = Field(
+        2.0, ge=0,
+        description="While streams decode, a prompt chunk is sized (from measured step times) so that a step "
+                    "takes at most about this many times a decode-only step; 0 or 1: chunks fill max_step_tokens.",
     )
     prefix_caching: bool = Field(True, description="Reuse the KV of prompt prefixes already computed (same adapter).")
     max_queued_requests: int = Field(256, ge=0)

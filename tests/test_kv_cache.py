@@ -297,3 +297,22 @@ def test_metrics_export_kv_usage():
     assert values["loraplex_kv_cache_usage_ratio[]"] == 0.25
     assert values["loraplex_kv_cache_used_bytes[]"] == 30_000
     assert values["loraplex_kv_cache_blocks[('state', 'total')]"] == 120
+
+
+def test_a_prompt_chunk_is_sized_from_measured_step_times():
+    from server.engine.step_cost import INITIAL_CHUNK, StepCost
+
+    cost = StepCost(max_step_tokens=512, slowdown=2.0)
+    assert cost.prompt_budget(0) == 512  # nobody decodes: nobody waits
+    assert cost.prompt_budget(8) == INITIAL_CHUNK  # decoding, nothing measured yet
+    cost.observe(decode_rows=8, prompt_tokens=0, seconds=0.040)
+    cost.observe(decode_rows=8, prompt_tokens=100, seconds=0.240)  # 2 ms per prompt token on top
+    assert cost.prompt_budget(8) == 20  # 40 ms of prompt work: a step of about 2x a decode step
+    fast = StepCost(max_step_tokens=512, slowdown=2.0)  # a GPU: a prompt token costs next to nothing
+    fast.observe(decode_rows=64, prompt_tokens=0, seconds=0.020)
+    fast.observe(decode_rows=64, prompt_tokens=256, seconds=0.025)
+    assert fast.prompt_budget(64) == 512 - 64
+    off = StepCost(max_step_tokens=512, slowdown=0)
+    off.observe(8, 0, 0.04)
+    off.observe(8, 100, 0.24)
+    assert off.prompt_budget(8) == 504

@@ -29,6 +29,7 @@ from server.engine.residency import AdapterCache
 from server.engine.sampling import TokenLogprob, sample_batch
 from server.engine.scheduler import Scheduler, Step
 from server.engine.sequence import EngineOutput, Sequence
+from server.engine.step_cost import StepCost
 from server.metrics import Metrics
 
 log = logging.getLogger("loraplex.engine")
@@ -48,7 +49,8 @@ class EngineConfig:
 
     max_batch_size: int = 16  # requests in the batch at once
     max_queued: int = 256  # waiting requests past which submit refuses
-    max_step_tokens: int = 256  # tokens per forward pass: decode rows plus prefill chunks
+    max_step_tokens: int = 512  # tokens per forward pass: decode rows plus prefill chunks
+    max_step_slowdown: float = 2.0  # while streams decode, a prompt chunk keeps a step under this x a decode step
     prefix_caching: bool = True
 
 
@@ -66,6 +68,7 @@ class Engine:
         self.load_error: BaseException | None = None
         self._on_fatal: Callable[[BaseException], None] | None = None
         self._scheduler = Scheduler(config.max_batch_size, config.max_step_tokens)
+        self._step_cost = StepCost(config.max_step_tokens, config.max_step_slowdown)
         self._tasks: collections.deque[tuple[Callable[[ModelRunner], object], Future]] = collections.deque()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -220,7 +223,7 @@ class Engine:
         stats = self._blocks.stats
         queried, hits = stats.queried_tokens, stats.hit_tokens
         with self._wakeup:
-            step = self._scheduler.schedule(self._adapters.acquire)
+            step = self._scheduler.schedule(self._adapters.acquire, self._step_cost.prompt_budget)
         self.metrics.prefix_queried_tokens.inc(stats.queried_tokens - queried)
         self.metrics.prefix_hit_tokens.inc(stats.hit_tokens - hits)
         for seq, message in step.failed:
@@ -231,13 +234,15 @@ class Engine:
         self._start(step)
         if not step.work:
             return False
+        started = time.perf_counter()
         self._runner.clear_blocks(self._blocks.take_fresh())
         items = [StepItem(seq.tokens[seq.num_computed : seq.num_computed + count], seq.num_computed,
                           seq.block_table, seq.adapter_key, seq.num_computed + count == len(seq.tokens))
                  for seq, count in step.work]
         self.metrics.batch_size.set(len(self._scheduler.running))
-        if step.decode_rows:
-            self.metrics.decode_rows.observe(step.decode_rows)
+        decode_rows = step.decode_rows
+        if decode_rows:
+            self.metrics.decode_rows.observe(decode_rows)
         logits = self._runner.step(items)
         sampled = []
         for seq, count in step.work:
@@ -245,7 +250,9 @@ class Engine:
             self._blocks.commit(seq)
             if seq.num_computed == len(seq.tokens):
                 sampled.append(seq)
-        self._sample_and_accept(sampled, logits)
+        self._sample_and_accept(sampled, logits)  # reads the logits: on CUDA the step has finished here
+        prompt_tokens = sum(count for _, count in step.work) - decode_rows
+        self._step_cost.observe(decode_rows, prompt_tokens, time.perf_counter() - started)
         return True
 
     @staticmethod

@@ -2,8 +2,9 @@
 next engine step, with how many of their tokens, and who gives up KV blocks when they run out.
 
 One step mixes decode rows (one token each) and prefill chunks under a token budget
-(`max_step_tokens`), so a long prompt is prefilled a chunk per step while running streams keep
-getting a token every step (chunked prefill). Requests are admitted in arrival order when a batch
+(`max_step_tokens`, and while streams decode, what step_cost.py says keeps their steps short), so
+a long prompt is prefilled a chunk per step while running streams keep getting a token every step
+(chunked prefill). Requests are admitted in arrival order when a batch
 row and KV blocks for their whole prompt are free; when a running request needs a new block and
 none is free, the newest running request is preempted: its blocks are freed and it goes back to
 the head of the queue, to be computed again (cheaply, from the prefix cache when its blocks
@@ -48,11 +49,13 @@ class Scheduler:
     def adapters_in_use(self) -> set[str | None]:
         return {seq.adapter_key for seq in (*self.running, *self.waiting)}
 
-    def schedule(self, acquire: Callable[[str, set[str]], bool]) -> Step:
+    def schedule(self, acquire: Callable[[str, set[str]], bool],
+                 prompt_budget: Callable[[int], int] | None = None) -> Step:
         """Plan the next step. `acquire(adapter, in_use)` says whether an adapter is on the device
-        (False: still loading; the request keeps its place; AdapterUnavailable: it cannot run)."""
+        (False: still loading; the request keeps its place; AdapterUnavailable: it cannot run).
+        `prompt_budget(decode rows)`: prompt tokens the step may add to its decode rows (default:
+        what max_step_tokens leaves)."""
         step = Step()
-        budget = self.max_step_tokens
         # 1. every running request that has its prompt computed decodes one token
         for seq in list(self.running):
             if not seq.running or seq.uncomputed != 1:
@@ -64,7 +67,8 @@ class Scheduler:
                     break
             if seq.running:
                 step.work.append((seq, 1))
-                budget -= 1
+        decode_rows = len(step.work)
+        budget = prompt_budget(decode_rows) if prompt_budget else self.max_step_tokens - decode_rows
         # prefill always progresses, even when the decode rows alone fill the budget
         budget = max(budget, self.blocks.block_size)
         # 2. requests part-way through their prompt continue, oldest first

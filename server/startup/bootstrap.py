@@ -158,7 +158,8 @@ def create_state(settings: Settings) -> ServerState:
     engine = Engine(
         load_runner=lambda: build_runtime(settings, registry, store, set_base, engine.wake, delete_retired, metrics),
         config=EngineConfig(max_batch_size=settings.max_batch_size, max_queued=settings.max_queued_requests,
-                            max_step_tokens=settings.max_step_tokens, prefix_caching=settings.prefix_caching),
+                            max_step_tokens=settings.max_step_tokens, max_step_slowdown=settings.max_step_slowdown,
+                            prefix_caching=settings.prefix_caching),
         metrics=metrics,
     )
     metrics.watch(
