@@ -200,9 +200,10 @@ def test_content_parts_roles_and_max_completion_tokens(client, tokenizer):
          "logit_bias"),
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"hello": 1}}, "logit_bias"),
         ({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
-          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-         "response_format"),
+          "tools": [{"type": "function", "function": {"name": "not a name!", "parameters": {}}}]},
+         "tools.0.function.name"),
+        ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+         "response_format.type"),
     ],
 )
 def test_bad_requests_are_400_in_openai_shape(server, body, param):

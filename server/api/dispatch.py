@@ -20,6 +20,7 @@ from server.api.errors import APIError
 from server.api.middleware import RequestOutcome, outcome_of
 from server.api.protocol import SamplingFields
 from server.api.state import ServerState
+from server.api.structured import FREE_TEXT, OutputFormat
 from server.engine.engine import EngineStopped, QueueFull
 from server.engine.sampling import SamplingParams, make_generator
 from server.engine.sequence import Sequence
@@ -101,6 +102,10 @@ def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, re
     )
 
 
+def base_formats(state: ServerState):
+    return state.base.formats
+
+
 async def route_request(model: str, routing_text: str, request: Request, state: ServerState) -> Route:
     router, header = state.router, request.headers.get("x-expert")
     if router.needs_classifier(model, header):
@@ -110,8 +115,12 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
 
 
 async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, request: Request,
-                 state: ServerState, id_prefix: str, default_max_tokens: int | None = None) -> Call:
-    """Route and queue a request whose prompt is tokenized (the endpoint checked readiness first)."""
+                 state: ServerState, id_prefix: str, default_max_tokens: int | None = None,
+                 output: OutputFormat = FREE_TEXT) -> Call:
+    """Route and queue a request whose prompt is tokenized (the endpoint checked readiness first).
+    `output`: the format every choice's answer must have (structured outputs)."""
+    constraints = await state.in_text_pool(base_formats(state).constraints, output, req.n) \
+        if output.grammar is not None else [None] * req.n
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
     if req.n > state.settings.max_queued_requests:
@@ -149,6 +158,7 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
             generator=make_generator(None if params.seed is None else params.seed + index, state.engine.device),
             emit=emitter(index),
+            constraint=constraints[index],
         )
         for index in range(req.n)
     ]

@@ -1,11 +1,26 @@
 """Prompts as token ids: chat messages through the base's chat template, raw text as it is."""
 from __future__ import annotations
 
+import json
 import re
 import secrets
 
 from adapters.base_model import FALLBACK_CHATML
-from server.api.protocol import ChatMessage
+from server.api.protocol import ChatMessage, Tool
+from server.api.structured import CALL_CLOSE, CALL_OPEN, tool_prompt
+
+def _turn_text(message: ChatMessage) -> str:
+    """A turn's text; an assistant turn's tool calls follow it in the format the grammar enforces."""
+    text = message.text()
+    for call in message.tool_calls or []:
+        try:
+            arguments = json.loads(call.function.arguments)
+        except ValueError:
+            arguments = call.function.arguments
+        text += ("\n" if text else "") + CALL_OPEN + json.dumps({"name": call.function.name, "arguments": arguments}) \
+            + CALL_CLOSE
+    return text
+
 
 class PromptEncoder:
     """Messages -> prompt token ids with the base's chat template, and raw text -> token ids.
@@ -45,7 +60,10 @@ class PromptEncoder:
         """A lower bound on the tokens of any text of `chars` characters."""
         return chars // self.max_chars_per_token
 
-    def render(self, messages: list[ChatMessage]) -> list[int]:
+    def render(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
+        """The prompt for `messages`; `tools` (when the request may call them) are announced in the
+        format structured.py enforces: by the chat template when it knows `<tool_call>` tags, else in
+        a system message of ours. Earlier calls and tool results in the history are rendered too."""
         nonce = secrets.token_hex(8)
         marker = re.compile(f"\ue000{nonce}:([0-9]+)\ue001")
 
@@ -55,11 +73,16 @@ class PromptEncoder:
             return self._special_re.sub(lambda m: f"\ue000{nonce}:{self._index[m.group()]}\ue001", text)
 
         # "developer" is OpenAI's newer name for the system role; templates only know "system".
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": mark(m.text())}
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": mark(_turn_text(m))}
                         for m in messages]
         template = None if self._tokenizer.chat_template else FALLBACK_CHATML
+        extra = {}
+        if tools and CALL_OPEN in (self._tokenizer.chat_template or ""):
+            extra["tools"] = [tool.model_dump(exclude_none=True) for tool in tools]
+        elif tools:
+            conversation.insert(0, {"role": "system", "content": mark(tool_prompt(tools))})
         rendered = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
-                                                       chat_template=template)
+                                                       chat_template=template, **extra)
         pieces = marker.split(rendered)  # text, special index, text, special index, ..., text
         encoded = self._backend.encode_batch(pieces[0::2], add_special_tokens=False)
         ids: list[int] = list(encoded[0].ids)

@@ -166,13 +166,17 @@ class ChunkShaper:
         """The first chunk of a choice before any text (the chat role, an echoed prompt), if any."""
         return None
 
-    def piece(self, index: int, out: EngineOutput) -> dict:
-        """A chunk carrying a piece of a choice's text (and its logprobs)."""
+    def piece(self, index: int, out: EngineOutput) -> dict | None:
+        """A chunk carrying a piece of a choice's text (and its logprobs); None: nothing to send yet."""
         raise NotImplementedError
 
     def finish(self, index: int, reason: str) -> dict:
         """The chunk that ends a choice."""
         raise NotImplementedError
+
+    def finish_chunks(self, index: int, reason: str) -> list[dict]:
+        """Everything still to send for a choice that ended (a shaper that held text back sends it here)."""
+        return [self.finish(index, reason)]
 
     def usage(self, usage: dict) -> dict:
         """The last chunk, with the usage of the whole request (stream_options.include_usage)."""
@@ -190,9 +194,12 @@ async def _events(call: Call, state: ServerState, shaper: ChunkShaper, include_u
                 yield sse_error(engine_failed(out))
                 break
             if out.text or out.logprobs:  # a held-back stop string can leave logprobs with no text
-                yield sse(shaper.piece(index, out))
+                chunk = shaper.piece(index, out)
+                if chunk is not None:
+                    yield sse(chunk)
             if out.finish_reason:
-                yield sse(shaper.finish(index, out.finish_reason))
+                for chunk in shaper.finish_chunks(index, out.finish_reason):
+                    yield sse(chunk)
             if usage and include_usage:
                 yield sse(shaper.usage(usage))
     yield sse("[DONE]")

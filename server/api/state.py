@@ -17,6 +17,7 @@ from router.resolve import ExpertRouter
 from server.api.errors import APIError
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
+from server.api.structured import OutputFormats
 from server.engine.engine import Engine
 from server.metrics import Metrics
 from server.settings import Settings
@@ -35,6 +36,7 @@ class BaseInfo:
     context_window: int
     vocab_size: int
     shape: BaseShape
+    formats: OutputFormats  # response_format / tools -> grammars over the same tokenizer
 
 
 @dataclass

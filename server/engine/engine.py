@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,6 +69,7 @@ class Engine:
         self._on_fatal: Callable[[BaseException], None] | None = None
         self._scheduler = Scheduler(config.max_batch_size, config.max_step_tokens)
         self._step_cost = StepCost(config.max_step_tokens, config.max_step_slowdown)
+        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="loraplex-grammar")
         self._tasks: collections.deque[tuple[Callable[[ModelRunner], object], Future]] = collections.deque()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -202,6 +203,7 @@ class Engine:
             self._stalled = not worked and bool(self._scheduler.waiting)
             self._adapters.release_unused(self._scheduler.adapters_in_use())
         self._adapters.close()
+        self._grammar_pool.shutdown(wait=False)
         self._fail_all("server is shutting down", kind="shutdown")
 
     def _run_tasks(self) -> None:
@@ -243,7 +245,12 @@ class Engine:
         decode_rows = step.decode_rows
         if decode_rows:
             self.metrics.decode_rows.observe(decode_rows)
+        # grammar masks of the rows sampled this step: computed beside the forward pass, not after it
+        masks = [self._grammar_pool.submit(seq.constraint.prepare) for seq, count in step.work
+                 if seq.constraint is not None and seq.num_computed + count == len(seq.tokens)]
         logits = self._runner.step(items)
+        for future in masks:
+            future.exception()  # wait; a failed mask is computed again, and fails its row, when sampled
         sampled = []
         for seq, count in step.work:
             seq.num_computed += count
@@ -272,7 +279,7 @@ class Engine:
         """Sample a token for every row and hand each to its request; a row's fault ends that request only."""
         try:
             sampled = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                   [s.generated_counts for s in seqs])
+                                   [s.generated_counts for s in seqs], [s.constraint for s in seqs])
         except Exception as exc:  # nothing of this step can be trusted; the requests end, the engine goes on
             log.exception("sampling failed for a whole step of %d requests", len(seqs))
             for seq in seqs:
@@ -302,6 +309,8 @@ class Engine:
             log.exception("could not report the failure of request %s", seq.request_id)
 
     def _accept_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         seq.generated += 1
         seq.tokens.append(token)
         if seq.generated_counts is not None:
@@ -320,7 +329,10 @@ class Engine:
             self._finish(seq, "stop", text)
             return
         text, stopped = seq.output.push(token)
-        if not stopped and seq.generated >= seq.params.max_tokens:
+        if not stopped and seq.constraint is not None and seq.constraint.complete:
+            tail, _ = seq.output.finish()  # the format is complete: nothing may follow
+            self._finish(seq, "stop", text + tail)
+        elif not stopped and seq.generated >= seq.params.max_tokens:
             tail, stopped = seq.output.finish()
             self._finish(seq, "stop" if stopped else "length", text + tail)
         elif stopped:

@@ -121,7 +121,12 @@ def _mask_non_finite(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 
 def _sample_row(row_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-                generated: Counter | None, argmax: int) -> int:
+                generated: Counter | None, argmax: int, constrain=None) -> int:
+    if constrain is not None:  # a grammar: tokens it does not allow next become -inf
+        row_logits = constrain(row_logits.clone())
+        if not torch.isfinite(row_logits).any():
+            raise ValueError("the output format allows no token the model can produce here")
+        argmax = int(row_logits.argmax())
     if params.penalizes or params.logit_bias:
         row_logits = adjust_logits(row_logits, params, generated)
         if params.greedy:
@@ -132,11 +137,13 @@ def _sample_row(row_logits: torch.Tensor, params: SamplingParams, generator: tor
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-                 generated: list[Counter | None] | None = None) -> Sampled:
+                 generated: list[Counter | None] | None = None, constraints: list | None = None) -> Sampled:
     """One token per row, and its logprob for rows that asked. Plain greedy rows share one argmax.
 
-    A row whose logits are all non-finite, or whose sampling raises, gets an error instead of
-    a token; the other rows are sampled as if it were not there.
+    `constraints[row]`, when given, masks that row's logits to what its output format allows
+    (structured outputs); rows without one are not touched. A row whose logits are all
+    non-finite, or whose sampling raises, gets an error instead of a token; the other rows are
+    sampled as if it were not there.
     """
     logits, masked = _mask_non_finite(logits)
     argmax = logits.argmax(dim=-1).tolist()
@@ -149,7 +156,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
             continue
         try:
             token = _sample_row(logits[row], row_params, generators[row], generated[row] if generated else None,
-                                argmax[row])
+                                argmax[row], constraints[row] if constraints else None)
             if row_params.logprobs:
                 result.logprobs[row] = token_logprob(logits[row], token, row_params.top_logprobs)
         except Exception as exc:  # this row's fault; the batch goes on

@@ -57,6 +57,7 @@ class Sequence:
     finish_time: float | None = None
     generated_counts: Counter | None = None  # token -> times generated; kept only for penalties
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
+    constraint: object | None = None  # the output format (constraint.TokenConstraint); None: free text
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)

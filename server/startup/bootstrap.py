@@ -21,6 +21,7 @@ from router.resolve import AUTO_MODEL, ExpertRouter
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
 from server.api.state import BaseInfo, ServerState
+from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
 from server.engine.residency import AdapterCache
@@ -86,16 +87,18 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(loaded.folder)
+    stop_token_ids = base_stop_token_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
     base = BaseInfo(
         name=loaded.name,
         names=frozenset({loaded.name, loaded.folder.name}),
         tokenizer=tokenizer,
         prompts=PromptEncoder(tokenizer),
         pieces=TokenPieces(tokenizer),
-        stop_token_ids=base_stop_token_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None)),
+        stop_token_ids=stop_token_ids,
         context_window=context_window,
         vocab_size=config.vocab_size,
         shape=BaseShape.from_config(config),
+        formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids),
     )
     cache = AdapterCache(runner.lora, base.shape, settings.max_gpu_adapters, settings.max_cpu_adapters,
                          wake=wake, on_freed=on_freed, metrics=metrics)

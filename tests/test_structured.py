@@ -1,0 +1,207 @@
+"""Structured outputs through the real server and the unmodified openai client: response_format
+(json_object, json_schema) and tools, constrained per row inside mixed batches."""
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.support import BASE, assert_openai_error, post
+
+pytestmark = pytest.mark.integration
+
+SCHEMAS = json.loads((Path(__file__).resolve().parents[1] / "loadtests" / "data" / "structured_schemas.json")
+                     .read_text())["schemas"]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a timezone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 30}},
+                   "required": ["timezone"], "additionalProperties": False}}}
+
+
+def _schema_format(item: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": item["name"], "schema": item["schema"], "strict": True}}
+
+
+def _ask(client, item, stream: bool) -> tuple[str, str]:
+    kwargs = dict(model=BASE, messages=[{"role": "user", "content": item["prompt"]}], max_tokens=120,
+                  temperature=0, response_format=_schema_format(item))
+    if not stream:
+        reply = client.chat.completions.create(**kwargs)
+        return reply.choices[0].message.content, reply.choices[0].finish_reason
+    text, reason = "", None
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            reason = chunk.choices[0].finish_reason or reason
+    return text, reason
+
+
+def test_every_answer_that_stops_validates_against_its_schema(client):
+    results = {}
+    for index, item in enumerate(SCHEMAS):  # half streamed, half not
+        results[item["name"]] = _ask(client, item, stream=bool(index % 2))
+    stopped = {name: text for name, (text, reason) in results.items() if reason == "stop"}
+    for item in SCHEMAS:
+        if item["name"] in stopped:
+            jsonschema.validate(json.loads(stopped[item["name"]]), item["schema"])  # 100% of them
+    assert len(stopped) >= 0.8 * len(SCHEMAS), results  # and most end on their own
+    for text, reason in results.values():
+        assert reason in ("stop", "length")
+
+
+def test_parse_with_a_pydantic_model_returns_the_object(client):
+    class City(BaseModel):
+        name: str = Field(max_length=30)
+        country: str = Field(max_length=30)
+        population: int = Field(ge=0, le=100_000_000)  # unbounded digits: a small model may never stop
+
+    reply = client.beta.chat.completions.parse(
+        model=BASE, messages=[{"role": "user", "content": "Tell me about Paris."}], response_format=City,
+        max_tokens=120, temperature=0)
+    parsed = reply.choices[0].message.parsed
+    assert isinstance(parsed, City) and parsed.name
+
+
+def test_json_object_answers_are_json_objects(client):
+    reply = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "Describe your favourite tool as JSON."}],
+        response_format={"type": "json_object"}, max_tokens=150, temperature=0)
+    choice = reply.choices[0]
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    else:  # cut by max_tokens: a prefix of a JSON object, and said so
+        assert choice.finish_reason == "length" and choice.message.content.startswith("{")
+    assert reply.model == "alpha"  # constrained on an expert too
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_calls_come_back_typed_and_match_their_parameters(client, tool_choice):
+    reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER, TIME],
+        tool_choice=tool_choice, max_tokens=80, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    if isinstance(tool_choice, dict):
+        assert call.function.name == "get_weather"
+    schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+def test_tool_calls_stream_as_deltas(client):
+    calls: dict[int, dict] = {}
+    reason = None
+    for chunk in client.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "What time is it in Tokyo?"}], tools=[WEATHER, TIME],
+            tool_choice="required", max_tokens=80, temperature=0, stream=True):
+        delta = chunk.choices[0].delta
+        assert not delta.content  # the call's text never leaks as content
+        for part in delta.tool_calls or []:
+            entry = calls.setdefault(part.index, {"id": part.id, "name": "", "arguments": ""})
+            entry["name"] += part.function.name or ""
+            entry["arguments"] += part.function.arguments or ""
+        reason = chunk.choices[0].finish_reason or reason
+    assert reason == "tool_calls" and len(calls) == 1
+    call = calls[0]
+    assert call["id"].startswith("call_") and call["name"] in ("get_weather", "get_time")
+    assert isinstance(json.loads(call["arguments"]), dict)
+
+
+def test_auto_lets_the_model_answer_in_text_and_tool_results_render_in_the_history(client):
+    reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "Say hello to me."}], tools=[WEATHER], tool_choice="auto",
+        max_tokens=30, temperature=0)
+    message = reply.choices[0].message
+    assert (message.content and not message.content.startswith("<")) or message.tool_calls
+    follow_up = client.chat.completions.create(model=BASE, max_tokens=30, temperature=0, tools=[WEATHER], messages=[
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Oslo", "unit": "celsius"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 degrees, light snow"},
+    ], tool_choice="none")
+    assert follow_up.choices[0].message.content and follow_up.choices[0].message.tool_calls is None
+
+
+def test_text_completions_take_response_format_too(server):
+    item = SCHEMAS[2]  # an enum: short
+    body = httpx.post(server.base_url + "/v1/completions", timeout=60, json={
+        "model": BASE, "prompt": "The sky is", "max_tokens": 40, "temperature": 0,
+        "response_format": _schema_format(item)}).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(choice["text"]), item["schema"])
+
+
+@pytest.mark.parametrize("body, param, fragment", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format", "Invalid type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "pattern": "[a-z"}}}}, "response_format", "regex"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}}, "response_format", "nowhere"),
+    ({"response_format": {"type": "json_schema"}}, None, "needs a json_schema"),
+    ({"response_format": {"type": "yaml"}}, None, "json_schema"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None, "not in tools"),
+    ({"tool_choice": "required"}, None, "needs tools"),
+    ({"tools": [WEATHER, WEATHER]}, None, "unique"),
+    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, None, "cannot both"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "string", "format": "no-such-format"}}}}}]}, "tools", "format"),
+])
+def test_formats_that_cannot_be_enforced_are_400_naming_the_problem(server, body, param, fragment):
+    response = post(server, {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **body})
+    assert_openai_error(response, 400, param=param)
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_constrained_rows_leave_the_others_in_their_batch_untouched(client):
+    """Free rows (on the base and on an expert) batched with constrained rows get their solo tokens."""
+    free = [(BASE, "Name three colors."), ("alpha", "Write a haiku about rain.")]
+
+    def ask_free(model_prompt):
+        model, prompt = model_prompt
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=24, temperature=0).choices[0].message.content
+
+    def ask_constrained(item):
+        return _ask(client, item, stream=False)
+
+    solo = [ask_free(job) for job in free]
+    with ThreadPoolExecutor(6) as pool:
+        constrained = [pool.submit(ask_constrained, item) for item in SCHEMAS[:4]]
+        together = [pool.submit(ask_free, job) for job in free]
+        assert [f.result() for f in together] == solo
+        for future in constrained:
+            text, reason = future.result()
+            assert reason in ("stop", "length")
+
+
+def test_the_openai_error_for_a_bad_schema_reaches_the_sdk(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"type": "integer", "minimum": "zero"}}})
+    assert err.value.body["param"] == "response_format"
+
+
+def test_a_stream_with_tools_that_answers_in_text_streams_its_text(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "Say hello."}], "tools": [WEATHER],
+            "tool_choice": "auto", "max_tokens": 20, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert reasons in (["stop"], ["length"], ["tool_calls"])
+    if reasons != ["tool_calls"]:
+        assert text and not text.startswith("<tool_call>")
