@@ -279,6 +279,28 @@ def kv_section() -> str:
     return "\n".join(lines)
 
 
+def structured_section() -> str:
+    head = ("### Structured outputs: what constrained rows cost the batch\n\n"
+            "`python -m loadtests.bench_structured` runs 16 concurrent streams on the default SmolLM2: all free, against\n"
+            "8 free plus 8 constrained by a JSON schema that keeps them generating (every row 48 tokens, `ignore_eos`),\n"
+            "alternated 3 times on one server; and prepares the 22 schemas of `loadtests/data/structured_schemas.json`\n"
+            "(check, compile, first mask) in process on the same tokenizer.\n")
+    result = _load("bench_structured.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_structured")
+    median, ratios, comp = result["median"], result["ratios"], result["compile"]
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_structured')}:", "",
+             "| batch of 16 (median of rounds) | output tokens/s | free rows' inter-token p50 |", "| --- | --- | --- |"]
+    for name, label in (("none", "no row constrained"), ("half", "8 rows constrained")):
+        lines.append(f"| {label} | {median[name]['output_tokens_per_s']:.0f} | {median[name]['free_gap_p50_ms']:.0f} ms |")
+    lines += ["", f"Throughput with half the rows constrained / none: **{ratios['throughput_half_over_none']:.2f}**.",
+              "", f"Preparing a schema's grammar: p50 {comp['first_p50_ms']:.1f} ms, p99 {comp['first_p99_ms']:.1f} ms "
+                  f"({comp['schemas']} schemas); the same schemas again: p50 {comp['again_p50_ms']:.1f} ms, p99 "
+                  f"{comp['again_p99_ms']:.1f} ms. Compiled grammars are not cached by loraplex (the library keeps its "
+                  f"token tables per process, built once at start: {comp['startup_s']:.1f} s)."]
+    return "\n".join(lines)
+
+
 def gpu_section() -> str:
     from loadtests.bench_gpu import markdown
 
@@ -301,8 +323,8 @@ def gpu_section() -> str:
                       "", markdown(result).split("\n", 2)[2].rstrip()])
 
 
-SECTIONS = (serving_section, scenarios_section, kv_section, registry_section, router_section, experts_section,
-            edge_section, gpu_section)
+SECTIONS = (serving_section, scenarios_section, kv_section, structured_section, registry_section, router_section,
+            experts_section, edge_section, gpu_section)
 
 
 def performance() -> str:

@@ -205,3 +205,14 @@ def test_a_stream_with_tools_that_answers_in_text_streams_its_text(server):
     assert reasons in (["stop"], ["length"], ["tool_calls"])
     if reasons != ["tool_calls"]:
         assert text and not text.startswith("<tool_call>")
+
+
+def test_each_of_n_choices_is_constrained_on_its_own(client):
+    item = SCHEMAS[3]  # sentiment: an enum and a bounded number
+    reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": item["prompt"]}], max_tokens=60, n=3, temperature=1.0,
+        seed=7, response_format=_schema_format(item))
+    assert len(reply.choices) == 3
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), item["schema"])
