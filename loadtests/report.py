@@ -260,7 +260,10 @@ def kv_section() -> str:
                   "every step carries a chunk sized for about 2x a decode step (`max_step_slowdown`), so the streams' "
                   "median gap doubles instead of stalling for seconds; the smallest chunk is one 16-token block "
                   "(chunks end on block boundaries, which keeps them exact), and at 1,500 tokens of context it costs "
-                  "~1.5 decode steps on this CPU: hence p99 against the pace before the prompts is above 2x.", "",
+                  "~1.5 decode steps on this CPU: hence p99 against the pace before the prompts is above 2x. The price is "
+                  "prompt throughput where nearly everything is a long prompt (Load scenarios, \"long prompts\": every "
+                  "client sends one): small chunks beside one or two decoding streams pay a decode step's fixed cost "
+                  "each; `max_step_slowdown: 0` (fixed `max_step_tokens` chunks) favours such batch work.", "",
               "| 16 requests, shared system prompt | median time to first token | cached tokens per request | "
               "peak KV in use |", "| --- | --- | --- | --- |"]
     for name in ("off", "on"):
