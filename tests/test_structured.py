@@ -216,3 +216,12 @@ def test_each_of_n_choices_is_constrained_on_its_own(client):
     for choice in reply.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), item["schema"])
+
+
+def test_tool_call_answers_are_counted_as_tool_calls(client, server):
+    from tests.support import scrape, value
+
+    before = value(scrape(server), "loraplex_requests_total", finish_reason="tool_calls")
+    client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Weather in Rome?"}],
+                                   tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
+    assert value(scrape(server), "loraplex_requests_total", finish_reason="tool_calls") == before + 1

@@ -44,6 +44,8 @@ class _ChatShape(ChunkShaper):
         choices = []
         for choice in answer.choices:
             calls = self._calls(choice.text, choice.finish_reason)
+            if calls and choice.index == 0:
+                call.outcome.finish_reason = "tool_calls"  # the request log and metrics say what the client saw
             message = ({"role": "assistant", "content": None, "tool_calls": calls} if calls
                        else {"role": "assistant", "content": choice.text})
             choices.append({"index": choice.index, "message": message, "logprobs": self.logprobs(choice.logprobs),
@@ -76,6 +78,8 @@ class _ChatShape(ChunkShaper):
         held = self._held.pop(index, "")
         calls = self._calls(held, reason)
         if calls:  # OpenAI's shape: each call's id, name and arguments in a delta, then finish_reason tool_calls
+            if index == 0:
+                self.call.outcome.finish_reason = "tool_calls"
             deltas = [{"index": i, **call} for i, call in enumerate(calls)]
             return [self._choice(index, {"tool_calls": deltas}), self.finish(index, "tool_calls")]
         chunks = [self._choice(index, {"content": held})] if held else []
