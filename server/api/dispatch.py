@@ -102,10 +102,6 @@ def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, re
     )
 
 
-def base_formats(state: ServerState):
-    return state.base.formats
-
-
 async def route_request(model: str, routing_text: str, request: Request, state: ServerState) -> Route:
     router, header = state.router, request.headers.get("x-expert")
     if router.needs_classifier(model, header):
@@ -119,8 +115,8 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
                  output: OutputFormat = FREE_TEXT) -> Call:
     """Route and queue a request whose prompt is tokenized (the endpoint checked readiness first).
     `output`: the format every choice's answer must have (structured outputs)."""
-    constraints = await state.in_text_pool(base_formats(state).constraints, output, req.n) \
-        if output.grammar is not None else [None] * req.n
+    constraints = ([None] * req.n if output.grammar is None  # free text: no matchers, no thread hop
+                   else await state.in_text_pool(state.base.formats.constraints, output, req.n))
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
     if req.n > state.settings.max_queued_requests:

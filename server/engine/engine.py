@@ -139,11 +139,6 @@ class Engine:
     def device(self) -> torch.device:
         return self._runner.device
 
-    @property
-    def kv_capacity_tokens(self) -> int:
-        """Token positions the KV pool holds (once ready): no request may need more."""
-        return self._blocks.capacity_tokens
-
     def kv_usage(self) -> tuple[int, int]:
         """(KV blocks in use, blocks in the pool) — a snapshot, safe from any thread."""
         if self._blocks is None:
@@ -228,8 +223,8 @@ class Engine:
             step = self._scheduler.schedule(self._adapters.acquire, self._step_cost.prompt_budget)
         self.metrics.prefix_queried_tokens.inc(stats.queried_tokens - queried)
         self.metrics.prefix_hit_tokens.inc(stats.hit_tokens - hits)
-        for seq, message in step.failed:
-            self._fail(seq, message, kind=self._failure_kind(message))
+        for seq, message, kind in step.failed:
+            self._fail(seq, message, kind=kind)
         for seq in step.preempted:
             self.metrics.preemptions.inc()
             log.info("request %s preempted (KV blocks ran out); it will be computed again", seq.request_id)
@@ -261,10 +256,6 @@ class Engine:
         prompt_tokens = sum(count for _, count in step.work) - decode_rows
         self._step_cost.observe(decode_rows, prompt_tokens, time.perf_counter() - started)
         return True
-
-    @staticmethod
-    def _failure_kind(message: str) -> str:
-        return "fault" if message.startswith("request needs") else "adapter"
 
     def _start(self, step: Step) -> None:
         """Clocks and output text of requests entering the batch for the first time."""

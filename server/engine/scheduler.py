@@ -31,11 +31,8 @@ class Step:
     work: list[tuple[Sequence, int]] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)  # joined the batch this step (first time or again)
     preempted: list[Sequence] = field(default_factory=list)
-    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # cannot run, with why
-
-    @property
-    def decode_rows(self) -> int:
-        return sum(1 for seq, count in self.work if count == 1 and seq.uncomputed == 1)
+    failed: list[tuple[Sequence, str, str]] = field(default_factory=list)  # cannot run: why, and the kind
+    decode_rows: int = 0  # the first rows of `work`: one token each, for requests past their prompt
 
 
 class Scheduler:
@@ -67,7 +64,7 @@ class Scheduler:
                     break
             if seq.running:
                 step.work.append((seq, 1))
-        decode_rows = len(step.work)
+        decode_rows = step.decode_rows = len(step.work)
         budget = prompt_budget(decode_rows) if prompt_budget else self.max_step_tokens - decode_rows
         # prefill always progresses, even when the decode rows alone fill the budget
         budget = max(budget, self.blocks.block_size)
@@ -90,7 +87,7 @@ class Scheduler:
             try:
                 ready = seq.adapter_key is None or acquire(seq.adapter_key, in_use | {seq.adapter_key})
             except AdapterUnavailable as exc:
-                step.failed.append((seq, str(exc)))
+                step.failed.append((seq, str(exc), "adapter"))
                 continue
             if not ready:
                 kept.append(seq)
@@ -98,7 +95,7 @@ class Scheduler:
             if step.preempted or not self.blocks.allocate(seq):
                 if not self.running and not step.preempted:  # the whole pool is free and still too small
                     step.failed.append((seq, f"request needs {len(seq.tokens)} tokens of KV cache; the pool holds "
-                                             f"{self.blocks.capacity_tokens}"))
+                                             f"{self.blocks.capacity_tokens}", "fault"))
                     continue
                 self.waiting.appendleft(seq)  # first in line when blocks free up: no overtaking
                 break
