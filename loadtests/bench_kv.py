@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.harness import REPO, ServerProcess
+from loadtests.harness import REPO, ServerProcess, run_together
 from loadtests.loadgen import percentile
 from loadtests.provenance import stamp
 from server.settings import Settings
@@ -166,12 +166,8 @@ def shared_system_prompt(base_url: str, requests: int, concurrency: int) -> dict
             records[i] = chat_messages(base_url, messages, 8)
 
     with KVPeak(base_url) as peak:
-        threads = [threading.Thread(target=worker, args=(range(c, requests, concurrency),))
-                   for c in range(concurrency)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_together([threading.Thread(target=worker, args=(range(c, requests, concurrency),))
+                      for c in range(concurrency)])
     ttfts = [r["ttft_s"] for r in records]
     return {
         "requests": requests, "concurrency": concurrency, "prompt_tokens": records[0]["usage"]["prompt_tokens"],
@@ -187,12 +183,7 @@ def many_short(base_url: str, requests: int, max_tokens: int) -> dict:
         i, chat_messages(base_url, [{"role": "user", "content": f"Write line {i} of a poem."}], max_tokens)))
         for i in range(requests)]
     with KVPeak(base_url) as peak:
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - start
+        wall = run_together(threads)
     completed = sum(1 for r in records if r.get("usage", {}).get("completion_tokens") == max_tokens)
     return {"requests": requests, "completed": completed, "max_tokens": max_tokens,
             "output_tokens_per_s": round(completed * max_tokens / wall, 1), "wall_s": round(wall, 2),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.harness import REPO, ServerProcess
+from loadtests.harness import REPO, ServerProcess, run_together
 from loadtests.loadgen import percentile
 from loadtests.provenance import stamp
 
@@ -53,12 +53,7 @@ def batch(base_url: str, rows: int, constrained_rows: int, tokens: int) -> dict:
     records = [{} for _ in range(rows)]
     threads = [threading.Thread(target=_stream, args=(base_url, i, i < constrained_rows, tokens, records[i]))
                for i in range(rows)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
+    wall = run_together(threads)
     free_gaps = [(b - a) * 1000 for r in records if not r["constrained"] for a, b in zip(r["times"], r["times"][1:])]
     return {"rows": rows, "constrained_rows": constrained_rows, "wall_s": round(wall, 2),
             "output_tokens_per_s": round(rows * tokens / wall, 1),

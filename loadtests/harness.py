@@ -109,6 +109,16 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def run_together(threads) -> float:
+    """Start every thread, wait for all of them; the wall-clock seconds that took."""
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
