@@ -81,10 +81,11 @@ class KVPeak:
         self._thread.join()
 
 
-def stream(base_url: str, content: str, max_tokens: int, record: dict) -> None:
-    """One streamed chat request; records chunk arrival times, TTFT and usage."""
-    body = {"model": BASE, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+def chat_messages(base_url: str, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed chat request: {times: each content chunk's arrival, ttft_s, usage}."""
+    body = {"model": BASE, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0}
+    record: dict = {}
     start = time.perf_counter()
     times = []
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=600) as response:
@@ -99,23 +100,12 @@ def stream(base_url: str, content: str, max_tokens: int, record: dict) -> None:
                 times.append(time.perf_counter())
     record["times"] = times
     record["ttft_s"] = times[0] - start if times else None
-
-
-def chat_messages(base_url: str, messages: list[dict], max_tokens: int) -> dict:
-    record: dict = {}
-    body = {"model": BASE, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}, "temperature": 0}
-    start = time.perf_counter()
-    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    record["usage"] = chunk["usage"]
-                elif "ttft_s" not in record and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    record["ttft_s"] = time.perf_counter() - start
     return record
+
+
+def stream(base_url: str, content: str, max_tokens: int, record: dict) -> None:
+    """One user message, streamed; fills `record` (a thread's result)."""
+    record.update(chat_messages(base_url, [{"role": "user", "content": content}], max_tokens))
 
 
 def long_prompts_while_streaming(base_url: str, streams: int, long_prompts: int, stream_tokens: int,

@@ -141,10 +141,9 @@ class OutputFormats:
         lark = "\n".join([start, *rules])
         return OutputFormat(self._checked(self._llg.LLMatcher.grammar_from_lark, lark, "tools"), tools=True)
 
-    def constraints(self, fmt: OutputFormat, choices: int) -> list[TokenConstraint | None]:
-        """A fresh, warmed matcher per choice (its state is that choice's text); call it off the event loop."""
-        if fmt.grammar is None:
-            return [None] * choices
+    def constraints(self, fmt: OutputFormat, choices: int) -> list[TokenConstraint]:
+        """A fresh, warmed matcher per choice (its state is that choice's text) for a format with a
+        grammar; call it off the event loop."""
         return [TokenConstraint(self._llg.LLMatcher(self._tokenizer, fmt.grammar), self.vocab_size).warm()
                 for _ in range(choices)]
 

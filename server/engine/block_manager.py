@@ -89,17 +89,17 @@ class BlockManager:
 
     # ---- requests ---------------------------------------------------------------------
 
-    def allocate(self, seq: BlockOwner, reserve: int = 0) -> bool:
+    def allocate(self, seq: BlockOwner) -> bool:
         """Give a waiting request blocks for all its tokens, reusing cached prefix blocks.
 
-        False (and nothing changed) when the pool cannot hold it with `reserve` blocks to spare.
+        False (and nothing changed) when the pool cannot hold it.
         Sets seq.num_computed to the reused tokens. The last token is never taken from the cache:
         its logits are needed to sample the next one.
         """
         hits = self._prefix_hits(seq) if self.prefix_caching else []
         needed = self.blocks_for(len(seq.tokens)) - len(hits)
         revived = sum(1 for block in hits if self._blocks[block].ref_count == 0)  # taken out of the free list
-        if self.num_free - revived < needed + reserve:
+        if self.num_free - revived < needed:
             return False
         seq.block_table, seq.block_digests = [], []
         for block in hits:
