@@ -1,9 +1,9 @@
 """Structured outputs: `response_format` and `tools` turned into grammars the engine enforces.
 
 The grammar library is llguidance (Microsoft's, also a vLLM backend). Measured on SmolLM2's
-49,152-token vocabulary against xgrammar 0.2.9 (loadtests/bench_structured.py keeps measuring it):
-a JSON schema compiles in ~1.4 ms (xgrammar ~6 ms) and the next-token mask takes ~13 us at the
-median (xgrammar ~3 us); both are far below a decode step. llguidance won on what a user pays
+49,152-token vocabulary against xgrammar 0.2.9 (`python -m loadtests.compare_grammar_libs`):
+a JSON schema compiles in ~1.5 ms (xgrammar ~6.7 ms) and the next-token mask takes ~11 us at the
+median (xgrammar ~2 us); both are far below a decode step. llguidance won on what a user pays
 for: it is one self-contained wheel with no dependencies, where xgrammar pulls in triton (hundreds
 of MB on a CPU machine), and it names the schema feature it cannot enforce, which becomes our 400.
 
