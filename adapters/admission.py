@@ -147,11 +147,11 @@ def validate_staged(staging: Path, shape: BaseShape, max_rank: int, base_names: 
 
 
 
-METADATA_FIELDS = ("description", "examples", "stop")
+METADATA_FIELDS = ("description", "examples", "negative_examples", "stop")
 
 
 def folder_metadata(folder: str | Path) -> dict:
-    """description/examples/stop from the folder's expert.json, if any (unreadable: ignored)."""
+    """description/examples/negative_examples/stop from the folder's expert.json, if any (unreadable: ignored)."""
     path = Path(folder) / METADATA_FILE
     try:
         data = json.loads(path.read_text())

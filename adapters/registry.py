@@ -21,6 +21,8 @@ class AdapterRecord:
     nbytes: int
     description: str = ""
     examples: tuple[str, ...] = ()
+    negative_examples: tuple[str, ...] = ()  # prompts the router must not send here
+    router_margin: float | None = None  # this expert's own routing margin (else the server's)
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     defaults: dict = field(default_factory=dict)  # sampling defaults: temperature, top_p, max_tokens
@@ -29,17 +31,20 @@ class AdapterRecord:
     @classmethod
     def create(cls, name: str, folder: str, source: str, weights, spec, key: str | None = None) -> "AdapterRecord":
         """A new registration of `name` (under `key`, else a fresh one). spec: anything with description,
-        examples, stop, stop_token_ids and the sampling defaults temperature / top_p / max_tokens."""
+        examples, negative_examples, router_margin, stop, stop_token_ids and the sampling defaults
+        temperature / top_p / max_tokens."""
         defaults = {k: getattr(spec, k) for k in ("temperature", "top_p", "max_tokens") if getattr(spec, k) is not None}
         return cls(name=name, key=key or new_key(name), folder=folder, source=source, rank=weights.rank,
                    target_modules=weights.target_modules, nbytes=weights.nbytes, description=spec.description,
-                   examples=tuple(spec.examples), stop=tuple(spec.stop), stop_token_ids=frozenset(spec.stop_token_ids),
-                   defaults=defaults)
+                   examples=tuple(spec.examples), negative_examples=tuple(spec.negative_examples),
+                   router_margin=spec.router_margin, stop=tuple(spec.stop),
+                   stop_token_ids=frozenset(spec.stop_token_ids), defaults=defaults)
 
     def to_manifest(self) -> dict:
         entry = asdict(self)
         entry["target_modules"] = list(self.target_modules)
         entry["examples"] = list(self.examples)
+        entry["negative_examples"] = list(self.negative_examples)
         entry["stop"] = list(self.stop)
         entry["stop_token_ids"] = sorted(self.stop_token_ids)
         return entry
@@ -51,6 +56,7 @@ class AdapterRecord:
                 **entry,
                 "target_modules": tuple(entry["target_modules"]),
                 "examples": tuple(entry.get("examples", ())),
+                "negative_examples": tuple(entry.get("negative_examples", ())),
                 "stop": tuple(entry.get("stop", ())),
                 "stop_token_ids": frozenset(entry.get("stop_token_ids", ())),
             }
@@ -86,6 +92,16 @@ class AdapterRegistry:
         with self._lock:
             self._reserved.discard(record.name)
             self._records[record.name] = record
+
+    def update(self, record: AdapterRecord) -> bool:
+        """Replace the record of `record.name` if it is still the same registration (same key);
+        False when that registration was retired meanwhile (the update must not bring it back)."""
+        with self._lock:
+            current = self._records.get(record.name)
+            if current is None or current.key != record.key:
+                return False
+            self._records[record.name] = record
+            return True
 
     def remove(self, name: str) -> AdapterRecord | None:
         with self._lock:

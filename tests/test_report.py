@@ -23,7 +23,7 @@ def test_missing_results_say_how_to_measure_them(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     section = report.performance()
     assert section.count("Not measured yet") == len(report.SECTIONS)
-    assert "run `make bench`" in section and "run `python -m loadtests.bench_router --sweep`" in section
+    assert "run `make bench`" in section and "run `python -m loadtests.bench_router`" in section
 
 
 def test_a_gpu_run_appears_with_its_device(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ def test_auto_routes_to_the_fitting_expert(routed_server):
     response = chat(routed_server, PYTHON_QUESTION)
     assert response.headers["x-expert"] == "alpha"
     assert response.headers["x-router-source"] == "classifier"
-    assert float(response.headers["x-router-score"]) >= 0.21
+    assert float(response.headers["x-router-margin"]) >= -0.10  # over the background, by the server's margin
     assert response.json()["model"] == "alpha"
     assert chat(routed_server, "Give me a simple recipe for a vegetable soup.").headers["x-expert"] == "beta"
 
@@ -36,7 +36,8 @@ def test_off_topic_goes_to_the_fallback_base(routed_server):
     response = chat(routed_server, OFF_TOPIC)
     assert response.headers["x-expert"] == BASE
     assert response.headers["x-router-source"] == "fallback"
-    assert "threshold" in response.headers["x-router-reason"]
+    assert "below its margin" in response.headers["x-router-reason"]
+    assert float(response.headers["x-router-margin"]) < -0.10
 
 
 def test_header_and_model_win_over_the_classifier(routed_server):
@@ -56,6 +57,10 @@ def test_route_endpoint_ranks_without_generating(routed_server):
     assert body["decision"]["expert"] == "alpha" and body["decision"]["source"] == "classifier"
     assert [r["expert"] for r in body["ranking"]] == ["alpha", "beta"]
     assert body["ranking"][0]["score"] > body["ranking"][1]["score"]
+    assert body["ranking"][0]["probability"] > 0.5 > body["ranking"][1]["probability"]
+    decision = body["decision"]  # the numbers that decided: score - background = margin >= the required one
+    assert decision["margin"] == pytest.approx(decision["score"] - decision["background"])
+    assert decision["margin"] >= decision["required_margin"] == body["router_margin"] == -0.10
     after = scrape(routed_server)  # nothing was queued, prefilled or generated for it
     for counter in ("loraplex_prompt_tokens_total", "loraplex_generation_tokens_total", "loraplex_requests_total",
                     "loraplex_queue_wait_seconds_count", "loraplex_router_decisions_total"):  # a dry run: not served

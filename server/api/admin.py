@@ -23,10 +23,11 @@ from adapters.admission import (
 from adapters.registry import AdapterRecord, new_key
 from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
+from router.classifier import ExpertProfile
 from server.settings import AdapterSpec
 
 router = APIRouter()  # every path here needs an admin key (server/auth.py checks it before the body)
-LIST_FIELDS = ("examples", "stop", "stop_token_ids")
+LIST_FIELDS = ("examples", "negative_examples", "stop", "stop_token_ids")
 
 
 class AdapterRegistration(AdapterSpec):
@@ -50,6 +51,8 @@ def _describe(record: AdapterRecord, state: ServerState) -> dict:
         "source": record.source,
         "description": record.description,
         "examples": list(record.examples),
+        "negative_examples": list(record.negative_examples),
+        "router_margin": record.router_margin,
         "stop": list(record.stop),
         "stop_token_ids": sorted(record.stop_token_ids),
         "defaults": record.defaults,
@@ -135,7 +138,7 @@ async def register_adapter(request: Request):
         record = AdapterRecord.create(name, str(folder), "upload" if files else "path", weights, registration, key)
         await asyncio.wrap_future(state.engine.register_adapter(key, str(folder), weights))
         if classifier is not None:  # indexed before it is listed: routable from the next request on
-            await asyncio.to_thread(classifier.add, name, record.description, record.examples)
+            await asyncio.to_thread(classifier.add, name, ExpertProfile.of(record))
         # the manifest is written last: once it names the expert, the registration has happened
         await asyncio.to_thread(state.store.add_entry, name, record.to_manifest())
     except BaseException as exc:

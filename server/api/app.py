@@ -5,7 +5,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api import admin
+from server.api import admin, corrections
 from server.api.auth import AuthMiddleware
 from server.api.chat_completions import chat_completions, last_user_text
 from server.api.dispatch import route_request
@@ -76,9 +76,12 @@ def create_app(state: ServerState) -> FastAPI:
         return {
             "object": "route",
             "decision": {"expert": decision.model, "adapter": decision.expert, "source": decision.source,
-                         "score": decision.score, "reason": decision.reason},
-            "threshold": state.router.threshold,
-            "ranking": [{"expert": s.expert, "score": s.score} for s in decision.ranking[: body.top_k]],
+                         "score": decision.score, "background": decision.background, "margin": decision.margin,
+                         "required_margin": decision.required, "reason": decision.reason},
+            "router_margin": state.router.margin,
+            "ranking": [{"expert": s.expert, "score": s.score, "probability": s.probability,
+                         "excluded": s.excluded or None, "router_margin": s.margin}
+                        for s in decision.ranking[: body.top_k]],
         }
 
     @app.post("/v1/chat/completions")
@@ -90,6 +93,7 @@ def create_app(state: ServerState) -> FastAPI:
         return await text_completions(body, request, state)
 
     app.include_router(admin.router)
+    app.include_router(corrections.router)
     install_openapi(app, admin.AdapterRegistration)
     # added last = outermost: the request id is on every response, 413s included
     app.add_middleware(

@@ -1,6 +1,6 @@
 """Bearer keys, checked from the headers before anything reads the request body.
 
-Admin keys guard the registry (/v1/adapters) and, if configured, /metrics; optional user keys
+Admin keys guard the registry (/v1/adapters, /v1/router/corrections) and, if configured, /metrics; optional user keys
 guard inference (every other /v1 path; an admin key works there too). The check is ASGI
 middleware outside the body-size limit, so a request without the right key costs a header
 read: an unauthenticated 200 MB upload is refused before its first byte is buffered.
@@ -13,6 +13,7 @@ from server.api.errors import send_error
 from server.settings import Settings
 
 ADMIN_PREFIX = "/v1/adapters"
+ADMIN_PATHS = ("/v1/router/corrections",)  # the router's training data is the registry's too
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:
@@ -32,7 +33,7 @@ def _matches(token: str | None, keys: list[str]) -> bool:
 
 
 def _is_admin_path(path: str, settings: Settings) -> bool:
-    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/") or path in ADMIN_PATHS:
         return True
     return path == "/metrics" and settings.metrics_require_admin
 

@@ -39,6 +39,7 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/adapters"): (400, 408, 409, 413, *_ADMIN),
     ("get", "/v1/adapters/{name}"): (404, *_ADMIN),
     ("delete", "/v1/adapters/{name}"): (400, 404, *_ADMIN),
+    ("post", "/v1/router/corrections"): (400, 404, 408, 413, *_ADMIN),
 }
 _TEXT = {"type": "string"}
 # one server-sent event: `data` is a JSON chunk (or an error object, or "[DONE]")

@@ -68,6 +68,8 @@ def route_headers(route: Route) -> dict[str, str]:
     headers = {"X-Expert": route.model, "X-Router-Source": route.source}
     if route.score is not None:
         headers["X-Router-Score"] = f"{route.score:.4f}"
+    if route.margin is not None:
+        headers["X-Router-Margin"] = f"{route.margin:+.4f}"
     if route.reason:
         headers["X-Router-Reason"] = route.reason
     return headers

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ class ServerState:
     base: BaseInfo | None = None  # set once the engine thread has loaded the model
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
+    corrections_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # router corrections, one at a time
+    # loads the router's encoders and indexes the experts; joined before the process exits, since a
+    # thread still inside torch or tokenizers when the interpreter tears down aborts the process
+    router_thread: threading.Thread | None = None
     # Tokenizing and routing run here, off the event loop, in fewer threads than there are cores:
     # a burst of megabyte prompts then cannot take every core from the event loop and the engine.
     text_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(

