@@ -89,3 +89,27 @@ def test_bad_corrections_are_refused_before_anything_changes(setup):
                      {"corrections": [{"prompt": 3, "expert": "gardener"}]}):
             assert_openai_error(client.post("/v1/router/corrections", json=body, headers=ADMIN), 400)
         assert state.store.read_manifest()["gardener"]["examples"] == GARDENER["examples"]
+
+
+def test_negative_examples_and_margins_come_from_the_config_and_over_http(setup):
+    tiny_folder, data, roots, settings = setup
+    wine = "Which wine goes with roast chicken?"
+    adapters = {"config-gardener": {"path": str(roots / "tiny"), **GARDENER, "router_margin": 0.9}}
+    with in_process(tiny_folder, data, adapters=adapters, **settings) as (state, client):
+        strict = route(client, "When should I prune my apple tree?")
+        assert strict["source"] == "fallback" and strict["required_margin"] == 0.9  # the config's margin
+        files = {"adapter_config": open(roots / "tiny" / "adapter_config.json", "rb"),
+                 "adapter_model": open(roots / "tiny" / "adapter_model.safetensors", "rb")}
+        form = {"name": "cook", "description": "Cooking: recipes and techniques.",
+                "examples": '["How do I roast a chicken?", "Give me a pancake recipe.", "How long do I boil pasta?"]',
+                "negative_examples": '["Which wine should I serve with dinner?", "What wine goes with fish?"]',
+                "router_margin": "-0.5"}
+        created = client.post("/v1/adapters", headers=ADMIN, files=files, data=form)
+        assert created.status_code == 201, created.text
+        assert created.json()["negative_examples"] == ["Which wine should I serve with dinner?",
+                                                      "What wine goes with fish?"]
+        assert created.json()["router_margin"] == -0.5
+        assert route(client, "How do I roast potatoes?")["expert"] == "cook"
+        ranking = client.post("/v1/route", json={"messages": [{"role": "user", "content": wine}]}).json()["ranking"]
+        assert next(r for r in ranking if r["expert"] == "cook")["excluded"]  # a negative example fits better
+        assert route(client, wine)["expert"] != "cook"
