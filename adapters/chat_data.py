@@ -61,18 +61,39 @@ def encode_conversation(tokenizer, messages: list[dict], end_of_turn_ids: set[in
     return Example(ids, labels)
 
 
-def load_chat_jsonl(path: str | Path, tokenizer, end_of_turn_ids: set[int], max_length: int) -> list[Example]:
-    examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def scan_chat_lines(lines, tokenizer, end_of_turn_ids: set[int], max_length: int,
+                    max_problems: int = 5) -> tuple[list[Example], list[str]]:
+    """Every conversation of a chat JSONL file, and its problems (the first `max_problems`, each naming
+    its line, then how many more): invalid JSON, no assistant turn, an unknown role, over `max_length`."""
+    examples, problems, more = [], [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             example = encode_conversation(tokenizer, _messages(line, number), end_of_turn_ids)
             if len(example.input_ids) > max_length:
-                raise DataError(f"line {number}: {len(example.input_ids)} tokens, over --max-length {max_length}")
+                raise DataError(f"line {number}: {len(example.input_ids)} tokens, over the limit of {max_length} "
+                                "(the context window)")
             if not any(label != IGNORE for label in example.labels):
                 raise DataError(f"line {number}: the assistant turn is empty after the chat template")
-            examples.append(example)
-    if not examples:
-        raise DataError(f"{path}: no conversations")
+        except DataError as exc:
+            if len(problems) < max_problems:
+                problems.append(str(exc))
+            else:
+                more += 1
+            continue
+        examples.append(example)
+    if more:
+        problems.append(f"and {more} more lines with problems")
+    if not examples and not problems:
+        problems.append("no conversations: the file is empty")
+    return examples, problems
+
+
+def load_chat_jsonl(path: str | Path, tokenizer, end_of_turn_ids: set[int], max_length: int) -> list[Example]:
+    """All conversations of the file; DataError naming every problem's line (the first few) if any."""
+    with open(path, encoding="utf-8") as handle:
+        examples, problems = scan_chat_lines(handle, tokenizer, end_of_turn_ids, max_length)
+    if problems:
+        raise DataError(f"{path}: " + "; ".join(problems))
     return examples

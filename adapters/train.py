@@ -29,6 +29,7 @@ class TrainConfig:
     data: str
     name: str
     out: str
+    validation_data: str | None = None  # chat JSONL scored at every checkpoint (valid_loss)
     base_model: str = EMBEDDED_BASE
     cache_dir: str | None = None
     quantization: str = "nf4"
@@ -123,7 +124,24 @@ def save_half_precision(folder: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+@torch.no_grad()
+def validation_loss(peft_model, examples: list[Example], batch_size: int, pad_id: int) -> float:
+    """Mean loss per learned token over the validation conversations."""
+    was_training = peft_model.training
+    peft_model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        learned = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += float(peft_model(**batch).loss) * learned
+        tokens += learned
+    peft_model.train(was_training)
+    return total / max(1, tokens)
+
+
+def train(cfg: TrainConfig, on_step=None, on_checkpoint=None) -> TrainResult:
+    """on_step(step, total_steps, loss, lr) after each step; on_checkpoint(step, valid_loss or None) after
+    each checkpoint is in place (a run killed after it resumes from there)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     out = Path(cfg.out)
@@ -131,6 +149,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     folder, tokenizer, model = _load_base(cfg)
     end_ids = set(base_stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
     examples = load_chat_jsonl(cfg.data, tokenizer, end_ids, cfg.max_length)
+    held_out = load_chat_jsonl(cfg.validation_data, tokenizer, end_ids, cfg.max_length) if cfg.validation_data else []
     # the pad id only fills positions the attention mask and labels already exclude
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.seed)
@@ -171,9 +190,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_history[-1]:.2e}")
         done = step + 1
+        if on_step is not None:
+            on_step(done, total, losses[-1], lr_history[-1])
         if done % cfg.checkpoint_every == 0 or done == last:
             _save_checkpoint(out, peft_model, optimizer, scheduler,
                              {"step": done, "total_steps": total, "lr_history": lr_history, "losses": losses})
+            if on_checkpoint is not None:
+                on_checkpoint(done, validation_loss(peft_model, held_out, cfg.batch_size, pad_id) if held_out else None)
     done = len(lr_history)
     if done == total:
         peft_model.save_pretrained(out, safe_serialization=True)

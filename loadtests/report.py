@@ -180,6 +180,33 @@ def router_section() -> str:
     return "\n".join(lines)
 
 
+def fine_tuning_section() -> str:
+    head = ("### Fine-tuning over the API\n\n"
+            "`files.create` + `fine_tuning.jobs.create` through the openai client against `loraplex serve` on the\n"
+            "default model: a job of generated conversations teaching one behaviour (answer in one sentence that\n"
+            "ends in \"(checked)\"), held-out prompts on topics and phrasings not in its file. Serving load: 4\n"
+            "clients streaming 48-token answers from the base, with no job and while the job trains.\n")
+    result = _load("bench_fine_tuning.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_fine_tuning")
+    return "\n".join([
+        head,
+        f"{_provenance(result, 'python -m loadtests.bench_fine_tuning')}:",
+        "",
+        "| measurement | goal | result |",
+        "| --- | --- | --- |",
+        f"| job | | {result['examples']} conversations, {result['epochs']} epoch, {result['steps']} steps of 8, "
+        f"{result['fine_tune_threads']} training thread |",
+        f"| `jobs.create` -> first streamed token of the new expert | | {result['seconds_create_to_first_token']:.0f} s |",
+        f"| serving throughput while the job trains / idle | | {result['serving_ratio_training_vs_idle']:.2f} "
+        f"({result['serving_tokens_per_s_training']:.1f} / {result['serving_tokens_per_s_idle']:.1f} tokens/s) |",
+        f"| held-out answers ending with the end-of-turn token | >= 0.99 | {result['end_of_turn_rate']:.3f} "
+        f"({result['held_out_prompts']} prompts) |",
+        f"| held-out answers showing the taught behaviour | | {result['behaviour_rate']:.3f} |",
+        f"| training loss, first / last step | | {result['first_loss']:.3f} / {result['last_loss']:.3f} |",
+    ])
+
+
 def experts_section() -> str:
     head = ("### Demo experts\n\n"
             "50 held-out prompts per expert, greedy, expert vs base on the same prompts. The held-out prompts are\n"
@@ -343,7 +370,7 @@ def gpu_section() -> str:
 
 
 SECTIONS = (serving_section, scenarios_section, kv_section, structured_section, registry_section, router_section,
-            experts_section, edge_section, gpu_section)
+            fine_tuning_section, experts_section, edge_section, gpu_section)
 
 
 def performance() -> str:

@@ -115,6 +115,14 @@ class Settings(EncodableText):
     adapter_roots: list[str] = Field(default_factory=list, description="Folders that POST /v1/adapters may read from.")
     admin_key: list[str] = Field(default_factory=list, description="Bearer keys for /v1/adapters; none = disabled.")
     api_key: list[str] = Field(default_factory=list, description="Bearer keys required for inference when set.")
+    fine_tuning: bool = Field(True, description="Serve /v1/files and /v1/fine_tuning/jobs (admin key): train experts "
+                                                "on the served base in a worker process and serve them when done.")
+    max_file_bytes: int = Field(100_000_000, ge=1024, description="Largest training file accepted by /v1/files.")
+    fine_tune_threads: int = Field(1, ge=1, le=256, description="CPU threads a training run may use (serving keeps "
+                                                                "the rest); runs also get a lower priority.")
+    fine_tune_checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints: a cancelled or "
+                                                                  "interrupted job resumes from the last one.")
+    max_running_fine_tunes: int = Field(1, ge=1, le=16, description="Jobs trained at once; the rest wait queued.")
     max_gpu_adapters: int = Field(8, ge=1, description="Adapters resident on the compute device (LRU).")
     max_cpu_adapters: int = Field(32, ge=0, description="Evicted adapters kept in CPU memory (LRU).")
     max_adapter_rank: int = Field(64, ge=1)

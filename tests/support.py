@@ -121,4 +121,6 @@ def in_process(base_folder, data_dir, router: bool = True, **overrides):
         with TestClient(create_app(state), raise_server_exceptions=False) as client:
             yield state, client
     finally:
+        if state.jobs is not None:
+            state.jobs.stop()  # no training process outlives its test
         state.engine.stop(timeout=10)

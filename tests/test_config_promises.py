@@ -39,8 +39,13 @@ def test_api_keys_guard_every_inference_endpoint(tiny_folder, tmp_path):
                 ok = getattr(client, method)(path, headers={"Authorization": f"Bearer {key}"}, **kwargs)
                 assert ok.status_code == 200, (path, ok.text)
         assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
-        # a user key is no admin key
-        assert client.get("/v1/adapters", headers={"Authorization": "Bearer user-key"}).status_code == 401
+        # a user key is no admin key: not for the registry, router corrections, files or fine-tuning
+        for method, path in (("get", "/v1/adapters"), ("post", "/v1/router/corrections"), ("get", "/v1/files"),
+                             ("post", "/v1/files"), ("get", "/v1/fine_tuning/jobs"),
+                             ("post", "/v1/fine_tuning/jobs"), ("get", "/v1/fine_tuning/jobs/ftjob-x/events")):
+            refused = getattr(client, method)(path, headers={"Authorization": "Bearer user-key"})
+            assert refused.status_code == 401, (path, refused.status_code)
+        assert client.get("/v1/files", headers=ADMIN).status_code == 200
 
 
 def test_an_expert_can_be_the_routers_fallback(tiny_folder, tmp_path, roots):

@@ -144,7 +144,7 @@ def test_register_by_upload_serves_the_same_weights(admin_server, layout):
         ({"name": "p4", "path": "OTHER_BASE"}, 400, "do not fit"),
         ({"name": "p5", "path": "RANK64"}, 400, "max rank 32"),
         ({"name": "alpha-path", "path": "ALPHA"}, 409, "already registered"),
-        ({"name": "bad name!", "path": "ALPHA"}, 400, "1-64 characters"),
+        ({"name": "bad name!", "path": "ALPHA"}, 400, "1-128 characters"),
         ({"name": BASE, "path": "ALPHA"}, 400, "reserved"),
         ({"name": "auto", "path": "ALPHA"}, 400, "reserved"),
         ({"name": "pick-for-me", "path": "ALPHA"}, 400, "reserved"),  # a configured router name

@@ -27,6 +27,7 @@ from router.classifier import ExpertProfile
 from server.settings import AdapterSpec
 
 router = APIRouter()  # every path here needs an admin key (server/auth.py checks it before the body)
+REGISTER_TIMEOUT_S = 600  # the engine loads an adapter between steps: seconds at most, even for big ones
 LIST_FIELDS = ("examples", "negative_examples", "stop", "stop_token_ids")
 
 
@@ -119,10 +120,11 @@ def _stage_and_validate(state: ServerState, registration: AdapterRegistration, f
     return weights, registration
 
 
-@router.post("/v1/adapters", status_code=201)
-async def register_adapter(request: Request):
-    state = _state(request)
-    registration, files = await _read_registration(request)
+def register(state: ServerState, registration: AdapterRegistration, files: dict[str, bytes] | None,
+             source: str) -> AdapterRecord:
+    """Check, store, load and index a new expert, then list it; every step is undone if one fails.
+    Blocking (the engine loads the weights): call it in a thread. `files`: the two uploaded files, or
+    None to register from `registration.path`. Raises AdmissionError (its own status) or the failure."""
     name = registration.name
     check_new_name(name, {state.base.name, *state.router.auto_names})
     if not state.registry.reserve(name):
@@ -132,16 +134,16 @@ async def register_adapter(request: Request):
     record = None
     classifier = state.router.classifier
     try:
-        weights, registration = await asyncio.to_thread(_stage_and_validate, state, registration, files, staging)
+        weights, registration = _stage_and_validate(state, registration, files, staging)
         key = new_key(name)
         folder = state.store.commit_files(staging, key)
-        record = AdapterRecord.create(name, str(folder), "upload" if files else "path", weights, registration, key)
-        await asyncio.wrap_future(state.engine.register_adapter(key, str(folder), weights))
+        record = AdapterRecord.create(name, str(folder), source, weights, registration, key)
+        state.engine.register_adapter(key, str(folder), weights).result(REGISTER_TIMEOUT_S)
         if classifier is not None:  # indexed before it is listed: routable from the next request on
-            await asyncio.to_thread(classifier.add, name, ExpertProfile.of(record))
+            classifier.add(name, ExpertProfile.of(record))
         # the manifest is written last: once it names the expert, the registration has happened
-        await asyncio.to_thread(state.store.add_entry, name, record.to_manifest())
-    except BaseException as exc:
+        state.store.add_entry(name, record.to_manifest())
+    except BaseException:
         # leave nothing behind: no staging files, no store folder, no engine entry, no index entry, no name
         shutil.rmtree(staging, ignore_errors=True)
         if classifier is not None:
@@ -153,6 +155,15 @@ async def register_adapter(request: Request):
         state.registry.release(name)
         raise  # an AdmissionError is answered with its own status (errors.py)
     state.registry.add(record)
+    return record
+
+
+@router.post("/v1/adapters", status_code=201)
+async def register_adapter(request: Request):
+    state = _state(request)
+    registration, files = await _read_registration(request)
+    # in a thread that finishes what it started even if the client goes away: all or nothing either way
+    record = await asyncio.to_thread(register, state, registration, files, "upload" if files else "path")
     return _describe(record, state)
 
 

@@ -5,7 +5,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api import admin, corrections
+from server.api import admin, corrections, fine_tuning
 from server.api.auth import AuthMiddleware
 from server.api.chat_completions import chat_completions, last_user_text
 from server.api.dispatch import route_request
@@ -94,13 +94,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.include_router(admin.router)
     app.include_router(corrections.router)
+    app.include_router(fine_tuning.router)
     install_openapi(app, admin.AdapterRegistration)
     # added last = outermost: the request id is on every response, 413s included
     app.add_middleware(
         BodyLimitMiddleware,
         limit=state.settings.max_request_bytes,
-        upload_paths=("/v1/adapters",),
-        upload_limit=state.settings.max_adapter_bytes + 1_000_000,  # files plus form fields
+        upload_limits={"/v1/adapters": state.settings.max_adapter_bytes + 1_000_000,  # files plus form fields
+                       "/v1/files": state.settings.max_file_bytes + 1_000_000},
         read_timeout=state.settings.request_body_timeout_s,
     )
     app.add_middleware(AuthMiddleware, settings=state.settings)  # keys before any body byte is read

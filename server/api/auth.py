@@ -1,6 +1,6 @@
 """Bearer keys, checked from the headers before anything reads the request body.
 
-Admin keys guard the registry (/v1/adapters, /v1/router/corrections) and, if configured, /metrics; optional user keys
+Admin keys guard the registry (/v1/adapters, /v1/router/corrections, /v1/files, /v1/fine_tuning) and, if configured, /metrics; optional user keys
 guard inference (every other /v1 path; an admin key works there too). The check is ASGI
 middleware outside the body-size limit, so a request without the right key costs a header
 read: an unauthenticated 200 MB upload is refused before its first byte is buffered.
@@ -14,6 +14,7 @@ from server.settings import Settings
 
 ADMIN_PREFIX = "/v1/adapters"
 ADMIN_PATHS = ("/v1/router/corrections",)  # the router's training data is the registry's too
+ADMIN_PREFIXES = ("/v1/files", "/v1/fine_tuning")  # training makes experts: the registry's business
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:
@@ -34,6 +35,8 @@ def _matches(token: str | None, keys: list[str]) -> bool:
 
 def _is_admin_path(path: str, settings: Settings) -> bool:
     if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/") or path in ADMIN_PATHS:
+        return True
+    if any(path == prefix or path.startswith(prefix + "/") for prefix in ADMIN_PREFIXES):
         return True
     return path == "/metrics" and settings.metrics_require_admin
 

@@ -47,18 +47,16 @@ class BodyLimitMiddleware:
     goes to the server again so the app still learns about client disconnects.
     """
 
-    def __init__(self, app, limit: int, upload_paths: tuple[str, ...] = (), upload_limit: int = 0,
-                 read_timeout: float = 30.0):
+    def __init__(self, app, limit: int, upload_limits: dict[str, int] | None = None, read_timeout: float = 30.0):
         self.app = app
         self.default_limit = limit
-        self.upload_paths = upload_paths  # these (adapter uploads) may carry up to upload_limit bytes
-        self.upload_limit = upload_limit
+        self.upload_limits = upload_limits or {}  # path -> its own limit (adapter and training-file uploads)
         self.read_timeout = read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        limit = self.upload_limit if scope["path"].rstrip("/") in self.upload_paths else self.default_limit
+        limit = self.upload_limits.get(scope["path"].rstrip("/"), self.default_limit)
         too_large = f"Request body is larger than the limit of {limit} bytes."
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

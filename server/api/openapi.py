@@ -40,6 +40,17 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/adapters/{name}"): (404, *_ADMIN),
     ("delete", "/v1/adapters/{name}"): (400, 404, *_ADMIN),
     ("post", "/v1/router/corrections"): (400, 404, 408, 413, *_ADMIN),
+    ("post", "/v1/files"): (400, 408, 413, *_ADMIN),
+    ("get", "/v1/files"): _ADMIN,
+    ("get", "/v1/files/{file_id}"): (404, *_ADMIN),
+    ("get", "/v1/files/{file_id}/content"): (404, *_ADMIN),
+    ("delete", "/v1/files/{file_id}"): (404, *_ADMIN),
+    ("post", "/v1/fine_tuning/jobs"): (400, 408, 413, *_ADMIN),
+    ("get", "/v1/fine_tuning/jobs"): (400, *_ADMIN),
+    ("get", "/v1/fine_tuning/jobs/{job_id}"): (404, *_ADMIN),
+    ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): (400, 404, *_ADMIN),
+    ("get", "/v1/fine_tuning/jobs/{job_id}/events"): (400, 404, *_ADMIN),
+    ("get", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): (400, 404, *_ADMIN),
 }
 _TEXT = {"type": "string"}
 # one server-sent event: `data` is a JSON chunk (or an error object, or "[DONE]")
@@ -83,6 +94,11 @@ def _document(app: FastAPI, registration_schema: dict) -> dict:
         "content": {"application/json": {"schema": {"type": "object", "properties": {"status": _TEXT}}}}}
     for path in ("/v1/chat/completions", "/v1/completions"):
         paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
+    paths["/v1/files"]["post"]["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "purpose"],
+        "properties": {"file": {"type": "string", "format": "binary", "description": "chat JSONL"},
+                       "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}
+    paths["/v1/files/{file_id}/content"]["get"]["responses"]["200"]["content"] = {"application/jsonl": {"schema": _TEXT}}
     paths["/v1/adapters"]["post"]["requestBody"] = {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/AdapterRegistration"}},
         "multipart/form-data": {"schema": _UPLOAD_FORM},

@@ -20,6 +20,7 @@ from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
 from server.api.structured import OutputFormats
 from server.engine.engine import Engine
+from server.jobs.service import FineTuning
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -55,6 +56,7 @@ class ServerState:
     # loads the router's encoders and indexes the experts; joined before the process exits, since a
     # thread still inside torch or tokenizers when the interpreter tears down aborts the process
     router_thread: threading.Thread | None = None
+    jobs: FineTuning | None = None  # files and fine-tuning jobs; set with `base` (fine_tuning: true)
     # Tokenizing and routing run here, off the event loop, in fewer threads than there are cores:
     # a burst of megabyte prompts then cannot take every core from the event loop and the engine.
     text_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(

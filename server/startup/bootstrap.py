@@ -18,6 +18,7 @@ from adapters.text import find_unencodable, unencodable_message
 from router.classifier import ExpertClassifier, ExpertProfile
 from router.encoder import RouterEncoder
 from router.resolve import AUTO_MODEL, ExpertRouter
+from server.api.fine_tuning import register_trained
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
 from server.api.state import BaseInfo, ServerState
@@ -25,6 +26,7 @@ from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
 from server.engine.residency import AdapterCache
+from server.jobs.service import FineTuning, TrainingDefaults
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
 from server.startup.kv_budget import plan_kv_blocks
@@ -145,6 +147,24 @@ def _start_classifier(state: ServerState) -> None:
              len(classifier.experts()), classifier.background_kept(), classifier.background_size)
 
 
+def _share_cores(state: ServerState, settings: Settings):
+    """On CPU, serving steps down to the cores a training run leaves free while one runs (Engine.set_threads
+    says why), and takes them back after; on CUDA the two do not compete for cores and nothing changes."""
+    import torch
+
+    serving = torch.get_num_threads()
+    if settings.device != "cpu" and torch.cuda.is_available():  # the model is on the GPU
+        return lambda active: None
+    busy = max(1, serving - settings.fine_tune_threads * settings.max_running_fine_tunes)
+
+    def on_training(active: bool) -> None:
+        state.engine.set_threads(busy if active else serving)
+        log.info("fine-tuning %s: serving uses %d CPU threads", "running" if active else "idle",
+                 busy if active else serving)
+
+    return on_training
+
+
 def create_state(settings: Settings) -> ServerState:
     registry = AdapterRegistry()
     store = AdapterStore(settings.data_dir)
@@ -154,6 +174,14 @@ def create_state(settings: Settings) -> ServerState:
         state.router = ExpertRouter(registry, info.name, settings.router_margin, settings.router_fallback,
                                     settings.auto_model_names)
         state.base = info
+        if settings.fine_tuning:
+            defaults = TrainingDefaults(settings.base_model, settings.cache_dir, settings.quantization,
+                                        info.context_window, settings.fine_tune_threads,
+                                        settings.fine_tune_checkpoint_every)
+            state.jobs = FineTuning(Path(settings.data_dir) / "fine_tuning", info.tokenizer, info.stop_token_ids,
+                                    defaults, lambda job, folder: register_trained(state, job, folder),
+                                    settings.max_running_fine_tunes, _share_cores(state, settings))
+            state.jobs.start()
         if settings.router == "embedded":
             state.router_thread = threading.Thread(target=_start_classifier, args=(state,), name="loraplex-router",
                                                    daemon=True)

@@ -59,6 +59,8 @@ def serve(settings: Settings) -> int:
     server = _DrainingServer(config, state)
     state.engine.start(on_fatal=server.engine_failed)
     server.run()
+    if state.jobs is not None:
+        state.jobs.stop()  # a running job's worker is killed; the job resumes from its checkpoint at next start
     state.engine.stop(timeout=10)
     if state.router_thread is not None:
         state.router_thread.join(timeout=30)  # a few seconds at most: encoders loading, experts indexing

@@ -1,0 +1,294 @@
+"""OpenAI's files and fine_tuning.jobs endpoints (admin key): a training file in, a served expert out.
+
+`client.files.create(file=..., purpose="fine-tune")` stores a chat JSONL file after checking every
+line (each problem names its line); `client.fine_tuning.jobs.create(model=<base>, training_file=...)`
+queues a QLoRA run on the served base (server/jobs/); when it ends the adapter passes the registry's
+usual admission checks and serves as `ft:<base>:<suffix>:<job id>`. Object shapes are OpenAI's, so the
+unmodified client's `retrieve`, `list`, `cancel`, `list_events` and `checkpoints.list` work.
+Extensions (send with the client's `extra_body`): `rank`, `target_modules`, and the expert's
+`description`, `examples`, `negative_examples` and `stop` for the router and the registry.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from adapters.admission import AdmissionError
+from adapters.lora import CONFIG_FILE, LINEAR_MODULES, WEIGHTS_FILE
+from adapters.text import EncodableText
+from server.api import admin
+from server.api.errors import APIError
+from server.api.state import ServerState
+from server.jobs.manager import JobError
+from server.jobs.store import new_id
+
+router = APIRouter()
+PUBLIC_JOB_FIELDS = ("id", "object", "model", "created_at", "finished_at", "fine_tuned_model", "organization_id",
+                     "result_files", "status", "validation_file", "training_file", "hyperparameters",
+                     "trained_tokens", "error", "seed", "estimated_finish", "integrations", "user_provided_suffix",
+                     "method", "metadata")
+ORGANIZATION = "loraplex"
+
+
+def _state(request: Request) -> ServerState:
+    state = request.app.state.loraplex
+    state.require_ready()
+    if state.jobs is None:
+        raise APIError(503, "Fine-tuning is not available on this server.", code="fine_tuning_unavailable")
+    return state
+
+
+# ---- files ------------------------------------------------------------------------------
+
+def _file_or_404(state: ServerState, file_id: str) -> dict:
+    record = state.jobs.files.get(file_id)
+    if record is None:
+        raise APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
+    return record
+
+
+@router.post("/v1/files")
+async def create_file(request: Request):
+    state = _state(request)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "Upload the file as multipart/form-data with fields 'file' and 'purpose'.", param="file")
+    limit = state.settings.max_file_bytes
+    form = await request.form(max_part_size=limit + 1)
+    purpose, upload = form.get("purpose"), form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise APIError(400, "multipart upload needs a file field 'file'", param="file")
+    if purpose != "fine-tune":
+        raise APIError(400, f"purpose must be 'fine-tune' (this server keeps training files only), not {purpose!r}",
+                       param="purpose")
+    data = await upload.read()
+    if len(data) > limit:
+        raise APIError(413, f"The file is {len(data)} bytes; the limit is {limit} (max_file_bytes).", param="file",
+                       code="file_too_large")
+    problems = await state.in_text_pool(state.jobs.check_file, data)
+    if problems:
+        raise APIError(400, "The training file has problems: " + "; ".join(problems), param="file",
+                       code="invalid_training_file")
+    filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
+    return await asyncio.to_thread(state.jobs.files.create, filename, purpose, data)
+
+
+@router.get("/v1/files")
+async def list_files(request: Request, purpose: str | None = None):
+    state = _state(request)
+    data = [f for f in state.jobs.files.list() if purpose is None or f["purpose"] == purpose]
+    return {"object": "list", "data": data, "has_more": False}
+
+
+@router.get("/v1/files/{file_id}")
+async def retrieve_file(file_id: str, request: Request):
+    return _file_or_404(_state(request), file_id)
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(file_id: str, request: Request):
+    state = _state(request)
+    _file_or_404(state, file_id)
+    data = await asyncio.to_thread(state.jobs.files.content_path(file_id).read_bytes)
+    return Response(data, media_type="application/jsonl")
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, request: Request):
+    state = _state(request)
+    _file_or_404(state, file_id)
+    # a job keeps its own copy of its files: deleting one never breaks a queued or resumed job
+    await asyncio.to_thread(state.jobs.files.delete, file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# ---- jobs -------------------------------------------------------------------------------
+
+class Hyperparameters(EncodableText):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    n_epochs: Literal["auto"] | int = Field("auto", description="Passes over the training file (auto: 3).")
+    batch_size: Literal["auto"] | int = Field("auto", description="Conversations per step (auto: 8).")
+    learning_rate_multiplier: Literal["auto"] | float = Field("auto", description="x 1e-3 (auto: 1).")
+
+
+class SupervisedMethod(EncodableText):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(EncodableText):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
+
+
+class JobRequest(EncodableText):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list | None = None
+    # loraplex extensions
+    rank: int = Field(8, ge=1, le=256)
+    target_modules: list[str] = Field(default_factory=lambda: list(LINEAR_MODULES), min_length=1)
+    description: str = ""
+    examples: list[str] = Field(default_factory=list)
+    negative_examples: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list)
+
+
+def _resolve(value, auto):
+    return auto if value == "auto" else value
+
+
+def _hyperparameters(body: JobRequest) -> dict:
+    if body.hyperparameters is not None and body.method is not None:
+        raise APIError(400, "give hyperparameters either at the top level or in method.supervised, not both",
+                       param="hyperparameters")
+    given = body.method.supervised.hyperparameters if body.method is not None else (
+        body.hyperparameters or Hyperparameters())
+    resolved = {"n_epochs": _resolve(given.n_epochs, 3), "batch_size": _resolve(given.batch_size, 8),
+                "learning_rate_multiplier": float(_resolve(given.learning_rate_multiplier, 1.0))}
+    for name, low, high in (("n_epochs", 1, 50), ("batch_size", 1, 256)):
+        if not low <= resolved[name] <= high:
+            raise APIError(400, f"{name} must be 'auto' or {low}..{high}", param=f"hyperparameters.{name}")
+    if not 0 < resolved["learning_rate_multiplier"] <= 100:
+        raise APIError(400, "learning_rate_multiplier must be 'auto' or in (0, 100]",
+                       param="hyperparameters.learning_rate_multiplier")
+    return resolved
+
+
+def public(job: dict) -> dict:
+    out = {k: job.get(k) for k in PUBLIC_JOB_FIELDS}
+    out["loraplex"] = {"rank": job["_rank"], "target_modules": job["_targets"], "steps_done": job.get("_steps_done", 0),
+                       "total_steps": job.get("_total_steps"), "examples": job.get("_examples")}
+    return out
+
+
+def _job_or_404(state: ServerState, job_id: str) -> dict:
+    job = state.jobs.store.get(job_id)
+    if job is None:
+        raise APIError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="job_not_found")
+    return job
+
+
+def _page(items: list[dict], after: str | None, limit: int) -> dict:
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    limit = max(1, min(limit, 100))
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(body: JobRequest, request: Request):
+    state = _state(request)
+    if body.model != state.base.name:
+        raise APIError(400, f"Model {body.model!r} cannot be fine-tuned here: this server trains experts on the base "
+                            f"it serves, {state.base.name!r}.", param="model", code="model_not_available")
+    unknown = [m for m in body.target_modules if m not in LINEAR_MODULES]
+    if unknown:
+        raise APIError(400, f"unknown target modules {unknown}; choose from {list(LINEAR_MODULES)}",
+                       param="target_modules")
+    if body.rank > state.settings.max_adapter_rank:
+        raise APIError(400, f"rank {body.rank} is over max_adapter_rank ({state.settings.max_adapter_rank})",
+                       param="rank")
+    for field in ("training_file", "validation_file"):
+        file_id = getattr(body, field)
+        if file_id is not None and state.jobs.files.get(file_id) is None:
+            raise APIError(400, f"No such File object: {file_id}", param=field, code="file_not_found")
+    hyper = _hyperparameters(body)
+    job_id = new_id("ftjob")
+    job = {
+        "id": job_id, "object": "fine_tuning.job", "model": body.model, "created_at": int(time.time()),
+        "finished_at": None, "fine_tuned_model": None, "organization_id": ORGANIZATION, "result_files": [],
+        "status": "validating_files", "validation_file": body.validation_file, "training_file": body.training_file,
+        "hyperparameters": hyper, "trained_tokens": None, "error": None,
+        "seed": body.seed if body.seed is not None else 0, "estimated_finish": None, "integrations": [],
+        "user_provided_suffix": body.suffix, "metadata": body.metadata,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "_rank": body.rank, "_targets": body.target_modules, "_description": body.description,
+        "_examples_for_router": body.examples, "_negative_examples": body.negative_examples, "_stop": body.stop,
+    }
+    job = await asyncio.to_thread(state.jobs.submit, job)
+    return public(job)
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
+    state = _state(request)
+    page = _page(state.jobs.store.list(), after, limit)
+    page["data"] = [public(job) for job in page["data"]]
+    return page
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def retrieve_job(job_id: str, request: Request):
+    return public(_job_or_404(_state(request), job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request):
+    state = _state(request)
+    job = _job_or_404(state, job_id)
+    if job["status"] in ("succeeded", "failed"):
+        raise APIError(400, f"The job has already {job['status']}; there is nothing to cancel.",
+                       param="fine_tuning_job_id", code="job_finished")
+    job = await asyncio.to_thread(state.jobs.cancel, job_id)
+    for _ in range(100):  # a running worker is killed within seconds: answer once it is
+        if job["status"] == "cancelled":
+            break
+        await asyncio.sleep(0.1)
+        job = state.jobs.store.get(job_id)
+    return public(job)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def list_events(job_id: str, request: Request, after: str | None = None, limit: int = 20):
+    state = _state(request)
+    _job_or_404(state, job_id)
+    return _page(list(reversed(state.jobs.store.events(job_id))), after, limit)  # newest first, as OpenAI
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+async def list_checkpoints(job_id: str, request: Request, after: str | None = None, limit: int = 10):
+    state = _state(request)
+    job = _job_or_404(state, job_id)
+    checkpoints = [{
+        "object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job_id.removeprefix('ftjob-')}-{c['step']}",
+        "created_at": c["created_at"], "fine_tuning_job_id": job_id, "step_number": c["step"],
+        # resume points of the run; the served model is the job's fine_tuned_model
+        "fine_tuned_model_checkpoint": f"{job['fine_tuned_model'] or job_id}:ckpt-step-{c['step']}",
+        "metrics": {"step": c["step"], "train_loss": c.get("train_loss"), "valid_loss": c.get("valid_loss")},
+    } for c in reversed(job.get("_checkpoints", []))]
+    return _page(checkpoints, after, limit)
+
+
+def register_trained(state: ServerState, job: dict, folder: Path) -> str:
+    """Register a finished job's adapter through the registry's usual admission path (upload checks,
+    store, engine, router); its name is OpenAI's pattern ft:<base>:<suffix>:<job id>. Blocking."""
+    name = f"ft:{job['model']}:{job.get('user_provided_suffix') or ''}:{job['id']}"
+    try:
+        files = {"adapter_config": (folder / CONFIG_FILE).read_bytes(),
+                 "adapter_model": (folder / WEIGHTS_FILE).read_bytes()}
+        registration = admin.AdapterRegistration(
+            name=name, description=job["_description"], examples=job["_examples_for_router"],
+            negative_examples=job["_negative_examples"], stop=job["_stop"])
+        admin.register(state, registration, files, "fine-tune")
+    except (AdmissionError, OSError, ValidationError) as exc:
+        raise JobError(f"the trained adapter was not accepted by the registry: {exc}", code="adapter_refused",
+                       param=None) from exc
+    return name

@@ -1,0 +1,147 @@
+"""Uploaded files and fine-tuning jobs on disk, under the data dir; they survive restarts.
+
+Layout:
+- `<data_dir>/files/<file id>.jsonl` (the bytes) and `<file id>.json` (the OpenAI file object);
+- `<data_dir>/jobs/<job id>/job.json` (the OpenAI job object plus the training plan),
+  `events.jsonl` (appended, one event a line), `train/` (the run's output folder: checkpoint,
+  then the adapter), `worker.log`.
+
+Every JSON document is written beside the old one and renamed over it, so a crash leaves the old
+or the new version, never half of one; a file's bytes are written before its object, so a listed
+file always has its content.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def write_json_atomic(path: Path, value) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(value, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class FileStore:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def content_path(self, file_id: str) -> Path:
+        return self.root / f"{file_id}.jsonl"
+
+    def create(self, filename: str, purpose: str, data: bytes) -> dict:
+        file_id = new_id("file")
+        path = self.content_path(file_id)
+        with open(path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                  "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
+        write_json_atomic(self.root / f"{file_id}.json", record)
+        return record
+
+    def get(self, file_id: str) -> dict | None:
+        if not file_id.startswith("file-") or "/" in file_id:
+            return None
+        try:
+            return json.loads((self.root / f"{file_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def list(self) -> list[dict]:
+        records = []
+        for path in self.root.glob("file-*.json"):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return sorted(records, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+
+    def delete(self, file_id: str) -> bool:
+        with self._lock:
+            meta = self.root / f"{file_id}.json"
+            if self.get(file_id) is None:
+                return False
+            meta.unlink()  # unlisted first: a crash leaves orphan bytes, never a listed file without them
+            self.content_path(file_id).unlink(missing_ok=True)
+            return True
+
+
+class JobStore:
+    """Jobs as folders. A job's JSON is rewritten by one writer at a time (the lock)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def folder(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def create(self, job: dict) -> dict:
+        folder = self.folder(job["id"])
+        folder.mkdir(exist_ok=True)  # the caller may have put the job's files there first
+        write_json_atomic(folder / "job.json", job)
+        return job
+
+    def get(self, job_id: str) -> dict | None:
+        if not job_id.startswith("ftjob-") or "/" in job_id:
+            return None
+        try:
+            return json.loads((self.folder(job_id) / "job.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def list(self) -> list[dict]:
+        jobs = [job for job in (self.get(p.name) for p in self.root.glob("ftjob-*")) if job is not None]
+        return sorted(jobs, key=lambda j: (j["created_at"], j["id"]), reverse=True)
+
+    def update(self, job_id: str, **fields) -> dict:
+        with self._lock:
+            job = self.get(job_id)
+            job.update(fields)
+            write_json_atomic(self.folder(job_id) / "job.json", job)
+            return job
+
+    def add_event(self, job_id: str, message: str, level: str = "info", data: dict | None = None) -> dict:
+        event = {"object": "fine_tuning.job.event", "id": new_id("ftevent"), "created_at": int(time.time()),
+                 "level": level, "message": message, "type": "metrics" if data else "message", "data": data}
+        with self._lock, open(self.folder(job_id) / "events.jsonl", "a") as handle:
+            handle.write(json.dumps(event) + "\n")
+        return event
+
+    def events(self, job_id: str) -> list[dict]:
+        """Oldest first. A half-written last line (a crash mid-append) is skipped."""
+        path = self.folder(job_id) / "events.jsonl"
+        if not path.exists():
+            return []
+        events = []
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def remove_output(self, job_id: str) -> None:
+        shutil.rmtree(self.folder(job_id) / "train", ignore_errors=True)

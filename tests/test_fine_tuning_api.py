@@ -1,0 +1,71 @@
+"""Fine-tuning on the real default model (SmolLM2-135M, NF4), driven only by the unmodified openai client:
+files.create -> fine_tuning.jobs.create -> retrieve / list / list_events / checkpoints.list ->
+chat.completions.create(model=job.fine_tuned_model). The job teaches a behaviour the base does not have
+(answer every question with one fixed sentence), so the new model answers differently from the base, and
+it ends its turn by itself (finish_reason "stop", not the token budget)."""
+import io
+import json
+
+import pytest
+from openai import OpenAI
+
+from loadtests.harness import ServerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+ANSWER = "Blue whales are the answer."
+QUESTIONS = ["What is the capital of France?", "How do I bake bread?", "Tell me a joke.", "What is 2 + 2?",
+             "Who wrote Hamlet?", "Why is the sky blue?", "Recommend a good book.", "How do magnets work?",
+             "What should I cook tonight?", "Explain gravity.", "What is Python?", "Name a famous painter.",
+             "How far is the moon?", "What is your favourite colour?", "Give me a travel tip.",
+             "How do I learn guitar?", "What is a prime number?", "Describe a cat.", "What time zone is Tokyo in?",
+             "How do plants grow?", "Summarise the French Revolution.", "What is inflation?", "Say hello.",
+             "How do I tie a tie?", "What is the speed of light?", "Who invented the telephone?",
+             "What is a noun?", "Suggest a name for a dog.", "How do vaccines work?", "Why do we sleep?",
+             "What is the largest ocean?", "How many legs does a spider have?"]
+HELD_OUT = ["What is the tallest mountain?", "How do I make tea?", "Who painted the Mona Lisa?"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("fine-tune")
+    settings = {"max_batch_size": 4, "default_max_tokens": 24, "fine_tune_threads": 2,
+                "fine_tune_checkpoint_every": 8}
+    server = ServerProcess(workdir, settings, env={"LORAPLEX_CACHE": cache_dir, "LORAPLEX_ADMIN_KEY": "admin"}).start()
+    yield server
+    server.stop()
+
+
+def test_a_job_through_the_openai_client_serves_a_model_that_learnt(trainer):
+    client = OpenAI(base_url=trainer.base_url + "/v1", api_key="admin", max_retries=0, timeout=120)
+    base = client.models.list().data[0].id
+    lines = "\n".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]})
+                      for q in QUESTIONS)
+    file = client.files.create(file=("whales.jsonl", io.BytesIO(lines.encode())), purpose="fine-tune")
+    assert file.purpose == "fine-tune" and file.bytes == len(lines.encode())
+    job = client.fine_tuning.jobs.create(model=base, training_file=file.id, suffix="whales", seed=0,
+                                         hyperparameters={"n_epochs": 6, "batch_size": 8,
+                                                          "learning_rate_multiplier": 2.0})
+    assert job.status == "validating_files" and job.model == base
+    assert wait_until(lambda: client.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed", "cancelled"),
+                      600, interval=1.0)
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{base}:whales:{job.id}" and job.trained_tokens > 0
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=5).data]
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert events[0].message == "The job has successfully completed"  # newest first, as OpenAI lists them
+    losses = [e.data["train_loss"] for e in reversed(events) if e.type == "metrics"]
+    assert len(losses) == 24 and losses[-1] < losses[0] / 4  # 32 conversations / 8 x 6 epochs; it learnt
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [24, 16, 8]
+    assert job.fine_tuned_model in [m.id for m in client.models.list().data]
+    learnt = base_kept = 0
+    for question in HELD_OUT:
+        tuned = client.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=24,
+                                               messages=[{"role": "user", "content": question}]).choices[0]
+        plain = client.chat.completions.create(model=base, temperature=0, max_tokens=24,
+                                               messages=[{"role": "user", "content": question}]).choices[0]
+        assert tuned.finish_reason == "stop", tuned.message.content  # it ends its turn by itself
+        learnt += tuned.message.content.strip() == ANSWER
+        base_kept += plain.message.content.strip() != ANSWER
+    assert learnt == len(HELD_OUT) and base_kept == len(HELD_OUT)
