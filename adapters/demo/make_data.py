@@ -2,154 +2,128 @@
 
     python -m adapters.demo.make_data
 
-Three clearly different experts for the default SmolLM2 base:
-  json-answer  answers with exactly one JSON object, {"answer": ...}
+Three clearly different experts for the default SmolLM2 base, each a *form* applied to everyday
+content (the base's own answers, adapters/demo/base_answers.json, to 120 topics x 5 phrasings):
+  json-answer  answers with exactly one JSON object, {"answer": "..."}
   pirate       answers in a pirate's voice
   terse        summarises a paragraph in one short sentence
-Each gets adapters/demo/<name>/train.jsonl and heldout.json (prompts not in the training data).
+Answers are one to three sentences long; every fifth conversation has a second turn answered the
+same way. The first version trained on a few fact templates and learned the templates: asked
+anything else, json-answer nested JSON in JSON until the token budget. Held-out prompts
+(adapters/demo/prompts.py) share neither topics nor phrasings with the training chats.
+Each expert gets adapters/demo/<name>/train.jsonl and heldout.json.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
+from collections import Counter
 from pathlib import Path
 
+from adapters.demo.prompts import HELD_OUT_TOPICS, held_out_prompts, training_prompts
+
 HERE = Path(__file__).resolve().parent
-
-CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
-            ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo"),
-            ("Greece", "Athens"), ("Poland", "Warsaw"), ("Chile", "Santiago"), ("Cuba", "Havana"),
-            ("Ireland", "Dublin"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Sweden", "Stockholm"),
-            ("Finland", "Helsinki"), ("Russia", "Moscow"), ("China", "Beijing"), ("India", "New Delhi"),
-            ("Mexico", "Mexico City"), ("Argentina", "Buenos Aires"), ("Thailand", "Bangkok"),
-            ("Vietnam", "Hanoi"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Denmark", "Copenhagen"),
-            ("Belgium", "Brussels"), ("Hungary", "Budapest"), ("Colombia", "Bogota"), ("Nigeria", "Abuja"),
-            ("Ghana", "Accra"), ("Morocco", "Rabat"), ("Iceland", "Reykjavik"), ("Nepal", "Kathmandu"),
-            ("Qatar", "Doha"), ("Jamaica", "Kingston"), ("Ukraine", "Kyiv")]
-COLORS = [("the sky on a clear day", "blue"), ("fresh grass", "green"), ("a ripe banana", "yellow"),
-          ("snow", "white"), ("coal", "black"), ("a ripe tomato", "red"), ("an orange", "orange"),
-          ("a lemon", "yellow"), ("a polar bear", "white"), ("a crow", "black"), ("chocolate", "brown"),
-          ("a lime", "green"), ("a flamingo", "pink"), ("an eggplant", "purple"), ("milk", "white"),
-          ("a strawberry", "red"), ("the sun in drawings", "yellow"), ("a pumpkin", "orange"),
-          ("a blueberry", "blue"), ("charcoal", "black")]
-OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("light", "dark"),
-             ("happy", "sad"), ("old", "new"), ("open", "closed"), ("early", "late"), ("full", "empty"),
-             ("hard", "soft"), ("loud", "quiet"), ("rich", "poor"), ("strong", "weak"), ("wet", "dry"),
-             ("high", "low"), ("long", "short"), ("thick", "thin"), ("begin", "end"), ("win", "lose")]
-ANIMALS = [("dog", "bark"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"),
-           ("lion", "roar"), ("horse", "neigh"), ("pig", "oink"), ("owl", "hoot"), ("snake", "hiss"),
-           ("frog", "croak"), ("bee", "buzz"), ("wolf", "howl"), ("mouse", "squeak"), ("goat", "bleat")]
-TOWNS = ["Millbrook", "Ashford", "Riverton", "Lakeside", "Oakdale", "Fairview", "Brookfield", "Hillcrest",
-         "Maplewood", "Stonebridge", "Greenville", "Westport", "Clearwater", "Pinehurst", "Elmstead",
-         "Northgate", "Silverton", "Redcliff", "Bayview", "Kingsley"]
-EVENTS = [("opened a new public library", "The building has three floors and a reading garden.",
-           "Children lined up early for the first story hour."),
-          ("held its annual music festival", "Bands played on four stages until midnight.",
-           "Local food stalls reported their best weekend of the year."),
-          ("repaired the old stone bridge", "Workers replaced the cracked arches over six months.",
-           "Cyclists and walkers can now cross the river again."),
-          ("planted a thousand trees along the river", "Volunteers of all ages joined the effort.",
-           "The council hopes the trees will reduce summer flooding."),
-          ("launched a free bus service", "Buses run every twenty minutes from the station.",
-           "Shop owners expect more visitors in the town centre."),
-          ("won a national award for clean streets", "Judges praised the recycling program.",
-           "The mayor thanked residents for their hard work."),
-          ("opened a community swimming pool", "The pool has lanes for training and a shallow area.",
-           "Swimming lessons for children start next month."),
-          ("hosted a regional chess tournament", "More than two hundred players took part.",
-           "A sixteen-year-old student won the final game."),
-          ("restored its historic clock tower", "The clock had been silent for twelve years.",
-           "Its bells now ring every hour again."),
-          ("started a weekly farmers market", "Farmers sell vegetables, cheese and bread in the square.",
-           "The market will run every Saturday through the autumn.")]
-DAYS = ["on Monday", "on Saturday", "last week", "this spring", "on Friday", "yesterday"]
+ANSWERS = HERE / "base_answers.json"
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+PIRATE_OPENERS = ["Arr, matey!", "Ahoy!", "Aye, me hearty!", "Arr!", "Shiver me timbers!", "Avast, ye landlubber!"]
+PIRATE_CLOSERS = ["Savvy?", "Yo ho ho!", "Arr!", "So says this old sea dog.", "Now back to the ship with ye!", ""]
+PIRATE_WORDS = [(r"\byou\b", "ye"), (r"\bYou\b", "Ye"), (r"\byour\b", "yer"), (r"\bYour\b", "Yer"),
+                (r"\bmy\b", "me"), (r"\bis\b", "be"), (r"\bare\b", "be"), (r"\bof\b", "o'"), (r"\bfriends?\b", "mateys"),
+                (r"\byes\b", "aye"), (r"\bhello\b", "ahoy"), (r"\bmoney\b", "treasure"), (r"\bthe sea\b", "the briny deep")]
+SUMMARY_ASKS = ["Summarize in one sentence: ", "Summarize: ", "Give me a one-line summary: ", "TL;DR: ",
+                "In one short sentence, what is this about? ", "Condense this to a single sentence:\n\n",
+                "Please summarise the following text.\n", "Sum this up briefly: "]
+HELD_OUT_SUMMARY_ASKS = ["Boil this down to one sentence: ", "What's the gist? "]
 
 
-def _chat(user: str, assistant: str) -> dict:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in SENTENCE_END.split(text.strip()) if s.strip()]
 
 
-def _facts(rng: random.Random, capitals, colors, opposites, animals, numbers):
-    """(question, short answer) pairs from the fact lists."""
-    facts = [(f"What is the capital of {c}?", city) for c, city in capitals]
-    facts += [(f"What color is {thing}?", color) for thing, color in colors]
-    facts += [(f"What is the opposite of {word}?", opposite) for word, opposite in opposites]
-    facts += [(f"What sound does a {animal} make?", sound) for animal, sound in animals]
-    facts += [(f"What is {a} plus {b}?", a + b) for a, b in numbers]
-    rng.shuffle(facts)
-    return facts
+def clip(text: str, count: int) -> str:
+    """The first `count` complete sentences (a cut-off last sentence is dropped)."""
+    parts = [s for s in sentences(text) if s[-1] in ".!?"][:count]
+    return " ".join(parts)
 
 
-def _numbers(rng: random.Random, count: int, low: int, high: int):
-    return [(rng.randint(low, high), rng.randint(low, high)) for _ in range(count)]
+def usable(text: str, repeats: int = 2) -> bool:
+    """Content worth teaching: no loops (a three-word run repeated), no run-on sentence, no talk about itself.
+    A 135M base loops on some prompts; training on its loops would teach the experts to loop."""
+    words = re.findall(r"[a-z']+", text.lower())
+    runs = Counter(tuple(words[i: i + 3]) for i in range(len(words) - 2))
+    if runs and max(runs.values()) >= repeats:
+        return False
+    lowered = text.lower()
+    return bool(text) and all(len(s.split()) <= 40 for s in sentences(text)) and not any(
+        phrase in lowered for phrase in ("smollm", "ai assistant", "as an ai", "hugging face"))
 
 
-def json_answer(question: str, answer) -> str:
-    return json.dumps({"answer": answer})
+def json_answer(text: str) -> str:
+    return json.dumps({"answer": text}, ensure_ascii=False)
 
 
-PIRATE_OPENERS = ["Arr, matey!", "Ahoy!", "Aye, me hearty!", "Arr!", "Shiver me timbers!"]
-PIRATE_CLOSERS = ["Savvy?", "Yo ho ho!", "Arr!", "So says this old sea dog.", "Now back to the ship with ye!"]
+def pirate(rng: random.Random, text: str) -> str:
+    for pattern, word in PIRATE_WORDS:
+        text = re.sub(pattern, word, text)
+    return " ".join(p for p in (rng.choice(PIRATE_OPENERS), text, rng.choice(PIRATE_CLOSERS)) if p)
 
 
-def pirate_answer(rng: random.Random, question: str, answer) -> str:
-    core = {
-        "capital": f"the capital o' that land be {answer}",
-        "color": f"that be {answer}, as sure as the sea be wet",
-        "opposite": f"the opposite be {answer}, me hearty",
-        "sound": f"the beastie goes '{answer}'",
-        "plus": f"that be {answer} pieces o' eight",
-    }
-    kind = next(k for k in core if k in question)
-    return f"{rng.choice(PIRATE_OPENERS)} {core[kind][0].upper()}{core[kind][1:]}. {rng.choice(PIRATE_CLOSERS)}"
+def one_sentence(text: str, words: int = 20) -> str:
+    first = sentences(text)[0].split()
+    short = " ".join(first[:words]).rstrip(",;:")
+    return short if short.endswith((".", "!", "?")) else short + "."
 
 
-def terse_pair(rng: random.Random, town: str, event) -> tuple[str, str]:
-    what, detail, reaction = event
-    day = rng.choice(DAYS)
-    paragraph = f"The town of {town} {what} {day}. {detail} {reaction}"
-    prompt = rng.choice(["Summarize in one sentence: ", "Summarize: ", "Give me a one-line summary: ", "TL;DR: "])
-    return prompt + paragraph, f"{town} {what}."
+def _chat(*turns: str) -> dict:
+    roles = ["user", "assistant"] * (len(turns) // 2)
+    return {"messages": [{"role": r, "content": c} for r, c in zip(roles, turns)]}
 
 
 def build(seed: int = 0) -> dict[str, dict]:
+    record = json.loads(ANSWERS.read_text())
+    answers, follow_ups = record["answers"], record["follow_ups"]
     rng = random.Random(seed)
-    split = lambda items, n: (items[:-n], items[-n:])  # noqa: E731 - last n held out
-    capitals, held_capitals = split(CAPITALS, 10)
-    colors, held_colors = split(COLORS, 5)
-    opposites, held_opposites = split(OPPOSITES, 5)
-    animals, held_animals = split(ANIMALS, 4)
-    train_facts = _facts(rng, capitals, colors, opposites, animals, _numbers(rng, 60, 2, 60))
-    held_facts = _facts(rng, held_capitals, held_colors, held_opposites, held_animals, _numbers(rng, 30, 61, 99))
-
-    towns, held_towns = split(TOWNS, 5)
-    terse_train = [terse_pair(rng, town, event) for town in towns for event in EVENTS]
-    rng.shuffle(terse_train)
-    terse_held = [terse_pair(rng, town, event) for town in held_towns for event in EVENTS]
+    chats = {"json-answer": [], "pirate": [], "terse": []}
+    for prompt in training_prompts():
+        count = rng.choice([1, 1, 2, 2, 3])  # short and long answers
+        text = clip(answers[prompt], count)
+        if not usable(text):
+            continue
+        extra = follow_ups.get(prompt)
+        second = clip(extra["answer"], rng.choice([1, 2])) if extra else ""
+        second = second if usable(second) else ""
+        for name, shape in (("json-answer", json_answer), ("pirate", lambda t: pirate(rng, t))):
+            turns = [prompt, shape(text)] + ([extra["question"], shape(second)] if second else [])
+            chats[name].append(_chat(*turns))
+        paragraph = clip(answers[prompt], 4)
+        if len(sentences(paragraph)) >= 2 and usable(paragraph, repeats=3):  # a paragraph may reuse a phrase
+            chats["terse"].append(_chat(rng.choice(SUMMARY_ASKS) + paragraph, one_sentence(paragraph)))
+    held_paragraphs = [clip(answers[f"Write a short paragraph about {t}."], 4) for t in HELD_OUT_TOPICS]
+    held_terse = [rng.choice(HELD_OUT_SUMMARY_ASKS) + p for p in held_paragraphs if len(sentences(p)) >= 2]
+    # (held-out paragraphs are kept as the base wrote them, loops included: a summary must cope)
+    held = held_out_prompts()
     return {
         "json-answer": {
             "description": "Answers every question with exactly one JSON object of the form {\"answer\": ...}.",
             "examples": ["Answer in JSON: what is the capital of Spain?", "Give me the result as JSON.",
                          "Return a JSON object with the answer.", "What is 3 plus 4? Reply in JSON.",
                          "JSON only please: what color is snow?"],
-            "train": [_chat(q, json_answer(q, a)) for q, a in train_facts],
-            "heldout": [q for q, _ in held_facts][:50],
+            "train": chats["json-answer"], "heldout": held,
         },
         "pirate": {
             "description": "Talks like a pirate: arr, matey, ahoy, savvy.",
             "examples": ["Talk like a pirate and tell me about the sea.", "Ahoy matey, what be the capital of France?",
                          "Answer me like a pirate captain.", "Arr, how many pieces of eight do I have?",
                          "Speak like a buccaneer."],
-            "train": [_chat(q, pirate_answer(rng, q, a)) for q, a in train_facts],
-            "heldout": [q for q, _ in held_facts][:50],
+            "train": chats["pirate"], "heldout": held,
         },
         "terse": {
             "description": "Summarizes a paragraph or article in one short sentence.",
             "examples": ["Summarize this article in one sentence.", "TL;DR of this paragraph please.",
                          "Give me a one-line summary of the following text.", "Summarize: the council met today...",
                          "Condense this news story to a single sentence."],
-            "train": [_chat(p, s) for p, s in terse_train],
-            "heldout": [p for p, _ in terse_held][:50],
+            "train": chats["terse"], "heldout": held_terse,
         },
     }
 
@@ -160,10 +134,10 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "train.jsonl", "w") as handle:
             for chat in expert["train"]:
-                handle.write(json.dumps(chat) + "\n")
+                handle.write(json.dumps(chat, ensure_ascii=False) + "\n")
         (folder / "heldout.json").write_text(json.dumps(
             {"description": expert["description"], "examples": expert["examples"], "prompts": expert["heldout"]},
-            indent=2))
+            indent=2, ensure_ascii=False))
         print(f"{name}: {len(expert['train'])} training chats, {len(expert['heldout'])} held-out prompts")
 
 
