@@ -69,6 +69,7 @@ class JobManager:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._runs: dict[str, _Run] = {}
+        self._pending: list[str] = []  # validating or queued jobs, oldest first: the loop never lists the disk
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -78,6 +79,8 @@ class JobManager:
     def submit(self, job: dict) -> dict:
         job = self.jobs.create({**job, "status": "validating_files"})
         self.jobs.add_event(job["id"], f"Created fine-tuning job: {job['id']}")
+        with self._lock:
+            self._pending.append(job["id"])
         self._wake.set()
         return job
 
@@ -94,16 +97,15 @@ class JobManager:
         self._wake.set()
         return job
 
-    def wake(self) -> None:
-        self._wake.set()
-
     # ---- the thread ----------------------------------------------------------------------
 
     def start(self) -> None:
-        for job in self.jobs.list():
+        for job in sorted(self.jobs.list(), key=lambda j: (j["created_at"], j["id"])):
             if job["status"] == "running":
                 self.jobs.update(job["id"], status="queued", _resume=True)
                 self.jobs.add_event(job["id"], "The server restarted; the job resumes from its last checkpoint")
+            if job["status"] not in FINISHED:
+                self._pending.append(job["id"])
         self._thread = threading.Thread(target=self._loop, name="loraplex-jobs", daemon=True)
         self._thread.start()
 
@@ -128,14 +130,16 @@ class JobManager:
     def _tick(self) -> None:
         for run in list(self._runs.values()):
             self._watch(run)
-        pending = sorted(self.jobs.list(), key=lambda j: (j["created_at"], j["id"]))
-        for job in pending:
+        with self._lock:
+            pending = list(self._pending)
+        for job_id in pending:
+            job = self.jobs.get(job_id)
             if job["status"] == "validating_files" and not self._stop.is_set():
                 self._check_files(job)
-        for job in pending:
+        for job_id in pending:
             if len(self._runs) >= self.max_running or self._stop.is_set():
                 break
-            job = self.jobs.get(job["id"])
+            job = self.jobs.get(job_id)
             if job["status"] == "queued":
                 self._launch(job)
 
@@ -170,6 +174,7 @@ class JobManager:
                 return
             if not self._runs:
                 self._on_training(True)  # serving gives up the cores the run will use, before it starts
+            self._pending.remove(job["id"])
             with open(folder / "worker.log", "ab") as log_file:
                 # its own session: cancelling kills the worker and anything it started, and a Ctrl-C meant
                 # for the server does not reach it (the server stops it; the job resumes at the next start)
@@ -253,6 +258,9 @@ class JobManager:
                 self.jobs.add_event(run.job_id, f"Checkpoint created at step {record['step']}")
 
     def _finish(self, job_id: str, status: str, error: dict | None, **fields) -> dict:
+        """Called with the lock held."""
+        if job_id in self._pending:  # cancelled or failed before it started
+            self._pending.remove(job_id)
         job = self.jobs.update(job_id, status=status, error=error, finished_at=int(time.time()), **fields)
         message = {"succeeded": "The job has successfully completed", "cancelled": "The job was cancelled",
                    "failed": f"The job failed: {error['message'] if error else ''}"}[status]
