@@ -182,3 +182,11 @@ def test_a_restart_resumes_a_running_job_from_its_checkpoint(tiny):
         assert int(first_step_after.split()[1].split("/")[0]) > 4  # continued, not started over
         assert done["loraplex"]["steps_done"] == 48
         assert done["fine_tuned_model"] in [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+def test_fine_tuning_turned_off_is_404(tiny):
+    folder, data, settings = tiny
+    with in_process(folder, data, **{**settings, "fine_tuning": False}) as (state, client):
+        for path in ("/v1/files", "/v1/fine_tuning/jobs"):
+            error = assert_openai_error(client.get(path, headers=ADMIN), 404)
+            assert "fine_tuning: false" in error["message"]

@@ -41,7 +41,8 @@ def _state(request: Request) -> ServerState:
     state = request.app.state.loraplex
     state.require_ready()
     if state.jobs is None:
-        raise APIError(503, "Fine-tuning is not available on this server.", code="fine_tuning_unavailable")
+        raise APIError(404, "Fine-tuning is turned off on this server (fine_tuning: false).",
+                       code="fine_tuning_disabled")
     return state
 
 
