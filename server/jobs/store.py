@@ -35,6 +35,14 @@ def write_json_atomic(path: Path, value) -> None:
         raise
 
 
+def read_json(path: Path) -> dict | None:
+    """The document, or None when it is missing or unreadable (a stray file is skipped, not fatal)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -63,18 +71,10 @@ class FileStore:
     def get(self, file_id: str) -> dict | None:
         if not file_id.startswith("file-") or "/" in file_id:
             return None
-        try:
-            return json.loads((self.root / f"{file_id}.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return read_json(self.root / f"{file_id}.json")
 
     def list(self) -> list[dict]:
-        records = []
-        for path in self.root.glob("file-*.json"):
-            try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                continue
+        records = [r for r in map(read_json, self.root.glob("file-*.json")) if r is not None]
         return sorted(records, key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
     def delete(self, file_id: str) -> bool:
@@ -107,10 +107,7 @@ class JobStore:
     def get(self, job_id: str) -> dict | None:
         if not job_id.startswith("ftjob-") or "/" in job_id:
             return None
-        try:
-            return json.loads((self.folder(job_id) / "job.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return read_json(self.folder(job_id) / "job.json")
 
     def list(self) -> list[dict]:
         jobs = [job for job in (self.get(p.name) for p in self.root.glob("ftjob-*")) if job is not None]
