@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 # Latency buckets from GPU speed (ms) to a busy 2-core CPU (tens of seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5, 10, 20, 40, 80)
@@ -84,9 +86,13 @@ class Metrics:
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
               tiers: Callable[[], dict[str, int]], kv_blocks: Callable[[], tuple[int, int]],
-              kv_block_bytes: Callable[[], int]) -> None:
+              kv_block_bytes: Callable[[], int], lora_activity: Callable[[], tuple[list[str], list[str]]] | None = None,
+              max_lora: int = 0, vllm_aliases: bool = False) -> None:
         """Gauges read at scrape time from the live engine."""
         r = self.registry
+        if lora_activity is not None:
+            r.register(GatewayCollector(running, waiting, lambda: kv_blocks()[0] / max(kv_blocks()[1], 1),
+                                        lora_activity, max_lora, vllm_aliases))
         blocks = Gauge("loraplex_kv_cache_blocks", "KV cache blocks: in use, and in the pool", ["state"], registry=r)
         blocks.labels(state="used").set_function(lambda: kv_blocks()[0])
         blocks.labels(state="total").set_function(lambda: kv_blocks()[1])
@@ -105,3 +111,42 @@ class Metrics:
         resident = Gauge("loraplex_adapters_resident", "Adapters per residency tier", ["tier"], registry=r)
         for tier in ("device", "cpu", "disk"):
             resident.labels(tier=tier).set_function(lambda tier=tier: tiers().get(tier, 0))
+
+
+class GatewayCollector:
+    """What adapter-aware gateways (the Gateway API inference extension's endpoint picker, vLLM's
+    production-stack router) read from each replica, in vLLM's shapes.
+
+    `loraplex_lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}`: one series whose
+    labels name the experts with running and waiting requests (comma-separated) and the experts a replica
+    keeps on the device, and whose value is the time that set last changed, as vLLM's
+    `vllm:lora_requests_info`. Unlike vLLM, the series of earlier sets are not kept: a scrape sees one.
+    With `vllm_metric_aliases`, the same series is also exported under vLLM's names, with
+    `vllm:num_requests_running`, `vllm:num_requests_waiting` and `vllm:kv_cache_usage_perc` (and its older
+    name `vllm:gpu_cache_usage_perc`), so a gateway configured for vLLM works unchanged.
+    """
+
+    def __init__(self, running, waiting, kv_usage, lora_activity, max_lora: int, vllm_aliases: bool):
+        self._running, self._waiting, self._kv_usage = running, waiting, kv_usage
+        self._activity, self._max_lora, self._aliases = lora_activity, max_lora, vllm_aliases
+        self._last: tuple[str, str] | None = None
+        self._since = 0.0
+
+    def _info(self, name: str):
+        running, waiting = self._activity()
+        labels = (",".join(running), ",".join(waiting))
+        if labels != self._last:
+            self._last, self._since = labels, time.time()
+        family = GaugeMetricFamily(name, "Experts with running and waiting requests (value: when that changed)",
+                                   labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        family.add_metric([str(self._max_lora), *labels], self._since)
+        return family
+
+    def collect(self):
+        yield self._info("loraplex_lora_requests_info")
+        if self._aliases:
+            yield self._info("vllm:lora_requests_info")
+            yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the decode batch", value=self._running())
+            yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued", value=self._waiting())
+            for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+                yield GaugeMetricFamily(name, "Share of the KV cache in use (0-1)", value=self._kv_usage())

@@ -131,6 +131,9 @@ class Settings(EncodableText):
         "refuse", description="An adapter whose base_model_name_or_path names another base."
     )
     metrics_require_admin: bool = Field(False, description="Put GET /metrics behind the admin key.")
+    vllm_metric_aliases: bool = Field(
+        False, description="Also export vllm:lora_requests_info, vllm:num_requests_running/waiting and "
+                           "vllm:kv_cache_usage_perc, for gateways configured for vLLM (README, Metrics).")
     # --- router ("model": "auto") ---
     router: Literal["embedded", "none"] = Field(
         "embedded", description="'embedded': the MiniLM + WordLlama encoders shipped in PyPI packages; 'none'."

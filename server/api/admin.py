@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from fastapi.responses import PlainTextResponse
+from pydantic import ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.admission import (
@@ -21,6 +22,7 @@ from adapters.admission import (
     validate_staged,
 )
 from adapters.registry import AdapterRecord, new_key
+from adapters.text import EncodableText
 from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
 from router.classifier import ExpertProfile
@@ -200,3 +202,33 @@ async def delete_adapter(name: str, request: Request):
     # running requests finish on it; the engine frees memory and files afterwards
     state.engine.retire_adapter(record.key)
     return {"id": name, "object": "adapter", "deleted": True}
+
+
+# ---- vLLM's adapter endpoints, for gateways and tools written for vLLM ------------------------
+
+class LoadLoraAdapter(EncodableText):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapter(EncodableText):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoraAdapter, request: Request):
+    """vLLM's `POST /v1/load_lora_adapter`: a registration by path (inside adapter_roots, same checks,
+    same store), answered in vLLM's words."""
+    state = _state(request)
+    registration = AdapterRegistration(name=body.lora_name, path=body.lora_path)
+    await asyncio.to_thread(register, state, registration, None, "path")
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoraAdapter, request: Request):
+    """vLLM's `POST /v1/unload_lora_adapter`: the same retirement as DELETE /v1/adapters/{name}."""
+    await delete_adapter(body.lora_name, request)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -13,7 +13,8 @@ from server.api.errors import send_error
 from server.settings import Settings
 
 ADMIN_PREFIX = "/v1/adapters"
-ADMIN_PATHS = ("/v1/router/corrections",)  # the router's training data is the registry's too
+# the router's training data is the registry's too; vLLM's adapter endpoints are registry calls
+ADMIN_PATHS = ("/v1/router/corrections", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 ADMIN_PREFIXES = ("/v1/files", "/v1/fine_tuning")  # training makes experts: the registry's business
 
 

@@ -40,6 +40,8 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/adapters/{name}"): (404, *_ADMIN),
     ("delete", "/v1/adapters/{name}"): (400, 404, *_ADMIN),
     ("post", "/v1/router/corrections"): (400, 404, 408, 413, *_ADMIN),
+    ("post", "/v1/load_lora_adapter"): (400, 408, 409, 413, *_ADMIN),
+    ("post", "/v1/unload_lora_adapter"): (400, 404, 408, 413, *_ADMIN),
     ("post", "/v1/files"): (400, 404, 408, 413, *_ADMIN),
     ("get", "/v1/files"): (404, *_ADMIN),
     ("get", "/v1/files/{file_id}"): (404, *_ADMIN),
@@ -99,6 +101,8 @@ def _document(app: FastAPI, registration_schema: dict) -> dict:
         "properties": {"file": {"type": "string", "format": "binary", "description": "chat JSONL"},
                        "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}
     paths["/v1/files/{file_id}/content"]["get"]["responses"]["200"]["content"] = {"application/jsonl": {"schema": _TEXT}}
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):  # vLLM answers these in plain text
+        paths[path]["post"]["responses"]["200"]["content"] = {"text/plain": {"schema": _TEXT}}
     paths["/v1/adapters"]["post"]["requestBody"] = {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/AdapterRegistration"}},
         "multipart/form-data": {"schema": _UPLOAD_FORM},

@@ -156,6 +156,21 @@ class Engine:
         """Bytes one KV block takes (0 before the model is loaded)."""
         return self._runner.kv_cache_bytes // self._runner.num_blocks if self._runner is not None else 0
 
+    def lora_activity(self) -> tuple[list[str], list[str]]:
+        """Names of the experts (not the base) with requests running, and with requests waiting: a snapshot
+        for the adapter-affinity metric gateways read. Copied from another thread: a copy that races a
+        change of the queue is taken again."""
+        for _ in range(5):
+            try:
+                running, waiting = list(self._scheduler.running), list(self._scheduler.waiting)
+                break
+            except RuntimeError:  # deque mutated during the copy
+                continue
+        else:
+            return [], []
+        names = lambda seqs: sorted({seq.model for seq in seqs if seq.adapter_key is not None})  # noqa: E731
+        return names(running), names(waiting)
+
     @property
     def num_running(self) -> int:
         return len(self._scheduler.running)
