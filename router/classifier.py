@@ -109,11 +109,17 @@ def _neighbour_mean(sims: torch.Tensor, counts: torch.Tensor, k: int) -> torch.T
     return torch.where(taken, top, torch.zeros(())).sum(-1) / taken.sum(-1)
 
 
-def _expert_scores(queries: torch.Tensor, positives: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[Q, E] scores of queries [Q, D] against padded expert texts [E, M, D] (module docstring)."""
+def _centroids(positives: torch.Tensor) -> torch.Tensor:
+    """[E, D] unit centroids of padded expert texts [E, M, D]; padding rows are zero and do not move the sum."""
+    return F.normalize(positives.sum(1), dim=-1)
+
+
+def _expert_scores(queries: torch.Tensor, positives: torch.Tensor, counts: torch.Tensor,
+                   centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Q, E] scores of queries [Q, D] against padded expert texts [E, M, D] (module docstring), and the
+    nearest-texts part of them alone (what negative examples are compared with)."""
     knn = _neighbour_mean(torch.einsum("qd,emd->qem", queries, positives), counts, NEIGHBOURS)
-    centroids = F.normalize(positives.sum(1), dim=-1)  # padding rows are zero: they do not move the sum
-    return (1 - CENTROID_SHARE) * knn + CENTROID_SHARE * queries @ centroids.T
+    return (1 - CENTROID_SHARE) * knn + CENTROID_SHARE * queries @ centroids.T, knn
 
 
 class _Index:
@@ -125,17 +131,17 @@ class _Index:
         dim = background.shape[1]
         self.positives, self.counts = _padded([e.positives for e in entries], dim)
         self.negatives, self.negative_counts = _padded([e.negatives for e in entries], dim)
-        self.centroids = F.normalize(self.positives.sum(1), dim=-1)
+        self.centroids = _centroids(self.positives)
         self.margins = [e.profile.margin for e in entries]
         self.background = self._unclaimed(background, entries)
         self.weight, self.bias = self._fit_head(entries)
 
-    def scores(self, queries: torch.Tensor) -> torch.Tensor:
-        return _expert_scores(queries, self.positives, self.counts)
+    def scores(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _expert_scores(queries, self.positives, self.counts, self.centroids)
 
     def _unclaimed(self, background: torch.Tensor, entries: list[_Expert]) -> torch.Tensor:
         levels = torch.tensor([e.level if e.level is not None and e.level > 0 else float("inf") for e in entries])
-        claimed = (self.scores(background) >= CLAIM * levels).any(-1)
+        claimed = (self.scores(background)[0] >= CLAIM * levels).any(-1)
         return background[~claimed]
 
     def _fit_head(self, entries: list[_Expert]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +167,8 @@ class _Index:
 
     def rank(self, query: torch.Tensor) -> Ranking:
         q = query.unsqueeze(0)
-        scores = self.scores(q)[0]
+        scores, own = (x[0] for x in self.scores(q))
         probabilities = (HEAD_TEMPERATURE * q @ self.weight.T + self.bias).softmax(-1)[0]
-        sims = torch.einsum("qd,emd->qem", q, self.positives)[0]
-        own = _neighbour_mean(sims, self.counts, NEIGHBOURS)
         ruled_out = torch.zeros(len(self.names), dtype=torch.bool)
         if int(self.negative_counts.max()) > 0:
             negative = _neighbour_mean(torch.einsum("d,ekd->ek", query, self.negatives), self.negative_counts,
@@ -213,10 +217,11 @@ class ExpertClassifier:
         n_examples = len(texts) - (1 if profile.description and profile.description.strip() else 0)
         if len(texts) >= 2 and n_examples >= 1:
             # each example scored against the expert without it: how its own prompts score
-            level = min(float(_expert_scores(positives[i: i + 1],
-                                             *_padded([torch.cat([positives[:i], positives[i + 1:]])],
-                                                      positives.shape[1]))[0, 0])
-                        for i in range(n_examples))
+            levels = []
+            for i in range(n_examples):
+                rest, count = _padded([torch.cat([positives[:i], positives[i + 1:]])], positives.shape[1])
+                levels.append(float(_expert_scores(positives[i: i + 1], rest, count, _centroids(rest))[0][0, 0]))
+            level = min(levels)
         return _Expert(profile, positives, self._encoder.encode(negatives) if negatives else None, level)
 
     def add(self, expert: str, profile: ExpertProfile) -> None:

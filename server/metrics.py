@@ -132,20 +132,19 @@ class GatewayCollector:
         self._last: tuple[str, str] | None = None
         self._since = 0.0
 
-    def _info(self, name: str):
+    def collect(self):
         running, waiting = self._activity()
         labels = (",".join(running), ",".join(waiting))
         if labels != self._last:
             self._last, self._since = labels, time.time()
-        family = GaugeMetricFamily(name, "Experts with running and waiting requests (value: when that changed)",
-                                   labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        family.add_metric([str(self._max_lora), *labels], self._since)
-        return family
-
-    def collect(self):
-        yield self._info("loraplex_lora_requests_info")
+        names = ("loraplex_lora_requests_info", "vllm:lora_requests_info") if self._aliases else (
+            "loraplex_lora_requests_info",)
+        for name in names:
+            family = GaugeMetricFamily(name, "Experts with running and waiting requests (value: when that changed)",
+                                       labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            family.add_metric([str(self._max_lora), *labels], self._since)
+            yield family
         if self._aliases:
-            yield self._info("vllm:lora_requests_info")
             yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the decode batch", value=self._running())
             yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued", value=self._waiting())
             for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):

@@ -175,23 +175,24 @@ async def list_adapters(request: Request):
     return {"object": "list", "data": [_describe(r, state) for r in state.registry.all()]}
 
 
-def _existing(state: ServerState, name: str) -> AdapterRecord:
+def existing(state: ServerState, name: str, param: str = "name") -> AdapterRecord:
+    """The registered expert `name`, else 404 naming where the name came from."""
     record = state.registry.get(name)
     if record is None:
-        raise APIError(404, f"No adapter named '{name}' is registered.", param="name", code="adapter_not_found")
+        raise APIError(404, f"No adapter named '{name}' is registered.", param=param, code="adapter_not_found")
     return record
 
 
 @router.get("/v1/adapters/{name}")
 async def show_adapter(name: str, request: Request):
     state = _state(request)
-    return _describe(_existing(state, name), state)
+    return _describe(existing(state, name), state)
 
 
 @router.delete("/v1/adapters/{name}")
 async def delete_adapter(name: str, request: Request):
     state = _state(request)
-    record = _existing(state, name)
+    record = existing(state, name)
     if record.source == "config":
         raise APIError(400, f"'{name}' comes from the config file; remove it there and restart", param="name")
     state.registry.remove(name)  # new requests for it get 404 from here on

@@ -22,6 +22,7 @@ from pydantic import ConfigDict, Field
 from adapters.registry import AdapterRecord
 from adapters.text import EncodableText
 from router.classifier import ExpertProfile
+from server.api.admin import existing
 from server.api.errors import APIError
 from server.api.state import ServerState
 
@@ -44,9 +45,7 @@ class RouterCorrections(EncodableText):
 
 
 def _correctable(state: ServerState, name: str, param: str) -> AdapterRecord:
-    record = state.registry.get(name)
-    if record is None:
-        raise APIError(404, f"No adapter named '{name}' is registered.", param=param, code="adapter_not_found")
+    record = existing(state, name, param)
     if record.source == "config":
         raise APIError(400, f"'{name}' comes from the config file; add the example to its entry there",
                        param=param)
