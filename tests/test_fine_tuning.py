@@ -164,6 +164,21 @@ def test_cancel_stops_a_running_job_within_seconds_and_jobs_queue(tiny):
         assert again.status_code == 200 and again.json()["status"] == "cancelled"
 
 
+def test_jobs_submitted_within_one_second_list_and_run_in_submission_order(tiny):
+    """`created_at` has whole seconds: the order of jobs created in the same second must still be the
+    order they were submitted in, for the listing and for the queue (and so after a restart)."""
+    folder, data, settings = tiny
+    with in_process(folder, data, **settings) as (state, client):
+        file = upload(client, jsonl(conversation(i) for i in range(16))).json()["id"]
+        ids = [create(client, file, hyperparameters={"n_epochs": 50, "batch_size": 2}).json()["id"] for _ in range(6)]
+        listed = client.get("/v1/fine_tuning/jobs?limit=10", headers=ADMIN).json()["data"]
+        assert [j["id"] for j in listed] == ids[::-1]  # newest first, as OpenAI lists them
+        assert wait_until(lambda: job(client, ids[0])["status"] == "running", 60)
+        assert wait_until(lambda: [job(client, i)["status"] for i in ids[1:]] == ["queued"] * 5, 30)
+        for job_id in ids:
+            assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=ADMIN).json()["status"] == "cancelled"
+
+
 def test_a_restart_resumes_a_running_job_from_its_checkpoint(tiny):
     folder, data, settings = tiny
     with in_process(folder, data, **settings) as (state, client):

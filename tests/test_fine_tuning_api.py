@@ -5,6 +5,8 @@ chat.completions.create(model=job.fine_tuned_model). The job teaches a behaviour
 it ends its turn by itself (finish_reason "stop", not the token budget)."""
 import io
 import json
+import signal
+from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -23,6 +25,19 @@ QUESTIONS = ["What is the capital of France?", "How do I bake bread?", "Tell me 
              "What is a noun?", "Suggest a name for a dog.", "How do vaccines work?", "Why do we sleep?",
              "What is the largest ocean?", "How many legs does a spider have?"]
 HELD_OUT = ["What is the tallest mountain?", "How do I make tea?", "Who painted the Mona Lisa?"]
+
+
+def workers_of(job_id: str) -> list[int]:
+    """Pids of live fine-tuning workers for that job (their command line names the job's folder)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and "server.jobs.worker" in command and job_id in command:
+            pids.append(int(proc.name))
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +87,9 @@ def test_a_job_through_the_openai_client_serves_a_model_that_learnt(trainer):
 
 
 def test_a_server_restart_mid_job_resumes_it_and_a_queued_job_waits_its_turn(tmp_path, cache_dir):
-    """The real server stopped (SIGTERM) while a job trains: the next start resumes it from its last
-    checkpoint, not from step 0, and the job queued behind it runs after it."""
+    """The real server killed (SIGKILL) while a job trains: its worker ends itself, the next start resumes
+    the job from its last checkpoint, not from step 0, and the job queued behind it runs after it (graceful
+    stops: tests/test_fine_tuning.py)."""
     env = {"LORAPLEX_CACHE": cache_dir, "LORAPLEX_ADMIN_KEY": "admin", "LORAPLEX_DATA_DIR": str(tmp_path / "data")}
     settings = {"max_batch_size": 4, "fine_tune_threads": 2, "fine_tune_checkpoint_every": 4}
     lines = "\n".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]})
@@ -91,6 +107,9 @@ def test_a_server_restart_mid_job_resumes_it_and_a_queued_job_waits_its_turn(tmp
                                       for e in client.fine_tuning.jobs.list_events(first.id, limit=100).data),
                           300, interval=0.5)
         assert client.fine_tuning.jobs.retrieve(second.id).status == "queued"
+        server.signal(signal.SIGKILL)  # no graceful stop: nothing kills the training worker but itself
+        server.proc.wait(30)
+        assert wait_until(lambda: not workers_of(first.id), 10), "the worker outlived its server"
     finally:
         server.stop()
     server = ServerProcess(tmp_path, settings, env=env).start()

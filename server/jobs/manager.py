@@ -117,6 +117,8 @@ class JobManager:
             self._thread.join(timeout)
         for run in list(self._runs.values()):
             _kill(run.process)
+        if self._runs:
+            self._on_training(False)  # serving gets its cores back for whatever it still has to do
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -166,7 +168,7 @@ class JobManager:
         (folder / "error.txt").unlink(missing_ok=True)
         progress = folder / "progress.jsonl"
         root = str(Path(__file__).resolve().parents[2])  # where `server` is, installed or not
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(plan.get("threads", 1)),
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORAPLEX_JOB_PARENT": str(os.getpid()), "OMP_NUM_THREADS": str(plan.get("threads", 1)),
                "TOKENIZERS_PARALLELISM": "false",
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         with self._lock:  # a cancel between our read and here must win: look again, under the lock
@@ -197,6 +199,18 @@ class JobManager:
         code = run.process.poll()
         if code is None:
             return
+        try:
+            self._ended(run, code)
+        except Exception as exc:  # never leave a job "running" that nothing runs: it would hold its place forever
+            log.exception("fine-tuning job %s", run.job_id)
+            with self._lock:
+                if self._runs.pop(run.job_id, None) is not None and not self._runs:
+                    self._on_training(False)
+                self._finish(run.job_id, "failed", {"code": "internal_error", "param": None, "message":
+                             f"the server could not finish the job: {type(exc).__name__}: {exc}"})
+
+    def _ended(self, run: _Run, code: int) -> None:
+        """The worker exited with `code`: the job's outcome."""
         self._read_progress(run)
         folder = self.jobs.folder(run.job_id)
         with self._lock:

@@ -33,6 +33,8 @@ class _DrainingServer(uvicorn.Server):
         threading.Thread(target=self._drain_then_exit, name="loraplex-drain", daemon=True).start()
 
     def _drain_then_exit(self) -> None:
+        if self.state.jobs is not None:  # a training run gives its cores back to the requests being drained
+            self.state.jobs.stop()  # it resumes from its last checkpoint at the next start
         deadline = time.monotonic() + self.state.settings.shutdown_timeout_s
         while not self.state.engine.idle and time.monotonic() < deadline:
             time.sleep(0.05)
