@@ -130,6 +130,8 @@ class Settings(EncodableText):
     base_mismatch: Literal["refuse", "warn"] = Field(
         "refuse", description="An adapter whose base_model_name_or_path names another base."
     )
+    ui: bool = Field(True, description="Serve the web playground at / (chat with experts, the router's decisions, "
+                                       "the registry, live metrics); static files only, nothing leaves the page.")
     metrics_require_admin: bool = Field(False, description="Put GET /metrics behind the admin key.")
     vllm_metric_aliases: bool = Field(
         False, description="Also export vllm:lora_requests_info, vllm:num_requests_running/waiting and "

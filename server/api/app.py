@@ -11,6 +11,7 @@ from server.api.chat_completions import chat_completions, last_user_text
 from server.api.dispatch import route_request
 from server.api.errors import APIError, install_error_handlers
 from server.api.openapi import install_openapi
+from server.api.playground import install_playground
 from server.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestOutcomeMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, RouteRequest
 from server.api.state import ServerState
@@ -92,6 +93,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def create_completion(body: CompletionRequest, request: Request):
         return await text_completions(body, request, state)
 
+    if state.settings.ui:
+        install_playground(app)
     app.include_router(admin.router)
     app.include_router(corrections.router)
     app.include_router(fine_tuning.router)
