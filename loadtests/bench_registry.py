@@ -89,7 +89,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    bank = LoraBank(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32)
+    bank = LoraBank(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, shape, slots=10)
     load_ms = []
     for i in range(10):
         start = time.perf_counter()

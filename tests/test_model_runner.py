@@ -111,3 +111,67 @@ def test_rank_and_alpha_patterns_match_peft(tiny_fp32, tokenizer, tiny_folder, t
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     plain = driver.prefill({0: (PROMPTS[0], None)})[0]
     assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter really changes the answer
+
+
+def test_a_mixture_row_is_the_weighted_sum_of_its_adapters_as_peft_cat_merges_them(tiny_fp32, tokenizer, tiny_folder,
+                                                                                    tmp_path):
+    """A row mixing a (0.7) and b (0.3) gives PEFT's add_weighted_adapter(combination_type="cat"), which is
+    exactly Σ wᵢ·Bᵢ(Aᵢx); in a batch where the mixture sits beside single-adapter and base rows, grouped
+    or interleaved; and a one-adapter mixture is that adapter bit for bit."""
+    from peft import PeftModel
+
+    folders = {"a": make_peft_adapter(tiny_fp32, tmp_path / "a", seed=11, rank=4, b_std=0.2),
+               "b": make_peft_adapter(tiny_fp32, tmp_path / "b", seed=12, rank=8, b_std=0.2,
+                                      targets=("q_proj", "v_proj", "down_proj"))}
+    driver = RunnerDriver.build(tiny_fp32, tokenizer)
+    shape = BaseShape.from_config(tiny_fp32.config)
+    for name, folder in folders.items():
+        driver.runner.lora.add(name, load_lora(folder, shape))
+    mix = (("a", 0.7), ("b", 0.3))
+    batch = {0: (PROMPTS[0], mix), 1: (PROMPTS[1], "a"), 2: (PROMPTS[2], None), 3: (PROMPTS[0], (("a", 1.0),))}
+    interleaved = driver.prefill(batch)
+    alone = driver.prefill({0: (PROMPTS[0], mix)})[0]
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(fresh, folders["a"], adapter_name="a")
+    peft_model.load_adapter(folders["b"], adapter_name="b")
+    peft_model.add_weighted_adapter(["a", "b"], [0.7, 0.3], "mix", combination_type="cat")
+    peft_model.set_adapter("mix")
+    with torch.no_grad():
+        expected = peft_model(torch.tensor([PROMPTS[0]])).logits[0, -1]
+    torch.testing.assert_close(interleaved[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone, expected, rtol=1e-4, atol=1e-4)  # alone or among others
+    single = driver.prefill({**batch, 3: (PROMPTS[0], "a")})[3]
+    assert torch.equal(interleaved[3], single)  # a one-adapter mixture is that adapter, bit for bit
+    assert not torch.allclose(alone, single, atol=1e-3)
+
+
+def test_adapter_memory_is_fixed_whatever_the_combinations(tiny_fp32, tokenizer, tmp_path):
+    """The slot pool is allocated once; the step stack is updated in place as adapters join and leave
+    the batch (its buffer never changes while the rank does not); a full pool refuses a new adapter
+    and a freed slot is reused. Results do not depend on where an adapter sits in the stack (to float
+    rounding: CPU BLAS rounds a prompt's rows differently with the segment count)."""
+    import itertools
+
+    driver = RunnerDriver.build(tiny_fp32, tokenizer)
+    bank = driver.runner.lora
+    shape = BaseShape.from_config(tiny_fp32.config)
+    names = [f"e{i}" for i in range(bank.slots)]
+    weights = {name: load_lora(make_peft_adapter(tiny_fp32, tmp_path / name, seed=20 + i, rank=8, b_std=0.2), shape)
+               for i, name in enumerate(names)}
+    for name in names:
+        bank.add(name, weights[name])
+    with pytest.raises(RuntimeError, match="slots"):
+        bank.add("one-too-many", weights["e0"])
+    pool = bank.pool.data_ptr()
+    reference = {name: driver.prefill({0: (PROMPTS[0], name)})[0] for name in names[:4]}
+    stack = bank._stack.flat.data_ptr()
+    for combo in itertools.chain(itertools.combinations(names[:4], 2), itertools.combinations(names[:4], 3),
+                                 [tuple(reversed(names[:4]))]):
+        logits = driver.prefill({i: (PROMPTS[0], name) for i, name in enumerate(combo)})
+        for row, name in enumerate(combo):
+            torch.testing.assert_close(logits[row], reference[name], rtol=1e-5, atol=1e-5)
+    assert bank.pool.data_ptr() == pool and bank._stack.flat.data_ptr() == stack
+    bank.remove("e7")
+    bank.add("late", weights["e1"])  # into the freed slot
+    assert torch.equal(driver.prefill({0: (PROMPTS[0], "late")})[0], reference["e1"])

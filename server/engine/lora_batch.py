@@ -1,13 +1,27 @@
 """Batched multi-adapter LoRA math: every row of a forward pass may use a different adapter.
 
-Per step, rows are grouped by adapter (a gather), each group is padded to the same number
-of rows, and one `torch.bmm` over the stacked A matrices of the active adapters plus one per
-module over the stacked B matrices compute every row's delta with no wasted FLOPs; an
-`index_add_` puts the deltas back on their rows (when the engine has already grouped the
-rows, the batch is its own layout and both are skipped). The stacks are built once per set of active
-adapters and cached. Linears that read the same input (q/k/v, gate/up) share the gather and
-the A matmul. So a step costs a fixed handful of ops per layer whatever the adapter mix,
-instead of one PEFT pass per adapter (this is what punica/LoRAX call segmented gather MV).
+Memory is fixed at start: `slots` adapters live in a preallocated **slot pool** (every linear's A and
+B at the pool's rank, zero-padded), so loading an adapter is a copy into a free slot and nothing is
+allocated per adapter or per combination of adapters. The adapters of the current step are packed
+densely into a **step stack** (one position per active adapter, at the highest rank among them); it
+is updated in place when the set of active adapters changes, one adapter copied per adapter that
+joins or moves, and costs nothing on the many steps where the set stays the same. Its memory is
+fixed too (at most `slots` positions): no cache grows with the number of adapter combinations.
+
+Per step, rows are grouped by stack position (a gather), each group is padded to the same number of
+rows, and one `torch.bmm` over the stacked A matrices plus one per module over the stacked B matrices
+compute every row's delta with no wasted FLOPs; an `index_add_` puts the deltas back on their rows
+(when the engine has already grouped the rows, the batch is its own layout and both are skipped).
+Linears that read the same input (q/k/v, gate/up) share the gather and the A matmul. So a step costs
+a fixed handful of ops per layer whatever the adapter mix, instead of one PEFT pass per adapter (what
+punica/LoRAX call segmented gather MV). Why a stack and not a gather from the pool every step: on a
+CPU, copying the active adapters' weights each step would cost as much memory traffic as the LoRA
+math itself; a per-row gather (bgmv) far more.
+
+**Mixtures**: a row may carry several (adapter, weight) pairs. It then sits in several segments, and
+each of its deltas is scaled by its weight before the scatter adds them up: Σ wᵢ·Bᵢ(Aᵢx) in the same
+batched step, no merged copy of any adapter. A weight of 1 multiplies exactly, so a one-adapter
+mixture is bit-identical to that adapter.
 
 Determinism: BLAS (MKL/oneDNN on CPU) changes kernel, hence summation order, with the shape:
 on this CPU a row of x @ A differs when x has 1-3, 5-7 or 9-11 rows, or when A is narrower
@@ -18,14 +32,14 @@ bf16, which turns a 1e-7 drift into a different token now and then.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from adapters.lora import LoraWeights
+from adapters.lora import BaseShape, LoraWeights
 
-_CONCAT_CACHE_SIZE = 16
+# what a row asks for: nothing (the base), one adapter, or a mixture of (adapter, weight) pairs
+RowAdapter = str | tuple[tuple[str, float], ...] | None
 RANK_ALIGN = 16
 MIN_GEMM_ROWS = 4
 
@@ -44,31 +58,140 @@ def matmul_rows(x: torch.Tensor, weight) -> torch.Tensor:
     return apply(x)
 
 
+def aligned_rank(rank: int) -> int:
+    return -(-rank // RANK_ALIGN) * RANK_ALIGN
+
+
+class _Layout:
+    """Where each linear's A and B sit in one adapter's flat block of parameters, at one rank.
+
+    Per (layer, group): A as [in, modules, rank] (so the first r ranks of every module can be read
+    at once), then per module B as [rank, out]."""
+
+    def __init__(self, shape: BaseShape, rank: int):
+        self.rank = rank
+        self.a: dict[tuple[int, str], tuple[int, int, int]] = {}  # -> (offset, in, modules)
+        self.b: dict[tuple[int, str], tuple[int, int]] = {}  # (layer, module) -> (offset, out)
+        offset = 0
+        for layer in range(shape.num_layers):
+            for group, modules in GROUPS.items():
+                in_features = shape.linear_features[modules[0]][0]
+                self.a[(layer, group)] = (offset, in_features, len(modules))
+                offset += in_features * len(modules) * rank
+                for module in modules:
+                    out = shape.linear_features[module][1]
+                    self.b[(layer, module)] = (offset, out)
+                    offset += rank * out
+        self.size = offset
+
+    def a_view(self, flat: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
+        """[..., in, modules, rank] view of `flat` ([..., size])."""
+        offset, in_features, modules = self.a[key]
+        return flat[..., offset : offset + in_features * modules * self.rank].unflatten(-1, (in_features, modules, self.rank))
+
+    def b_view(self, flat: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
+        offset, out = self.b[key]
+        return flat[..., offset : offset + self.rank * out].unflatten(-1, (self.rank, out))
+
+
+@dataclass(frozen=True)
+class _Resident:
+    slot: int
+    rank: int  # aligned
+    groups: frozenset  # (layer, group) it has weights in
+    modules: frozenset  # (layer, module) it has weights in
+
+
 @dataclass
 class _GroupWeights:
-    a: torch.Tensor  # [u, in, len(modules) * rank]: each adapter's A for the modules side by side
-    bs: tuple[torch.Tensor | None, ...]  # per module [u, rank, out]; None when no active adapter targets it
+    a: torch.Tensor  # [positions, in, len(modules) * rank]: each adapter's A for the modules side by side
+    bs: tuple[torch.Tensor | None, ...]  # per module [positions, rank, out]; None when no member targets it
 
 
-@dataclass
-class _ActiveSet:
-    rank: int  # every active adapter zero-padded to this rank
-    groups: dict[tuple[int, str], _GroupWeights]
+class _StepStack:
+    """The step's adapters packed densely, position 0..u-1, at one rank, in fixed memory."""
+
+    def __init__(self, shape: BaseShape, capacity: int, device: torch.device, dtype: torch.dtype):
+        self.shape, self.capacity, self.device, self.dtype = shape, capacity, device, dtype
+        self.members: list[str] = []  # position -> adapter
+        self.rank = 0
+        self.layout: _Layout | None = None
+        self.flat: torch.Tensor | None = None
+        self.groups: dict[tuple[int, str], _GroupWeights] = {}
+
+    def clear(self) -> None:
+        self.members = []
+
+    def place(self, names: list[str], residents: dict[str, _Resident], pool: "LoraBank") -> dict[str, int]:
+        """Make `names` the members, densely, and return their positions. Members that stay keep their
+        position where they can; only adapters that join or move are copied."""
+        rank = max(residents[name].rank for name in names)
+        if rank != self.rank:
+            self._allocate(rank)
+            self.members = []
+        wanted = set(names)
+        if self.members and set(self.members) == wanted:
+            return {name: i for i, name in enumerate(self.members)}
+        if not self.members:
+            order = sorted(names)  # a fresh stack in name order: the engine's grouped rows match it
+            moved = order
+        else:
+            order: list[str | None] = [m if m in wanted else None for m in self.members]
+            moved = []
+            for name in sorted(wanted - set(self.members)):  # joiners fill holes first
+                hole = next((i for i, m in enumerate(order) if m is None), None)
+                if hole is None:
+                    order.append(name)
+                else:
+                    order[hole] = name
+                moved.append(name)
+            while None in order:  # close the remaining holes with the last members
+                last = order.pop()
+                if last is not None:
+                    order[order.index(None)] = last
+                    moved.append(last)
+        self.members = list(order)
+        positions = {name: i for i, name in enumerate(self.members)}
+        for name in moved:
+            pool.copy_slot(residents[name].slot, self.flat[positions[name]], self.layout)
+        self._refresh_groups(residents)
+        return positions
+
+    def _allocate(self, rank: int) -> None:
+        self.rank = rank
+        self.layout = _Layout(self.shape, rank)
+        self.flat = None  # free the old stack before the new one is allocated
+        self.flat = torch.empty(self.capacity, self.layout.size, device=self.device, dtype=self.dtype)
+
+    def _refresh_groups(self, residents: dict[str, _Resident]) -> None:
+        """Views for the step: groups and modules no member has weights in are skipped."""
+        used_groups = frozenset().union(*(residents[m].groups for m in self.members))
+        used_modules = frozenset().union(*(residents[m].modules for m in self.members))
+        count, layout = len(self.members), self.layout
+        self.groups = {}
+        for key in sorted(used_groups):
+            a = layout.a_view(self.flat[:count], key)  # [u, in, modules, rank]: contiguous per position
+            a = a.flatten(-2)  # [u, in, modules * rank]
+            bs = tuple(layout.b_view(self.flat[:count], (key[0], module)) if (key[0], module) in used_modules else None
+                       for module in GROUPS[key[1]])
+            self.groups[key] = _GroupWeights(a, bs)
 
 
 @dataclass
 class StepLora:
     """LoRA work plan for one forward pass: which rows go to which adapter's segment."""
 
-    active: _ActiveSet
+    groups: dict[tuple[int, str], _GroupWeights]
+    rank: int
     gather: torch.Tensor | None  # [u * m] rows of x (len(x) = an appended zero row); None: x as is
     scatter: torch.Tensor | None  # [u * m] rows of y (padding adds exact zeros to row 0); None: y as is
     segment_rows: int  # m: rows per adapter segment, padded
     pads: bool  # whether `gather` refers to the appended zero row
+    scale: torch.Tensor | None = None  # [u * m, 1]: a gathered row's mixture weight; None: all 1
 
     def apply(self, layer: int, group: str, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
         """Add the LoRA deltas of `group` at `layer` to the base outputs, in place."""
-        weights = self.active.groups.get((layer, group))
+        weights = self.groups.get((layer, group))
         if weights is None:
             return
         segments, rows = weights.a.shape[0], self.segment_rows
@@ -76,11 +199,13 @@ class StepLora:
             source = torch.cat((x, x.new_zeros(1, x.shape[1]))) if self.pads else x
             x = source.index_select(0, self.gather)
         hidden = torch.bmm(x.view(segments, rows, -1), weights.a)
-        rank = self.active.rank
+        rank = self.rank
         for j, (y, b) in enumerate(zip(outputs, weights.bs)):
             if b is None:
                 continue
             delta = torch.bmm(hidden[:, :, j * rank : (j + 1) * rank], b).view(segments * rows, -1)
+            if self.scale is not None:
+                delta.mul_(self.scale)
             if self.scatter is None:
                 y.add_(delta)
             else:
@@ -88,96 +213,104 @@ class StepLora:
 
 
 class LoraBank:
-    """Adapters resident on the compute device. Only the engine thread calls it."""
+    """Adapters resident on the compute device, in `slots` preallocated slots. Only the engine thread
+    calls it."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
+    def __init__(self, device: torch.device, dtype: torch.dtype, shape: BaseShape, slots: int = 8,
+                 max_rank: int = 64):
         self.device = device
         self.dtype = dtype
+        self.shape = shape
+        self.slots = slots
         # the row padding only buys batch invariance from CPU BLAS; on a GPU it is wasted work
         self.min_rows = MIN_GEMM_ROWS if device.type == "cpu" else 1
-        self._adapters: dict[str, LoraWeights] = {}
-        self._active_sets: OrderedDict[tuple[str, ...], _ActiveSet] = OrderedDict()
+        self.layout = _Layout(shape, aligned_rank(max_rank))
+        # torch.empty: on a CPU the pages of slots never used are never touched (not resident); on a
+        # GPU the whole pool is reserved now, so running out of memory happens at start or never
+        self.pool = torch.empty(slots, self.layout.size, device=device, dtype=dtype)
+        self._free = list(range(slots - 1, -1, -1))
+        self._residents: dict[str, _Resident] = {}
+        self._stack = _StepStack(shape, slots, device, dtype)
+
+    @staticmethod
+    def bytes_needed(shape: BaseShape, slots: int, max_rank: int, dtype: torch.dtype) -> int:
+        """The pool and the step stack at their largest: what `slots` adapters of `max_rank` take."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * slots * _Layout(shape, aligned_rank(max_rank)).size * element
 
     def add(self, name: str, weights: LoraWeights) -> None:
         self.remove(name)
-        aligned_rank = -(-weights.rank // RANK_ALIGN) * RANK_ALIGN
-        self._adapters[name] = weights.padded_to_rank(aligned_rank).to(self.device, self.dtype)
+        if weights.rank > self.layout.rank:
+            raise ValueError(f"adapter {name} has rank {weights.rank}; the slots hold rank {self.layout.rank} at most")
+        if not self._free:
+            raise RuntimeError(f"all {self.slots} adapter slots are in use")
+        slot = self._free.pop()
+        flat = self.pool[slot]
+        flat.zero_()
+        rank = weights.rank
+        groups, modules = set(), set()
+        module_group = {m: (g, i) for g, ms in GROUPS.items() for i, m in enumerate(ms)}
+        for (layer, module), (a, b) in weights.pairs.items():
+            group, index = module_group[module]
+            self.layout.a_view(flat, (layer, group))[:, index, :rank].copy_(a)
+            self.layout.b_view(flat, (layer, module))[:rank].copy_(b)
+            groups.add((layer, group))
+            modules.add((layer, module))
+        self._residents[name] = _Resident(slot, aligned_rank(rank), frozenset(groups), frozenset(modules))
 
     def remove(self, name: str) -> None:
-        if self._adapters.pop(name, None) is not None:
-            for key in [key for key in self._active_sets if name in key]:
-                del self._active_sets[key]
+        resident = self._residents.pop(name, None)
+        if resident is not None:
+            self._free.append(resident.slot)
+            if name in self._stack.members:
+                self._stack.clear()  # its stack copy must never serve again: rebuilt at the next step
 
-    def prepare(self, row_adapters: list[str | None]) -> StepLora | None:
+    def copy_slot(self, slot: int, out: torch.Tensor, layout: _Layout) -> None:
+        """A slot's parameters into `out`, laid out as `layout` (a rank <= the pool's): one copy when the
+        ranks agree, one per linear when the step stack is narrower than the pool."""
+        if layout.rank == self.layout.rank:
+            out.copy_(self.pool[slot])
+            return
+        source, rank = self.pool[slot], layout.rank
+        for key in self.layout.a:
+            layout.a_view(out, key).copy_(self.layout.a_view(source, key)[..., :rank])
+        for key in self.layout.b:
+            layout.b_view(out, key).copy_(self.layout.b_view(source, key)[:rank])
+
+    def prepare(self, row_adapters: list[RowAdapter]) -> StepLora | None:
         """Plan the step's LoRA work; None when no row uses an adapter (zero LoRA cost)."""
-        active = tuple(sorted({name for name in row_adapters if name is not None}))
-        if not active:
+        members: list[tuple[int, str, float]] = []  # (row, adapter, weight)
+        for row, entry in enumerate(row_adapters):
+            if entry is None:
+                continue
+            if isinstance(entry, str):
+                members.append((row, entry, 1.0))
+            else:
+                members.extend((row, name, float(weight)) for name, weight in entry)
+        if not members:
             return None
-        rows_of = {name: [] for name in active}
-        for row, name in enumerate(row_adapters):
-            if name is not None:
-                rows_of[name].append(row)
+        names = sorted({name for _, name, _ in members})
+        positions = self._stack.place(names, self._residents, self)
+        order = sorted(names, key=positions.__getitem__)
+        rows_of: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+        for row, name, weight in members:
+            rows_of[name].append((row, weight))
         longest = max(len(rows) for rows in rows_of.values())
         segment_rows = -(-longest // self.min_rows) * self.min_rows
-        active_set = self._active_set(active)
-        if row_adapters == [name for name in active for _ in range(segment_rows)]:
-            # rows already sit in equal, sorted segments (the engine groups arrivals by
+        stack = self._stack
+        mixed = any(weight != 1.0 for _, _, weight in members)
+        if not mixed and row_adapters == [name for name in order for _ in range(segment_rows)]:
+            # rows already sit in equal segments in stack order (the engine keeps arrivals grouped by
             # adapter): the batch is its own segment layout, no gather or scatter needed
-            return StepLora(active_set, None, None, segment_rows, False)
+            return StepLora(stack.groups, stack.rank, None, None, segment_rows, False)
         zero_row = len(row_adapters)
-        gather, scatter = [], []
-        for name in active:
+        gather, scatter, scale = [], [], []
+        for name in order:
             pad = segment_rows - len(rows_of[name])
-            gather += rows_of[name] + [zero_row] * pad
-            scatter += rows_of[name] + [0] * pad
+            gather += [row for row, _ in rows_of[name]] + [zero_row] * pad
+            scatter += [row for row, _ in rows_of[name]] + [0] * pad
+            scale += [weight for _, weight in rows_of[name]] + [0.0] * pad
         as_tensor = lambda rows: torch.tensor(rows, device=self.device)  # noqa: E731
         pads = zero_row in gather
-        return StepLora(active_set, as_tensor(gather), as_tensor(scatter), segment_rows, pads)
-
-    def _active_set(self, names: tuple[str, ...]) -> _ActiveSet:
-        cached = self._active_sets.get(names)
-        if cached is not None:
-            self._active_sets.move_to_end(names)
-            return cached
-        built = self._stack(names)
-        self._active_sets[names] = built
-        if len(self._active_sets) > _CONCAT_CACHE_SIZE:
-            self._active_sets.popitem(last=False)
-        return built
-
-    def _zeros(self, *shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, device=self.device, dtype=self.dtype)
-
-    def _stack(self, names: tuple[str, ...]) -> _ActiveSet:
-        adapters = [self._adapters[name].padded_to_rank(max(self._adapters[n].rank for n in names)) for name in names]
-        rank = adapters[0].rank
-        shapes = {}  # module -> (in, out), read off any adapter that has it
-        for adapter in adapters:
-            for (_, module), (a, b) in adapter.pairs.items():
-                shapes[module] = (a.shape[0], b.shape[1])
-
-        def module_stacks(key: tuple[int, str]):
-            """([u, in, rank], [u, rank, out]) for one linear; zeros for adapters that skip it."""
-            if not any(key in adapter.pairs for adapter in adapters):
-                return None
-            in_features, out_features = shapes[key[1]]
-            pairs = [
-                adapter.pairs.get(key, (self._zeros(in_features, rank), self._zeros(rank, out_features)))
-                for adapter in adapters
-            ]
-            return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
-
-        layers = sorted({layer for adapter in adapters for layer, _ in adapter.pairs})
-        groups = {}
-        for layer in layers:
-            for group, modules in GROUPS.items():
-                stacks = [module_stacks((layer, m)) for m in modules]
-                if all(stack is None for stack in stacks):
-                    continue
-                groups[(layer, group)] = self._group_weights(stacks, len(adapters), rank)
-        return _ActiveSet(rank, groups)
-
-    def _group_weights(self, stacks, count: int, rank: int) -> _GroupWeights:
-        in_features = next(stack[0].shape[1] for stack in stacks if stack is not None)
-        a = torch.cat([stack[0] if stack else self._zeros(count, in_features, rank) for stack in stacks], dim=2)
-        return _GroupWeights(a.contiguous(), tuple(stack[1] if stack else None for stack in stacks))
+        weights = torch.tensor(scale, device=self.device, dtype=self.dtype)[:, None] if mixed else None
+        return StepLora(stack.groups, stack.rank, as_tensor(gather), as_tensor(scatter), segment_rows, pads, weights)

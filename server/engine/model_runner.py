@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.lora_batch import LoraBank, StepLora, matmul_rows
+from adapters.lora import BaseShape
+from server.engine.lora_batch import LoraBank, RowAdapter, StepLora, matmul_rows
 
 # Attention runs over key lengths rounded up to multiples of this; a kv block size must divide it.
 ATTENTION_BLOCK = 64
@@ -32,7 +33,7 @@ class StepItem:
     token_ids: list[int]
     start: int
     block_table: list[int]
-    adapter: str | None
+    adapter: RowAdapter  # None: the base; an adapter key; or a mixture ((key, weight), ...)
     wants_logits: bool = True  # its last token's logits are sampled (False: a prompt chunk mid-way)
 
 
@@ -66,7 +67,8 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 class ModelRunner:
     """Owns the model and the KV block pool. Only the engine thread may call it."""
 
-    def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int):
+    def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int,
+                 adapter_slots: int = 8, max_adapter_rank: int = 64):
         config = causal_lm.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
@@ -92,7 +94,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.cos, self.sin = self._rope_tables(context_window)
-        self.lora = LoraBank(self.device, self.dtype)
+        self.lora = LoraBank(self.device, self.dtype, BaseShape.from_config(config), adapter_slots, max_adapter_rank)
 
     @property
     def kv_cache_bytes(self) -> int:

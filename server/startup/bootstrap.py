@@ -25,6 +25,7 @@ from server.api.state import BaseInfo, ServerState
 from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
+from server.engine.lora_batch import LoraBank
 from server.engine.residency import AdapterCache
 from server.jobs.service import FineTuning, TrainingDefaults
 from server.metrics import Metrics
@@ -82,8 +83,13 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
     context_window = context_window_for(settings, config)
     device, dtype = loaded.model.model.embed_tokens.weight.device, loaded.model.model.embed_tokens.weight.dtype
     block_bytes = kv_block_bytes(config, dtype, settings.kv_block_size)
-    num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window)
-    runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window)
+    shape = BaseShape.from_config(config)
+    adapter_bytes = LoraBank.bytes_needed(shape, settings.max_gpu_adapters, settings.max_adapter_rank, dtype)
+    num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes)
+    runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window,
+                         settings.max_gpu_adapters, settings.max_adapter_rank)
+    log.info("adapter slots: %d of rank %d (%.1f MiB with the step stack, at most)", settings.max_gpu_adapters,
+             runner.lora.layout.rank, adapter_bytes / 2**20)
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", num_blocks - 1, settings.kv_block_size,
              num_blocks * block_bytes / 2**20, (num_blocks - 1) * settings.kv_block_size)
     from transformers import AutoTokenizer
@@ -99,7 +105,7 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
         stop_token_ids=stop_token_ids,
         context_window=context_window,
         vocab_size=config.vocab_size,
-        shape=BaseShape.from_config(config),
+        shape=shape,
         formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids),
     )
     cache = AdapterCache(runner.lora, base.shape, settings.max_gpu_adapters, settings.max_cpu_adapters,

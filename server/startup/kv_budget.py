@@ -34,23 +34,35 @@ def _free_memory(device: torch.device) -> int:
     return _available_ram()
 
 
-def kv_budget_bytes(settings: Settings, device: torch.device, block_bytes: int, context_window: int) -> int:
+def kv_budget_bytes(settings: Settings, device: torch.device, block_bytes: int, context_window: int,
+                    reserved: int = 0) -> int:
+    """`reserved`: bytes already promised to the adapter slot pool, not free for the KV cache."""
     amount, fraction = parse_memory(settings.kv_cache_memory)
     if amount is not None:
         return amount
     if fraction is not None:
-        return int(_free_memory(device) * fraction)
+        return int(max(_free_memory(device) - reserved, 0) * fraction)
     if device.type == "cuda":
-        return int(_free_memory(device) * AUTO_CUDA_FRACTION)
+        return int(max(_free_memory(device) - reserved, 0) * AUTO_CUDA_FRACTION)
     per_request = -(-context_window // settings.kv_block_size)  # blocks of one full-context request
     wanted = (settings.max_batch_size * per_request + 1) * block_bytes  # + the padding block
     return max(min(wanted, int(_free_memory(device) * AUTO_CPU_RAM_SHARE)), (per_request + 1) * block_bytes)
 
 
-def plan_kv_blocks(settings: Settings, device: torch.device, block_bytes: int, context_window: int) -> int:
-    """Blocks in the pool (the padding block included); ConfigError when one full request cannot fit."""
+def plan_kv_blocks(settings: Settings, device: torch.device, block_bytes: int, context_window: int,
+                   adapter_bytes: int = 0) -> int:
+    """Blocks in the pool (the padding block included); ConfigError when one full request cannot fit, or
+    when the KV cache and the adapter slots (`adapter_bytes`) together do not fit in free memory."""
     block_size = settings.kv_block_size
-    budget = kv_budget_bytes(settings, device, block_bytes, context_window)
+    budget = kv_budget_bytes(settings, device, block_bytes, context_window, adapter_bytes)
+    free = _free_memory(device)
+    if budget + adapter_bytes > free:
+        where = "free on the GPU" if device.type == "cuda" else "of available RAM"
+        raise ConfigError(
+            f"the adapter slots ({settings.max_gpu_adapters} x rank {settings.max_adapter_rank}, with the step "
+            f"stack: {adapter_bytes / 2**30:.2f} GiB) and the KV cache ({budget / 2**30:.2f} GiB) need "
+            f"{(budget + adapter_bytes) / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is {where} after the "
+            "base model loaded. Lower max_gpu_adapters, max_adapter_rank or kv_cache_memory.")
     usable = budget // block_bytes - 1  # block 0 pads block tables
     needed = -(-context_window // block_size)
     if usable < needed:
