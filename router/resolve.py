@@ -1,14 +1,20 @@
 """Which expert serves a request, decided in one place, in this order:
 
-1. header `X-Expert` (an adapter name, or the base's name);
-2. `model` naming an adapter; 3. `model` naming the base (no adapter);
+1. header `X-Expert` (an adapter name, the base's name, or a mixture `pirate:0.7,terse:0.3`);
+2. `model` naming an adapter, or a mixture `pirate+terse` (equal weights); 3. `model` naming the base;
 4. `model` = "auto" (or a configured alias): the classifier's head picks the most probable expert
    (skipping any whose negative examples fit the prompt better than its examples); it serves when
    its score beats the background's by the margin (the expert's own `router_margin`, else the
    server's); otherwise, or with no experts, the configured fallback (the base by default) does.
+   With `router_top_k` > 1, the top experts that pass their margin are mixed, weighted by a softmax of
+   their scores at `router_mix_temperature`.
+
+A mixture's weights are normalized to sum to 1 (the base may be a member: "pirate:0.5,<base>:0.5" is
+pirate at half strength); a mixture of one expert is that expert.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from adapters.registry import AdapterRegistry
@@ -26,6 +32,22 @@ class UnknownExpert(LookupError):
         self.param = param  # where the name came from: "model" or "X-Expert"
 
 
+class BadMixture(ValueError):
+    """A mixture that cannot be served (unknown or repeated expert, bad weights, too many experts)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+Mixture = tuple[tuple[str, float], ...]  # (expert, weight), heaviest first, weights summing to 1
+
+
+def mixture_label(mixture: Mixture) -> str:
+    """`pirate:0.70,terse:0.30`: how X-Expert and the response's `model` name a mixture."""
+    return ",".join(f"{name}:{weight:.2f}" for name, weight in mixture)
+
+
 @dataclass(frozen=True)
 class Route:
     expert: str | None  # the registered expert that serves it; None: the base model, no LoRA
@@ -37,12 +59,16 @@ class Route:
     background: float | None = None  # the prompt's score against the generic background
     margin: float | None = None  # score - background: what the decision compared with `required`
     required: float | None = None  # the margin the expert needed
+    mixture: Mixture = ()  # several experts blended; `expert` is then the heaviest (its defaults apply)
 
 
 class ExpertRouter:
     def __init__(self, registry: AdapterRegistry, base_name: str, margin: float, fallback: str | None,
-                 auto_names: list[str]):
+                 auto_names: list[str], max_experts: int = 3, top_k: int = 1, mix_temperature: float = 0.05):
         self.registry = registry
+        self.max_experts = max_experts  # per request, in a mixture
+        self.top_k = top_k  # experts "auto" mixes (1: it picks one)
+        self.mix_temperature = mix_temperature
         self.base_name = base_name
         self.margin = margin
         self.fallback = fallback
@@ -55,16 +81,63 @@ class ExpertRouter:
 
     def by_name(self, model: str, expert_header: str | None) -> Route:
         if expert_header:
+            parts = [part.strip() for part in expert_header.split(",")]
+            if len(parts) > 1 or self._weighted(parts[0]):
+                pairs = [self._weighted(part) or (part, 1.0) for part in parts]
+                return self.mixture(pairs, "header", "X-Expert", None)
             return self._named(expert_header, source="header", param="X-Expert")
+        if "+" in model:  # "+" is in no expert's name
+            return self.mixture([(name.strip(), 1.0) for name in model.split("+")], "model", "model", model)
         return self._named(model, source="model", param="model")
 
-    def by_prompt(self, prompt: str) -> Route:
+    def _weighted(self, part: str) -> tuple[str, float] | None:
+        """("pirate", 0.7) for "pirate:0.7"; None for a plain name (names may hold ':', as ft:... do)."""
+        if self._known(part):
+            return None
+        name, colon, weight = part.rpartition(":")
+        if not colon:
+            return None
+        try:
+            return name.strip(), float(weight)
+        except ValueError:
+            return None
+
+    def _known(self, name: str) -> bool:
+        return name == self.base_name or self.registry.get(name) is not None
+
+    def mixture(self, pairs: list[tuple[str, float]], source: str, param: str, label: str | None) -> Route:
+        """The route for (expert, weight) pairs as asked; BadMixture for what cannot be served."""
+        if len(pairs) > self.max_experts:
+            raise BadMixture(f"a mixture may blend at most {self.max_experts} experts (max_experts_per_request); "
+                             f"got {len(pairs)}", param)
+        names = [name for name, _ in pairs]
+        for name in names:
+            if not name:
+                raise BadMixture("a mixture has an empty expert name", param)
+            if not self._known(name):
+                raise BadMixture(f"'{name}' in the mixture is not a registered expert nor the base", param)
+        if len(set(names)) != len(names):
+            raise BadMixture("a mixture names an expert twice", param)
+        if not all(math.isfinite(weight) for _, weight in pairs):
+            raise BadMixture("mixture weights must be finite numbers", param)
+        total = sum(weight for _, weight in pairs)
+        if not total > 0:
+            raise BadMixture(f"mixture weights must sum to a positive number; they sum to {total:g}", param)
+        blend = tuple(sorted(((name, weight / total) for name, weight in pairs
+                              if name != self.base_name and weight != 0), key=lambda p: (-p[1], p[0])))
+        if not blend:
+            return Route(None, self.base_name, "base")
+        if len(blend) == 1 and blend[0][1] == 1.0:
+            return Route(blend[0][0], blend[0][0], source)  # a mixture of one is that expert, bit for bit
+        return Route(blend[0][0], label or mixture_label(blend), source, mixture=blend)
+
+    def by_prompt(self, prompt: str, top_k: int | None = None) -> Route:
         """The classifier's choice, or the fallback. Runs the encoder: call it off the event loop."""
         if self.classifier is None:
             return self._fallback(Route(None, "", "fallback", reason=self.unavailable_reason))
-        return self.decide(self.classifier.rank(prompt))
+        return self.decide(self.classifier.rank(prompt), top_k)
 
-    def decide(self, result: Ranking | None) -> Route:
+    def decide(self, result: Ranking | None, top_k: int | None = None) -> Route:
         """The route for the classifier's ranking of a prompt (None: no expert indexed)."""
         ranking = () if result is None else tuple(s for s in result.experts if self.registry.get(s.expert) is not None)
         if not ranking:
@@ -78,7 +151,16 @@ class ExpertRouter:
         if margin < required:
             return self._fallback(replace(decided, reason=f"{best.expert} fits {margin:+.3f} over the background, "
                                                          f"below its margin {required:+.3f}"))
-        return decided
+        top_k = min(self.top_k if top_k is None else top_k, self.max_experts)
+        passing = [s for s in ranking if not s.excluded
+                   and s.score - background >= (self.margin if s.margin is None else s.margin)][:top_k]
+        if len(passing) < 2:
+            return decided
+        # a softmax of the scores: experts that fit about as well share, a clearly better one dominates
+        top = max(s.score for s in passing)
+        raw = [math.exp((s.score - top) / self.mix_temperature) for s in passing]
+        blend = tuple(sorted(((s.expert, w / sum(raw)) for s, w in zip(passing, raw)), key=lambda p: (-p[1], p[0])))
+        return replace(decided, expert=blend[0][0], model=mixture_label(blend), mixture=blend)
 
     def _fallback(self, decided: Route) -> Route:
         """The fallback serves; the classifier's numbers (if any) stay on the route for /v1/route and headers."""

@@ -46,6 +46,9 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("loraplex_queue_wait_seconds", "Arrival to admission into the batch",
                                     ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.mixture_requests = Counter("loraplex_mixture_requests_total",
+                                        "Requests that blended several experts, counted once per member expert",
+                                        ["expert"], registry=r)
         self.adapter_loads = Counter("loraplex_adapter_loads_total", "Adapters read from disk", registry=r)
         self.adapter_evictions = Counter("loraplex_adapter_evictions_total", "Adapters evicted from the device",
                                          registry=r)
@@ -77,7 +80,7 @@ class Metrics:
                             (self.generation_tokens, "adapter"), (self.ttft, "adapter"),
                             (self.inter_token, "adapter"), (self.e2e, "adapter"), (self.queue_wait, "adapter"),
                             (self.non_finite_logits, "adapter"), (self.request_failures, "adapter"),
-                            (self.router_decisions, "expert")]
+                            (self.router_decisions, "expert"), (self.mixture_requests, "expert")]
 
     def forget_expert(self, name: str) -> None:
         """Drop every series labelled with a retired expert: deleted experts must not pile up in /metrics."""

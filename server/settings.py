@@ -146,6 +146,12 @@ class Settings(EncodableText):
                     "is at least this; else the fallback does. Higher: more prompts fall back. Fixed on "
                     "loadtests/data/router_set.json (README, Routing).",
     )
+    max_experts_per_request: int = Field(3, ge=1, le=16, description="Most experts one request may blend "
+                                         "(X-Expert 'a:0.7,b:0.3', model 'a+b', router_top_k).")
+    router_top_k: int = Field(1, ge=1, le=16, description="'auto' blends the top k experts that pass their margin, "
+                                                          "weighted by a softmax of their scores (1: picks one).")
+    router_mix_temperature: float = Field(0.05, gt=0, le=10, description="The softmax temperature of router_top_k "
+                                          "mixing: lower gives the best expert more of the weight.")
     router_fallback: str | None = Field(None, description="Expert for low-confidence prompts; default the base.")
     auto_model_names: list[str] = Field(default_factory=lambda: ["auto"], description="model values that mean: route.")
     host: str = "127.0.0.1"

@@ -73,12 +73,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def route(body: RouteRequest, request: Request):
         """The router's decision and ranking for these messages, without generating."""
         state.require_ready()
-        decision = await route_request(body.model, last_user_text(body.messages), request, state)
+        decision = await route_request(body.model, last_user_text(body.messages), request, state, body.router_top_k)
         return {
             "object": "route",
             "decision": {"expert": decision.model, "adapter": decision.expert, "source": decision.source,
                          "score": decision.score, "background": decision.background, "margin": decision.margin,
-                         "required_margin": decision.required, "reason": decision.reason},
+                         "required_margin": decision.required, "reason": decision.reason,
+                         "mixture": [{"expert": name, "weight": weight} for name, weight in decision.mixture] or None},
             "router_margin": state.router.margin,
             "ranking": [{"expert": s.expert, "score": s.score, "probability": s.probability,
                          "excluded": s.excluded or None, "router_margin": s.margin}

@@ -102,12 +102,29 @@ def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, re
     )
 
 
-async def route_request(model: str, routing_text: str, request: Request, state: ServerState) -> Route:
+async def route_request(model: str, routing_text: str, request: Request, state: ServerState,
+                        top_k: int | None = None) -> Route:
     router, header = state.router, request.headers.get("x-expert")
     if router.needs_classifier(model, header):
         with state.metrics.router_latency.time():
-            return await state.in_text_pool(router.by_prompt, routing_text)
+            return await state.in_text_pool(router.by_prompt, routing_text, top_k)
     return router.by_name(model, header)
+
+
+def _members(route: Route, state: ServerState) -> list[tuple[AdapterRecord, float]]:
+    """The records of the experts that serve (with their weights); UnknownExpert if one was retired
+    between routing and here."""
+    if route.mixture:
+        pairs = route.mixture
+    else:
+        pairs = ((route.expert, 1.0),) if route.expert else ()
+    members = []
+    for name, weight in pairs:
+        record = state.registry.get(name)
+        if record is None:
+            raise UnknownExpert(name, "model")
+        members.append((record, weight))
+    return members
 
 
 async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, request: Request,
@@ -123,17 +140,18 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
         raise APIError(400, f"n ({req.n}) is more than this server ever queues at once "
                             f"({state.settings.max_queued_requests}); ask for fewer choices.", param="n")
     base = state.base
-    route = await route_request(req.model, routing_text, request, state)
+    route = await route_request(req.model, routing_text, request, state, req.router_top_k)
     state.metrics.router_decisions.labels(route.source, route.model).inc()
     outcome = outcome_of(request.scope)
     outcome.model, outcome.source = route.model, route.source
-    record = state.registry.get(route.expert) if route.expert else None
-    if route.expert and record is None:  # retired between routing and here
-        raise UnknownExpert(route.expert, "model")
+    members = _members(route, state)
+    record = members[0][0] if members else None  # the heaviest: its sampling defaults apply
     params = sampling_params(req, len(prompt_ids), state, record, default_max_tokens)
-    # ends a turn: EOS and the template's end-of-turn token (unless ignore_eos), the expert's
+    for other, _ in members[1:]:  # a mixture stops where any of its experts would
+        params.stop += [text for text in other.stop if text not in params.stop]
+    # ends a turn: EOS and the template's end-of-turn token (unless ignore_eos), the experts'
     # own stop tokens, and the request's stop_token_ids
-    stop_ids = params.stop_token_ids | (record.stop_token_ids if record else frozenset())
+    stop_ids = params.stop_token_ids.union(*(member.stop_token_ids for member, _ in members))
     if not params.ignore_eos:
         stop_ids |= base.stop_token_ids
     loop = asyncio.get_running_loop()
@@ -148,6 +166,7 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             request_id=request_id if req.n == 1 else f"{request_id}-{index}",
             prompt_ids=prompt_ids,
             adapter_key=record.key if record else None,
+            adapter_mix=tuple((member.key, weight) for member, weight in members) if route.mixture else (),
             model=route.model,
             params=params,
             stop_token_ids=stop_ids,
@@ -168,6 +187,8 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             raise APIError(429, "Too many requests are queued; retry shortly.", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         raise APIError(503, "The server is shutting down.", code="shutting_down") from None
-    if record is not None:
-        state.registry.count_request(record.name)
+    for member, _ in members:
+        state.registry.count_request(member.name)
+        if route.mixture:
+            state.metrics.mixture_requests.labels(member.name).inc()
     return call

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from adapters.admission import AdmissionError
-from router.resolve import UnknownExpert
+from router.resolve import BadMixture, UnknownExpert
 
 log = logging.getLogger("loraplex.http")
 
@@ -92,6 +92,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unknown_expert(request: Request, exc: UnknownExpert):
         return error_response(404, f"The model or expert '{exc.name}' does not exist. GET /v1/models lists the base "
                                    "and the registered experts.", exc.param, "model_not_found")
+
+    @app.exception_handler(BadMixture)
+    async def _bad_mixture(request: Request, exc: BadMixture):
+        return error_response(400, f"Invalid mixture of experts: {exc}.", exc.param, "invalid_mixture")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

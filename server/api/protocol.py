@@ -158,6 +158,8 @@ class SamplingFields(EncodableText):
         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
     # vLLM-compatible extensions
     stop_token_ids: list[int] | None = None
+    # loraplex: with model "auto", blend this many of the top experts (default the server's router_top_k)
+    router_top_k: int | None = Field(None, ge=1, le=16)
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -283,3 +285,4 @@ class RouteRequest(EncodableText):
     model: str = "auto"
     messages: list[ChatMessage] = Field(min_length=1)
     top_k: int = Field(5, ge=1, le=100)
+    router_top_k: int | None = Field(None, ge=1, le=16)  # as on completions: "auto" blends this many experts

@@ -11,7 +11,7 @@ from typing import AsyncIterator, ClassVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from router.resolve import Route
+from router.resolve import Route, mixture_label
 from server.api.dispatch import Call
 from server.api.errors import APIError
 from server.api.sse import sse, sse_error
@@ -65,7 +65,8 @@ class _Usage:
 
 
 def route_headers(route: Route) -> dict[str, str]:
-    headers = {"X-Expert": route.model, "X-Router-Source": route.source}
+    headers = {"X-Expert": mixture_label(route.mixture) if route.mixture else route.model,
+               "X-Router-Source": route.source}
     if route.score is not None:
         headers["X-Router-Score"] = f"{route.score:.4f}"
     if route.margin is not None:

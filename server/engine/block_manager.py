@@ -47,10 +47,15 @@ class BlockOwner:
     block_digests: list[bytes] = field(default_factory=list)
     num_computed: int = 0
 
+    @property
+    def cache_key(self) -> str | None:
+        return self.adapter_key
 
-def _digest(parent: bytes, adapter_key: str | None, tokens: list[int]) -> bytes:
+
+def _digest(parent: bytes, cache_key: str | None, tokens: list[int]) -> bytes:
+    """`cache_key`: what computed the KV (an adapter, a mixture of adapters, None: the base)."""
     h = hashlib.sha256(parent)
-    h.update((adapter_key or "").encode() + b"\0")
+    h.update((cache_key or "").encode() + b"\0")
     h.update(b",".join(str(t).encode() for t in tokens))
     return h.digest()
 
@@ -135,7 +140,7 @@ class BlockManager:
             index = len(seq.block_digests)
             parent = seq.block_digests[-1] if seq.block_digests else b""
             start = index * self.block_size
-            digest = _digest(parent, seq.adapter_key, seq.tokens[start : start + self.block_size])
+            digest = _digest(parent, seq.cache_key, seq.tokens[start : start + self.block_size])
             seq.block_digests.append(digest)
             block = seq.block_table[index]
             if digest not in self._by_digest:  # a twin computed at the same time keeps the first copy
@@ -166,7 +171,7 @@ class BlockManager:
         parent = b""
         for index in range((len(seq.tokens) - 1) // self.block_size):
             start = index * self.block_size
-            parent = _digest(parent, seq.adapter_key, seq.tokens[start : start + self.block_size])
+            parent = _digest(parent, seq.cache_key, seq.tokens[start : start + self.block_size])
             block = self._by_digest.get(parent)
             if block is None:
                 break

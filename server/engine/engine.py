@@ -168,7 +168,7 @@ class Engine:
                 continue
         else:
             return [], []
-        names = lambda seqs: sorted({seq.model for seq in seqs if seq.adapter_key is not None})  # noqa: E731
+        names = lambda seqs: sorted({seq.model for seq in seqs if seq.adapter_keys})  # noqa: E731
         return names(running), names(waiting)
 
     @property
@@ -256,7 +256,7 @@ class Engine:
         started = time.perf_counter()
         self._runner.clear_blocks(self._blocks.take_fresh())
         items = [StepItem(seq.tokens[seq.num_computed : seq.num_computed + count], seq.num_computed,
-                          seq.block_table, seq.adapter_key, seq.num_computed + count == len(seq.tokens))
+                          seq.block_table, seq.row_adapter, seq.num_computed + count == len(seq.tokens))
                  for seq, count in step.work]
         self.metrics.batch_size.set(len(self._scheduler.running))
         decode_rows = step.decode_rows

@@ -43,8 +43,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
 
-    def adapters_in_use(self) -> set[str | None]:
-        return {seq.adapter_key for seq in (*self.running, *self.waiting)}
+    def adapters_in_use(self) -> set[str]:
+        return {key for seq in (*self.running, *self.waiting) for key in seq.adapter_keys}
 
     def schedule(self, acquire: Callable[[str, set[str]], bool],
                  prompt_budget: Callable[[int], int] | None = None) -> Step:
@@ -78,14 +78,15 @@ class Scheduler:
                     step.work.append((seq, count))
                     budget -= count
         # 3. new arrivals, in order, while a row, the budget and KV blocks allow
-        in_use = {seq.adapter_key for seq in self.running}
+        in_use = {key for seq in self.running for key in seq.adapter_keys}
         kept: collections.deque[Sequence] = collections.deque()
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting.popleft()
             if seq.cancelled:
                 continue
             try:
-                ready = seq.adapter_key is None or acquire(seq.adapter_key, in_use | {seq.adapter_key})
+                needed = in_use | set(seq.adapter_keys)  # a mixture needs all of its adapters at once
+                ready = all([acquire(key, needed) for key in seq.adapter_keys])  # a list: every load starts
             except AdapterUnavailable as exc:
                 step.failed.append((seq, str(exc), "adapter"))
                 continue
@@ -103,7 +104,7 @@ class Scheduler:
                 seq.cached_tokens = seq.num_computed
             seq.running = True
             self.running.append(seq)
-            in_use.add(seq.adapter_key)
+            in_use.update(seq.adapter_keys)
             step.admitted.append(seq)
             count = self._chunk(seq, budget)
             if count:

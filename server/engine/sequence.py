@@ -48,6 +48,9 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
     admitted: bool = False  # has been in the batch (first admission starts its clocks and output)
     running: bool = False  # in the batch now (holds blocks)
+    # a mixture of adapters: (key, weight) pairs, weights summing to 1; adapter_key is then the
+    # highest-weighted one (its defaults apply); empty: one adapter or the base
+    adapter_mix: tuple[tuple[str, float], ...] = ()
     preemptions: int = 0
     cancelled: bool = False
     model: str = ""  # who serves it by name (the expert's or the base's): the metrics label, the logs
@@ -63,6 +66,25 @@ class Sequence:
         self.tokens = list(self.prompt_ids)
         if self.params.penalizes:
             self.generated_counts = Counter()
+
+    @property
+    def adapter_keys(self) -> tuple[str, ...]:
+        """Every adapter the request needs on the device."""
+        if self.adapter_mix:
+            return tuple(key for key, _ in self.adapter_mix)
+        return () if self.adapter_key is None else (self.adapter_key,)
+
+    @property
+    def row_adapter(self):
+        """What its rows ask the LoRA step for: None, a key, or the mixture (lora_batch.RowAdapter)."""
+        return self.adapter_mix or self.adapter_key
+
+    @property
+    def cache_key(self) -> str | None:
+        """What computes its KV: prefix-cache blocks are shared only between requests that agree on it."""
+        if self.adapter_mix:
+            return "mix:" + ",".join(f"{key}={weight!r}" for key, weight in self.adapter_mix)
+        return self.adapter_key
 
     @property
     def last_token(self) -> int:

@@ -178,7 +178,8 @@ def create_state(settings: Settings) -> ServerState:
 
     def set_base(info: BaseInfo) -> None:
         state.router = ExpertRouter(registry, info.name, settings.router_margin, settings.router_fallback,
-                                    settings.auto_model_names)
+                                    settings.auto_model_names, settings.max_experts_per_request,
+                                    settings.router_top_k, settings.router_mix_temperature)
         state.base = info
         if settings.fine_tuning:
             defaults = TrainingDefaults(settings.base_model, settings.cache_dir, settings.quantization,
