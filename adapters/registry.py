@@ -27,6 +27,8 @@ class AdapterRecord:
     stop_token_ids: frozenset[int] = frozenset()
     defaults: dict = field(default_factory=dict)  # sampling defaults: temperature, top_p, max_tokens
     created: int = field(default_factory=lambda: int(time.time()))
+    # a registered mixture: (member expert, weight) pairs summing to 1, no weights of its own (rank 0)
+    mixture: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def create(cls, name: str, folder: str, source: str, weights, spec, key: str | None = None) -> "AdapterRecord":
@@ -47,6 +49,7 @@ class AdapterRecord:
         entry["negative_examples"] = list(self.negative_examples)
         entry["stop"] = list(self.stop)
         entry["stop_token_ids"] = sorted(self.stop_token_ids)
+        entry["mixture"] = [list(pair) for pair in self.mixture]
         return entry
 
     @classmethod
@@ -59,6 +62,7 @@ class AdapterRecord:
                 "negative_examples": tuple(entry.get("negative_examples", ())),
                 "stop": tuple(entry.get("stop", ())),
                 "stop_token_ids": frozenset(entry.get("stop_token_ids", ())),
+                "mixture": tuple((str(name), float(weight)) for name, weight in entry.get("mixture", ())),
             }
         )
 
@@ -75,6 +79,11 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = {}
         self._reserved: set[str] = set()  # names whose registration is in progress
         self._requests: Counter[str] = Counter()
+
+    def mixtures_using(self, name: str) -> list[str]:
+        """Registered mixtures that blend `name`."""
+        with self._lock:
+            return sorted(r.name for r in self._records.values() if any(m == name for m, _ in r.mixture))
 
     def reserve(self, name: str) -> bool:
         """Claim a name for a registration in progress; False if taken or being registered."""

@@ -38,6 +38,8 @@ class AdapterRegistration(AdapterSpec):
 
     name: str
     path: str | None = None
+    # a mixture of registered experts, served under `name` like any expert: {"pirate": 0.7, "terse": 0.3}
+    mixture: dict[str, float] | None = None
 
 
 def _state(request: Request) -> ServerState:
@@ -62,7 +64,8 @@ def _describe(record: AdapterRecord, state: ServerState) -> dict:
         "rank": record.rank,
         "target_modules": list(record.target_modules),
         "size_bytes": record.nbytes,
-        "tier": state.engine.adapter_tier(record.key),
+        "tier": "mixture" if record.mixture else state.engine.adapter_tier(record.key),
+        "mixture": dict(record.mixture) if record.mixture else None,
         "requests": state.registry.request_count(record.name),
     }
 
@@ -104,9 +107,14 @@ async def _read_registration(request: Request) -> tuple[AdapterRegistration, dic
         raise APIError(400, "The request body is not valid JSON.") from None
     except RecursionError:
         raise APIError(400, "The request body is nested too deeply.") from None
+    if registration.mixture is not None:
+        if registration.path is not None:
+            raise APIError(400, "a mixture blends registered experts: give 'mixture' or 'path', not both",
+                           param="path")
+        return registration, None
     if registration.path is None:
-        raise APIError(400, "give 'path' (a folder inside adapter_roots) or upload the files as multipart/form-data",
-                       param="path")
+        raise APIError(400, "give 'path' (a folder inside adapter_roots), 'mixture' (registered experts and "
+                            "weights), or upload the files as multipart/form-data", param="path")
     return registration, None
 
 
@@ -122,11 +130,51 @@ def _stage_and_validate(state: ServerState, registration: AdapterRegistration, f
     return weights, registration
 
 
+def _register_mixture(state: ServerState, registration: AdapterRegistration) -> AdapterRecord:
+    """A named blend of registered experts: checked as a request's mixture is, no weights of its own."""
+    name = registration.name
+    check_new_name(name, {state.base.name, *state.router.auto_names})
+    pairs = list(registration.mixture.items())
+    for member, _ in pairs:
+        record = state.registry.get(member)
+        if record is not None and record.mixture:
+            raise APIError(400, f"'{member}' is itself a mixture; blend its experts instead", param="mixture")
+    route = state.router.mixture(pairs, "mixture", "mixture", name)  # BadMixture: 400 naming the problem
+    if route.expert is None:
+        raise APIError(400, "a mixture needs at least one expert with a weight above 0", param="mixture")
+    check_token_ids(registration.stop_token_ids, state.base.vocab_size, "stop_token_ids")
+    if not state.registry.reserve(name):
+        raise name_taken(name)
+    classifier = state.router.classifier
+    defaults = {k: getattr(registration, k) for k in ("temperature", "top_p", "max_tokens")
+                if getattr(registration, k) is not None}
+    record = AdapterRecord(name=name, key=new_key(name), folder="", source="mixture", rank=0, target_modules=(),
+                           nbytes=0, description=registration.description, examples=tuple(registration.examples),
+                           negative_examples=tuple(registration.negative_examples),
+                           router_margin=registration.router_margin, stop=tuple(registration.stop),
+                           stop_token_ids=frozenset(registration.stop_token_ids), defaults=defaults,
+                           mixture=route.mixture or ((route.expert, 1.0),))
+    try:
+        if classifier is not None:
+            classifier.add(name, ExpertProfile.of(record))
+        state.store.add_entry(name, record.to_manifest())
+    except BaseException:
+        if classifier is not None:
+            classifier.remove(name)
+        state.registry.release(name)
+        raise
+    state.registry.add(record)
+    return record
+
+
 def register(state: ServerState, registration: AdapterRegistration, files: dict[str, bytes] | None,
              source: str) -> AdapterRecord:
     """Check, store, load and index a new expert, then list it; every step is undone if one fails.
     Blocking (the engine loads the weights): call it in a thread. `files`: the two uploaded files, or
-    None to register from `registration.path`. Raises AdmissionError (its own status) or the failure."""
+    None to register from `registration.path` (or `registration.mixture`). Raises AdmissionError (its
+    own status) or the failure."""
+    if registration.mixture is not None:
+        return _register_mixture(state, registration)
     name = registration.name
     check_new_name(name, {state.base.name, *state.router.auto_names})
     if not state.registry.reserve(name):
@@ -165,7 +213,8 @@ async def register_adapter(request: Request):
     state = _state(request)
     registration, files = await _read_registration(request)
     # in a thread that finishes what it started even if the client goes away: all or nothing either way
-    record = await asyncio.to_thread(register, state, registration, files, "upload" if files else "path")
+    record = await asyncio.to_thread(register, state, registration, files,
+                                     "upload" if files else "mixture" if registration.mixture else "path")
     return _describe(record, state)
 
 
@@ -195,13 +244,18 @@ async def delete_adapter(name: str, request: Request):
     record = existing(state, name)
     if record.source == "config":
         raise APIError(400, f"'{name}' comes from the config file; remove it there and restart", param="name")
+    users = state.registry.mixtures_using(name)
+    if users:
+        raise APIError(409, f"'{name}' is blended by the mixture(s) {', '.join(users)}; retire those first",
+                       param="name", code="adapter_in_use")
     state.registry.remove(name)  # new requests for it get 404 from here on
     state.metrics.forget_expert(name)
     if state.router.classifier is not None:
         state.router.classifier.remove(name)
     await asyncio.to_thread(state.store.remove_entry, name, record.key)
     # running requests finish on it; the engine frees memory and files afterwards
-    state.engine.retire_adapter(record.key)
+    if not record.mixture:  # a mixture has no weights of its own
+        state.engine.retire_adapter(record.key)
     return {"id": name, "object": "adapter", "deleted": True}
 
 

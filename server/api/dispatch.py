@@ -111,20 +111,33 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
     return router.by_name(model, header)
 
 
-def _members(route: Route, state: ServerState) -> list[tuple[AdapterRecord, float]]:
-    """The records of the experts that serve (with their weights); UnknownExpert if one was retired
-    between routing and here."""
+def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord, float]], list[AdapterRecord]]:
+    """(the experts whose weights serve, with their weights, heaviest first; the records whose stops and
+    defaults apply, the first one's defaults). A registered mixture stands for its members and brings its
+    own stops and defaults. UnknownExpert / 404 if an expert was retired between routing and here."""
     if route.mixture:
         pairs = route.mixture
     else:
         pairs = ((route.expert, 1.0),) if route.expert else ()
-    members = []
+    weights: dict[str, float] = {}
+    named: list[AdapterRecord] = []
     for name, weight in pairs:
         record = state.registry.get(name)
         if record is None:
             raise UnknownExpert(name, "model")
+        named.append(record)
+        for member, share in record.mixture or ((name, 1.0),):
+            weights[member] = weights.get(member, 0.0) + weight * share
+    members = []
+    for name, weight in sorted(weights.items(), key=lambda p: (-p[1], p[0])):
+        record = state.registry.get(name)
+        if record is None:
+            raise APIError(404, f"The mixture '{route.model}' blends '{name}', which is no longer registered.",
+                           param="model", code="model_not_found")
         members.append((record, weight))
-    return members
+    # a registered mixture's own stops and defaults first, then its members'
+    sources = [r for r in named if r.mixture] + [r for r, _ in members]
+    return members, sources
 
 
 async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, request: Request,
@@ -144,14 +157,18 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
     state.metrics.router_decisions.labels(route.source, route.model).inc()
     outcome = outcome_of(request.scope)
     outcome.model, outcome.source = route.model, route.source
-    members = _members(route, state)
-    record = members[0][0] if members else None  # the heaviest: its sampling defaults apply
-    params = sampling_params(req, len(prompt_ids), state, record, default_max_tokens)
-    for other, _ in members[1:]:  # a mixture stops where any of its experts would
+    members, sources = _members(route, state)
+    # the lead's sampling defaults apply: a registered mixture's own, else the heaviest expert's
+    mixtures = [r for r in sources if r.mixture and r.defaults]
+    lead = mixtures[0] if mixtures else members[0][0] if members else None
+    params = sampling_params(req, len(prompt_ids), state, lead, default_max_tokens)
+    for other in sources:  # a mixture stops where any of its experts would
         params.stop += [text for text in other.stop if text not in params.stop]
     # ends a turn: EOS and the template's end-of-turn token (unless ignore_eos), the experts'
     # own stop tokens, and the request's stop_token_ids
-    stop_ids = params.stop_token_ids.union(*(member.stop_token_ids for member, _ in members))
+    stop_ids = params.stop_token_ids.union(*(source.stop_token_ids for source in sources))
+    record = members[0][0] if members else None
+    blended = len(members) > 1 or (bool(members) and members[0][1] != 1.0)
     if not params.ignore_eos:
         stop_ids |= base.stop_token_ids
     loop = asyncio.get_running_loop()
@@ -166,7 +183,7 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             request_id=request_id if req.n == 1 else f"{request_id}-{index}",
             prompt_ids=prompt_ids,
             adapter_key=record.key if record else None,
-            adapter_mix=tuple((member.key, weight) for member, weight in members) if route.mixture else (),
+            adapter_mix=tuple((member.key, weight) for member, weight in members) if blended else (),
             model=route.model,
             params=params,
             stop_token_ids=stop_ids,
@@ -187,8 +204,10 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             raise APIError(429, "Too many requests are queued; retry shortly.", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         raise APIError(503, "The server is shutting down.", code="shutting_down") from None
+    for source in {r.name for r in sources if r.mixture}:
+        state.registry.count_request(source)
     for member, _ in members:
         state.registry.count_request(member.name)
-        if route.mixture:
+        if blended:
             state.metrics.mixture_requests.labels(member.name).inc()
     return call

@@ -67,7 +67,8 @@ def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, re
             log.error("manifest entry %s is not served: %s", name, unencodable_message(problem))
             continue
         record = AdapterRecord.from_manifest(entry)
-        cache.register(record.key, record.folder)  # read from disk on first use
+        if not record.mixture:  # a mixture has no weights of its own
+            cache.register(record.key, record.folder)  # read from disk on first use
         registry.add(record)
     log.info("%d experts registered", len(registry.all()))
 
