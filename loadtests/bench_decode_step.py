@@ -56,7 +56,8 @@ def main() -> None:
     torch.manual_seed(0)
     base = load_base(EMBEDDED_BASE, compute_dtype="float32")
     block_size = 16
-    runner = ModelRunner(base.model, base.tokenizer, args.batch * 3 + 1, block_size, 256)
+    runner = ModelRunner(base.model, base.tokenizer, args.batch * 3 + 1, block_size, 256,
+                         adapter_slots=max(8, args.adapters), max_adapter_rank=RANK)
     tables = [[1 + 3 * i, 2 + 3 * i, 3 + 3 * i] for i in range(args.batch)]  # 48 positions each
     shape = BaseShape.from_config(base.model.config)
     names = [f"e{i}" for i in range(args.adapters)]

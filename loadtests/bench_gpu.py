@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
         report.log(f"loaded; peak memory {report.summary['memory']['model_gib']:.2f} GiB")
         folders = [write_random_adapter(config, work / f"expert{i}", args.rank, seed=i) for i in range(args.adapters)]
         report.log(f"wrote {len(folders)} adapters")
-        engine, timer = start_engine(model, tokenizer, max(batches), args.prompt + args.tokens, args.adapters)
+        engine, timer = start_engine(model, tokenizer, max(batches), args.prompt + args.tokens, args.adapters,
+                                     args.rank)
         try:
             measure_adapter_loads(engine, folders, report)
             names = register_adapters(engine, folders)
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     return report.summary
 
 
-def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int):
+def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int, rank: int = 16):
     from adapters.lora import BaseShape
     from server.engine.engine import Engine, EngineConfig
     from server.metrics import Metrics
@@ -361,7 +362,9 @@ def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int):
 
     def load_runner():
         block_size = 16
-        runner = ModelRunner(model, tokenizer, max_batch * (window // block_size) + 1, block_size, window)
+        # one slot more than the experts: measure_adapter_loads adds a probe beside them
+        runner = ModelRunner(model, tokenizer, max_batch * (window // block_size) + 1, block_size, window,
+                             adapter_slots=adapters + 1, max_adapter_rank=rank)
         cache = AdapterCache(runner.lora, BaseShape.from_config(model.config), max_device=adapters,
                              max_cpu=adapters, wake=lambda: engine.wake(), on_freed=lambda folder: None,
                              metrics=Metrics())

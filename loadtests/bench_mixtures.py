@@ -6,10 +6,10 @@
    the median time of one decode step at --batch rows where every row uses one expert (the three
    interleaved), every row blends two (pirate+json-answer, json-answer+terse, terse+pirate in turn), and
    every row blends all three; three alternated rounds of 30 steps. Throughput ratios: mixed / single.
-2. Behaviour (the real server, configs/default.yaml): the 50 held-out prompts of the json-answer and
-   pirate experts (adapters/demo/*/heldout.json) sent, greedy, to `pirate+json-answer` (equal weights)
-   and to `X-Expert: json-answer:0.7,pirate:0.3`: the share of answers that are one JSON object, that use
-   pirate words, and both at once; the same for each expert alone.
+2. Behaviour (the real server, configs/default.yaml): the held-out prompts of the json-answer and
+   pirate experts (adapters/demo/*/heldout.json) sent, greedy, to `pirate+json-answer` (both in full),
+   `X-Expert: json-answer:1,pirate:0.5` and `json-answer:0.5,pirate:0.5` (an average): the share of
+   answers that are one JSON object, that use pirate words, and both at once; each expert alone too.
 Writes loadtests/results/bench_mixtures.json.
 """
 from __future__ import annotations
@@ -96,8 +96,9 @@ def behaviour(max_tokens: int) -> dict:
     for name in ("json-answer", "pirate"):
         prompts += json.loads((DEMO / name / "heldout.json").read_text())["prompts"]
     prompts = list(dict.fromkeys(prompts))
-    askers = {"pirate+json-answer": ("pirate+json-answer", None),
-              "json-answer:0.7,pirate:0.3": ("json-answer", {"X-Expert": "json-answer:0.7,pirate:0.3"}),
+    askers = {"pirate+json-answer": ("pirate+json-answer", None),  # both in full
+              "json-answer:1,pirate:0.5": ("json-answer", {"X-Expert": "json-answer:1,pirate:0.5"}),
+              "json-answer:0.5,pirate:0.5": ("json-answer", {"X-Expert": "json-answer:0.5,pirate:0.5"}),
               "json-answer": ("json-answer", None), "pirate": ("pirate", None)}
     with tempfile.TemporaryDirectory() as workdir:
         server = ServerProcess(Path(workdir), None, env={"LORAPLEX_CACHE": Settings().cache_dir}).start()

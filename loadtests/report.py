@@ -372,8 +372,42 @@ def gpu_section() -> str:
                       "", markdown(result).split("\n", 2)[2].rstrip()])
 
 
+def mixtures_section() -> str:
+    head = ("### Mixtures of experts\n\n"
+            "`python -m loadtests.bench_mixtures`. Cost: one decode step of the model runner (default model, NF4,\n"
+            "float32 compute) over 16 rows, each row on one of the three demo experts (rank 8), each blending two of\n"
+            "them, or each blending all three; median of three alternated rounds of 30 steps. Goal: blending two\n"
+            ">= 0.8x and three >= 0.7x the single-expert throughput. Behaviour: the held-out prompts of\n"
+            "`json-answer` and `pirate`, greedy, 64 tokens: answers that are one JSON object, that use pirate\n"
+            "words, and both.\n")
+    result = _load("bench_mixtures.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_mixtures")
+    cost = result["cost"]
+    ms, ratio = cost["decode_step_ms"], cost["throughput_vs_single"]
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_mixtures')}.\n",
+             f"| rows (batch {cost['batch']}) | decode step | throughput vs one expert per row |",
+             "| --- | --- | --- |",
+             f"| the base, no adapter | {ms['base']:.1f} ms | {ms['single'] / ms['base']:.2f}x |",
+             f"| one expert per row (three, interleaved) | {ms['single']:.1f} ms | 1.00x |",
+             f"| every row blends two experts | {ms['mix2']:.1f} ms | {ratio['mix2']:.2f}x |",
+             f"| every row blends three | {ms['mix3']:.1f} ms | {ratio['mix3']:.2f}x |"]
+    behaviour = result.get("behaviour")
+    if behaviour:
+        lines += ["", f"| asked ({behaviour['prompts']} prompts) | one JSON object | pirate words | both |",
+                  "| --- | --- | --- | --- |"]
+        for label, rates in behaviour["answers"].items():
+            lines.append(f"| `{label}` | {rates['json_object_rate']:.0%} | {rates['pirate_word_rate']:.0%} | "
+                         f"{rates['both_rate']:.0%} |")
+        sample = behaviour["answers"].get("pirate+json-answer", {}).get("sample")
+        if sample:
+            answer = sample["answer"].replace("|", "\\|").replace("\n", " ")
+            lines += ["", f"`pirate+json-answer` on \"{sample['prompt']}\": {answer}"]
+    return "\n".join(lines)
+
+
 SECTIONS = (serving_section, scenarios_section, kv_section, structured_section, registry_section, router_section,
-            fine_tuning_section, experts_section, edge_section, gpu_section)
+            fine_tuning_section, experts_section, mixtures_section, edge_section, gpu_section)
 
 
 def performance() -> str:

@@ -9,8 +9,9 @@
    With `router_top_k` > 1, the top experts that pass their margin are mixed, weighted by a softmax of
    their scores at `router_mix_temperature`.
 
-A mixture's weights are normalized to sum to 1 (the base may be a member: "pirate:0.5,<base>:0.5" is
-pirate at half strength); a mixture of one expert is that expert.
+A mixture's weights are used as given: each expert's delta is scaled by its weight, so `pirate+terse`
+(1 each) applies both in full, `pirate:0.5` is pirate at half strength, and a mixture of one expert at
+weight 1 is that expert. They must be finite and sum to a positive number.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from adapters.registry import AdapterRegistry
 from router.classifier import ExpertClassifier, ExpertScore, Ranking
 
 AUTO_MODEL = "auto"
+MAX_WEIGHT = 10.0  # an adapter's delta scaled further than this is noise, not a blend
 
 
 class UnknownExpert(LookupError):
@@ -40,7 +42,7 @@ class BadMixture(ValueError):
         self.param = param
 
 
-Mixture = tuple[tuple[str, float], ...]  # (expert, weight), heaviest first, weights summing to 1
+Mixture = tuple[tuple[str, float], ...]  # (expert, weight), heaviest first
 
 
 def mixture_label(mixture: Mixture) -> str:
@@ -120,10 +122,12 @@ class ExpertRouter:
             raise BadMixture("a mixture names an expert twice", param)
         if not all(math.isfinite(weight) for _, weight in pairs):
             raise BadMixture("mixture weights must be finite numbers", param)
+        if not all(abs(weight) <= MAX_WEIGHT for _, weight in pairs):
+            raise BadMixture(f"mixture weights must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}", param)
         total = sum(weight for _, weight in pairs)
         if not total > 0:
             raise BadMixture(f"mixture weights must sum to a positive number; they sum to {total:g}", param)
-        blend = tuple(sorted(((name, weight / total) for name, weight in pairs
+        blend = tuple(sorted(((name, weight) for name, weight in pairs
                               if name != self.base_name and weight != 0), key=lambda p: (-p[1], p[0])))
         if not blend:
             return Route(None, self.base_name, "base")

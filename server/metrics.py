@@ -89,7 +89,8 @@ class Metrics:
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
               tiers: Callable[[], dict[str, int]], kv_blocks: Callable[[], tuple[int, int]],
-              kv_block_bytes: Callable[[], int], lora_activity: Callable[[], tuple[list[str], list[str]]] | None = None,
+              kv_block_bytes: Callable[[], int], adapter_memory: Callable[[], tuple[int, int]] = lambda: (0, 0),
+              lora_activity: Callable[[], tuple[list[str], list[str]]] | None = None,
               max_lora: int = 0, vllm_aliases: bool = False) -> None:
         """Gauges read at scrape time from the live engine."""
         r = self.registry
@@ -111,6 +112,10 @@ class Metrics:
               registry=r).set_function(_cuda(torch.cuda.memory_allocated))
         Gauge("loraplex_accelerator_memory_reserved_bytes", "torch.cuda.memory_reserved (0 on CPU)",
               registry=r).set_function(_cuda(torch.cuda.memory_reserved))
+        slots = Gauge("loraplex_adapter_memory_bytes", "Adapter slot pool on the compute device: bytes of slots "
+                      "holding an adapter, and of the whole pool", ["state"], registry=r)
+        slots.labels(state="used").set_function(lambda: adapter_memory()[0])
+        slots.labels(state="total").set_function(lambda: adapter_memory()[1])
         resident = Gauge("loraplex_adapters_resident", "Adapters per residency tier", ["tier"], registry=r)
         for tier in ("device", "cpu", "disk"):
             resident.labels(tier=tier).set_function(lambda tier=tier: tiers().get(tier, 0))

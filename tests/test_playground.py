@@ -189,6 +189,7 @@ def test_the_live_view_follows_the_traffic(page, site):
     assert wait_until(lambda: float(requests.inner_text()) >= before + 2, 10)
     page.locator("#traffic li[data-expert='json-answer']").wait_for()
     assert page.locator("#stat-ttft").inner_text().endswith(" ms")
+    assert " of " in page.locator("#stat-adapter-memory").inner_text()  # slots in use, of the pool
     assert page.locator("#chart-throughput polyline").get_attribute("points").count(",") >= 2
     shot(page, "live")
 

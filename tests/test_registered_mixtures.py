@@ -23,7 +23,7 @@ def test_a_registered_mixture_is_served_listed_routed_and_survives_a_restart(tin
             assert client.post("/v1/adapters", headers=ADMIN, json={"name": name, "path": str(roots / name),
                                                                      "stop": [f"<{name}>"]}).status_code == 201
         made = client.post("/v1/adapters", headers=ADMIN, json={
-            "name": "blend", "mixture": {"a": 3, "b": 1}, "description": "Answers about tide pools and crabs.",
+            "name": "blend", "mixture": {"a": 0.75, "b": 0.25}, "description": "Answers about tide pools and crabs.",
             "examples": ["Tell me about tide pools.", "What do hermit crabs eat?", "Where do sea anemones live?"],
             "temperature": 0.0})
         assert made.status_code == 201, made.text

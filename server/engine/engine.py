@@ -146,6 +146,10 @@ class Engine:
     def device(self) -> torch.device:
         return self._runner.device
 
+    def adapter_memory(self) -> tuple[int, int]:
+        """(bytes of adapter slots in use, bytes of the slot pool) — a snapshot, safe from any thread."""
+        return self._runner.lora.memory() if self._runner is not None else (0, 0)
+
     def kv_usage(self) -> tuple[int, int]:
         """(KV blocks in use, blocks in the pool) — a snapshot, safe from any thread."""
         if self._blocks is None:

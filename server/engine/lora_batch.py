@@ -238,6 +238,11 @@ class LoraBank:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * slots * _Layout(shape, aligned_rank(max_rank)).size * element
 
+    def memory(self) -> tuple[int, int]:
+        """(bytes of slots holding an adapter, bytes of the whole pool): a snapshot, any thread."""
+        slot = self.layout.size * self.pool.element_size()
+        return len(self._residents) * slot, self.slots * slot
+
     def add(self, name: str, weights: LoraWeights) -> None:
         self.remove(name)
         if weights.rank > self.layout.rank:

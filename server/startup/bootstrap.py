@@ -215,6 +215,7 @@ def create_state(settings: Settings) -> ServerState:
         tiers=engine.adapter_counts,
         kv_blocks=engine.kv_usage,
         kv_block_bytes=engine.kv_block_bytes,
+        adapter_memory=engine.adapter_memory,
         lora_activity=engine.lora_activity,
         max_lora=settings.max_gpu_adapters,
         vllm_aliases=settings.vllm_metric_aliases,

@@ -453,7 +453,9 @@ async function pollMetrics() {
   $("#stat-running").textContent = `${running} / ${waiting}`;
   $("#stat-kv").textContent = `${(kv * 100).toFixed(1)}% (${formatBytes(kvBytes)})`;
   $("#stat-requests").textContent = String(total(samples, "loraplex_requests_total"));
+  const slots = (state) => total(samples, "loraplex_adapter_memory_bytes", (l) => l.state === state);
   $("#stat-adapters").textContent = `${tier("device")} / ${tier("cpu")} / ${tier("disk")}`;
+  $("#stat-adapter-memory").textContent = `${formatBytes(slots("used"))} of ${formatBytes(slots("total"))}`;
   $("#stat-memory").textContent = formatBytes(total(samples, "loraplex_process_resident_memory_bytes"));
   push("throughput", rate);
   push("ttft", recent);
