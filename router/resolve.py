@@ -110,8 +110,8 @@ class ExpertRouter:
     def mixture(self, pairs: list[tuple[str, float]], source: str, param: str, label: str | None) -> Route:
         """The route for (expert, weight) pairs as asked; BadMixture for what cannot be served."""
         if len(pairs) > self.max_experts:
-            raise BadMixture(f"a mixture may blend at most {self.max_experts} experts (max_experts_per_request); "
-                             f"got {len(pairs)}", param)
+            raise BadMixture(f"a mixture may blend at most {self.max_experts} experts (max_experts_per_request, "
+                             f"and no more than max_gpu_adapters); got {len(pairs)}", param)
         names = [name for name, _ in pairs]
         for name in names:
             if not name:

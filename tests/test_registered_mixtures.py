@@ -68,3 +68,20 @@ def test_mixtures_that_cannot_be_registered_are_400(tiny_folder, tmp_path):
             assert says in response.json()["error"]["message"], response.json()
         assert_openai_error(client.post("/v1/adapters", headers=ADMIN, json={"name": "m", "mixture": {"a": 1}}), 409)
         assert "n" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+def test_a_mixture_larger_than_the_device_slots_is_refused_not_left_waiting(tiny_folder, tmp_path):
+    """A mixture runs only with all its adapters on the device at once: with one slot, a blend of two
+    would wait forever, so it is a 400."""
+    roots = tmp_path / "roots"
+    for name in ("a", "b"):
+        write_lora(roots / name, width=128)
+    settings = dict(admin_key=["k"], adapter_roots=[str(roots)], base_mismatch="warn", router=False, max_gpu_adapters=1)
+    with in_process(tiny_folder, tmp_path / "data", **settings) as (state, client):
+        for name in ("a", "b"):
+            assert client.post("/v1/adapters", headers=ADMIN, json={"name": name, "path": str(roots / name)}).status_code == 201
+        refused = chat(client, "a+b")
+        assert_openai_error(refused, 400, "model")
+        assert "max_gpu_adapters" in refused.json()["error"]["message"]
+        assert chat(client, "a+b".replace("+b", "")).status_code == 200  # one at a time still serves
+        assert chat(client, state.base.name, headers={"X-Expert": "b:0.5"}).status_code == 200  # half strength

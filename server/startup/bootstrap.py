@@ -179,7 +179,9 @@ def create_state(settings: Settings) -> ServerState:
 
     def set_base(info: BaseInfo) -> None:
         state.router = ExpertRouter(registry, info.name, settings.router_margin, settings.router_fallback,
-                                    settings.auto_model_names, settings.max_experts_per_request,
+                                    # a mixture needs all its adapters on the device at once
+                                    settings.auto_model_names,
+                                    min(settings.max_experts_per_request, settings.max_gpu_adapters),
                                     settings.router_top_k, settings.router_mix_temperature)
         state.base = info
         if settings.fine_tuning:
