@@ -22,7 +22,7 @@ ERROR_SCHEMA = {
     }},
 }
 _WHY = {400: "Invalid request", 401: "Missing or wrong key", 403: "Disabled (no admin key configured)",
-        404: "Unknown model, expert or adapter", 408: "The request body stalled", 409: "Name already registered",
+        404: "Unknown model, expert or adapter", 408: "The request body stalled", 409: "Name already registered, or an expert a mixture blends",
         413: "Request body too large", 429: "Queue full; retry after Retry-After",
         500: "This request's generation failed (the server goes on)",
         503: "Loading, shutting down, or an adapter could not be loaded; retry after Retry-After"}
@@ -38,10 +38,10 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/adapters"): _ADMIN,
     ("post", "/v1/adapters"): (400, 408, 409, 413, *_ADMIN),
     ("get", "/v1/adapters/{name}"): (404, *_ADMIN),
-    ("delete", "/v1/adapters/{name}"): (400, 404, *_ADMIN),
+    ("delete", "/v1/adapters/{name}"): (400, 404, 409, *_ADMIN),
     ("post", "/v1/router/corrections"): (400, 404, 408, 413, *_ADMIN),
     ("post", "/v1/load_lora_adapter"): (400, 408, 409, 413, *_ADMIN),
-    ("post", "/v1/unload_lora_adapter"): (400, 404, 408, 413, *_ADMIN),
+    ("post", "/v1/unload_lora_adapter"): (400, 404, 408, 409, 413, *_ADMIN),
     ("post", "/v1/files"): (400, 404, 408, 413, *_ADMIN),
     ("get", "/v1/files"): (404, *_ADMIN),
     ("get", "/v1/files/{file_id}"): (404, *_ADMIN),
