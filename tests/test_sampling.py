@@ -104,3 +104,37 @@ def test_token_bytes_for_sentencepiece_vocabularies():
     pieces = TokenPieces(_SentencePieceLike())
     assert b"".join(pieces.token_bytes(i) for i in range(6)).decode() == " Hello😀!"
     assert pieces.entry(TokenLogprob(1, -0.1, []))["token"] == "\ufffd"  # a lone byte of a 4-byte character
+
+
+def test_batched_draws_follow_the_distribution_and_top_p():
+    """The exponential race draws token i with probability p_i; top_p cuts the tail first."""
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    params = [SamplingParams(1, temperature=1.0)] * 2000 + [SamplingParams(1, temperature=1.0, top_p=0.8)] * 2000
+    sampled = sample_batch(logits, params, [make_generator(i, torch.device("cpu")) for i in range(4000)])
+    free = torch.bincount(torch.tensor(sampled.tokens[:2000]), minlength=4).float() / 2000
+    assert torch.allclose(free, probs, atol=0.035), free
+    cut = torch.bincount(torch.tensor(sampled.tokens[2000:]), minlength=4).float() / 2000
+    assert cut[2] == cut[3] == 0  # outside the top 0.85 of the mass
+    assert abs(cut[0] - 0.6 / 0.85) < 0.035, cut
+
+
+def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 500)
+    params = [SamplingParams(1, temperature=0.9, top_p=0.95, seed=7), SamplingParams(1, temperature=0.0),
+              SamplingParams(1, temperature=1.3), SamplingParams(1, temperature=0.7, presence_penalty=1.0),
+              SamplingParams(1, temperature=1.0, logit_bias={3: 5.0}), SamplingParams(1, temperature=0.5)]
+
+    def run(rows):
+        generators = [make_generator(100 + r, torch.device("cpu")) for r in rows]
+        tokens = []
+        for _ in range(20):
+            tokens.append(sample_batch(logits[rows], [params[r] for r in rows], generators,
+                                       [Counter({1: 2}) for _ in rows]).tokens)
+        return [[step[i] for step in tokens] for i in range(len(rows))]
+
+    together = run([0, 1, 2, 3, 4, 5])
+    for row in range(6):
+        assert run([row])[0] == together[row], row
+    assert len(set(together[0])) > 1  # it really samples

@@ -9,6 +9,11 @@ Every legal value is served and no row can take the others down: a temperature t
 divide by is greedy (as in vLLM), the most likely token always survives top_p, non-finite
 logits (a broken adapter, an overflow) are masked out before anything samples from them, and
 a row that cannot be sampled is reported as that row's error, not raised for the batch.
+
+A step's rows are sampled together: per-row temperatures and top_p values become tensors, greedy
+rows share one argmax, sampled rows one softmax, one sort (when a row asks for top_p) and one
+argmax over their noise, and the tokens come back to the host in one transfer (what a GPU needs:
+no per-row synchronisation). Only rows with a grammar, penalties or logit_bias get per-row work.
 """
 from __future__ import annotations
 
@@ -76,21 +81,6 @@ def adjust_logits(row: torch.Tensor, params: SamplingParams, generated: Counter 
     return row
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Draw one token from a row of float32 logits."""
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, sorted_ids = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p; the most likely token always stays,
-        # also for a top_p that float32 rounds to 0 (5e-324)
-        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        outside[0] = False
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(sorted_ids[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     alternatives = []
@@ -111,56 +101,109 @@ class Sampled:
     errors: dict[int, str]
 
 
-def _mask_non_finite(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """NaN/inf logits set to -inf (never sampled); one reduction decides for the whole batch."""
-    finite = torch.isfinite(logits)
-    bad_rows = (~finite.all(dim=-1)).nonzero().flatten().tolist()
-    if not bad_rows:
-        return logits, []
-    return logits.masked_fill(~finite, float("-inf")), bad_rows
+def _adjust_rows(logits: torch.Tensor, params: list[SamplingParams], generated, constraints,
+                 errors: dict[int, str]) -> torch.Tensor:
+    """The logits rows are sampled from: grammar masks, penalties and logit_bias on the rows that have
+    them (a copy; the others untouched). A row whose adjustment fails gets an error, the batch goes on."""
+    adjusted = None
+    for row, row_params in enumerate(params):
+        constrain = constraints[row] if constraints else None
+        counts = generated[row] if generated else None
+        if constrain is None and not row_params.logit_bias and not (row_params.penalizes and counts):
+            continue
+        if adjusted is None:
+            adjusted = logits.clone()
+        try:
+            values = adjusted[row].clone()
+            if constrain is not None:  # a grammar: tokens it does not allow next become -inf
+                values = constrain(values)
+                if not torch.isfinite(values).any():
+                    raise ValueError("the output format allows no token the model can produce here")
+            if row_params.penalizes or row_params.logit_bias:
+                values = adjust_logits(values, row_params, counts)
+            adjusted[row] = values
+        except Exception as exc:  # this row's fault; the batch goes on
+            errors[row] = f"sampling failed: {exc}"
+    return logits if adjusted is None else adjusted
 
 
-def _sample_row(row_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-                generated: Counter | None, argmax: int, constrain=None) -> int:
-    if constrain is not None:  # a grammar: tokens it does not allow next become -inf
-        row_logits = constrain(row_logits.clone())
-        if not torch.isfinite(row_logits).any():
-            raise ValueError("the output format allows no token the model can produce here")
-        argmax = int(row_logits.argmax())
-    if params.penalizes or params.logit_bias:
-        row_logits = adjust_logits(row_logits, params, generated)
-        if params.greedy:
-            return int(row_logits.argmax())
-    if not params.greedy:
-        return sample_one(row_logits, params, generator)
-    return argmax
+def _draw(source: torch.Tensor, rows: list[int], params: list[SamplingParams],
+          generators: list[torch.Generator]) -> torch.Tensor:
+    """One token for each of `rows` (temperature, then top_p), all rows in a few batched ops.
+
+    The draw is the exponential race (argmax of p / E with E ~ Exp(1), which picks token i with
+    probability p_i): each row's noise comes from its own generator, so a seeded request draws the
+    same tokens whatever shares its batch, and no op can hit the device-side assert torch.multinomial
+    raises on NaN probabilities (it would poison a CUDA context)."""
+    device = source.device
+    index = torch.tensor(rows, device=device)
+    logits = source.index_select(0, index)
+    temperatures = torch.tensor([params[r].temperature for r in rows], device=device, dtype=logits.dtype)
+    probs = torch.softmax(logits / temperatures[:, None], dim=-1)
+    top_ps = [params[r].top_p for r in rows]
+    if min(top_ps) < 1.0:
+        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p; the most likely token always stays, also
+        # for a top_p that float32 rounds to 0 (5e-324)
+        limit = torch.tensor(top_ps, device=device, dtype=probs.dtype)[:, None]
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= limit
+        outside[:, 0] = False
+        probs = torch.zeros_like(probs).scatter_(1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.stack([torch.empty(probs.shape[-1], device=device, dtype=probs.dtype).exponential_(
+        generator=generators[r]) for r in rows])
+    return (probs / noise).argmax(dim=-1)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams],
+              rows: list[int]) -> list[TokenLogprob]:
+    """The model's own log-probabilities (before temperature, penalties and bias) of each row's token
+    and its top alternatives, computed for all rows at once and read back in one transfer."""
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+    top = max(params[r].top_logprobs for r in rows)
+    values, ids = torch.topk(logprobs, top) if top else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+    out = []
+    for i, row in enumerate(rows):
+        k = params[row].top_logprobs
+        out.append(TokenLogprob(-1, chosen[i], list(zip(ids[i][:k], values[i][:k]))))
+    return out
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
                  generated: list[Counter | None] | None = None, constraints: list | None = None) -> Sampled:
-    """One token per row, and its logprob for rows that asked. Plain greedy rows share one argmax.
+    """One token per row, and its logprob for rows that asked.
 
-    `constraints[row]`, when given, masks that row's logits to what its output format allows
-    (structured outputs); rows without one are not touched. A row whose logits are all
-    non-finite, or whose sampling raises, gets an error instead of a token; the other rows are
-    sampled as if it were not there.
+    Per-row settings become batched tensor ops: greedy rows take one shared argmax, sampled rows are
+    drawn together (`_draw`), and the step's tokens, with which rows held non-finite logits, come back
+    to the host in one transfer (logprobs, when asked, in one more). `constraints[row]`, when given,
+    masks that row's logits to what its output format allows (structured outputs); rows without one
+    are not touched. A row whose logits are all non-finite, or whose adjustment fails, gets an error
+    instead of a token; the other rows are sampled as if it were not there.
     """
-    logits, masked = _mask_non_finite(logits)
-    argmax = logits.argmax(dim=-1).tolist()
-    result = Sampled([None] * len(params), [None] * len(params), masked, {})
-    for row in masked:
-        if not torch.isfinite(logits[row]).any():
-            result.errors[row] = "the model produced no finite logits for this request"
-    for row, row_params in enumerate(params):
-        if row in result.errors:
-            continue
-        try:
-            token = _sample_row(logits[row], row_params, generators[row], generated[row] if generated else None,
-                                argmax[row], constraints[row] if constraints else None)
-            if row_params.logprobs:
-                result.logprobs[row] = token_logprob(logits[row], token, row_params.top_logprobs)
-        except Exception as exc:  # this row's fault; the batch goes on
-            result.errors[row] = f"sampling failed: {exc}"
-            continue
-        result.tokens[row] = token
+    finite = torch.isfinite(logits)
+    logits = logits.masked_fill(~finite, float("-inf"))  # NaN/inf are never sampled
+    flags = torch.stack((~finite.all(dim=-1), ~finite.any(dim=-1)))  # [some bad, none left] per row
+    errors: dict[int, str] = {}
+    source = _adjust_rows(logits, params, generated, constraints, errors)
+    tokens = source.argmax(dim=-1)
+    sampled_rows = [row for row, p in enumerate(params) if not p.greedy and row not in errors]
+    if sampled_rows:
+        drawn = _draw(source, sampled_rows, params, generators)
+        tokens = tokens.index_copy(0, torch.tensor(sampled_rows, device=tokens.device), drawn)
+    packed = torch.cat((tokens[None], flags.long())).tolist()  # the one device -> host transfer
+    token_list, some_bad, none_left = packed
+    result = Sampled([None] * len(params), [None] * len(params), [r for r, bad in enumerate(some_bad) if bad], errors)
+    for row, empty in enumerate(none_left):
+        if empty:
+            errors[row] = "the model produced no finite logits for this request"
+    wanted = [row for row, p in enumerate(params) if p.logprobs and row not in errors]
+    if wanted:
+        for row, logprob in zip(wanted, _logprobs(logits, tokens, params, wanted)):
+            logprob.token_id = token_list[row]
+            result.logprobs[row] = logprob
+    for row in range(len(params)):
+        if row not in errors:
+            result.tokens[row] = token_list[row]
     return result
