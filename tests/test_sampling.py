@@ -119,6 +119,23 @@ def test_batched_draws_follow_the_distribution_and_top_p():
     assert abs(cut[0] - 0.6 / 0.85) < 0.035, cut
 
 
+def test_the_exponential_race_follows_the_distribution_and_the_seeds():
+    """The draw itself (no host sync, no multinomial), on rows of one distribution."""
+    from server.engine.sampling import _draw
+
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    logits = probs.log().repeat(3000, 1)
+    params = [SamplingParams(1, temperature=1.0)] * 3000
+    rows = list(range(3000))
+    tokens = _draw(logits, rows, params, [make_generator(i, torch.device("cpu")) for i in rows])
+    freq = torch.bincount(tokens, minlength=4).float() / 3000
+    assert torch.allclose(freq, probs, atol=0.035), freq
+    again = _draw(logits[:5], rows[:5], params[:5], [make_generator(i, torch.device("cpu")) for i in rows[:5]])
+    assert torch.equal(again, tokens[:5])  # seeded: the same draws alone as in the batch
+    nan_row = torch.full((1, 4), float("nan"))
+    assert _draw(nan_row, [0], params[:1], [make_generator(0, torch.device("cpu"))]).shape == (1,)
+
+
 def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
     torch.manual_seed(0)
     logits = torch.randn(6, 500)

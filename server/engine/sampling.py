@@ -132,12 +132,15 @@ def _draw(source: torch.Tensor, rows: list[int], params: list[SamplingParams],
     """One token for each of `rows` (temperature, then top_p), all rows in a few batched ops.
 
     The draw is the exponential race (argmax of p / E with E ~ Exp(1), which picks token i with
-    probability p_i): each row's noise comes from its own generator, so a seeded request draws the
-    same tokens whatever shares its batch, and no op can hit the device-side assert torch.multinomial
-    raises on NaN probabilities (it would poison a CUDA context)."""
+    probability p_i; torch.multinomial does the same for one sample, row by row): no host sync, and no
+    op that can hit the device-side assert torch.multinomial raises on NaN probabilities (it would
+    poison a CUDA context). Each row's noise comes from its own generator, so a seeded request draws
+    the same tokens whatever shares its batch."""
     device = source.device
-    index = torch.tensor(rows, device=device)
-    logits = source.index_select(0, index)
+    if len(rows) == source.shape[0]:
+        logits = source  # every row samples: no gather
+    else:
+        logits = source.index_select(0, torch.tensor(rows, device=device))
     temperatures = torch.tensor([params[r].temperature for r in rows], device=device, dtype=logits.dtype)
     probs = torch.softmax(logits / temperatures[:, None], dim=-1)
     top_ps = [params[r].top_p for r in rows]
