@@ -152,9 +152,10 @@ def _draw(source: torch.Tensor, rows: list[int], params: list[SamplingParams],
         outside = (sorted_probs.cumsum(-1) - sorted_probs) >= limit
         outside[:, 0] = False
         probs = torch.zeros_like(probs).scatter_(1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
-    noise = torch.stack([torch.empty(probs.shape[-1], device=device, dtype=probs.dtype).exponential_(
-        generator=generators[r]) for r in rows])
-    return (probs / noise).argmax(dim=-1)
+    noise = torch.empty_like(probs)
+    for i, row in enumerate(rows):  # each row's own generator, written in place (no stacking copy)
+        noise[i].exponential_(generator=generators[row])
+    return probs.div_(noise).argmax(dim=-1)
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams],
@@ -186,8 +187,11 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     instead of a token; the other rows are sampled as if it were not there.
     """
     finite = torch.isfinite(logits)
-    logits = logits.masked_fill(~finite, float("-inf"))  # NaN/inf are never sampled
     flags = torch.stack((~finite.all(dim=-1), ~finite.any(dim=-1)))  # [some bad, none left] per row
+    # NaN/inf are never sampled. On a CPU a host read costs nothing, so the masking copy is skipped when
+    # every value is finite (the usual step); on an accelerator it is always made, never waited for.
+    if logits.device.type != "cpu" or bool(flags[0].any()):
+        logits = logits.masked_fill(~finite, float("-inf"))
     errors: dict[int, str] = {}
     source = _adjust_rows(logits, params, generated, constraints, errors)
     tokens = source.argmax(dim=-1)

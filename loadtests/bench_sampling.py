@@ -1,0 +1,41 @@
+"""What sampling one step costs: `sample_batch` over a batch of rows of the default model's vocabulary.
+
+    python -m loadtests.bench_sampling [--batch 16] [--vocab 49152] [--repeat 20]
+
+Random float32 logits, each row with its own seeded generator; the mean over --repeat calls of
+greedy rows, rows sampled at temperature 1, and rows sampled with temperature 0.8 and top_p 0.9.
+Prints milliseconds per call (no result file: a quick check of the sampler next to a decode step,
+whose times `python -m loadtests.bench_decode_step` gives).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from server.engine.sampling import SamplingParams, make_generator, sample_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    logits = torch.randn(args.batch, args.vocab)
+    cases = {"greedy": SamplingParams(1, temperature=0.0), "temperature 1": SamplingParams(1, temperature=1.0),
+             "temperature 0.8, top_p 0.9": SamplingParams(1, temperature=0.8, top_p=0.9)}
+    for label, params in cases.items():
+        generators = [make_generator(i, torch.device("cpu")) for i in range(args.batch)]
+        sample_batch(logits, [params] * args.batch, generators)  # warm-up
+        start = time.perf_counter()
+        for _ in range(args.repeat):
+            sample_batch(logits, [params] * args.batch, generators)
+        elapsed = (time.perf_counter() - start) / args.repeat * 1000
+        print(f"batch {args.batch}, vocab {args.vocab}, {label}: {elapsed:.1f} ms per step")
+
+
+if __name__ == "__main__":
+    main()
