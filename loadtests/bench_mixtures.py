@@ -19,13 +19,13 @@ import asyncio
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from adapters.base_model import EMBEDDED_BASE, load_base
 from adapters.lora import BaseShape, load_lora
+from loadtests.bench_decode_step import time_steps
 from loadtests.bench_experts import DEMO, PIRATE_WORDS, is_json_object
 from loadtests.harness import REPO, ServerProcess
 from loadtests.provenance import stamp
@@ -33,16 +33,6 @@ from server.engine.model_runner import ModelRunner, StepItem
 from server.settings import Settings
 
 EXPERTS = ("json-answer", "pirate", "terse")
-
-
-def _step_ms(runner: ModelRunner, tables, adapters, steps: int) -> float:
-    items = [StepItem([5], 40, table, adapter) for table, adapter in zip(tables, adapters)]
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        runner.step(items)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def cost(batch: int) -> dict:
@@ -62,11 +52,11 @@ def cost(batch: int) -> dict:
         "mix3": [tuple((name, 1 / 3) for name in EXPERTS)] * batch,
     }
     for adapters in layouts.values():
-        _step_ms(runner, tables, adapters, 5)  # warm-up
+        time_steps(runner, tables, adapters, 5)  # warm-up
     runs = {name: [] for name in layouts}
     for _ in range(3):  # alternated rounds: this machine's speed drifts
         for name, adapters in layouts.items():
-            runs[name].append(_step_ms(runner, tables, adapters, 30))
+            runs[name].append(time_steps(runner, tables, adapters, 30))
     ms = {name: statistics.median(values) for name, values in runs.items()}
     return {"batch": batch, "decode_step_ms": ms,
             "throughput_vs_single": {"mix2": ms["single"] / ms["mix2"], "mix3": ms["single"] / ms["mix3"]},
