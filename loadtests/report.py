@@ -406,8 +406,51 @@ def mixtures_section() -> str:
     return "\n".join(lines)
 
 
+def ray_section() -> str:
+    head = ("### Scale-out on Ray Serve\n\n"
+            "`python -m loadtests.bench_ray`: the default model (NF4, float32 compute) served by 1 and by 2 engine\n"
+            "replicas on Ray Serve behind one ingress, and by the single-process server; 32 random rank-8 experts,\n"
+            "`max_gpu_adapters` 8 and `max_batch_size` 8 per replica; expert popularity Zipf (s = 1.1). **On this\n"
+            "2-core machine the replicas share the same two cores**, so these figures show the mechanism (affinity,\n"
+            "spill, the ingress hop, faults), not a speed-up: on CUDA each replica has its own GPU.\n")
+    result = _load("bench_ray.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_ray")
+    single, one, two = result["single_process"], result["replicas_1"], result["replicas_2"]
+
+    def ttft(summary: dict) -> str:
+        return f"{summary['p50_ms']:.0f} / {summary['p99_ms']:.0f} ms"
+
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_ray')}.\n",
+             "| | single process | 1 replica | 2 replicas |", "| --- | --- | --- | --- |",
+             f"| time to first token on the base, p50 / p99 (48 streamed requests, 4 at a time) | "
+             f"{ttft(single['ttft_base'])} | {ttft(one['ttft_base'])} | {ttft(two['ttft_base'])} |",
+             f"| Zipf load ({result['requests']} requests, {result['concurrency']} at a time, 8 tokens): requests/s | "
+             f"{single['zipf']['requests_per_s']:.2f} | {one['affinity']['requests_per_s']:.2f} | "
+             f"{two['affinity']['requests_per_s']:.2f} |",
+             f"| same load: time to first token p50 / p99 | {ttft(single['zipf']['ttft'])} | "
+             f"{ttft(one['affinity']['ttft'])} | {ttft(two['affinity']['ttft'])} |",
+             f"| affinity: requests whose replica held the expert | | {one['affinity']['hit_rate']:.1%} | "
+             f"{two['affinity']['hit_rate']:.1%} |",
+             f"| experts taken in by a replica, per 1,000 requests | | {one['affinity']['loads_per_1000']:.0f} | "
+             f"{two['affinity']['loads_per_1000']:.0f} |"]
+    fresh, kill = two.get("new_expert"), two.get("kill")
+    if fresh:
+        firsts = " and ".join(f"{ms / 1000:.2f} s" for ms in fresh["first_token_by_replica_ms"])
+        lines += ["", f"A new expert (2 replicas): `POST /v1/adapters` answered in {fresh['register_ms']:.0f} ms; a burst "
+                      f"of requests right after it had a first answer from each replica by {firsts} after the POST "
+                      f"(an upper bound: the end of each replica's first request)."]
+    if kill:
+        lines += ["", f"A replica killed under the Zipf load ({kill['requests']} requests, 2 replicas): {kill['failed']} "
+                      f"failed ({', '.join(kill['failed_codes']) or 'none'}), "
+                      f"{'all of them' if kill['failed_were_on_victim'] else 'not all'} on the killed replica, "
+                      f"which had {kill['in_flight_on_victim']} requests in flight when it died; every other request "
+                      f"was served, and {kill['later_ok']} of {kill['later']} requests sent afterwards succeeded."]
+    return "\n".join(lines)
+
+
 SECTIONS = (serving_section, scenarios_section, kv_section, structured_section, registry_section, router_section,
-            fine_tuning_section, experts_section, mixtures_section, edge_section, gpu_section)
+            fine_tuning_section, experts_section, mixtures_section, ray_section, edge_section, gpu_section)
 
 
 def performance() -> str:

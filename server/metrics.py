@@ -64,6 +64,10 @@ class Metrics:
         self.request_failures = Counter("loraplex_request_failures_total",
                                         "Requests the engine ended with an error, by kind (fault, adapter, shutdown)",
                                         ["adapter", "kind"], registry=r)
+        self.replica_requests = Counter("loraplex_replica_requests_total",
+                                        "Requests placed on each Ray Serve engine replica; adapter: hit (the "
+                                        "replica held the expert), miss (it loaded it), base",
+                                        ["replica", "adapter"], registry=r)
         self.batch_size = Gauge("loraplex_batch_size", "Rows in the latest decode step", registry=r)
         self.decode_rows = Histogram("loraplex_decode_batch_rows", "Requests decoded together, per decode step",
                                      buckets=ROW_BUCKETS, registry=r)

@@ -123,6 +123,17 @@ class Settings(EncodableText):
     fine_tune_checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints: a cancelled or "
                                                                   "interrupted job resumes from the last one.")
     max_running_fine_tunes: int = Field(1, ge=1, le=16, description="Jobs trained at once; the rest wait queued.")
+    # --- scale-out (Ray Serve; the loraplex[ray] extra) ---
+    replicas: int = Field(
+        0, ge=0, le=1024,
+        description="Engine replicas on Ray Serve: 0 serves from this one process; N runs one ingress (the OpenAI "
+                    "and admin API, the router, the registry) and N engine replicas (one GPU each on CUDA), "
+                    "requests for an expert going to a replica that already holds it. data_dir must be storage "
+                    "every replica reads.",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to run on ('auto', 'ray://head:10001'); none: start a local one."
+    )
     max_gpu_adapters: int = Field(8, ge=1, description="Adapters resident on the compute device (LRU).")
     max_cpu_adapters: int = Field(32, ge=0, description="Evicted adapters kept in CPU memory (LRU).")
     max_adapter_rank: int = Field(64, ge=1)

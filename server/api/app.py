@@ -43,7 +43,11 @@ def create_app(state: ServerState) -> FastAPI:
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         router = "ready" if state.router.classifier is not None else state.router.unavailable_reason
-        return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting, "router": router}
+        health = {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting, "router": router}
+        replicas = engine.replicas()
+        if replicas:  # Ray Serve: each engine replica as it last reported
+            health["replicas"] = replicas
+        return health
 
     @app.get("/metrics")
     async def metrics():

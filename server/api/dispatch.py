@@ -37,6 +37,7 @@ class Call:
     seqs: list[Sequence]
     outputs: asyncio.Queue  # (choice index, EngineOutput), or None when the client has gone
     outcome: RequestOutcome  # what the request-outcome middleware counts and logs
+    replica: str | None = None  # the engine replica of its first choice (Ray Serve); None: this process
 
     def cancel(self, engine) -> None:
         for seq in self.seqs:
@@ -210,4 +211,9 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
         state.registry.count_request(member.name)
         if blended:
             state.metrics.mixture_requests.labels(member.name).inc()
+    try:
+        call.replica = await state.engine.placed(seqs[0])  # named in the response headers
+    except BaseException:  # the request was cancelled (its client left) while a replica was being chosen
+        call.cancel(state.engine)
+        raise
     return call

@@ -64,7 +64,11 @@ class _Usage:
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
-def route_headers(route: Route) -> dict[str, str]:
+REPLICA_HEADER = "X-Loraplex-Replica"
+
+
+def route_headers(route: Route, replica: str | None = None) -> dict[str, str]:
+    """The router's decision (and, on Ray Serve, the engine replica that served the request)."""
     headers = {"X-Expert": mixture_label(route.mixture) if route.mixture else route.model,
                "X-Router-Source": route.source}
     if route.score is not None:
@@ -73,12 +77,16 @@ def route_headers(route: Route) -> dict[str, str]:
         headers["X-Router-Margin"] = f"{route.margin:+.4f}"
     if route.reason:
         headers["X-Router-Reason"] = route.reason
+    if replica is not None:
+        headers[REPLICA_HEADER] = replica
     return headers
 
 
 # an engine error's kind -> (status, code): a server stopping or an adapter that cannot load is
 # "try again later" (503); a request whose generation broke is the server's fault (500)
-_ENGINE_ERRORS = {"shutdown": (503, "shutting_down"), "adapter": (503, "adapter_unavailable")}
+# an engine replica lost with the request on it (Ray Serve) is 503 too: a retry lands on another
+_ENGINE_ERRORS = {"shutdown": (503, "shutting_down"), "adapter": (503, "adapter_unavailable"),
+                  "replica": (503, "replica_unavailable")}
 
 
 def engine_failed(out: EngineOutput) -> APIError:
@@ -211,7 +219,7 @@ async def _events(call: Call, state: ServerState, shaper: ChunkShaper, include_u
 def streaming_response(call: Call, state: ServerState, shaper: ChunkShaper, include_usage: bool) -> StreamingResponse:
     """The answer as Server-Sent Events, ending with `data: [DONE]`; the route in the headers."""
     return StreamingResponse(_events(call, state, shaper, include_usage), media_type="text/event-stream",
-                             headers={**route_headers(call.route), "Cache-Control": "no-cache"})
+                             headers={**route_headers(call.route, call.replica), "Cache-Control": "no-cache"})
 
 
 async def complete_response(call: Call, request: Request, state: ServerState, body) -> JSONResponse:
@@ -219,4 +227,4 @@ async def complete_response(call: Call, request: Request, state: ServerState, bo
     answer = await collect(call, request, state)
     if answer is None:
         return JSONResponse({}, status_code=499)  # nobody is listening any more
-    return JSONResponse(body(answer), headers=route_headers(call.route))
+    return JSONResponse(body(answer), headers=route_headers(call.route, call.replica))

@@ -144,7 +144,7 @@ class OutputFormats:
     def constraints(self, fmt: OutputFormat, choices: int) -> list[TokenConstraint]:
         """A fresh, warmed matcher per choice (its state is that choice's text) for a format with a
         grammar; call it off the event loop."""
-        return [TokenConstraint(self._llg.LLMatcher(self._tokenizer, fmt.grammar), self.vocab_size).warm()
+        return [TokenConstraint(self._llg.LLMatcher(self._tokenizer, fmt.grammar), self.vocab_size, fmt.grammar).warm()
                 for _ in range(choices)]
 
     def _checked(self, build, source, param: str) -> str:

@@ -11,8 +11,10 @@ import torch
 
 
 class TokenConstraint:
-    def __init__(self, matcher, vocab_size: int):
+    def __init__(self, matcher, vocab_size: int, grammar: str | None = None):
         import llguidance.torch as llg_torch
+
+        self.grammar = grammar  # what the matcher was built from: an engine in another process builds its own
 
         self._matcher = matcher
         self._llg = llg_torch

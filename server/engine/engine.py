@@ -98,6 +98,15 @@ class Engine:
             self._scheduler.waiting.append(seq)
             self._wakeup.notify()
 
+    def replicas(self) -> dict[str, dict]:
+        """Engine replicas and what each last reported: none here (one process, one engine)."""
+        return {}
+
+    async def placed(self, seq: Sequence) -> str | None:
+        """Which engine replica runs `seq`, once it is placed: None here, where this process's engine runs
+        everything (server/startup/ray_serve.py's RemoteEngine names a Ray Serve replica)."""
+        return None
+
     def wake(self) -> None:
         with self._wakeup:
             self._wakeup.notify()

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from adapters.admission import AdmissionError, check_new_name, check_token_ids, fill_from_folder, validate_staged
-from adapters.base_model import BaseModelError, base_stop_token_ids, load_base
+from adapters.base_model import BaseModelError, base_stop_token_ids, load_base, resolve_base_folder
 from adapters.lora import BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
@@ -40,8 +40,11 @@ def context_window_for(settings: Settings, model_config) -> int:
     return min(settings.context_window, limit)
 
 
-def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, registry: AdapterRegistry,
+def _restore_experts(settings: Settings, base: BaseInfo, register, registry: AdapterRegistry,
                      store: AdapterStore) -> None:
+    """The config's experts (read and checked now) and the store's (read from disk on first use), each
+    registered with the engine by `register(key, folder, weights_or_None)` and added to the registry.
+    Only the registry's writer calls this: it also removes store folders no manifest entry names."""
     for name, spec in settings.adapters.items():
         try:
             spec = fill_from_folder(spec, spec.path)
@@ -52,7 +55,7 @@ def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, re
         except AdmissionError as exc:
             raise ConfigError(f"adapter '{name}' from {spec.path}: {exc.message}") from exc
         record = AdapterRecord.create(name, spec.path, "config", weights, spec)
-        cache.register(record.key, record.folder, weights)
+        register(record.key, record.folder, weights)
         registry.add(record)
         log.info("loaded adapter %s from %s", name, spec.path)
     orphans = store.collect_garbage()
@@ -68,13 +71,50 @@ def _restore_experts(settings: Settings, base: BaseInfo, cache: AdapterCache, re
             continue
         record = AdapterRecord.from_manifest(entry)
         if not record.mixture:  # a mixture has no weights of its own
-            cache.register(record.key, record.folder)  # read from disk on first use
+            register(record.key, record.folder, None)  # read from disk on first use
         registry.add(record)
     log.info("%d experts registered", len(registry.all()))
 
 
+def describe_base(settings: Settings, folder: Path, name: str, tokenizer, config, generation_config) -> BaseInfo:
+    """What the HTTP side knows of the base, from its folder's config and tokenizer (no weights needed)."""
+    stop_token_ids = base_stop_token_ids(tokenizer, generation_config)
+    return BaseInfo(
+        name=name,
+        names=frozenset({name, folder.name}),
+        tokenizer=tokenizer,
+        prompts=PromptEncoder(tokenizer),
+        pieces=TokenPieces(tokenizer),
+        stop_token_ids=stop_token_ids,
+        context_window=context_window_for(settings, config),
+        vocab_size=config.vocab_size,
+        shape=BaseShape.from_config(config),
+        formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids),
+    )
+
+
+def read_base_info(settings: Settings) -> BaseInfo:
+    """The base's facts without loading its weights: for a process that serves HTTP while engines
+    elsewhere hold the model (the Ray Serve ingress)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        folder, name = resolve_base_folder(settings.base_model, settings.cache_dir, settings.served_model_name)
+    except BaseModelError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:  # the folder has no generation_config.json
+        generation_config = None
+    return describe_base(settings, folder, name, AutoTokenizer.from_pretrained(folder),
+                         AutoConfig.from_pretrained(folder), generation_config)
+
+
 def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterStore, on_base_ready,
-                  wake, on_freed, metrics: Metrics) -> tuple[ModelRunner, AdapterCache]:
+                  wake, on_freed, metrics: Metrics, restore: bool = True) -> tuple[ModelRunner, AdapterCache]:
+    """On the engine thread: the base, the runner, the adapter cache; with `restore`, the experts of the
+    config and the store (a Ray Serve engine replica does not: it learns each expert from the request
+    that first names it)."""
     try:
         loaded = load_base(settings.base_model, settings.quantization, settings.compute_dtype, settings.device,
                            settings.cache_dir, settings.served_model_name)
@@ -95,23 +135,12 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
              num_blocks * block_bytes / 2**20, (num_blocks - 1) * settings.kv_block_size)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(loaded.folder)
-    stop_token_ids = base_stop_token_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None))
-    base = BaseInfo(
-        name=loaded.name,
-        names=frozenset({loaded.name, loaded.folder.name}),
-        tokenizer=tokenizer,
-        prompts=PromptEncoder(tokenizer),
-        pieces=TokenPieces(tokenizer),
-        stop_token_ids=stop_token_ids,
-        context_window=context_window,
-        vocab_size=config.vocab_size,
-        shape=shape,
-        formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids),
-    )
+    base = describe_base(settings, loaded.folder, loaded.name, AutoTokenizer.from_pretrained(loaded.folder), config,
+                         getattr(loaded.model, "generation_config", None))
     cache = AdapterCache(runner.lora, base.shape, settings.max_gpu_adapters, settings.max_cpu_adapters,
                          wake=wake, on_freed=on_freed, metrics=metrics)
-    _restore_experts(settings, base, cache, registry, store)
+    if restore:
+        _restore_experts(settings, base, cache.register, registry, store)
     on_base_ready(base)
     return runner, cache
 
@@ -172,45 +201,32 @@ def _share_cores(state: ServerState, settings: Settings):
     return on_training
 
 
-def create_state(settings: Settings) -> ServerState:
-    registry = AdapterRegistry()
-    store = AdapterStore(settings.data_dir)
-    state: ServerState
+def _attach_base(state: ServerState, settings: Settings, info: BaseInfo) -> None:
+    """The base is known: the router over the registry, fine-tuning, and the classifier (in its own thread)."""
+    state.router = ExpertRouter(state.registry, info.name, settings.router_margin, settings.router_fallback,
+                                # a mixture needs all its adapters on the device at once
+                                settings.auto_model_names,
+                                min(settings.max_experts_per_request, settings.max_gpu_adapters),
+                                settings.router_top_k, settings.router_mix_temperature)
+    state.base = info
+    if settings.fine_tuning:
+        defaults = TrainingDefaults(settings.base_model, settings.cache_dir, settings.quantization,
+                                    info.context_window, settings.fine_tune_threads,
+                                    settings.fine_tune_checkpoint_every)
+        state.jobs = FineTuning(Path(settings.data_dir) / "fine_tuning", info.tokenizer, info.stop_token_ids,
+                                defaults, lambda job, folder: register_trained(state, job, folder),
+                                settings.max_running_fine_tunes, _share_cores(state, settings))
+        state.jobs.start()
+    if settings.router == "embedded":
+        state.router_thread = threading.Thread(target=_start_classifier, args=(state,), name="loraplex-router",
+                                               daemon=True)
+        state.router_thread.start()
+    else:
+        state.router.unavailable_reason = "routing is off (router: none)"
 
-    def set_base(info: BaseInfo) -> None:
-        state.router = ExpertRouter(registry, info.name, settings.router_margin, settings.router_fallback,
-                                    # a mixture needs all its adapters on the device at once
-                                    settings.auto_model_names,
-                                    min(settings.max_experts_per_request, settings.max_gpu_adapters),
-                                    settings.router_top_k, settings.router_mix_temperature)
-        state.base = info
-        if settings.fine_tuning:
-            defaults = TrainingDefaults(settings.base_model, settings.cache_dir, settings.quantization,
-                                        info.context_window, settings.fine_tune_threads,
-                                        settings.fine_tune_checkpoint_every)
-            state.jobs = FineTuning(Path(settings.data_dir) / "fine_tuning", info.tokenizer, info.stop_token_ids,
-                                    defaults, lambda job, folder: register_trained(state, job, folder),
-                                    settings.max_running_fine_tunes, _share_cores(state, settings))
-            state.jobs.start()
-        if settings.router == "embedded":
-            state.router_thread = threading.Thread(target=_start_classifier, args=(state,), name="loraplex-router",
-                                                   daemon=True)
-            state.router_thread.start()
-        else:
-            state.router.unavailable_reason = "routing is off (router: none)"
 
-    def delete_retired(folder: str) -> None:
-        # off the engine thread: file removal is no work for the thread that owns the model
-        threading.Thread(target=store.delete_files, args=(folder,), daemon=True).start()
-
-    metrics = Metrics()
-    engine = Engine(
-        load_runner=lambda: build_runtime(settings, registry, store, set_base, engine.wake, delete_retired, metrics),
-        config=EngineConfig(max_batch_size=settings.max_batch_size, max_queued=settings.max_queued_requests,
-                            max_step_tokens=settings.max_step_tokens, max_step_slowdown=settings.max_step_slowdown,
-                            prefix_caching=settings.prefix_caching),
-        metrics=metrics,
-    )
+def _watch(metrics: Metrics, engine, settings: Settings) -> None:
+    """The gauges read from the engine (local or remote) at scrape time."""
     metrics.watch(
         running=lambda: engine.num_running,
         waiting=lambda: engine.num_waiting,
@@ -222,5 +238,47 @@ def create_state(settings: Settings) -> ServerState:
         max_lora=settings.max_gpu_adapters,
         vllm_aliases=settings.vllm_metric_aliases,
     )
+
+
+def _delete_later(store: AdapterStore):
+    def delete_retired(folder: str) -> None:
+        # off the engine thread: file removal is no work for the thread that owns the model
+        threading.Thread(target=store.delete_files, args=(folder,), daemon=True).start()
+
+    return delete_retired
+
+
+def create_state(settings: Settings, restore: bool = True) -> ServerState:
+    """The single-process server: the engine thread loads the model, then the base is attached.
+    `restore=False`: an engine that starts with no experts (a Ray Serve engine replica)."""
+    registry = AdapterRegistry()
+    store = AdapterStore(settings.data_dir)
+    state: ServerState
+    metrics = Metrics()
+    engine = Engine(
+        load_runner=lambda: build_runtime(settings, registry, store, lambda info: _attach_base(state, settings, info),
+                                          engine.wake, _delete_later(store), metrics, restore),
+        config=EngineConfig(max_batch_size=settings.max_batch_size, max_queued=settings.max_queued_requests,
+                            max_step_tokens=settings.max_step_tokens, max_step_slowdown=settings.max_step_slowdown,
+                            prefix_caching=settings.prefix_caching),
+        metrics=metrics,
+    )
+    _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics)
+    return state
+
+
+def create_ingress_state(settings: Settings, make_engine) -> ServerState:
+    """The HTTP side of a server whose engines run elsewhere (Ray Serve): the base's facts are read without
+    its weights, the experts restored into the registry (this process is the store's only writer), and
+    `make_engine(metrics, on_freed)` gives the engine facade requests are submitted to."""
+    registry = AdapterRegistry()
+    store = AdapterStore(settings.data_dir)
+    metrics = Metrics()
+    engine = make_engine(metrics, _delete_later(store))
+    _watch(metrics, engine, settings)
+    state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics)
+    info = read_base_info(settings)
+    _restore_experts(settings, info, engine.register_adapter, registry, store)
+    _attach_base(state, settings, info)
     return state

@@ -15,10 +15,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 
 
 def _serve(args: argparse.Namespace) -> int:
+    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
+    settings = load_settings(config, {"host": args.host, "port": args.port, "replicas": args.replicas,
+                                      "ray_address": args.address})
+    if settings.replicas:
+        from server.startup.ray_serve import run
+
+        return run(settings)
     from server.startup.serve import serve
 
-    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
-    settings = load_settings(config, {"host": args.host, "port": args.port})
     return serve(settings)
 
 
@@ -62,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML settings file (default: configs/default.yaml, the base and demo experts)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--replicas", type=int, help="engine replicas on Ray Serve behind one endpoint (needs "
+                                                    "loraplex[ray]; default 0: one process)")
+    serve.add_argument("--address", help="the Ray cluster to run the replicas on (default: start a local one)")
     serve.set_defaults(handler=_serve)
 
     train = commands.add_parser("train", help="train a QLoRA expert on OpenAI-format chat JSONL")

@@ -57,6 +57,10 @@ def serve(settings: Settings) -> int:
         log_level="info",
         timeout_graceful_shutdown=5,
         access_log=False,
+        # one HTTP stack whatever else is installed: uvicorn would switch to uvloop and httptools when
+        # present (the ray extra brings both), and the suite's edge behaviour is tested on these two
+        loop="asyncio",
+        http="h11",
     )
     server = _DrainingServer(config, state)
     state.engine.start(on_fatal=server.engine_failed)

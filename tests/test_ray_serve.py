@@ -1,0 +1,212 @@
+"""Scale-out on Ray Serve, for real: a local Ray cluster in this process, Serve's HTTP proxy, the ingress
+and two engine replicas on the tiny Llama, driven over HTTP with the openai client and httpx.
+
+What the replicas must do: keep an expert's requests on the replica that holds it (the response
+names the replica), put a new expert on the replica with fewer, spill to the other under load, serve
+an expert registered after they started with the same greedy tokens on both, refuse a retired one at
+once, cancel on the replica when a client leaves, and fail only the requests of a replica that dies."""
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from loadtests.harness import free_port, wait_until
+from tests.support import Q_PROJ_KEY, assert_openai_error, upload_files, write_lora
+
+ADMIN = {"Authorization": "Bearer k"}
+HEADER = "x-loraplex-replica"
+BATCH = 2  # max_batch_size: a replica takes this many requests at once, the rest wait at the ingress
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_folder, tmp_path_factory):
+    from server.settings import Settings
+    from server.startup import ray_serve
+
+    root = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    settings = Settings(base_model=str(tiny_folder), quantization="none", compute_dtype="float32",
+                        data_dir=str(root / "data"), replicas=2, port=port, router="none", ui=False,
+                        context_window=256, default_max_tokens=8, max_tokens_limit=200, max_batch_size=BATCH,
+                        admin_key=["k"], adapter_roots=[str(root / "roots")], fine_tuning=False)
+    torch.manual_seed(0)
+    for name in ("x", "y", "z", "w"):  # strong enough to change the tiny model's logprobs visibly
+        write_lora(root / "roots" / name, width=128, tensors={Q_PROJ_KEY.format("A"): torch.randn(8, 128) * 0.3,
+                                                              Q_PROJ_KEY.format("B"): torch.randn(128, 8) * 0.3})
+    ray_serve.start(settings, local_cpus=6)
+    try:
+        yield f"http://127.0.0.1:{port}", root / "roots"
+    finally:
+        ray_serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(cluster):
+    with httpx.Client(base_url=cluster[0], timeout=60) as client:
+        yield client
+
+
+def chat(http, model, content="hi", **extra):
+    response = http.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": content}],
+                                                       "temperature": 0, "max_tokens": 6, **extra})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def register(http, roots, name):
+    loaded = http.post("/v1/load_lora_adapter", headers=ADMIN, json={"lora_name": name, "lora_path": str(roots / name)})
+    assert loaded.status_code == 200, loaded.text
+
+
+def experts_on(http) -> dict[str, set[str]]:
+    return {replica: set(info["experts"]) for replica, info in http.get("/health").json().get("replicas", {}).items()}
+
+
+def test_an_expert_stays_on_its_replica_and_a_new_one_goes_to_the_other(cluster, http):
+    roots = cluster[1]
+    base = http.get("/v1/models").json()["data"][0]["id"]
+    assert chat(http, base).headers[HEADER]  # the base: load-balanced, not multiplexed
+    register(http, roots, "x")
+    first = chat(http, "x").headers[HEADER]
+    time.sleep(1.5)  # replicas report the experts they hold every 0.1 s; the ingress's Serve router learns
+    assert [chat(http, "x").headers[HEADER] for _ in range(4)] == [first] * 4
+    register(http, roots, "y")
+    second = chat(http, "y").headers[HEADER]
+    assert second != first  # a miss loads on the replica with the fewest experts
+    time.sleep(1.5)
+    assert {chat(http, "y").headers[HEADER] for _ in range(3)} == {second}
+    held = experts_on(http)
+    assert len(held) == 2 and all(len(keys) == 1 for keys in held.values()), held  # one expert on each
+    assert http.get("/v1/adapters/x", headers=ADMIN).json()["tier"] == "device"  # held by a replica
+    samples = http.get("/metrics").text
+    assert f'loraplex_replica_requests_total{{adapter="hit",replica="{first}"}} 4.0' in samples
+    assert 'loraplex_time_to_first_token_seconds_count{adapter="x"} 5.0' in samples  # measured at the ingress
+
+
+def test_under_load_requests_spill_to_the_other_replica(cluster, http):
+    client = openai.OpenAI(base_url=cluster[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    seen: list[str] = []
+
+    def one():
+        raw = client.chat.completions.with_raw_response.create(
+            model="x", messages=[{"role": "user", "content": "go"}], max_tokens=60, extra_body={"ignore_eos": True})
+        assert raw.parse().choices[0].finish_reason == "length"
+        seen.append(raw.headers[HEADER])
+
+    threads = [threading.Thread(target=one) for _ in range(3 * BATCH)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(seen) == 3 * BATCH and len(set(seen)) == 2, seen  # more than one replica batches
+
+
+def test_a_new_expert_serves_the_same_greedy_tokens_on_both_replicas_and_retires_at_once(cluster, http):
+    roots = cluster[1]
+    created = http.post("/v1/adapters", headers=ADMIN, data={"name": "z"}, files=upload_files(roots / "z"))
+    assert created.status_code == 201, created.text
+    answers: dict[str, list[list[tuple]]] = {}
+    lock = threading.Lock()
+
+    def answer(model):
+        response = chat(http, model, "Name three colours.", max_tokens=24, logprobs=True, top_logprobs=3)
+        return response, [(t["token"], t["logprob"], [top["token"] for top in t["top_logprobs"]])
+                          for t in response.json()["choices"][0]["logprobs"]["content"]]
+
+    def one():
+        response, tokens = answer("z")
+        with lock:
+            answers.setdefault(response.headers[HEADER], []).append(tokens)
+
+    for _ in range(3):  # bursts larger than one replica's batch: both replicas serve z
+        threads = [threading.Thread(target=one) for _ in range(2 * BATCH + 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        if len(answers) == 2:
+            break
+    assert len(answers) == 2, answers.keys()
+    every = [tokens for per_replica in answers.values() for tokens in per_replica]
+    first = every[0]
+    for tokens in every[1:]:  # the same greedy tokens and top-3 candidates; logprobs equal to float32 rounding
+        assert [(t, top) for t, _, top in tokens] == [(t, top) for t, _, top in first]
+        assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(tokens, first))
+    _, base = answer(http.get("/v1/models").json()["data"][0]["id"])
+    assert max(abs(a[1] - b[1]) for a, b in zip(base, first)) > 1e-2  # and they are z's, not the base's
+
+    assert http.delete("/v1/adapters/z", headers=ADMIN).status_code == 200
+    assert_openai_error(http.post("/v1/chat/completions", json={"model": "z", "messages": [{"role": "user", "content": "hi"}]}),
+                        404, param="model")
+    # the name comes back with other weights: a new key, never the old weights
+    register(http, roots, "z")
+    assert chat(http, "z").status_code == 200
+
+
+def test_a_client_that_leaves_cancels_its_request_on_the_replica(cluster, http):
+    register(http, cluster[1], "w")
+    replica = chat(http, "w").headers[HEADER]
+    time.sleep(1.5)
+    body = {"model": "w", "stream": True, "max_tokens": 200, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "go on"}]}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers[HEADER] == replica
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+    # the next request on w is placed on the same replica, which reports the request it dropped
+    assert wait_until(lambda: chat(http, "w").headers[HEADER] == replica
+                      and http.get("/health").json()["replicas"][replica]["cancelled"] == 1, 20)
+    assert http.get("/health").json()["replicas"][replica]["running"] == 0
+
+
+def test_a_replica_killed_mid_stream_fails_only_its_request(cluster, http):
+    from server.startup import ray_serve
+
+    body = {"model": "x", "stream": True, "max_tokens": 200, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "keep going"}]}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        victim = response.headers[HEADER]
+        lines = response.iter_lines()
+        next(lines)
+        started = time.monotonic()
+        ray_serve.kill_replica(victim)
+        rest = [line for line in lines if line]
+    assert time.monotonic() - started < 30  # an error frame, not a hang
+    assert any('"code": "replica_unavailable"' in line for line in rest), rest[-3:]
+    assert rest[-1] == "data: [DONE]"
+    # the other replica (or the one Serve starts in its place) serves the next requests
+    assert wait_until(lambda: http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}
+                                        ).status_code == 200, 60)
+    assert http.get("/health").json()["status"] == "ok"
+
+
+def test_the_ingress_restores_exactly_the_registered_experts_without_loading_the_model(tiny_folder, tmp_path):
+    """What a restart of the whole app serves: the ingress rebuilds the registry from the shared store's
+    manifest (the replicas learn experts from requests), reading the base's tokenizer and config only."""
+    from server.settings import Settings
+    from server.startup.bootstrap import create_ingress_state
+    from server.startup.ray_serve import RemoteEngine
+    from tests.support import in_process
+
+    roots = tmp_path / "roots"
+    for name in ("kept", "retired"):
+        write_lora(roots / name, width=128)
+    with in_process(tiny_folder, tmp_path / "data", router=False, admin_key=["k"],
+                    adapter_roots=[str(roots)]) as (_, client):
+        for name in ("kept", "retired"):
+            assert client.post("/v1/load_lora_adapter", headers=ADMIN,
+                               json={"lora_name": name, "lora_path": str(roots / name)}).status_code == 200
+        assert client.delete("/v1/adapters/retired", headers=ADMIN).status_code == 200
+    freed: list[str] = []
+    settings = Settings(base_model=str(tiny_folder), quantization="none", data_dir=str(tmp_path / "data"),
+                        router="none", fine_tuning=False, context_window=256)
+    state = create_ingress_state(settings, lambda metrics, on_freed: RemoteEngine(None, metrics, freed.append, 8))
+    assert [record.name for record in state.registry.all()] == ["kept"]
+    record = state.registry.get("kept")
+    assert state.base.context_window == 256 and state.engine.adapter_tier(record.key) == "disk"
+    state.engine.retire_adapter(record.key)  # no request of this ingress uses it: its files go at once
+    assert freed == [record.folder]
