@@ -284,6 +284,23 @@ def test_concurrent_prompts_sharing_a_system_prompt_reuse_it(tiny_model, tokeniz
         engine.stop()
 
 
+def test_a_request_alone_on_its_expert_has_the_logits_it_has_in_a_mixed_batch(tiny_nf4, tokenizer, tmp_path):
+    """Alone, a request's rows take the padded single-adapter path (no gather or scatter); in a mixed batch
+    they are gathered into their segment: the logits must be the same bits either way."""
+    driver = RunnerDriver.build(tiny_nf4, tokenizer)
+    shape = BaseShape.from_config(tiny_nf4.config)
+    for name, seed in (("a", 3), ("b", 4)):
+        driver.runner.lora.add(name, load_lora(make_peft_adapter(tiny_nf4, tmp_path / name, seed=seed, b_std=0.2),
+                                               shape))
+    prompts = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77]]
+    alone = [driver.prefill({0: (prompts[0], "a")})[0]]
+    alone.append(driver.decode({0: 42})[0])
+    driver.release(0)
+    mixed = [driver.prefill({0: (prompts[0], "a"), 1: (prompts[1], "b"), 2: (prompts[2], None)})[0]]
+    mixed.append(driver.decode({0: 42, 1: 43, 2: 44})[0])
+    assert [float((lone - batched).abs().max()) for lone, batched in zip(alone, mixed)] == [0.0, 0.0]
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_folder):
     return AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()

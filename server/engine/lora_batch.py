@@ -188,6 +188,10 @@ class StepLora:
     segment_rows: int  # m: rows per adapter segment, padded
     pads: bool  # whether `gather` refers to the appended zero row
     scale: torch.Tensor | None = None  # [u * m, 1]: a gathered row's mixture weight; None: all 1
+    # every row on one adapter, fewer rows than a segment: x is padded with this many zero rows and
+    # the deltas of the real rows added back in place (what the gather and scatter would do, in fewer
+    # ops: the single-stream case)
+    pad_rows: int = 0
 
     def apply(self, layer: int, group: str, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
         """Add the LoRA deltas of `group` at `layer` to the base outputs, in place."""
@@ -198,6 +202,8 @@ class StepLora:
         if self.gather is not None:
             source = torch.cat((x, x.new_zeros(1, x.shape[1]))) if self.pads else x
             x = source.index_select(0, self.gather)
+        elif self.pad_rows:
+            x = torch.nn.functional.pad(x, (0, 0, 0, self.pad_rows))
         hidden = torch.bmm(x.view(segments, rows, -1), weights.a)
         rank = self.rank
         for j, (y, b) in enumerate(zip(outputs, weights.bs)):
@@ -207,7 +213,7 @@ class StepLora:
             if self.scale is not None:
                 delta.mul_(self.scale)
             if self.scatter is None:
-                y.add_(delta)
+                y.add_(delta[: y.shape[0]] if self.pad_rows else delta)
             else:
                 y.index_add_(0, self.scatter, delta)
 
@@ -308,6 +314,9 @@ class LoraBank:
             # rows already sit in equal segments in stack order (the engine keeps arrivals grouped by
             # adapter): the batch is its own segment layout, no gather or scatter needed
             return StepLora(stack.groups, stack.rank, None, None, segment_rows, False)
+        if not mixed and len(order) == 1 and all(entry == order[0] for entry in row_adapters):
+            return StepLora(stack.groups, stack.rank, None, None, segment_rows, False,
+                            pad_rows=segment_rows - len(row_adapters))
         zero_row = len(row_adapters)
         gather, scatter, scale = [], [], []
         for name in order:
