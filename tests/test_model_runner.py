@@ -93,6 +93,20 @@ def test_mixed_batch_decode_equals_each_alone(tiny_fp32, tokenizer, tmp_path):
     assert together == alone
 
 
+def test_batch_invariant_false_computes_a_lone_row_unpadded_with_the_same_answer(tiny_fp32, tokenizer, tmp_path):
+    from server.engine.model_runner import ModelRunner
+
+    invariant = RunnerDriver.build(tiny_fp32, tokenizer)
+    fast = RunnerDriver(ModelRunner(tiny_fp32, tokenizer, 65, 16, 128, batch_invariant=False))
+    assert (invariant.runner.lora.min_rows, fast.runner.lora.min_rows) == (4, 1)
+    adapter = load_lora(make_peft_adapter(tiny_fp32, tmp_path / "a", seed=3, b_std=0.2),
+                        BaseShape.from_config(tiny_fp32.config))
+    for driver in (invariant, fast):
+        driver.runner.lora.add("a", adapter)
+    assert torch.allclose(fast.prefill({0: (PROMPTS[0], "a")}), invariant.prefill({0: (PROMPTS[0], "a")}), atol=1e-4)
+    assert _greedy(fast, PROMPTS[1], 8, "a") == _greedy(invariant, PROMPTS[1], 8, "a")
+
+
 def test_rank_and_alpha_patterns_match_peft(tiny_fp32, tokenizer, tiny_folder, tmp_path):
     """Per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern) give PEFT's own output."""
     from peft import PeftModel

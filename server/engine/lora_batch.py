@@ -223,13 +223,14 @@ class LoraBank:
     calls it."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, shape: BaseShape, slots: int = 8,
-                 max_rank: int = 64):
+                 max_rank: int = 64, batch_invariant: bool = True):
         self.device = device
         self.dtype = dtype
         self.shape = shape
         self.slots = slots
-        # the row padding only buys batch invariance from CPU BLAS; on a GPU it is wasted work
-        self.min_rows = MIN_GEMM_ROWS if device.type == "cpu" else 1
+        # the row padding only buys batch invariance from CPU BLAS; on a GPU it is wasted work, and an
+        # operator may trade it for speed (batch_invariant: false): a lone row then costs a quarter
+        self.min_rows = MIN_GEMM_ROWS if device.type == "cpu" and batch_invariant else 1
         self.layout = _Layout(shape, aligned_rank(max_rank))
         # torch.empty: on a CPU the pages of slots never used are never touched (not resident); on a
         # GPU the whole pool is reserved now, so running out of memory happens at start or never

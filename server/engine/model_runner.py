@@ -68,7 +68,7 @@ class ModelRunner:
     """Owns the model and the KV block pool. Only the engine thread may call it."""
 
     def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int,
-                 adapter_slots: int = 8, max_adapter_rank: int = 64):
+                 adapter_slots: int = 8, max_adapter_rank: int = 64, batch_invariant: bool = True):
         config = causal_lm.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
@@ -94,7 +94,8 @@ class ModelRunner:
         self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.cos, self.sin = self._rope_tables(context_window)
-        self.lora = LoraBank(self.device, self.dtype, BaseShape.from_config(config), adapter_slots, max_adapter_rank)
+        self.lora = LoraBank(self.device, self.dtype, BaseShape.from_config(config), adapter_slots, max_adapter_rank,
+                             batch_invariant)
 
     @property
     def kv_cache_bytes(self) -> int:

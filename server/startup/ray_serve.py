@@ -491,6 +491,16 @@ def kill_replica(replica: str) -> None:
     ray.kill(actor, no_restart=True)
 
 
+def replica_ids() -> set[str]:
+    """The engine replicas alive now (their Serve actors), by the id responses name them with."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP_NAME}#EngineReplica#"
+    names = ray.util.list_named_actors(all_namespaces=True)
+    names = [entry["name"] if isinstance(entry, dict) else entry for entry in names]
+    return {name[len(prefix):] for name in names if name.startswith(prefix)}
+
+
 def run(settings: Settings) -> int:
     """`loraplex serve` with replicas > 0: blocks until SIGINT/SIGTERM, then stops the app and Ray."""
     start(settings)
