@@ -361,8 +361,11 @@ def gpu_section() -> str:
             "result to OUT_DIR as it goes and stops starting new loads after `--budget-s` (240 s). Reference: a\n"
             "naive PEFT loop on an H200 ran 64 rows over 8 mixed adapters at about a quarter of its\n"
             "single-adapter throughput; the goal here is mixed8 / one >= 0.9 at batch 64.\n"
-            "On a machine without bitsandbytes: `bash loadtests/gpu_run.sh OUT_DIR` installs wheels from `.whl/`\n"
-            "first. Copy OUT_DIR to `loadtests/results/gpu/` to have it appear here.\n")
+            "Before it, `python -m loadtests.gpu_smoke OUT_DIR` checks the GPU path on a 2-layer base (the NF4\n"
+            "linear at 1/8/64 rows, the runner against `generate`, mixed adapters against PEFT, the engine with a\n"
+            "sampler mix, a cancel and a cold adapter, 64 adapter slots, a profiler pass: kernels and host time\n"
+            "per step). On a machine without bitsandbytes: `bash loadtests/gpu_run.sh OUT_DIR` installs wheels\n"
+            "from `.whl/` and runs both. Copy OUT_DIR to `loadtests/results/gpu/` to have it appear here.\n")
     result = _load("gpu/summary.json")
     if result is None:
         return head + "\n" + ("Not measured yet: no GPU has been available to this project's sessions so far. "

@@ -1,0 +1,352 @@
+"""GPU smoke checks (issue 14): does the engine's GPU path compute what it should, before it is timed?
+
+    python -m loadtests.gpu_smoke OUT_DIR                            # CUDA, a 2-layer Llama-2-7B-width NF4 base
+    python -m loadtests.gpu_smoke OUT_DIR --shape tiny --device cpu  # seconds: checks the script itself
+
+Checks, in this order, each written to OUT_DIR/smoke.jsonl the moment it ends (a failing check is
+recorded with its error and the next one runs):
+  versions       torch, CUDA, bitsandbytes, transformers, peft; the device
+  nf4_linear     a bitsandbytes NF4 linear at 1, 8 and 64 rows against x @ dequantized(W).T
+  runner         the model runner's prefill logits and greedy tokens against Hugging Face's forward/generate
+  engine         the engine with a sampler mix (greedy, temperature + top_p + seed, penalties, logit_bias), a
+                 cancel, and a request on an adapter still on disk arriving while the others decode
+  slots          memory of a 64-slot adapter pool at rank 16 (what `max_gpu_adapters: 64` reserves)
+  profile        5 decode steps of 8 rows over 2 interleaved adapters under the profiler: host time,
+                 device time and kernels (CPU: operators) per step; top operators in profile.txt
+  peft           mixed and interleaved adapter rows against PEFT applied to each row alone (on a fresh load)
+Files: progress.log, smoke.jsonl, smoke.md (rewritten after every check). Exit code 0 when every check passed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from loadtests.bench_gpu import (SHAPES, llama_config, load_nf4, save_random_base, start_engine,
+                                 write_random_adapter)
+from loadtests.provenance import stamp
+
+PROMPTS = [[1, 17, 29, 45, 88, 101, 7, 300], [1, 250, 12, 9], [1, 400, 401, 402, 403, 404, 405, 406, 407, 408, 5]]
+
+
+class Smoke:
+    def __init__(self, out_dir: Path, meta: dict):
+        self.out_dir, self.meta, self.results = out_dir, meta, []
+        self.started = time.perf_counter()
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(self, message: str) -> None:
+        line = f"[{time.perf_counter() - self.started:7.1f}s] {message}"
+        print(line, flush=True)
+        with open(self.out_dir / "progress.log", "a") as handle:
+            handle.write(line + "\n")
+
+    def run(self, name: str, check, *args) -> dict:
+        self.log(f"{name} ...")
+        start = time.perf_counter()
+        try:
+            record = {"check": name, **check(*args)}
+        except Exception as exc:  # recorded; the next check still runs
+            record = {"check": name, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                      "traceback": traceback.format_exc()[-2000:]}
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        self.results.append(record)
+        with open(self.out_dir / "smoke.jsonl", "a") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
+        (self.out_dir / "smoke.md").write_text(self.markdown())
+        self.log(f"{name}: {'ok' if record.get('ok') else 'FAILED'} {record.get('error', '')}")
+        return record
+
+    def markdown(self) -> str:
+        lines = [f"GPU smoke: `{self.meta['command']}`, {self.meta['date'][:10]}, {self.meta['device_name']}, "
+                 f"{self.meta['shape']} x {self.meta['layers']} layers, {self.meta['dtype']}", "",
+                 "| check | ok | figures |", "| --- | --- | --- |"]
+        for record in self.results:
+            figures = {k: v for k, v in record.items() if k not in ("check", "ok", "traceback")}
+            lines.append(f"| {record['check']} | {'yes' if record.get('ok') else '**no**'} | "
+                         f"{json.dumps(figures, default=str)[:400]} |")
+        return "\n".join(lines) + "\n"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def check_versions(device: torch.device) -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    record = {"ok": True, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__,
+              "peft": peft.__version__}
+    if device.type == "cuda":
+        record.update(device=torch.cuda.get_device_name(device), capability=torch.cuda.get_device_capability(device),
+                      memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1))
+    return record
+
+
+def check_nf4_linear(model, dtype: torch.dtype, tolerance: float) -> dict:
+    """The quantized q_proj of layer 0 against a matmul with its dequantized weight, per row count; and
+    whether a row's output is the same bits whatever the row count (true on CPU, not expected on CUDA)."""
+    import bitsandbytes.functional as bnbf
+
+    linear = model.model.layers[0].self_attn.q_proj
+    weight = bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state).to(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    x64 = torch.randn(64, linear.in_features, generator=generator).to(linear.weight.device, dtype)
+    errors, first_rows = {}, []
+    with torch.no_grad():
+        for rows in (1, 8, 64):
+            y = linear(x64[:rows])
+            errors[rows] = round(_rel(y, x64[:rows].float() @ weight.T), 5)
+            first_rows.append(y[0].float())
+    invariant = all(torch.equal(first_rows[0], other) for other in first_rows[1:])
+    return {"ok": all(err < tolerance for err in errors.values()), "relative_error_by_rows": errors,
+            "tolerance": tolerance, "row_bits_same_for_1_8_64_rows": invariant}
+
+
+def check_runner(model, tokenizer, tolerance: float) -> dict:
+    """Prefill logits of the runner against Hugging Face's forward on the same NF4 model, and greedy
+    tokens against generate() (random weights: near-ties can make greedy paths part, so the agreeing
+    prefix is reported; the logits decide)."""
+    from loadtests.harness import RunnerDriver
+
+    driver = RunnerDriver.build(model, tokenizer, tokens=512, context_window=64)
+    errors, agree = [], []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ours = driver.prefill({0: (prompt, None)})[0]
+            theirs = model(torch.tensor([prompt], device=model.device)).logits[0, -1]
+            errors.append(round(_rel(ours, theirs), 5))
+            tokens = [int(ours.argmax())]
+            for _ in range(11):
+                tokens.append(int(driver.decode({0: tokens[-1]})[0].argmax()))
+            driver.release(0)
+            generated = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=12,
+                                       min_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+            same = next((i for i, (a, b) in enumerate(zip(tokens, generated)) if a != b), len(tokens))
+            agree.append(same)
+    return {"ok": max(errors) < tolerance, "prefill_logits_relative_error": errors, "tolerance": tolerance,
+            "greedy_tokens_agreeing_of_12": agree}
+
+
+def check_engine(model, tokenizer, folders: list[Path], device: torch.device) -> dict:
+    from server.engine.sampling import SamplingParams, make_generator
+    from server.engine.sequence import Sequence
+
+    engine, _ = start_engine(model, tokenizer, 8, 64, len(folders), 16)
+    try:
+        names = [folder.name for folder in folders]
+        for name, folder in zip(names[:-1], folders[:-1]):
+            engine.register_adapter(name, str(folder)).result(60)
+        outputs: dict[str, list] = {}
+        finished = threading.Event()
+        lock = threading.Lock()
+        expected = set()
+
+        def emit(request_id):
+            def on_output(output):
+                with lock:
+                    outputs.setdefault(request_id, []).append(output)
+                    if output.finish_reason and set(k for k, v in outputs.items() if v[-1].finish_reason) >= expected:
+                        finished.set()
+            return on_output
+
+        def submit(request_id, adapter, tokens=24, **sampling):
+            params = SamplingParams(max_tokens=tokens, ignore_eos=True, **sampling)
+            seq = Sequence(request_id, PROMPTS[len(outputs) % len(PROMPTS)], adapter, params, frozenset(),
+                           make_generator(sampling.get("seed"), engine.device), emit(request_id),
+                           model=adapter or "base")
+            engine.submit(seq)
+            return seq
+
+        plan = {"greedy-base": (None, {"temperature": 0.0}),
+                "sampled-seeded": (names[0], {"temperature": 0.8, "top_p": 0.9, "seed": 7}),
+                "penalties": (names[1], {"temperature": 0.7, "presence_penalty": 0.5, "frequency_penalty": 0.5}),
+                "logit-bias": (names[0], {"temperature": 0.0, "logit_bias": {5: 100.0}})}
+        expected = set(plan) | {"disk-adapter"}
+        for request_id, (adapter, sampling) in plan.items():
+            submit(request_id, adapter, **sampling)
+        doomed = submit("cancelled", names[1], tokens=1000)
+        deadline = time.monotonic() + 60
+        while not outputs.get("cancelled") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.cancel(doomed)
+        # an adapter only on disk, registered and asked for while the batch decodes: loaded beside the steps
+        engine.register_adapter(names[-1], str(folders[-1])).result(60)
+        submit("disk-adapter", names[-1], temperature=0.0)
+        if not finished.wait(300):
+            raise RuntimeError(f"requests did not finish: {sorted(expected - set(outputs))}")
+        time.sleep(0.2)
+        last = {request_id: got[-1] for request_id, got in outputs.items()}
+        errors = {request_id: out.error for request_id, out in last.items() if out.error}
+        tokens = {request_id: last[request_id].completion_tokens for request_id in expected}
+        biased = last["logit-bias"]
+        record = {"completion_tokens": tokens, "errors": errors,
+                  "cancelled_pieces": len(outputs.get("cancelled", [])),
+                  "cancelled_finished": any(out.finish_reason for out in outputs.get("cancelled", [])),
+                  "engine_idle_after": engine.idle, "logit_bias_text_sample": "".join(
+                      out.text for out in outputs["logit-bias"])[:40]}
+        record["ok"] = (not errors and all(count == 24 for count in tokens.values())
+                        and not record["cancelled_finished"] and engine.idle and biased.finish_reason == "length")
+        return record
+    finally:
+        engine.stop(30)
+
+
+def check_slots(config, device: torch.device, dtype: torch.dtype) -> dict:
+    from adapters.lora import BaseShape
+    from server.engine.lora_batch import LoraBank
+
+    shape = BaseShape.from_config(config)
+    _sync(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    bank = LoraBank(device, dtype, shape, slots=64, max_rank=16)
+    _sync(device)
+    allocated = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else None
+    _, pool = bank.memory()
+    per_layer = pool / config.num_hidden_layers
+    record = {"ok": True, "pool_bytes": pool, "allocated_bytes": allocated,
+              "bytes_needed_with_step_stack": LoraBank.bytes_needed(shape, 64, 16, dtype),
+              "pool_gib_at_32_layers": round(per_layer * 32 / 2**30, 2)}
+    del bank
+    return record
+
+
+def check_profile(model, tokenizer, names: list[str], device: torch.device, folders: list[Path], out_dir: Path) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from adapters.lora import BaseShape, load_lora
+    from loadtests.harness import RunnerDriver
+
+    driver = RunnerDriver.build(model, tokenizer, tokens=1024, context_window=64)
+    shape = BaseShape.from_config(model.config)
+    for name, folder in zip(names, folders):
+        driver.runner.lora.add(name, load_lora(folder, shape))
+    rows = {i: (PROMPTS[i % len(PROMPTS)], [names[0], names[1], None][i % 3]) for i in range(8)}
+    driver.prefill(rows)
+    tokens = {i: 5 for i in rows}
+    for _ in range(3):
+        driver.decode(tokens)  # warm-up
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    walls = []
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            start = time.perf_counter()
+            driver.decode(tokens)
+            _sync(device)
+            walls.append(time.perf_counter() - start)
+    events = prof.key_averages()
+    record = {"ok": True, "step_ms_median": round(statistics.median(walls) * 1000, 2)}
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        record["kernels_per_step"] = round(len(kernels) / 5)
+        record["device_ms_per_step"] = round(sum(e.device_time_total for e in kernels) / 5 / 1000, 2)
+        sort = "device_time_total"
+    else:
+        record["operators_per_step"] = round(sum(e.count for e in events if e.key.startswith("aten::")) / 5)
+        sort = "self_cpu_time_total"
+    record["host_busy_ms_per_step"] = round(sum(e.self_cpu_time_total for e in events) / 5 / 1000, 2)
+    (out_dir / "profile.txt").write_text(events.table(sort_by=sort, row_limit=25))
+    return record
+
+
+def check_peft(model, tokenizer, names: list[str], folders: list[Path], tolerance: float, base_folder: Path,
+               dtype: torch.dtype) -> dict:
+    """Rows on adapter a, b and none, interleaved in one prefill, against PEFT with each row's adapter
+    set alone, on a fresh load of the same base: PEFT wrapping a bitsandbytes NF4 model that has already
+    run a forward on CPU changes its base outputs (found here: bitsandbytes repacks CPU weights on the
+    first forward, and the wrapped layers no longer read them right), so the reference must not be the
+    model the runner used."""
+    from peft import PeftModel
+
+    from adapters.lora import BaseShape, load_lora
+    from loadtests.harness import RunnerDriver
+
+    driver = RunnerDriver.build(model, tokenizer, tokens=1024, context_window=64)
+    shape = BaseShape.from_config(model.config)
+    for name, folder in zip(names, folders):
+        driver.runner.lora.add(name, load_lora(folder, shape))
+    layout = [names[0], None, names[1], names[0], names[1], None]
+    rows = {i: (PROMPTS[i % len(PROMPTS)], adapter) for i, adapter in enumerate(layout)}
+    with torch.no_grad():
+        ours = driver.prefill(rows)
+        reference, _ = load_nf4(base_folder, model.device, dtype)
+        peft_model = PeftModel.from_pretrained(reference, str(folders[0]), adapter_name=names[0])
+        peft_model.load_adapter(str(folders[1]), adapter_name=names[1])
+        errors, effects = [], []
+        try:
+            for i, adapter in enumerate(layout):
+                prompt = torch.tensor([rows[i][0]], device=reference.device)
+                if adapter is None:
+                    with peft_model.disable_adapter():
+                        theirs = peft_model(prompt).logits[0, -1]
+                else:
+                    peft_model.set_adapter(adapter)
+                    theirs = peft_model(prompt).logits[0, -1]
+                errors.append(round(_rel(ours[i], theirs), 5))
+                if adapter is not None:  # how far the adapter moves this row: the check must see more than its tolerance
+                    with peft_model.disable_adapter():
+                        effects.append(_rel(theirs, peft_model(prompt).logits[0, -1]))
+        finally:
+            del peft_model, reference
+    return {"ok": max(errors) < tolerance < min(effects) / 10, "adapter_effect_min": round(min(effects), 5),
+            "relative_error_by_row": dict(zip(
+        [f"{i}:{a or 'base'}" for i, a in enumerate(layout)], errors)), "tolerance": tolerance}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device; for a check of the script use --shape tiny --device cpu")
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
+        else getattr(torch, args.dtype)
+    # bf16 keeps 8 bits of mantissa: relative errors near 1e-2 are its rounding, not a bug
+    tolerance = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
+    meta = {**stamp("loadtests.gpu_smoke", argv), "shape": args.shape, "layers": args.layers, "dtype": str(dtype),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    smoke = Smoke(args.out_dir, meta)
+    smoke.run("versions", check_versions, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        config = llama_config(args.shape, args.layers, 256)
+        save_random_base(config, work / "base", device)
+        model, tokenizer = load_nf4(work / "base", device, dtype)
+        smoke.log("base built and loaded NF4")
+        folders = [write_random_adapter(config, work / f"expert{i}", 16, seed=i) for i in range(3)]
+        names = [folder.name for folder in folders]
+        # the NF4 kernels compute in bf16 on CPU whatever the compute dtype: a 1e-2 bound
+        smoke.run("nf4_linear", check_nf4_linear, model, dtype, max(tolerance, 1e-2))
+        smoke.run("runner", check_runner, model, tokenizer, tolerance)
+        smoke.run("engine", check_engine, model, tokenizer, folders, device)
+        smoke.run("slots", check_slots, config, device, dtype)
+        smoke.run("profile", check_profile, model, tokenizer, names[:2], device, folders[:2], args.out_dir)
+        smoke.run("peft", check_peft, model, tokenizer, names[:2], folders[:2], tolerance, work / "base", dtype)
+    smoke.log("done")
+    return 0 if all(record.get("ok") for record in smoke.results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
