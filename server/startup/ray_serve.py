@@ -465,7 +465,12 @@ def start(settings: Settings, local_cpus: int | None = None):
     every replica is up."""
     import ray
 
+    from server.startup.bootstrap import read_base_info
+
     serve = _serve()
+    # here first: a bad base_model is a clean ConfigError, not a replica constructor retried by Serve; and the
+    # embedded base is converted once, before the ingress and every replica would race to convert it
+    read_base_info(settings)
     if not ray.is_initialized():
         if settings.ray_address:
             ray.init(address=settings.ray_address)
