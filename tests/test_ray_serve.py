@@ -38,7 +38,7 @@ def cluster(tiny_folder, tmp_path_factory):
     torch.manual_seed(0)
     # each test registers experts of its own (tests pass in any order); strong enough to change the tiny
     # model's logprobs visibly
-    for name in ("x", "y", "z", "w", "s", "p"):
+    for name in ("x", "y", "z", "w", "s", "p", "m"):
         write_lora(root / "roots" / name, width=128, tensors={Q_PROJ_KEY.format("A"): torch.randn(8, 128) * 0.3,
                                                               Q_PROJ_KEY.format("B"): torch.randn(128, 8) * 0.3})
     ray_serve.start(settings, local_cpus=6)
@@ -122,6 +122,11 @@ def test_streams_errors_seeds_and_output_formats_pass_through_as_in_one_process(
     answer = client.chat.completions.create(model="p", messages=messages, max_tokens=20, response_format={
         "type": "json_schema", "json_schema": {"name": "pick", "schema": schema}})
     assert json.loads(answer.choices[0].message.content)["colour"] in ("red", "blue")
+    # several choices (each its own sequence, maybe on different replicas) and a mixture of two experts
+    assert len(client.chat.completions.create(model="p", messages=messages, max_tokens=4, n=3).choices) == 3
+    register(http, cluster[1], "m")
+    mixed = http.post("/v1/chat/completions", json={"model": "p+m", "messages": messages, "max_tokens": 4})
+    assert mixed.status_code == 200 and mixed.headers["x-expert"] == "m:1.00,p:1.00", mixed.text
 
 
 def test_under_load_requests_spill_to_the_other_replica(cluster, http):
