@@ -209,6 +209,13 @@ def _wants_gpu(settings: Settings) -> bool:
 
 # ---- the ingress -------------------------------------------------------------------------------
 
+def _resolved() -> Future:
+    """A Future already done: the Engine's asynchronous calls that have nothing to wait for here."""
+    done: Future = Future()
+    done.set_result(None)
+    return done
+
+
 @dataclass
 class _Flight:
     seq: Sequence
@@ -267,17 +274,13 @@ class RemoteEngine:
     def register_adapter(self, key: str, folder: str, weights=None) -> Future:
         """Nothing to load here: replicas read the adapter from the shared store on first use."""
         self._folders[key] = folder
-        done: Future = Future()
-        done.set_result(None)
-        return done
+        return _resolved()
 
     def retire_adapter(self, key: str) -> Future:
         """The ingress already refuses new requests for it; its files go once this ingress's requests on it end."""
         self._retiring.add(key)
         self._release_retired()
-        done: Future = Future()
-        done.set_result(None)
-        return done
+        return _resolved()
 
     def adapter_tier(self, key: str) -> str:
         """"device" when some replica holds it in its multiplexing set (as last reported: a set the size
@@ -304,9 +307,7 @@ class RemoteEngine:
         return sorted(running), sorted(waiting)
 
     def set_threads(self, count: int) -> Future:
-        done: Future = Future()
-        done.set_result(None)
-        return done
+        return _resolved()  # the replicas own the cores
 
     def replicas(self) -> dict[str, dict]:
         """Replica id -> what it reported when it last took a request: its running and waiting requests
