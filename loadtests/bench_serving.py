@@ -108,6 +108,9 @@ def _naive_and_raw(folder: Path, adapters: dict[str, Path], models: list[str], t
         raw["tokens_per_s"] = raw_tokens / raw["wall_s"]
 
         names = list(adapters)
+        # a fresh load: PEFT wrapping a bitsandbytes NF4 model that already ran a forward on CPU changes
+        # its outputs (bitsandbytes repacks CPU weights on the first forward; loadtests/gpu_smoke.py)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=quant).eval()
         peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
         for name in names[1:]:
             peft_model.load_adapter(adapters[name], adapter_name=name)
