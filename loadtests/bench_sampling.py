@@ -3,7 +3,8 @@
     python -m loadtests.bench_sampling [--batch 16] [--vocab 49152] [--repeat 20]
 
 Random float32 logits, each row with its own seeded generator; the mean over --repeat calls of
-greedy rows, rows sampled at temperature 1, and rows sampled with temperature 0.8 and top_p 0.9.
+greedy rows, rows sampled at temperature 1, rows sampled with temperature 0.8 and top_p 0.9, and greedy
+rows with presence/frequency penalties over 64 generated tokens and a 5-token logit_bias.
 Prints milliseconds per call (no result file: a quick check of the sampler next to a decode step,
 whose times `python -m loadtests.bench_decode_step` gives).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 import torch
 
@@ -27,12 +29,18 @@ def main() -> None:
     logits = torch.randn(args.batch, args.vocab)
     cases = {"greedy": SamplingParams(1, temperature=0.0), "temperature 1": SamplingParams(1, temperature=1.0),
              "temperature 0.8, top_p 0.9": SamplingParams(1, temperature=0.8, top_p=0.9)}
+    # greedy with OpenAI's penalties over 64 generated tokens and a 5-token logit_bias on every row
+    cases["greedy, penalties + logit_bias"] = SamplingParams(1, temperature=0.0, presence_penalty=0.5,
+                                                             frequency_penalty=0.3, logit_bias={i: 2.0 for i in range(5)})
+    counts = [Counter(torch.randint(0, args.vocab, (64,), generator=torch.Generator().manual_seed(row)).tolist())
+              for row in range(args.batch)]
     for label, params in cases.items():
         generators = [make_generator(i, torch.device("cpu")) for i in range(args.batch)]
-        sample_batch(logits, [params] * args.batch, generators)  # warm-up
+        generated = counts if params.penalizes else None
+        sample_batch(logits, [params] * args.batch, generators, generated)  # warm-up
         start = time.perf_counter()
         for _ in range(args.repeat):
-            sample_batch(logits, [params] * args.batch, generators)
+            sample_batch(logits, [params] * args.batch, generators, generated)
         elapsed = (time.perf_counter() - start) / args.repeat * 1000
         print(f"batch {args.batch}, vocab {args.vocab}, {label}: {elapsed:.1f} ms per step")
 

@@ -5,16 +5,21 @@ import pytest
 import torch
 
 from server.api.logprobs import LOWEST_LOGPROB, TokenPieces
-from server.engine.sampling import SamplingParams, TokenLogprob, adjust_logits, make_generator, sample_batch
+from server.engine.sampling import SamplingParams, TokenLogprob, adjust_rows, make_generator, sample_batch
 
 
-def test_penalties_follow_openai_formula():
-    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    params = SamplingParams(max_tokens=4, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 10.0})
-    adjusted = adjust_logits(logits, params, Counter({3: 2, 1: 1}))
-    # token 3: 4 - 2 * 0.25 - 0.5; token 1: 2 - 0.25 - 0.5; token 0: + bias; untouched otherwise
-    assert adjusted.tolist() == [11.0, 1.25, 3.0, 3.0]
-    assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]  # the batch's logits are not modified
+def test_penalties_follow_openai_formula_row_by_row_in_one_batched_add():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3)
+    params = [SamplingParams(max_tokens=4, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 10.0}),
+              SamplingParams(max_tokens=4),  # nothing to adjust
+              SamplingParams(max_tokens=4, frequency_penalty=1.0, logit_bias={3: -1.0, 2: 0.5})]
+    errors = {}
+    adjusted = adjust_rows(logits, params, [Counter({3: 2, 1: 1}), Counter({0: 5}), Counter({3: 1})], None, errors)
+    # row 0, token 3: 4 - 2 * 0.25 - 0.5; token 1: 2 - 0.25 - 0.5; token 0: + bias; untouched otherwise
+    assert adjusted[0].tolist() == [11.0, 1.25, 3.0, 3.0]
+    assert adjusted[1].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert adjusted[2].tolist() == [1.0, 2.0, 3.5, 2.0]  # token 3: penalty and bias both apply
+    assert logits.tolist() == [[1.0, 2.0, 3.0, 4.0]] * 3 and not errors  # the batch's logits are not modified
 
 
 def test_greedy_rows_with_bias_or_penalty_pick_the_adjusted_argmax():

@@ -13,7 +13,8 @@ a row that cannot be sampled is reported as that row's error, not raised for the
 A step's rows are sampled together: per-row temperatures and top_p values become tensors, greedy
 rows share one argmax, sampled rows one softmax, one sort (when a row asks for top_p) and one
 argmax over their noise, and the tokens come back to the host in one transfer (what a GPU needs:
-no per-row synchronisation). Only rows with a grammar, penalties or logit_bias get per-row work.
+no per-row synchronisation). Penalties and logit_bias of every row are one scattered add; only rows
+with a grammar get per-row work (each its own matcher).
 """
 from __future__ import annotations
 
@@ -68,19 +69,6 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
-def adjust_logits(row: torch.Tensor, params: SamplingParams, generated: Counter | None) -> torch.Tensor:
-    """OpenAI's penalties over the tokens generated so far, then logit_bias; a new tensor."""
-    row = row.clone()
-    if params.penalizes and generated:
-        ids = torch.tensor(list(generated), device=row.device)
-        counts = torch.tensor(list(generated.values()), device=row.device, dtype=row.dtype)
-        row[ids] -= params.frequency_penalty * counts + params.presence_penalty
-    if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), device=row.device)
-        row[ids] += torch.tensor(list(params.logit_bias.values()), device=row.device, dtype=row.dtype)
-    return row
-
-
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     alternatives = []
@@ -101,29 +89,47 @@ class Sampled:
     errors: dict[int, str]
 
 
-def _adjust_rows(logits: torch.Tensor, params: list[SamplingParams], generated, constraints,
+def adjust_rows(logits: torch.Tensor, params: list[SamplingParams], generated, constraints,
                  errors: dict[int, str]) -> torch.Tensor:
-    """The logits rows are sampled from: grammar masks, penalties and logit_bias on the rows that have
-    them (a copy; the others untouched). A row whose adjustment fails gets an error, the batch goes on."""
+    """The logits rows are sampled from: grammar masks on the rows that have one (row by row: each is its
+    own matcher), then every row's penalties and logit_bias in one scattered add (one host -> device copy
+    of (row, token, delta) triples and one kernel, however many rows ask). A copy; rows with nothing to
+    adjust are untouched. A row whose adjustment fails gets an error, the batch goes on."""
     adjusted = None
+    rows, tokens, deltas = [], [], []
+    vocab = logits.shape[-1]
     for row, row_params in enumerate(params):
         constrain = constraints[row] if constraints else None
         counts = generated[row] if generated else None
-        if constrain is None and not row_params.logit_bias and not (row_params.penalizes and counts):
-            continue
-        if adjusted is None:
-            adjusted = logits.clone()
-        try:
-            values = adjusted[row].clone()
-            if constrain is not None:  # a grammar: tokens it does not allow next become -inf
-                values = constrain(values)
+        if constrain is not None:  # a grammar: tokens it does not allow next become -inf
+            if adjusted is None:
+                adjusted = logits.clone()
+            try:
+                values = constrain(adjusted[row].clone())
                 if not torch.isfinite(values).any():
                     raise ValueError("the output format allows no token the model can produce here")
-            if row_params.penalizes or row_params.logit_bias:
-                values = adjust_logits(values, row_params, counts)
-            adjusted[row] = values
-        except Exception as exc:  # this row's fault; the batch goes on
-            errors[row] = f"sampling failed: {exc}"
+                adjusted[row] = values
+            except Exception as exc:  # this row's fault; the batch goes on
+                errors[row] = f"sampling failed: {exc}"
+                continue
+        entries = []
+        if row_params.penalizes and counts:  # OpenAI's: count x frequency_penalty, + presence_penalty once
+            entries += [(token, -(row_params.frequency_penalty * count + row_params.presence_penalty))
+                        for token, count in counts.items()]
+        entries += list((row_params.logit_bias or {}).items())
+        if any(not 0 <= token < vocab for token, _ in entries):  # checked at the edge; never index past it
+            errors[row] = f"sampling failed: a token id of this request is outside the vocabulary of {vocab}"
+            continue
+        for token, delta in entries:
+            rows.append(row)
+            tokens.append(token)
+            deltas.append(delta)
+    if rows:
+        if adjusted is None:
+            adjusted = logits.clone()
+        device = adjusted.device
+        index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+        adjusted.index_put_(index, torch.tensor(deltas, device=device, dtype=adjusted.dtype), accumulate=True)
     return logits if adjusted is None else adjusted
 
 
@@ -193,7 +199,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     if logits.device.type != "cpu" or bool(flags[0].any()):
         logits = logits.masked_fill(~finite, float("-inf"))
     errors: dict[int, str] = {}
-    source = _adjust_rows(logits, params, generated, constraints, errors)
+    source = adjust_rows(logits, params, generated, constraints, errors)
     tokens = source.argmax(dim=-1)
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy and row not in errors]
     if sampled_rows:
