@@ -321,3 +321,36 @@ def test_a_cold_adapter_loads_in_the_background_while_the_batch_decodes(tiny_mod
         assert running_out.done.wait(60) and running_out.final.completion_tokens == 200
     finally:
         engine.stop()
+
+
+def test_copying_an_adapter_onto_the_device_never_holds_up_submit(tiny_model, tokenizer, tmp_path):
+    """The slot copy happens before the engine takes the queue lock, so submit() (the HTTP side's call)
+    does not wait for it; the copy is made slow here to see that."""
+    from adapters.lora import load_lora
+
+    folder = make_peft_adapter(tiny_model, tmp_path / "a", seed=5, b_std=0.2)
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        weights = load_lora(folder, BaseShape.from_config(tiny_model.config))
+        engine.register_adapter("a", str(folder), weights).result(10)  # in CPU memory: next is the slot copy
+        bank = engine.call(lambda runner: runner.lora).result(10)
+        real_add, copying = bank.add, threading.Event()
+
+        def slow_add(name, adapter_weights):
+            copying.set()
+            time.sleep(1.0)
+            real_add(name, adapter_weights)
+
+        bank.add = slow_add
+        seq, out = make_seq(PROMPTS[0], max_tokens=4)
+        seq.adapter_key = "a"
+        engine.submit(seq)
+        assert copying.wait(10)
+        other, other_out = make_seq(PROMPTS[1], max_tokens=4)
+        started = time.monotonic()
+        engine.submit(other)
+        assert time.monotonic() - started < 0.3  # not the second the copy takes
+        assert out.done.wait(30) and out.final.completion_tokens == 4
+        assert other_out.done.wait(30) and other_out.final.completion_tokens == 4
+    finally:
+        engine.stop()

@@ -25,7 +25,7 @@ import torch
 from server.engine.detokenizer import OutputText
 from server.engine.block_manager import BlockManager
 from server.engine.model_runner import ModelRunner, StepItem
-from server.engine.residency import AdapterCache
+from server.engine.residency import AdapterCache, AdapterUnavailable
 from server.engine.sampling import TokenLogprob, sample_batch
 from server.engine.scheduler import Scheduler, Step
 from server.engine.sequence import EngineOutput, Sequence
@@ -254,6 +254,7 @@ class Engine:
         """Run one scheduled forward pass and hand out its tokens; False when there was nothing to run."""
         stats = self._blocks.stats
         queried, hits = stats.queried_tokens, stats.hit_tokens
+        self._stage_adapters()
         with self._wakeup:
             step = self._scheduler.schedule(self._adapters.acquire, self._step_cost.prompt_budget)
         self.metrics.prefix_queried_tokens.inc(stats.queried_tokens - queried)
@@ -291,6 +292,37 @@ class Engine:
         prompt_tokens = sum(count for _, count in step.work) - decode_rows
         self._step_cost.observe(decode_rows, prompt_tokens, time.perf_counter() - started)
         return True
+
+    def _stage_adapters(self) -> None:
+        """Put the adapters of the requests next in line on the device before the queue lock is taken.
+        The scheduler plans under that lock (submit() waits on it), and a slot copy (a whole slot cleared
+        and the weights written: milliseconds on a CPU, an upload on a GPU) there would hold every submit
+        up; here it holds up nobody, and the scheduler then finds the adapters in place. Only as many
+        requests as the batch has free rows, with the same rule as the scheduler: an adapter a running (or
+        an earlier staged) request uses is never evicted for a later one. What fails or is still loading
+        is left to the scheduler, which reports it."""
+        room = self.config.max_batch_size - len(self._scheduler.running)
+        if room <= 0:
+            return
+        for _ in range(5):  # submit() appends from other threads: a copy that races it is taken again
+            try:
+                head = [seq for seq, _ in zip(self._scheduler.waiting, range(room))]
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        in_use = {key for seq in self._scheduler.running for key in seq.adapter_keys}
+        for seq in head:
+            keys = seq.adapter_keys
+            if not keys or seq.cancelled:
+                continue
+            in_use |= set(keys)
+            try:
+                for key in keys:  # every load starts, as the scheduler's acquire would start them
+                    self._adapters.acquire(key, in_use)
+            except AdapterUnavailable:
+                continue
 
     def _start(self, step: Step) -> None:
         """Clocks and output text of requests entering the batch for the first time."""
