@@ -35,6 +35,19 @@ from server.metrics import Metrics
 log = logging.getLogger("loraplex.engine")
 
 
+def record_token_time(seq: Sequence, metrics: Metrics) -> float:
+    """A request's clocks at a new token: time to first token, else the gap since its last one. Shared
+    with the Ray Serve ingress, which measures the same clocks from the other side of the hop."""
+    now = time.monotonic()
+    if seq.first_token_time is None:
+        seq.first_token_time = now
+        metrics.ttft.labels(seq.model).observe(now - seq.arrival_time)
+    else:
+        metrics.inter_token.labels(seq.model).observe(now - seq.last_token_time)
+    seq.last_token_time = now
+    return now
+
+
 class QueueFull(Exception):
     pass
 
@@ -375,13 +388,7 @@ class Engine:
             seq.generated_counts[token] += 1
         if logprob is not None and token not in seq.stop_token_ids:  # a stop token is not part of the answer
             seq.pending_logprobs.append(logprob)
-        now = time.monotonic()
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-            self.metrics.ttft.labels(seq.model).observe(now - seq.arrival_time)
-        else:
-            self.metrics.inter_token.labels(seq.model).observe(now - seq.last_token_time)
-        seq.last_token_time = now
+        record_token_time(seq, self.metrics)
         if token in seq.stop_token_ids:  # the stop token's own text is never shown
             text, _ = seq.output.finish()
             self._finish(seq, "stop", text)

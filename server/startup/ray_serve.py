@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.engine import EngineStopped, QueueFull
+from server.engine.engine import EngineStopped, QueueFull, record_token_time
 from server.engine.sampling import SamplingParams, make_generator
 from server.engine.sequence import EngineOutput, Sequence
 from server.metrics import Metrics
@@ -396,16 +396,10 @@ class RemoteEngine:
             flight.placed.set_result(placement.replica)
 
     def _observe(self, seq: Sequence, out: EngineOutput) -> None:
-        now = time.monotonic()
         if out.error:
             self.metrics.request_failures.labels(seq.model, out.error_kind or "fault").inc()
             return
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-            self.metrics.ttft.labels(seq.model).observe(now - seq.arrival_time)
-        else:
-            self.metrics.inter_token.labels(seq.model).observe(now - seq.last_token_time)
-        seq.last_token_time = now
+        now = record_token_time(seq, self.metrics)
         if out.finish_reason:
             seq.generated = out.completion_tokens
             self.metrics.e2e.labels(seq.model).observe(now - seq.arrival_time)
