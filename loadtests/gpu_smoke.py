@@ -14,6 +14,8 @@ recorded with its error and the next one runs):
   profile        5 decode steps of 8 rows over 2 interleaved adapters under the profiler: host time,
                  device time and kernels (CPU: operators) per step; top operators in profile.txt
   peft           mixed and interleaved adapter rows against PEFT applied to each row alone (on a fresh load)
+  lora_kernels   the Triton LoRA kernels (lora_kernels: triton) against the torch path: a mixed prefill, and
+                 decode steps of 8 and 64 interleaved rows timed both ways
 Files: progress.log, smoke.jsonl, smoke.md (rewritten after every check). Exit code 0 when every check passed.
 """
 from __future__ import annotations
@@ -310,6 +312,54 @@ def check_peft(model, tokenizer, names: list[str], folders: list[Path], toleranc
         [f"{i}:{a or 'base'}" for i, a in enumerate(layout)], errors)), "tolerance": tolerance}
 
 
+def check_lora_kernels(model, tokenizer, names: list[str], folders: list[Path], tolerance: float,
+                       device: torch.device) -> dict:
+    """The Triton shrink/expand kernels (lora_kernels: triton) against the torch path on the same rows:
+    a mixed prefill's logits, then the median decode step of 8 and 64 interleaved rows both ways."""
+    from adapters.lora import BaseShape, load_lora
+    from loadtests.harness import RunnerDriver
+    from server.engine.model_runner import ModelRunner
+
+    try:
+        from server.engine import lora_kernels
+    except ImportError as exc:
+        return {"ok": False, "error": f"triton not importable: {exc}"}
+    problem = lora_kernels.self_check(device, model.model.embed_tokens.weight.dtype)
+    if problem is not None:
+        return {"ok": False, "self_check": problem}
+    shape = BaseShape.from_config(model.config)
+    drivers = {}
+    for kernels in ("torch", "triton"):
+        runner = ModelRunner(model, tokenizer, 64 * 4 + 1, 16, 64, 8, 16, lora_kernels=kernels)
+        for name, folder in zip(names, folders):
+            runner.lora.add(name, load_lora(folder, shape))
+        drivers[kernels] = RunnerDriver(runner)
+    layout = [names[0], None, names[1], names[0], names[1], None]
+    rows = {i: (PROMPTS[i % len(PROMPTS)], adapter) for i, adapter in enumerate(layout)}
+    with torch.no_grad():
+        logits = {kernels: driver.prefill(rows) for kernels, driver in drivers.items()}
+    error = _rel(logits["triton"], logits["torch"])
+    record = {"ok": error < tolerance, "prefill_relative_error": round(error, 5), "tolerance": tolerance}
+    for batch in (8, 64):
+        rows = {i: ([5, 6, 7], [names[0], names[1], None][i % 3]) for i in range(batch)}
+        for kernels, driver in drivers.items():
+            driver.prefill(rows)
+            tokens = {i: 5 for i in rows}
+            for _ in range(3):
+                driver.decode(tokens)
+            walls = []
+            for _ in range(10):
+                _sync(device)
+                start = time.perf_counter()
+                driver.decode(tokens)
+                _sync(device)
+                walls.append(time.perf_counter() - start)
+            record[f"decode_ms_batch{batch}_{kernels}"] = round(statistics.median(walls) * 1000, 2)
+            for key in rows:
+                driver.release(key)
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
@@ -344,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         smoke.run("slots", check_slots, config, device, dtype)
         smoke.run("profile", check_profile, model, tokenizer, names[:2], device, folders[:2], args.out_dir)
         smoke.run("peft", check_peft, model, tokenizer, names[:2], folders[:2], tolerance, work / "base", dtype)
+        smoke.run("lora_kernels", check_lora_kernels, model, tokenizer, names[:2], folders[:2], tolerance, device)
     smoke.log("done")
     return 0 if all(record.get("ok") for record in smoke.results) else 1
 

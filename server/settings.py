@@ -100,6 +100,14 @@ class Settings(EncodableText):
                     "expert decodes ~10% faster, and a request may differ in the last bits between batches (a "
                     "near-tie can then flip a greedy token). No effect on CUDA, where GEMMs are not batch-invariant.",
     )
+    lora_kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto",
+        description="How a step computes its rows' LoRA deltas. torch: adapters packed into a step stack, "
+                    "batched matmuls (batch-invariant on CPU). triton: Triton shrink/expand kernels read each "
+                    "row's adapter from its slot (no stack copies when the set of adapters changes); needs the "
+                    "triton package, and runs interpreted (very slow) without a GPU. auto: triton on CUDA when "
+                    "it is installed and its start-up self-check passes, torch otherwise.",
+    )
     max_queued_requests: int = Field(256, ge=0)
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_limit: int = Field(2048, ge=1, description="Upper bound on a request's max_tokens.")

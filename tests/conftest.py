@@ -1,3 +1,9 @@
+import os
+
+# Triton (a dev dependency) runs only interpreted without a GPU, and reads this flag when first imported,
+# which torch._dynamo does early: set before anything imports torch (tests/test_lora_kernels.py)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import openai
 from pathlib import Path
 

@@ -23,6 +23,10 @@ each of its deltas is scaled by its weight before the scatter adds them up: Σ w
 batched step, no merged copy of any adapter. A weight of 1 multiplies exactly, so a one-adapter
 mixture is bit-identical to that adapter.
 
+On a GPU the Triton kernels of `lora_kernels` (`KernelStepLora`) replace the step stack and the
+segment padding: rows read their adapter from the pool by slot index, so nothing is copied when the
+set of adapters changes. The torch path stays the CPU's: faster there, and batch-invariant.
+
 Determinism: BLAS (MKL/oneDNN on CPU) changes kernel, hence summation order, with the shape:
 on this CPU a row of x @ A differs when x has 1-3, 5-7 or 9-11 rows, or when A is narrower
 than RANK_ALIGN columns. We pad segments to a multiple of MIN_GEMM_ROWS rows and ranks to
@@ -32,11 +36,14 @@ bf16, which turns a 1e-7 drift into a different token now and then.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from adapters.lora import BaseShape, LoraWeights
+
+log = logging.getLogger(__name__)
 
 # what a row asks for: nothing (the base), one adapter, or a mixture of (adapter, weight) pairs
 RowAdapter = str | tuple[tuple[str, float], ...] | None
@@ -218,12 +225,46 @@ class StepLora:
                 y.index_add_(0, self.scatter, delta)
 
 
+@dataclass
+class KernelStepLora:
+    """LoRA work plan for one forward pass on the Triton kernels: rows sorted by pool slot, no step
+    stack. One `Segments` per pass: a row mixing k adapters is in k passes (a pass adds each row's
+    delta once, so the kernels need no atomics on the outputs)."""
+
+    bank: "LoraBank"
+    passes: list
+    groups: frozenset  # (layer, group) some active adapter has weights in
+    modules: frozenset  # (layer, module) likewise
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
+        if (layer, group) not in self.groups:
+            return
+        kernels, layout, pool = self.bank.kernels_module, self.bank.layout, self.bank.pool
+        offset, _, count = layout.a[(layer, group)]
+        rank = layout.rank
+        x = x.contiguous()
+        for segments in self.passes:
+            hidden = torch.empty(segments.entries, count * rank, device=x.device, dtype=torch.float32)
+            kernels.shrink(x, pool, offset, count * rank, rank, segments, hidden)
+            for j, (module, y) in enumerate(zip(GROUPS[group], outputs)):
+                if (layer, module) in self.modules:
+                    kernels.expand(hidden, j * rank, rank, pool, layout.b[(layer, module)][0], segments, y)
+
+
+KERNELS = ("auto", "torch", "triton")
+
+
 class LoraBank:
     """Adapters resident on the compute device, in `slots` preallocated slots. Only the engine thread
-    calls it."""
+    calls it.
+
+    `kernels`: "torch" (the step stack and batched matmuls above: batch-invariant on a CPU), "triton"
+    (`lora_kernels`: rows read their adapter straight from the pool; interpreted, hence slow, without
+    a GPU, which is how the suite tests it), or "auto": Triton on CUDA when it is installed and its
+    self-check passes, torch otherwise."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, shape: BaseShape, slots: int = 8,
-                 max_rank: int = 64, batch_invariant: bool = True):
+                 max_rank: int = 64, batch_invariant: bool = True, kernels: str = "torch"):
         self.device = device
         self.dtype = dtype
         self.shape = shape
@@ -238,6 +279,29 @@ class LoraBank:
         self._free = list(range(slots - 1, -1, -1))
         self._residents: dict[str, _Resident] = {}
         self._stack = _StepStack(shape, slots, device, dtype)
+        self.kernels_module = None
+        self.kernels = self._choose_kernels(kernels)
+
+    def _choose_kernels(self, kernels: str) -> str:
+        if kernels not in KERNELS:
+            raise ValueError(f"lora_kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+        if kernels == "torch" or (kernels == "auto" and self.device.type != "cuda"):
+            return "torch"
+        try:
+            from server.engine import lora_kernels
+        except ImportError as exc:  # triton is not installed
+            problem = f"Triton is not available ({exc})"
+        else:
+            problem = lora_kernels.self_check(self.device, self.dtype)
+        if problem is None:
+            self.kernels_module = lora_kernels
+            return "triton"
+        if self.device.type != "cuda":
+            problem += " (without a GPU Triton runs only interpreted: set TRITON_INTERPRET=1 before starting)"
+        if kernels == "triton":
+            raise ValueError(f"lora_kernels: triton cannot be used here: {problem}")
+        log.warning("LoRA kernels: torch, not Triton: %s", problem)
+        return "torch"
 
     @staticmethod
     def bytes_needed(shape: BaseShape, slots: int, max_rank: int, dtype: torch.dtype) -> int:
@@ -289,7 +353,7 @@ class LoraBank:
         for key in self.layout.b:
             layout.b_view(out, key).copy_(self.layout.b_view(source, key)[:rank])
 
-    def prepare(self, row_adapters: list[RowAdapter]) -> StepLora | None:
+    def prepare(self, row_adapters: list[RowAdapter]) -> StepLora | KernelStepLora | None:
         """Plan the step's LoRA work; None when no row uses an adapter (zero LoRA cost)."""
         members: list[tuple[int, str, float]] = []  # (row, adapter, weight)
         for row, entry in enumerate(row_adapters):
@@ -301,6 +365,8 @@ class LoraBank:
                 members.extend((row, name, float(weight)) for name, weight in entry)
         if not members:
             return None
+        if self.kernels == "triton":
+            return self._prepare_kernels(row_adapters)
         names = sorted({name for _, name, _ in members})
         positions = self._stack.place(names, self._residents, self)
         order = sorted(names, key=positions.__getitem__)
@@ -329,3 +395,22 @@ class LoraBank:
         pads = zero_row in gather
         weights = torch.tensor(scale, device=self.device, dtype=self.dtype)[:, None] if mixed else None
         return StepLora(stack.groups, stack.rank, as_tensor(gather), as_tensor(scatter), segment_rows, pads, weights)
+
+    def _prepare_kernels(self, row_adapters: list[RowAdapter]) -> KernelStepLora:
+        passes: list[dict[int, list[tuple[int, float]]]] = []
+        active = set()
+        for row, entry in enumerate(row_adapters):
+            if entry is None:
+                continue
+            pairs = ((entry, 1.0),) if isinstance(entry, str) else entry
+            for index, (name, weight) in enumerate(pairs):
+                if index == len(passes):
+                    passes.append({})
+                passes[index].setdefault(self._residents[name].slot, []).append((row, float(weight)))
+                active.add(name)
+        residents = [self._residents[name] for name in active]
+        ranks = {resident.slot: resident.rank for resident in residents}
+        kernels = self.kernels_module
+        return KernelStepLora(self, [kernels.Segments(rows, ranks, self.device) for rows in passes],
+                              frozenset().union(*(r.groups for r in residents)),
+                              frozenset().union(*(r.modules for r in residents)))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.lora import BaseShape
-from server.engine.lora_batch import LoraBank, RowAdapter, StepLora, matmul_rows
+from server.engine.lora_batch import KernelStepLora, LoraBank, RowAdapter, StepLora, matmul_rows
 
 # Attention runs over key lengths rounded up to multiples of this; a kv block size must divide it.
 ATTENTION_BLOCK = 64
@@ -68,7 +68,8 @@ class ModelRunner:
     """Owns the model and the KV block pool. Only the engine thread may call it."""
 
     def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int,
-                 adapter_slots: int = 8, max_adapter_rank: int = 64, batch_invariant: bool = True):
+                 adapter_slots: int = 8, max_adapter_rank: int = 64, batch_invariant: bool = True,
+                 lora_kernels: str = "torch"):
         config = causal_lm.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
@@ -95,7 +96,7 @@ class ModelRunner:
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.cos, self.sin = self._rope_tables(context_window)
         self.lora = LoraBank(self.device, self.dtype, BaseShape.from_config(config), adapter_slots, max_adapter_rank,
-                             batch_invariant)
+                             batch_invariant, lora_kernels)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -257,7 +258,8 @@ class ModelRunner:
         chunks = [weight @ hidden[start : start + LOGIT_CHUNK].T for start in range(0, padded, LOGIT_CHUNK)]
         return torch.cat(chunks, dim=1).T[:rows].float()
 
-    def _forward(self, token_ids: list[int], positions: torch.Tensor, attend, step_lora: StepLora | None):
+    def _forward(self, token_ids: list[int], positions: torch.Tensor, attend,
+                 step_lora: StepLora | KernelStepLora | None):
         tokens = len(token_ids)
         hidden = self.model.embed_tokens(torch.tensor(token_ids, device=self.device))
         cos = self.cos[positions].unsqueeze(1)  # [N, 1, head_dim], broadcast over heads

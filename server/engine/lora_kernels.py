@@ -1,0 +1,180 @@
+"""Triton shrink/expand kernels: every row's LoRA read straight from the slot pool by its slot index.
+
+The torch path (`lora_batch.StepLora`) packs the step's adapters into a dense step stack and runs
+batched matmuls over padded segments: on a CPU that is the fastest and batch-invariant way. On a GPU
+it costs a stack copy whenever the set of adapters changes, and a gather, a pad and a scatter per
+layer. These kernels (the segmented gather matmul of Punica/S-LoRA, as vLLM's `lora_shrink` /
+`lora_expand`) take the rows sorted by slot and read each segment's A and B where they sit in the
+pool: no stack, no per-set copies, no padding, one launch per linear group (shrink) and one per
+linear (expand) whatever the mix of adapters. Their launch sizes depend only on the number of rows
+and segments, and all per-row data is in device tensors, so they are fit for CUDA graph capture.
+
+- `shrink`: hidden[e, :] = x[row(e)] @ A[slot(e)] for one group (q/k/v, gate/up share one A of
+  `modules * rank` columns), rows of a segment in blocks of BLOCK_M, K split over SPLIT_K programs
+  (fp32 atomics) so that a decode step with few rows still fills the GPU.
+- `expand`: y[row(e)] += scale(e) * hidden[e, module's columns] @ B[slot(e)], read-add-write: a row
+  may appear once per launch (a mixture runs one pass per adapter it mixes, `lora_batch` plans that).
+
+Without a GPU, Triton runs only interpreted (numpy, slow), which is how the suite checks the kernels
+against the torch path on CPU: TRITON_INTERPRET=1 must be set before Triton is first imported (torch
+itself imports it early; tests/conftest.py sets it). Only the engine thread calls into it.
+"""
+from __future__ import annotations
+
+import torch
+
+import triton
+import triton.language as tl
+
+BLOCK_M = 16  # rows of one segment per program (tl.dot needs >= 16 on a GPU)
+BLOCK_N = 64
+BLOCK_K = 64
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, x_stride, pool_ptr, slot_stride, a_offset, order_ptr, seg_start_ptr, seg_slot_ptr,
+                   seg_rank_ptr, out_ptr, out_stride, K, W, R,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    block, segment, program_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    split, n_block = program_n % SPLIT_K, program_n // SPLIT_K
+    start = tl.load(seg_start_ptr + segment)
+    end = tl.load(seg_start_ptr + segment + 1)
+    first = start + block * BLOCK_M
+    if first < end:
+        slot = tl.load(seg_slot_ptr + segment).to(tl.int64)
+        entries = first + tl.arange(0, BLOCK_M)
+        entry_mask = entries < end
+        rows = tl.load(order_ptr + entries, mask=entry_mask, other=0).to(tl.int64)
+        cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        # each module's A is R (the pool's rank) columns wide; past the segment's own rank they are zero
+        col_mask = (cols < W) & (cols % R < tl.load(seg_rank_ptr + segment))
+        a_base = pool_ptr + slot * slot_stride + a_offset
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(split * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            x = tl.load(x_ptr + rows[:, None] * x_stride + ks[None, :], mask=entry_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            a = tl.load(a_base + ks[:, None] * W + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc += tl.dot(x, a)
+        out = out_ptr + entries[:, None] * out_stride + cols[None, :]
+        mask = entry_mask[:, None] & col_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc, mask=mask)
+        else:
+            tl.atomic_add(out, acc, mask=mask)
+
+
+@triton.jit
+def _expand_kernel(h_ptr, h_stride, h_col, pool_ptr, slot_stride, b_offset, order_ptr, seg_start_ptr, seg_slot_ptr,
+                   seg_rank_ptr, scale_ptr, y_ptr, y_stride, R, N,
+                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    block, segment, n_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(seg_start_ptr + segment)
+    end = tl.load(seg_start_ptr + segment + 1)
+    first = start + block * BLOCK_M
+    if first < end:
+        slot = tl.load(seg_slot_ptr + segment).to(tl.int64)
+        entries = first + tl.arange(0, BLOCK_M)
+        entry_mask = entries < end
+        rows = tl.load(order_ptr + entries, mask=entry_mask, other=0).to(tl.int64)
+        ranks = tl.arange(0, BLOCK_R)
+        rank_mask = ranks < tl.minimum(R, tl.load(seg_rank_ptr + segment))  # the rest of B is zero: not read
+        cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        b_base = pool_ptr + slot * slot_stride + b_offset
+        b = tl.load(b_base + ranks[:, None] * N + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        h = tl.load(h_ptr + entries[:, None] * h_stride + h_col + ranks[None, :],
+                    mask=entry_mask[:, None] & rank_mask[None, :], other=0.0)
+        delta = tl.dot(h.to(b.dtype), b)
+        if HAS_SCALE:
+            delta = delta * tl.load(scale_ptr + entries, mask=entry_mask, other=0.0)[:, None]
+        mask = entry_mask[:, None] & col_mask[None, :]
+        y = y_ptr + rows[:, None] * y_stride + cols[None, :]
+        current = tl.load(y, mask=mask, other=0.0)
+        tl.store(y, (current.to(tl.float32) + delta).to(current.dtype), mask=mask)
+
+
+class Segments:
+    """One pass of the step's LoRA rows, sorted by slot, as device tensors: `order` (entry -> row of x),
+    `starts` (segment -> first entry, plus the end), `slots` (segment -> pool slot), `scale` (entry ->
+    mixture weight, or None when all are 1); `longest` rows in a segment, for the launch grid."""
+
+    def __init__(self, rows_by_slot: dict[int, list[tuple[int, float]]], ranks: dict[int, int], device: torch.device):
+        order, starts, slots, scale = [], [0], [], []
+        for slot, members in rows_by_slot.items():
+            order += [row for row, _ in members]
+            scale += [weight for _, weight in members]
+            starts.append(len(order))
+            slots.append(slot)
+        # one host->device copy for all of it (pinned + non_blocking on a GPU: the step does not wait)
+        packed = torch.tensor(order + starts + slots + [ranks[slot] for slot in slots], dtype=torch.int32)
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        sizes = (len(order), len(starts), len(slots), len(slots))
+        self.order, self.starts, self.slots, self.ranks = packed.split(sizes)
+        self.entries = len(order)
+        self.segments = len(slots)
+        self.longest = max(len(members) for members in rows_by_slot.values())
+        mixed = any(weight != 1.0 for weight in scale)
+        self.scale = torch.tensor(scale, dtype=torch.float32).to(device) if mixed else None
+
+
+def shrink(x: torch.Tensor, pool: torch.Tensor, a_offset: int, width: int, rank: int, segments: Segments,
+           out: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
+    """out[e, :width] = x[order[e]] @ A (A: [x.shape[1], width] at `a_offset` of each segment's slot, its
+    modules side by side at `rank` columns each). `out` is float32 (split K adds partial sums atomically)."""
+    k = x.shape[1]
+    if split_k is None:  # few rows on a GPU: spread the long K over more programs
+        split_k = max(1, min(8, k // 1024)) if x.is_cuda else 1
+    if split_k > 1:
+        out.zero_()
+    grid = (triton.cdiv(segments.longest, BLOCK_M), segments.segments, triton.cdiv(width, BLOCK_N) * split_k)
+    _shrink_kernel[grid](x, x.stride(0), pool, pool.stride(0), a_offset, segments.order, segments.starts,
+                         segments.slots, segments.ranks, out, out.stride(0), k, width, rank,
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split_k)
+    return out
+
+
+def expand(hidden: torch.Tensor, column: int, rank: int, pool: torch.Tensor, b_offset: int, segments: Segments,
+           y: torch.Tensor) -> None:
+    """y[order[e]] += scale[e] * hidden[e, column:column + rank] @ B (B: [rank, y.shape[1]] at `b_offset`)."""
+    n = y.shape[1]
+    grid = (triton.cdiv(segments.longest, BLOCK_M), segments.segments, triton.cdiv(n, BLOCK_N))
+    scale = segments.scale if segments.scale is not None else hidden  # unread when HAS_SCALE is false
+    _expand_kernel[grid](hidden, hidden.stride(0), column, pool, pool.stride(0), b_offset, segments.order,
+                         segments.starts, segments.slots, segments.ranks, scale, y, y.stride(0), rank, n,
+                         HAS_SCALE=segments.scale is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                         BLOCK_R=max(16, triton.next_power_of_2(rank)))
+
+
+def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run both kernels once on a small random problem against plain torch; None when they agree, else
+    what went wrong. The engine runs this before trusting the kernels with requests (they are compiled
+    for the device at first use, and a Triton or driver mismatch shows up here, not mid-request)."""
+    generator = torch.Generator().manual_seed(0)
+    rank, width, k, n = 16, 48, 256, 96  # 3 modules of rank 16 side by side (q/k/v)
+    a_size, b_size = k * width, rank * n
+    pool = (torch.randn(3, a_size + b_size, generator=generator) * 0.1).to(device, dtype)
+    x = torch.randn(7, k, generator=generator).to(device, dtype)
+    y = torch.randn(7, n, generator=generator).to(device, dtype)
+    rows = {2: [(0, 1.0), (3, 1.0), (6, 1.0)], 0: [(1, 1.0), (5, 1.0)]}  # rows 2 and 4: no adapter
+    try:
+        segments = Segments(rows, {0: rank, 2: rank}, device)
+        hidden = shrink(x, pool, 0, width, rank, segments, torch.empty(segments.entries, width, device=device))
+        got = y.clone()
+        expand(hidden, rank, rank, pool, a_size, segments, got)  # the second module's columns
+        want = y.float().clone()
+        for slot, members in rows.items():
+            a = pool[slot, :a_size].view(k, width).float()
+            b = pool[slot, a_size:].view(rank, n).float()
+            for row, _ in members:
+                want[row] += (x[row].float() @ a)[rank : 2 * rank] @ b
+        error = (got.float() - want).abs().max().item()
+        tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+        if not error <= tolerance * max(1.0, want.abs().max().item()):
+            return f"LoRA kernels differ from torch by {error:.3g}"
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels
+        return f"{type(exc).__name__}: {exc}"
+    return None

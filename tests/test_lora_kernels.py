@@ -1,0 +1,105 @@
+"""The Triton LoRA kernels (server/engine/lora_kernels.py), run by Triton's interpreter on this CPU,
+against plain torch math and against the torch path of the model runner."""
+import pytest
+import torch
+
+from adapters.lora import BaseShape, load_lora
+from loadtests.harness import RunnerDriver, make_peft_adapter
+from server.engine import lora_kernels  # interpreted: conftest sets TRITON_INTERPRET (triton: a dev dependency)
+from server.engine.model_runner import ModelRunner
+
+PROMPTS = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77], [1, 5, 6]]
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_shrink_and_expand_match_torch_per_row(split_k):
+    """Segments of different slots and ranks, rows with no adapter between them, one segment longer than
+    a block of rows, mixture weights; split K (the GPU's few-rows path, atomics) gives the same."""
+    generator = torch.Generator().manual_seed(1)
+    pool_rank, modules, k, n = 32, 3, 200, 80
+    width = modules * pool_rank
+    a_size = k * width
+    pool = torch.randn(4, a_size + pool_rank * n, generator=generator) * 0.1
+    x = torch.randn(40, k, generator=generator)
+    y = torch.randn(40, n, generator=generator)
+    ranks = {3: 32, 1: 16}
+    for slot, rank in ranks.items():  # past an adapter's rank its slot is zero, as LoraBank.add leaves it
+        pool[slot, :a_size].view(k, modules, pool_rank)[:, :, rank:] = 0
+        pool[slot, a_size:].view(pool_rank, n)[rank:] = 0
+    rows = {3: [(r, 1.0 + r / 10) for r in range(0, 40, 2)],  # 20 rows: two blocks of 16
+            1: [(5, 0.5), (9, 2.0), (33, -1.0)]}
+    segments = lora_kernels.Segments(rows, ranks, torch.device("cpu"))
+    hidden = lora_kernels.shrink(x, pool, 0, width, pool_rank, segments,
+                                 torch.empty(segments.entries, width), split_k=split_k)
+    got = y.clone()
+    lora_kernels.expand(hidden, 2 * pool_rank, pool_rank, pool, a_size, segments, got)  # the third module
+
+    want = y.clone()
+    entry = 0
+    for slot, members in rows.items():
+        a = pool[slot, :a_size].view(k, width)
+        b = pool[slot, a_size:].view(pool_rank, n)
+        for row, weight in members:
+            full = x[row] @ a
+            rank = ranks[slot]
+            torch.testing.assert_close(hidden[entry].view(modules, pool_rank)[:, :rank],
+                                       full.view(modules, pool_rank)[:, :rank], rtol=1e-5, atol=1e-4)
+            want[row] += weight * (full[2 * pool_rank :] @ b)
+            entry += 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    untouched = [r for r in range(40) if r not in {5, 9, 33} and r % 2]
+    assert torch.equal(got[untouched], y[untouched])  # rows with no adapter are not written
+
+
+def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    cpu = torch.device("cpu")
+    assert lora_kernels.self_check(cpu, torch.float32) is None
+    monkeypatch.setattr(lora_kernels, "expand", lambda *args: None)  # a kernel that adds nothing
+    assert "differ" in lora_kernels.self_check(cpu, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+
+
+def test_the_runner_on_triton_kernels_gives_the_torch_paths_logits(tiny, tokenizer, tmp_path):
+    """Mixed adapters of different ranks and targets, a base row, a mixture row; prefill, then decode
+    steps where the set of adapters changes: the kernels read the pool directly and need no step stack."""
+    shape = BaseShape.from_config(tiny.config)
+    adapters = {
+        "a": load_lora(make_peft_adapter(tiny, tmp_path / "a", seed=1, rank=4, b_std=0.2), shape),
+        "b": load_lora(make_peft_adapter(tiny, tmp_path / "b", seed=2, rank=24, b_std=0.2,
+                                         targets=("q_proj", "v_proj", "o_proj", "up_proj")), shape),
+    }
+    drivers = {}
+    for kernels in ("torch", "triton"):
+        runner = ModelRunner(tiny, tokenizer, 65, 16, 128, lora_kernels=kernels)
+        assert runner.lora.kernels == kernels
+        for name, weights in adapters.items():
+            runner.lora.add(name, weights)
+        drivers[kernels] = RunnerDriver(runner)
+    batch = {0: (PROMPTS[0], "a"), 1: (PROMPTS[1], None), 2: (PROMPTS[2], "b"), 3: (PROMPTS[3], (("a", 0.7), ("b", 0.3)))}
+    torch_logits, triton_logits = (drivers[k].prefill(batch) for k in ("torch", "triton"))
+    torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(triton_logits[0], drivers["triton"].prefill({9: (PROMPTS[0], None)})[0], atol=1e-3)
+    tokens = {key: int(t) for key, t in zip(batch, torch_logits.argmax(-1))}
+    for step in range(3):
+        if step == 1:  # "a"'s rows finish: the set of adapters changes
+            for driver in drivers.values():
+                driver.release(0)
+            tokens.pop(0)
+        torch_logits, triton_logits = (drivers[k].decode(tokens) for k in ("torch", "triton"))
+        torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-4, atol=1e-4)
+        tokens = {key: int(t) for key, t in zip(tokens, torch_logits.argmax(-1))}
+    assert drivers["triton"].runner.lora._stack.flat is None  # never built a step stack
+
+
+def test_kernel_choice(tiny, tokenizer, monkeypatch):
+    assert ModelRunner(tiny, tokenizer, 9, 16, 128).lora.kernels == "torch"
+    assert ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="auto").lora.kernels == "torch"  # no CUDA
+    monkeypatch.setattr(lora_kernels, "self_check", lambda device, dtype: "broken here")
+    with pytest.raises(ValueError, match="triton cannot be used here: broken here"):
+        ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="triton")
