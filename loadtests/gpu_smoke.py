@@ -16,6 +16,8 @@ recorded with its error and the next one runs):
   peft           mixed and interleaved adapter rows against PEFT applied to each row alone (on a fresh load)
   lora_kernels   the Triton LoRA kernels (lora_kernels: triton) against the torch path: a mixed prefill, and
                  decode steps of 8 and 64 interleaved rows timed both ways
+  cuda_graphs    decode steps replayed from CUDA graphs against eager steps on the same rows (8 and 64 rows,
+                 two adapters and the base), every step compared, both timed
 Files: progress.log, smoke.jsonl, smoke.md (rewritten after every check). Exit code 0 when every check passed.
 """
 from __future__ import annotations
@@ -360,6 +362,61 @@ def check_lora_kernels(model, tokenizer, names: list[str], folders: list[Path], 
     return record
 
 
+def check_cuda_graphs(model, tokenizer, names: list[str], folders: list[Path], tolerance: float,
+                      device: torch.device) -> dict:
+    """Decode steps replayed from CUDA graphs (cuda_graphs: auto) against an eager runner on the same rows:
+    8 rows over two adapters and the base, then 64; every step's logits compared, median step timed both
+    ways. Without CUDA the static step runs eagerly (capture=False) on interpreted Triton, 8 rows only:
+    a check of the script."""
+    from adapters.lora import BaseShape, load_lora
+    from loadtests.harness import RunnerDriver
+    from server.engine.decode_graphs import DecodeGraphs
+    from server.engine.model_runner import ModelRunner
+
+    shape = BaseShape.from_config(model.config)
+    drivers = {}
+    cuda = device.type == "cuda"
+    for mode in ("eager", "graphs"):
+        kernels = "auto" if cuda or mode == "eager" else "triton"
+        runner = ModelRunner(model, tokenizer, 64 * 4 + 1, 16, 64, 8, 16, lora_kernels=kernels,
+                             cuda_graphs="auto" if mode == "graphs" else "off", max_batch_size=64)
+        if mode == "graphs" and runner.graphs is None:
+            runner.graphs = DecodeGraphs(runner, 64, capture=False)
+        for name, folder in zip(names, folders):
+            runner.lora.add(name, load_lora(folder, shape))
+        drivers[mode] = RunnerDriver(runner)
+    graphs = drivers["graphs"].runner.graphs
+    record = {"captured": graphs.capture, "lora_kernels": drivers["graphs"].runner.lora.kernels}
+    errors = []
+    for batch in (8, 64) if cuda else (8,):
+        rows = {i: ([5, 6, 7], [names[0], names[1], None][i % 3]) for i in range(batch)}
+        walls = {}
+        with torch.no_grad():
+            for driver in drivers.values():
+                driver.prefill(rows)
+            tokens = {i: 5 for i in rows}
+            for step in range(12):
+                logits = {}
+                for mode, driver in drivers.items():
+                    _sync(device)
+                    start = time.perf_counter()
+                    logits[mode] = driver.decode(tokens)
+                    _sync(device)
+                    if step >= 2:  # past the capture and its check
+                        walls.setdefault(mode, []).append(time.perf_counter() - start)
+                errors.append(_rel(logits["graphs"], logits["eager"]))
+                tokens = {key: int(t) for key, t in zip(tokens, logits["eager"].argmax(-1))}
+        for mode, times in walls.items():
+            record[f"decode_ms_batch{batch}_{mode}"] = round(statistics.median(times) * 1000, 2)
+        for driver in drivers.values():
+            for key in rows:
+                driver.release(key)
+    record.update({"ok": graphs.disabled is None and max(errors) < tolerance, "disabled": graphs.disabled,
+                   "shapes": sorted(map(list, graphs.shapes)), "replays": graphs.replays,
+                   "max_relative_error": round(max(errors), 5), "tolerance": tolerance})
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
@@ -395,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         smoke.run("profile", check_profile, model, tokenizer, names[:2], device, folders[:2], args.out_dir)
         smoke.run("peft", check_peft, model, tokenizer, names[:2], folders[:2], tolerance, work / "base", dtype)
         smoke.run("lora_kernels", check_lora_kernels, model, tokenizer, names[:2], folders[:2], tolerance, device)
+        # decode steps compound float differences (the LoRA kernels sum in another order) through NF4 linears
+        # that round their input to bf16: the bf16 bound
+        smoke.run("cuda_graphs", check_cuda_graphs, model, tokenizer, names[:2], folders[:2], max(tolerance, 1e-2),
+                  device)
     smoke.log("done")
     return 0 if all(record.get("ok") for record in smoke.results) else 1
 

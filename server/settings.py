@@ -108,6 +108,13 @@ class Settings(EncodableText):
                     "triton package, and runs interpreted (very slow) without a GPU. auto: triton on CUDA when "
                     "it is installed and its start-up self-check passes, torch otherwise.",
     )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on CUDA, decode-only steps are captured as CUDA graphs (one per batch-size and "
+                    "key-length bucket, on first use) and replayed, cutting the host's per-launch cost; a "
+                    "capture that fails or a replay that differs from the eager step turns them off with a "
+                    "warning. Never used on CPU. off: every step runs eagerly.",
+    )
     max_queued_requests: int = Field(256, ge=0)
     default_max_tokens: int = Field(512, ge=1)
     max_tokens_limit: int = Field(2048, ge=1, description="Upper bound on a request's max_tokens.")

@@ -71,10 +71,11 @@ def test_the_gpu_smoke_script_passes_every_check_on_a_tiny_model(tmp_path):
     records = [json.loads(line) for line in (out / "smoke.jsonl").read_text().splitlines()]
     assert done.returncode == 0, [r for r in records if not r.get("ok")] or done.stderr[-3000:]
     assert [r["check"] for r in records] == ["versions", "nf4_linear", "runner", "engine", "slots", "profile", "peft",
-                                             "lora_kernels"]  # Triton interpreted here (conftest: TRITON_INTERPRET)
+                                             "lora_kernels", "cuda_graphs"]  # Triton interpreted (conftest)
     by_check = {r["check"]: r for r in records}
     assert by_check["engine"]["cancelled_finished"] is False and by_check["engine"]["errors"] == {}
     assert by_check["peft"]["adapter_effect_min"] > 0.01  # the comparison can tell adapters apart
     assert by_check["profile"]["operators_per_step"] > 0 and (out / "profile.txt").is_file()
     assert by_check["lora_kernels"]["decode_ms_batch64_triton"] > 0
+    assert by_check["cuda_graphs"]["captured"] is False and by_check["cuda_graphs"]["shapes"]  # the static step ran
     assert "| peft | yes |" in (out / "smoke.md").read_text()

@@ -396,6 +396,24 @@ class LoraBank:
         weights = torch.tensor(scale, device=self.device, dtype=self.dtype)[:, None] if mixed else None
         return StepLora(stack.groups, stack.rank, as_tensor(gather), as_tensor(scatter), segment_rows, pads, weights)
 
+    def slot_rows(self, row_adapters: list[RowAdapter]) -> tuple[dict[int, list[int]], dict[int, int]] | None:
+        """Rows by pool slot and each slot's rank, for a captured step (`decode_graphs`); None when a row
+        mixes adapters (mixtures run eagerly)."""
+        rows_by_slot: dict[int, list[int]] = {}
+        for row, entry in enumerate(row_adapters):
+            if entry is None:
+                continue
+            if not isinstance(entry, str):
+                return None
+            rows_by_slot.setdefault(self._residents[entry].slot, []).append(row)
+        slot_rank = {r.slot: r.rank for r in self._residents.values()}
+        return rows_by_slot, {slot: slot_rank[slot] for slot in rows_by_slot}
+
+    def static_step(self, segments) -> KernelStepLora:
+        """The LoRA plan of a captured step: every group and linear is launched (which adapters it will
+        serve is only known at replay; zero weights add zeros)."""
+        return KernelStepLora(self, [segments], frozenset(self.layout.a), frozenset(self.layout.b))
+
     def _prepare_kernels(self, row_adapters: list[RowAdapter]) -> KernelStepLora:
         passes: list[dict[int, list[tuple[int, float]]]] = []
         active = set()

@@ -121,6 +121,36 @@ class Segments:
         self.scale = torch.tensor(scale, dtype=torch.float32).to(device) if mixed else None
 
 
+class StaticSegments(Segments):
+    """Segments in fixed device buffers, for a captured CUDA graph: `rows` entries and `capacity`
+    segments whatever the step holds. `layout` writes a step's rows into a host list that the caller
+    copies into the buffers (with the rest of the step's inputs, in one transfer); segments past the
+    step's are empty (start == end) and entries past its rows are never read."""
+
+    def __init__(self, order: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor):
+        self.order, self.starts, self.slots, self.ranks = order, starts, slots, ranks
+        self.entries = self.longest = len(order)
+        self.segments = len(slots)
+        self.scale = None
+
+    @staticmethod
+    def layout(rows_by_slot: dict[int, list[int]], ranks: dict[int, int], rows: int, capacity: int) -> list[int]:
+        """order (rows) + starts (capacity + 1) + slots (capacity) + ranks (capacity), as one list."""
+        order, starts, slots, slot_ranks = [], [0], [], []
+        for slot, members in rows_by_slot.items():
+            order += members
+            starts.append(len(order))
+            slots.append(slot)
+            slot_ranks.append(ranks[slot])
+        pad = capacity - len(slots)
+        return (order + [0] * (rows - len(order)) + starts + [len(order)] * pad + slots + [0] * pad
+                + slot_ranks + [0] * pad)
+
+    @staticmethod
+    def size(rows: int, capacity: int) -> int:
+        return rows + 3 * capacity + 1
+
+
 def shrink(x: torch.Tensor, pool: torch.Tensor, a_offset: int, width: int, rank: int, segments: Segments,
            out: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
     """out[e, :width] = x[order[e]] @ A (A: [x.shape[1], width] at `a_offset` of each segment's slot, its

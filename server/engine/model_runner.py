@@ -69,7 +69,7 @@ class ModelRunner:
 
     def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int,
                  adapter_slots: int = 8, max_adapter_rank: int = 64, batch_invariant: bool = True,
-                 lora_kernels: str = "torch"):
+                 lora_kernels: str = "torch", cuda_graphs: str = "off", max_batch_size: int = 64):
         config = causal_lm.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
@@ -97,6 +97,13 @@ class ModelRunner:
         self.cos, self.sin = self._rope_tables(context_window)
         self.lora = LoraBank(self.device, self.dtype, BaseShape.from_config(config), adapter_slots, max_adapter_rank,
                              batch_invariant, lora_kernels)
+        if cuda_graphs not in ("auto", "off"):
+            raise ValueError(f"cuda_graphs must be auto or off, not {cuda_graphs!r}")
+        self.graphs = None  # decode steps as CUDA graphs: CUDA only (decode_graphs.py)
+        if cuda_graphs == "auto" and self.device.type == "cuda":
+            from server.engine.decode_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_batch_size, capture=True)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -122,6 +129,14 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, items: list[StepItem]) -> torch.Tensor:
         """Run every item's tokens; returns the last-token logits of items that want them, in order."""
+        if self.graphs is not None:
+            logits = self.graphs.run(items)
+            if logits is not None:
+                return logits
+        return self.eager_step(items)
+
+    def eager_step(self, items: list[StepItem]) -> torch.Tensor:
+        """`step` without CUDA graphs: any mix of decode rows and prompt chunks."""
         token_ids = [t for item in items for t in item.token_ids]
         positions, slots, row_adapters, spans = [], [], [], []
         size = self.block_size
@@ -138,11 +153,21 @@ class ModelRunner:
             return self._attention(layer, q, k, v, slot_index, plan)
 
         position_tensor = torch.tensor(positions, device=self.device)
-        hidden = self._forward(token_ids, position_tensor, attend, self.lora.prepare(row_adapters))
+        hidden = self._forward(torch.tensor(token_ids, device=self.device), position_tensor, attend,
+                               self.lora.prepare(row_adapters))
         last_rows = [start + count - 1 for item, (start, count) in zip(items, spans) if item.wants_logits]
         if not last_rows:
             return torch.empty(0, self.vocab_size, device=self.device)
         return self._logits(hidden[torch.tensor(last_rows, device=self.device)])
+
+    def static_decode(self, shape) -> torch.Tensor:
+        """A decode step over the fixed buffers of a `decode_graphs.StaticDecode`: no host reads, no
+        data-dependent shapes (what a CUDA graph can record); logits of every row, padding included."""
+
+        def attend(layer: int, q, k, v):
+            return self._static_attention(layer, q, k, v, shape)
+
+        return self._logits(self._forward(shape.tokens, shape.positions, attend, shape.step_lora))
 
     # ---- attention ------------------------------------------------------------------------
 
@@ -236,6 +261,22 @@ class ModelRunner:
                 out[row : row + n * length] = result.reshape(n * length, -1)
         return out
 
+    def _static_attention(self, layer: int, q, k, v, shape) -> torch.Tensor:
+        """Every row against `shape.width` blocks of its own table; padding rows write zeros (into slot 0
+        of the padding block, which stays zero)."""
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        flat = (-1, self.num_kv_heads, self.head_dim)
+        keep = (shape.valid != 0)[:, None, None]
+        k_cache.view(flat).index_copy_(0, shape.slots, torch.where(keep, k, 0))
+        v_cache.view(flat).index_copy_(0, shape.slots, torch.where(keep, v, 0))
+        n, group = shape.rows, self.num_heads // self.num_kv_heads
+        queries = q.view(n, self.num_kv_heads, group, self.head_dim)
+        length = shape.width * self.block_size
+        hidden = torch.arange(length, device=self.device)[None, :] > shape.positions[:, None]
+        result = self._attend(queries, self._gather(k_cache, shape.block_table), self._gather(v_cache, shape.block_table),
+                              hidden.view(n, 1, 1, length))
+        return result.reshape(n, -1)
+
     # ---- internals ----------------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -258,10 +299,10 @@ class ModelRunner:
         chunks = [weight @ hidden[start : start + LOGIT_CHUNK].T for start in range(0, padded, LOGIT_CHUNK)]
         return torch.cat(chunks, dim=1).T[:rows].float()
 
-    def _forward(self, token_ids: list[int], positions: torch.Tensor, attend,
+    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend,
                  step_lora: StepLora | KernelStepLora | None):
         tokens = len(token_ids)
-        hidden = self.model.embed_tokens(torch.tensor(token_ids, device=self.device))
+        hidden = self.model.embed_tokens(token_ids)
         cos = self.cos[positions].unsqueeze(1)  # [N, 1, head_dim], broadcast over heads
         sin = self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):

@@ -129,9 +129,10 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
     num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes)
     runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window,
                          settings.max_gpu_adapters, settings.max_adapter_rank, settings.batch_invariant,
-                         settings.lora_kernels)
-    log.info("adapter slots: %d of rank %d (%.1f MiB with the step stack, at most); LoRA kernels: %s",
-             settings.max_gpu_adapters, runner.lora.layout.rank, adapter_bytes / 2**20, runner.lora.kernels)
+                         settings.lora_kernels, settings.cuda_graphs, settings.max_batch_size)
+    log.info("adapter slots: %d of rank %d (%.1f MiB with the step stack, at most); LoRA kernels: %s; CUDA "
+             "graphs: %s", settings.max_gpu_adapters, runner.lora.layout.rank, adapter_bytes / 2**20,
+             runner.lora.kernels, "on" if runner.graphs is not None else "off")
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", num_blocks - 1, settings.kv_block_size,
              num_blocks * block_bytes / 2**20, (num_blocks - 1) * settings.kv_block_size)
     from transformers import AutoTokenizer
