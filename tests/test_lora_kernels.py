@@ -103,3 +103,29 @@ def test_kernel_choice(tiny, tokenizer, monkeypatch):
     monkeypatch.setattr(lora_kernels, "self_check", lambda device, dtype: "broken here")
     with pytest.raises(ValueError, match="triton cannot be used here: broken here"):
         ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="triton")
+
+
+def test_staged_loads_lay_out_each_adapter_as_the_direct_copy_does(tiny, tmp_path):
+    """The GPU load path (one pinned staging buffer, reused; one copy per adapter) run on CPU: after a
+    rank-24 all-linear adapter, a rank-4 adapter on three linears gets a slot equal to a direct copy
+    (nothing of the first one is left in the reused staging buffer), and so does a third after a removal."""
+    from server.engine.lora_batch import LoraBank
+
+    shape = BaseShape.from_config(tiny.config)
+    weights = [load_lora(make_peft_adapter(tiny, tmp_path / "a", seed=1, rank=24, b_std=0.2), shape),
+               load_lora(make_peft_adapter(tiny, tmp_path / "b", seed=2, rank=4, b_std=0.2,
+                                           targets=("q_proj", "v_proj", "down_proj")), shape),
+               load_lora(make_peft_adapter(tiny, tmp_path / "c", seed=3, rank=8, b_std=0.2), shape)]
+    banks = {staged: LoraBank(torch.device("cpu"), torch.float32, shape, slots=3, max_rank=32) for staged in (0, 1)}
+    banks[1].staged_loads = True
+    for bank in banks.values():
+        bank.pool.fill_(float("nan"))  # what torch.empty may hold: every slot must be written whole
+        bank.add("a", weights[0])
+        bank.add("b", weights[1])
+        bank.remove("a")
+        bank.add("c", weights[2])
+    assert banks[1]._staging is not None and banks[0]._staging is None
+    for name in ("b", "c"):
+        slots = [bank._residents[name].slot for bank in banks.values()]
+        assert torch.equal(banks[0].pool[slots[0]], banks[1].pool[slots[1]])
+        assert banks[0]._residents[name] == banks[1]._residents[name]

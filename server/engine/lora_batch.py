@@ -281,6 +281,13 @@ class LoraBank:
         self._stack = _StepStack(shape, slots, device, dtype)
         self.kernels_module = None
         self.kernels = self._choose_kernels(kernels)
+        # loads through a pinned staging buffer and a side stream (CUDA); direct copies on a CPU
+        self.staged_loads = device.type == "cuda"
+        self._staging: torch.Tensor | None = None
+        self._staging_written: list[torch.Tensor] = []
+        self._staging_event = None
+        self._copy_stream = None
+        self._pending: dict[int, object] = {}  # slot -> CUDA event of its copy still in flight
 
     def _choose_kernels(self, kernels: str) -> str:
         if kernels not in KERNELS:
@@ -321,22 +328,72 @@ class LoraBank:
         if not self._free:
             raise RuntimeError(f"all {self.slots} adapter slots are in use")
         slot = self._free.pop()
-        flat = self.pool[slot]
-        flat.zero_()
-        rank = weights.rank
-        groups, modules = set(), set()
+        if self.staged_loads:
+            written = self._upload(slot, weights)
+        else:
+            flat = self.pool[slot]
+            flat.zero_()
+            written = self._write(flat, weights)
+        groups = frozenset((layer, group) for layer, group, _ in written)
+        modules = frozenset((layer, module) for layer, _, module in written)
+        self._residents[name] = _Resident(slot, aligned_rank(weights.rank), groups, modules)
+
+    def _write(self, flat: torch.Tensor, weights: LoraWeights) -> list[tuple[int, str, str]]:
+        """Each linear's A and B into `flat` (a slot's layout, zero where the adapter has nothing)."""
+        rank, written = weights.rank, []
         module_group = {m: (g, i) for g, ms in GROUPS.items() for i, m in enumerate(ms)}
         for (layer, module), (a, b) in weights.pairs.items():
             group, index = module_group[module]
             self.layout.a_view(flat, (layer, group))[:, index, :rank].copy_(a)
             self.layout.b_view(flat, (layer, module))[:rank].copy_(b)
-            groups.add((layer, group))
-            modules.add((layer, module))
-        self._residents[name] = _Resident(slot, aligned_rank(rank), frozenset(groups), frozenset(modules))
+            written.append((layer, group, module))
+        return written
+
+    def _upload(self, slot: int, weights: LoraWeights) -> list[tuple[int, str, str]]:
+        """A GPU load: the adapter is laid out in one pinned host buffer, which is copied to its slot in one
+        transfer on a side stream; the step that first uses the slot waits for that copy on the device
+        (`_await_loads`), the host never does, and the step running meanwhile is not held up. The staging
+        buffer is reused: before it is rewritten, the host waits for its previous copy (one adapter load
+        ago) and zeroes only what that adapter wrote."""
+        cuda = self.device.type == "cuda"
+        if self._staging is None:
+            self._staging = torch.zeros(self.layout.size, dtype=self.dtype, pin_memory=cuda)
+        if self._staging_event is not None:
+            self._staging_event.synchronize()
+        for view in self._staging_written:
+            view.zero_()
+        rank = weights.rank
+        written = self._write(self._staging, weights)
+        self._staging_written = [self.layout.a_view(self._staging, (layer, group))[:, :, :rank]
+                                 for layer, group in {(layer, group) for layer, group, _ in written}]
+        self._staging_written += [self.layout.b_view(self._staging, (layer, module))[:rank]
+                                  for layer, _, module in written]
+        if not cuda:  # the same layout and copy, synchronously (how the suite checks the staging)
+            self.pool[slot].copy_(self._staging)
+            return written
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        # a freed slot may still be read by a step queued on the compute stream: the copy waits for it
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            self.pool[slot].copy_(self._staging, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        self._pending[slot] = event
+        self._staging_event = event
+        return written
+
+    def _await_loads(self, slots) -> None:
+        """Make the compute stream wait (on the device) for the copies of `slots` still in flight."""
+        for slot in slots:
+            event = self._pending.pop(slot, None)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
 
     def remove(self, name: str) -> None:
         resident = self._residents.pop(name, None)
         if resident is not None:
+            self._pending.pop(resident.slot, None)  # the next copy into the slot waits for the compute stream
             self._free.append(resident.slot)
             if name in self._stack.members:
                 self._stack.clear()  # its stack copy must never serve again: rebuilt at the next step
@@ -365,6 +422,8 @@ class LoraBank:
                 members.extend((row, name, float(weight)) for name, weight in entry)
         if not members:
             return None
+        if self._pending:
+            self._await_loads({self._residents[name].slot for _, name, _ in members})
         if self.kernels == "triton":
             return self._prepare_kernels(row_adapters)
         names = sorted({name for _, name, _ in members})
@@ -406,6 +465,8 @@ class LoraBank:
             if not isinstance(entry, str):
                 return None
             rows_by_slot.setdefault(self._residents[entry].slot, []).append(row)
+        if self._pending:
+            self._await_loads(rows_by_slot)
         slot_rank = {r.slot: r.rank for r in self._residents.values()}
         return rows_by_slot, {slot: slot_rank[slot] for slot in rows_by_slot}
 
