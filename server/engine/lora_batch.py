@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.lora import BaseShape, LoraWeights
+from server.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -450,10 +451,10 @@ class LoraBank:
             gather += [row for row, _ in rows_of[name]] + [zero_row] * pad
             scatter += [row for row, _ in rows_of[name]] + [0] * pad
             scale += [weight for _, weight in rows_of[name]] + [0.0] * pad
-        as_tensor = lambda rows: torch.tensor(rows, device=self.device)  # noqa: E731
         pads = zero_row in gather
-        weights = torch.tensor(scale, device=self.device, dtype=self.dtype)[:, None] if mixed else None
-        return StepLora(stack.groups, stack.rank, as_tensor(gather), as_tensor(scatter), segment_rows, pads, weights)
+        weights = to_device(scale, self.device, self.dtype)[:, None] if mixed else None
+        gather_tensor, scatter_tensor = to_device([gather, scatter], self.device).unbind()
+        return StepLora(stack.groups, stack.rank, gather_tensor, scatter_tensor, segment_rows, pads, weights)
 
     def slot_rows(self, row_adapters: list[RowAdapter]) -> tuple[dict[int, list[int]], dict[int, int]] | None:
         """Rows by pool slot and each slot's rank, for a captured step (`decode_graphs`); None when a row

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from server.engine.transfer import to_device
+
 BLOCK_M = 16  # rows of one segment per program (tl.dot needs >= 16 on a GPU)
 BLOCK_N = 64
 BLOCK_K = 64
@@ -107,18 +109,15 @@ class Segments:
             scale += [weight for _, weight in members]
             starts.append(len(order))
             slots.append(slot)
-        # one host->device copy for all of it (pinned + non_blocking on a GPU: the step does not wait)
-        packed = torch.tensor(order + starts + slots + [ranks[slot] for slot in slots], dtype=torch.int32)
-        if device.type == "cuda":
-            packed = packed.pin_memory()
-        packed = packed.to(device, non_blocking=True)
+        # one host->device copy for all of it, queued (transfer.to_device)
+        packed = to_device(order + starts + slots + [ranks[slot] for slot in slots], device, torch.int32)
         sizes = (len(order), len(starts), len(slots), len(slots))
         self.order, self.starts, self.slots, self.ranks = packed.split(sizes)
         self.entries = len(order)
         self.segments = len(slots)
         self.longest = max(len(members) for members in rows_by_slot.values())
         mixed = any(weight != 1.0 for weight in scale)
-        self.scale = torch.tensor(scale, dtype=torch.float32).to(device) if mixed else None
+        self.scale = to_device(scale, device, torch.float32) if mixed else None
 
 
 class StaticSegments(Segments):

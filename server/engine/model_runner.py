@@ -20,6 +20,7 @@ import torch
 
 from adapters.lora import BaseShape
 from server.engine.lora_batch import KernelStepLora, LoraBank, RowAdapter, StepLora, matmul_rows
+from server.engine.transfer import to_device
 
 # Attention runs over key lengths rounded up to multiples of this; a kv block size must divide it.
 ATTENTION_BLOCK = 64
@@ -122,7 +123,7 @@ class ModelRunner:
         """Zero blocks just handed out: a block's previous contents never reach a new owner, even
         as masked padding (0 x NaN would be NaN)."""
         if blocks:
-            index = torch.tensor(blocks, device=self.device)
+            index = to_device(blocks, self.device)
             self.k_cache.index_fill_(1, index, 0)
             self.v_cache.index_fill_(1, index, 0)
 
@@ -147,18 +148,18 @@ class ModelRunner:
                 slots.append(item.block_table[pos // size] * size + pos % size)
             row_adapters += [item.adapter] * len(item.token_ids)
         plan = self._attention_plan(items, spans)
-        slot_index = torch.tensor(slots, device=self.device)
+        slot_index = to_device(slots, self.device)
 
         def attend(layer: int, q, k, v):
             return self._attention(layer, q, k, v, slot_index, plan)
 
-        position_tensor = torch.tensor(positions, device=self.device)
-        hidden = self._forward(torch.tensor(token_ids, device=self.device), position_tensor, attend,
+        position_tensor = to_device(positions, self.device)
+        hidden = self._forward(to_device(token_ids, self.device), position_tensor, attend,
                                self.lora.prepare(row_adapters))
         last_rows = [start + count - 1 for item, (start, count) in zip(items, spans) if item.wants_logits]
         if not last_rows:
             return torch.empty(0, self.vocab_size, device=self.device)
-        return self._logits(hidden[torch.tensor(last_rows, device=self.device)])
+        return self._logits(hidden[to_device(last_rows, self.device)])
 
     def static_decode(self, shape) -> torch.Tensor:
         """A decode step over the fixed buffers of a `decode_graphs.StaticDecode`: no host reads, no
@@ -214,7 +215,7 @@ class ModelRunner:
         return decode, chunks
 
     def _tensor(self, values) -> torch.Tensor:
-        return torch.tensor(values, device=self.device)
+        return to_device(values, self.device)
 
     def _block_index(self, items: list[StepItem], padded: int) -> torch.Tensor:
         """[rows, padded // block_size] block ids, padded with the zero block."""

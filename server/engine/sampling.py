@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.transfer import to_device
+
 # Below this a temperature is greedy: logits / 1e-300 is inf (or 0/0 = NaN) in float32, and the
 # distribution such a temperature asks for is the argmax to within float precision anyway.
 SAMPLING_EPS = 1e-5
@@ -128,8 +130,8 @@ def adjust_rows(logits: torch.Tensor, params: list[SamplingParams], generated, c
         if adjusted is None:
             adjusted = logits.clone()
         device = adjusted.device
-        index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-        adjusted.index_put_(index, torch.tensor(deltas, device=device, dtype=adjusted.dtype), accumulate=True)
+        index = to_device([rows, tokens], device).unbind()
+        adjusted.index_put_(index, to_device(deltas, device, adjusted.dtype), accumulate=True)
     return logits if adjusted is None else adjusted
 
 
@@ -146,15 +148,15 @@ def _draw(source: torch.Tensor, rows: list[int], params: list[SamplingParams],
     if len(rows) == source.shape[0]:
         logits = source  # every row samples: no gather
     else:
-        logits = source.index_select(0, torch.tensor(rows, device=device))
-    temperatures = torch.tensor([params[r].temperature for r in rows], device=device, dtype=logits.dtype)
+        logits = source.index_select(0, to_device(rows, device))
+    temperatures = to_device([params[r].temperature for r in rows], device, logits.dtype)
     probs = torch.softmax(logits / temperatures[:, None], dim=-1)
     top_ps = [params[r].top_p for r in rows]
     if min(top_ps) < 1.0:
         sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p; the most likely token always stays, also
         # for a top_p that float32 rounds to 0 (5e-324)
-        limit = torch.tensor(top_ps, device=device, dtype=probs.dtype)[:, None]
+        limit = to_device(top_ps, device, probs.dtype)[:, None]
         outside = (sorted_probs.cumsum(-1) - sorted_probs) >= limit
         outside[:, 0] = False
         probs = torch.zeros_like(probs).scatter_(1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
@@ -168,7 +170,7 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingP
               rows: list[int]) -> list[TokenLogprob]:
     """The model's own log-probabilities (before temperature, penalties and bias) of each row's token
     and its top alternatives, computed for all rows at once and read back in one transfer."""
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, logits.device)
     logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
     chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
     top = max(params[r].top_logprobs for r in rows)
@@ -204,7 +206,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy and row not in errors]
     if sampled_rows:
         drawn = _draw(source, sampled_rows, params, generators)
-        tokens = tokens.index_copy(0, torch.tensor(sampled_rows, device=tokens.device), drawn)
+        tokens = tokens.index_copy(0, to_device(sampled_rows, tokens.device), drawn)
     packed = torch.cat((tokens[None], flags.long())).tolist()  # the one device -> host transfer
     token_list, some_bad, none_left = packed
     result = Sampled([None] * len(params), [None] * len(params), [r for r, bad in enumerate(some_bad) if bad], errors)
