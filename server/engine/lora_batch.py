@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 RowAdapter = str | tuple[tuple[str, float], ...] | None
 RANK_ALIGN = 16
 MIN_GEMM_ROWS = 4
+# On a CPU, a step whose LoRA matmuls cover at most this many rows (a lone stream: one segment of 4
+# padded rows) runs them on one thread: splitting a [4, 576] x [576, 48] GEMM over two threads costs
+# more in fork/join (~1.5 us of ~6) than it saves; 330 such matmuls a step on SmolLM2. Larger steps keep
+# every thread. MKL gives the same bits on one thread as on two for these shapes (checked when this was
+# written: every LoRA shape of the default model, 1-8 segments of 4-64 rows), so invariance holds.
+SINGLE_THREAD_ROWS = 4
 
 # Linears grouped by the input they read; a group shares one A matmul.
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -200,12 +206,25 @@ class StepLora:
     # the deltas of the real rows added back in place (what the gather and scatter would do, in fewer
     # ops: the single-stream case)
     pad_rows: int = 0
+    # a CPU step with this little LoRA work runs its matmuls on one thread (see SINGLE_THREAD_ROWS)
+    single_thread: bool = False
 
     def apply(self, layer: int, group: str, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
         """Add the LoRA deltas of `group` at `layer` to the base outputs, in place."""
         weights = self.groups.get((layer, group))
         if weights is None:
             return
+        if not self.single_thread:
+            self._apply(weights, x, outputs)
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._apply(weights, x, outputs)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _apply(self, weights: _GroupWeights, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
         segments, rows = weights.a.shape[0], self.segment_rows
         if self.gather is not None:
             source = torch.cat((x, x.new_zeros(1, x.shape[1]))) if self.pads else x
@@ -435,15 +454,16 @@ class LoraBank:
             rows_of[name].append((row, weight))
         longest = max(len(rows) for rows in rows_of.values())
         segment_rows = -(-longest // self.min_rows) * self.min_rows
+        single = self.device.type == "cpu" and len(order) * segment_rows <= SINGLE_THREAD_ROWS
         stack = self._stack
         mixed = any(weight != 1.0 for _, _, weight in members)
         if not mixed and row_adapters == [name for name in order for _ in range(segment_rows)]:
             # rows already sit in equal segments in stack order (the engine keeps arrivals grouped by
             # adapter): the batch is its own segment layout, no gather or scatter needed
-            return StepLora(stack.groups, stack.rank, None, None, segment_rows, False)
+            return StepLora(stack.groups, stack.rank, None, None, segment_rows, False, single_thread=single)
         if not mixed and len(order) == 1 and all(entry == order[0] for entry in row_adapters):
             return StepLora(stack.groups, stack.rank, None, None, segment_rows, False,
-                            pad_rows=segment_rows - len(row_adapters))
+                            pad_rows=segment_rows - len(row_adapters), single_thread=single)
         zero_row = len(row_adapters)
         gather, scatter, scale = [], [], []
         for name in order:
@@ -454,7 +474,8 @@ class LoraBank:
         pads = zero_row in gather
         weights = to_device(scale, self.device, self.dtype)[:, None] if mixed else None
         gather_tensor, scatter_tensor = to_device([gather, scatter], self.device).unbind()
-        return StepLora(stack.groups, stack.rank, gather_tensor, scatter_tensor, segment_rows, pads, weights)
+        return StepLora(stack.groups, stack.rank, gather_tensor, scatter_tensor, segment_rows, pads, weights,
+                        single_thread=single)
 
     def slot_rows(self, row_adapters: list[RowAdapter]) -> tuple[dict[int, list[int]], dict[int, int]] | None:
         """Rows by pool slot and each slot's rank, for a captured step (`decode_graphs`); None when a row
