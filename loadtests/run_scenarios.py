@@ -6,7 +6,8 @@ Starts loraplex (the default SmolLM2, NF4, float32 compute, four random rank-16 
 adapters) and the naive PEFT server (loadtests/naive_server.py, same model and adapters),
 then drives them with loadtests/loadgen.py: steady streaming load at each concurrency level
 for loraplex over the 4 adapters, loraplex on the base, and the naive server over the 4
-adapters; plus a burst, long prompts, non-streaming and router ("auto") traffic on loraplex.
+adapters (each level: 2 x concurrency requests, at least 8, after one unrecorded warm-up load over
+every model); plus a burst, long prompts, non-streaming and router ("auto") traffic on loraplex.
 Writes loadtests/results/scenarios.json, scenarios.md and two PNG plots; prints the ratios.
 """
 from __future__ import annotations
@@ -30,6 +31,11 @@ from adapters.base_model import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
 RESULTS = REPO / "loadtests" / "results"
+
+
+# requests per concurrency level at least (2 x concurrency above): two requests of a lone client are
+# too few to compare two loads on a machine that drifts by several percent
+MIN_REQUESTS = 8
 
 
 def _adapters(workdir: Path, count: int) -> dict[str, Path]:
@@ -108,11 +114,15 @@ def main() -> None:
     series = {"loraplex, 4 adapters": [], "loraplex, no adapter": [], "naive PEFT, 4 adapters": []}
     extra = {}
     try:
+        # not recorded: the first requests after start pay one-off costs (each expert's first copy to the
+        # device bank, allocator and BLAS warm-up) that would land on whichever load ran first
+        _load(loraplex.base_url, "steady", names + [EMBEDDED_NAME], 4, 2 * (len(names) + 1), args.max_tokens)
         for level in levels:
-            series["loraplex, 4 adapters"].append(_load(loraplex.base_url, "steady", names, level, 2 * level,
+            count = max(2 * level, MIN_REQUESTS)
+            series["loraplex, 4 adapters"].append(_load(loraplex.base_url, "steady", names, level, count,
                                                         args.max_tokens))
             series["loraplex, no adapter"].append(_load(loraplex.base_url, "steady", [EMBEDDED_NAME], level,
-                                                        2 * level, args.max_tokens))
+                                                        count, args.max_tokens))
         extra["burst of 16"] = _load(loraplex.base_url, "burst", names, 16, 16, args.max_tokens)
         extra["long prompts (~1k tokens), 4 clients"] = _load(loraplex.base_url, "long", names, 4, 8, args.max_tokens)
         extra["not streaming, 8 clients"] = _load(loraplex.base_url, "steady", names, 8, 16, args.max_tokens,
@@ -123,8 +133,8 @@ def main() -> None:
     naive, naive_url = _start_naive(adapters)
     try:
         for level in levels:
-            series["naive PEFT, 4 adapters"].append(_load(naive_url, "steady", names, level, 2 * level,
-                                                          args.max_tokens))
+            series["naive PEFT, 4 adapters"].append(_load(naive_url, "steady", names, level,
+                                                          max(2 * level, MIN_REQUESTS), args.max_tokens))
     finally:
         naive.terminate()
         naive.wait(30)
