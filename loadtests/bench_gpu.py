@@ -102,7 +102,8 @@ def markdown(summary: dict) -> str:
     meta = summary["meta"]
     lines = [f"# bench_gpu: {meta['device_name']}, {meta['shape']} x {meta['layers']} layers, NF4, "
              f"{meta['adapters']} rank-{meta['rank']} all-linear adapters, LoRA kernels: "
-             f"{meta.get('lora_kernels', 'torch')} ({meta['date'][:10]})", ""]
+             f"{meta.get('lora_kernels', 'torch')}, CUDA graphs: {meta.get('cuda_graphs', 'off')} "
+             f"({meta['date'][:10]})", ""]
     loads = summary["adapter_load_ms"]
     if loads:
         lines += [f"Adapter load, disk -> device bank: median {statistics.median(loads):.1f} ms "
@@ -212,6 +213,7 @@ class StepTimer:
     def __init__(self, runner):
         self.steps: list[tuple[int, float]] = []
         self.lora_kernels = runner.lora.kernels  # what "auto" chose
+        self.graphs = runner.graphs  # None: every step eager
         self._step = runner.step
         self._sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
         runner.step = self
@@ -305,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lora-kernels", choices=("auto", "torch", "triton"), default="auto",
                         help="the server's lora_kernels setting (auto: Triton on CUDA when its self-check passes)")
+    parser.add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
+                        help="the server's cuda_graphs setting (auto: decode steps replayed from graphs on CUDA)")
     parser.add_argument("--budget-s", type=float, default=240, help="no new load starts after this many seconds")
     parser.add_argument("--workdir", type=Path, default=None, help="where the model is written (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -322,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         **stamp("loadtests.bench_gpu", argv),  # date, machine, command, as every result file has them
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "shape": args.shape, "layers": layers, "dtype": str(dtype),
-        "adapters": args.adapters, "rank": args.rank, "lora_kernels_asked": args.lora_kernels, "prompt_tokens": args.prompt, "output_tokens": args.tokens,
+        "adapters": args.adapters, "rank": args.rank, "lora_kernels_asked": args.lora_kernels,
+        "cuda_graphs_asked": args.cuda_graphs, "prompt_tokens": args.prompt, "output_tokens": args.tokens,
         "batches": batches,
         "memory_measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
     }
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         folders = [write_random_adapter(config, work / f"expert{i}", args.rank, seed=i) for i in range(args.adapters)]
         report.log(f"wrote {len(folders)} adapters")
         engine, timer = start_engine(model, tokenizer, max(batches), args.prompt + args.tokens, args.adapters,
-                                     args.rank, args.lora_kernels)
+                                     args.rank, args.lora_kernels, args.cuda_graphs)
         report.summary["meta"]["lora_kernels"] = timer.lora_kernels
         report.log(f"LoRA kernels: {timer.lora_kernels}")
         try:
@@ -349,6 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
             measure_throughput(engine, timer, names, batches, args, report, device)
         finally:
             engine.stop(30)
+        graphs = timer.graphs
+        report.summary["meta"]["cuda_graphs"] = "off" if graphs is None else (
+            f"off after: {graphs.disabled}" if graphs.disabled else f"on ({len(graphs.shapes)} shapes, "
+                                                                     f"{graphs.replays} replays)")
     report.summary["memory"]["peak_gib"] = round(peak_gib(device), 3)
     report.log("done")
     report.flush()
@@ -357,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int, rank: int = 16,
-                 lora_kernels: str = "auto"):
+                 lora_kernels: str = "auto", cuda_graphs: str = "auto"):
     from adapters.lora import BaseShape
     from server.engine.engine import Engine, EngineConfig
     from server.metrics import Metrics
@@ -371,7 +380,8 @@ def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int, 
         block_size = 16
         # one slot more than the experts: measure_adapter_loads adds a probe beside them
         runner = ModelRunner(model, tokenizer, max_batch * (window // block_size) + 1, block_size, window,
-                             adapter_slots=adapters + 1, max_adapter_rank=rank, lora_kernels=lora_kernels)
+                             adapter_slots=adapters + 1, max_adapter_rank=rank, lora_kernels=lora_kernels,
+                             cuda_graphs=cuda_graphs, max_batch_size=max_batch)
         cache = AdapterCache(runner.lora, BaseShape.from_config(model.config), max_device=adapters,
                              max_cpu=adapters, wake=lambda: engine.wake(), on_freed=lambda folder: None,
                              metrics=Metrics())

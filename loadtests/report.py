@@ -89,8 +89,10 @@ def scenarios_section() -> str:
             "(`loadtests/naive_server.py`: the same model and adapters, `set_adapter` + `generate()`, one request\n"
             "at a time) with the load generator `loadtests/loadgen.py` (closed-loop clients, bounded, loopback\n"
             "only; `python -m loadtests.loadgen --help` runs any scenario against a running server). Each level\n"
-            "sends 2 x concurrency requests, so arrivals are staggered and prefills interleave with decoding,\n"
-            "unlike the all-at-once `make bench`.\n")
+            "sends 2 x concurrency requests (at least 8), so arrivals are staggered and prefills interleave with\n"
+            "decoding, unlike the all-at-once `make bench`; one unrecorded warm-up load over every model runs\n"
+            "first (before 2026-11-30 there was none, and the first load measured, 4 adapters at concurrency 1,\n"
+            "paid the server's one-off start-up costs: 0.49-0.58 of the base then, 0.79 once warm).\n")
     result = _load("scenarios.json")
     if result is None:
         return head + "\n" + _missing("python -m loadtests.run_scenarios")
@@ -360,11 +362,14 @@ def gpu_section() -> str:
             "adapters mixed row by row; adapter load time from disk to the GPU; peak memory. It writes each\n"
             "result to OUT_DIR as it goes and stops starting new loads after `--budget-s` (240 s). Reference: a\n"
             "naive PEFT loop on an H200 ran 64 rows over 8 mixed adapters at about a quarter of its\n"
-            "single-adapter throughput; the goal here is mixed8 / one >= 0.9 at batch 64.\n"
+            "single-adapter throughput; the goal here is mixed8 / one >= 0.9 at batch 64. The engine runs as\n"
+            "served on CUDA: LoRA on the Triton kernels and decode steps replayed from CUDA graphs when their\n"
+            "start-up checks pass (`--lora-kernels` to compare; the summary records what ran).\n"
             "Before it, `python -m loadtests.gpu_smoke OUT_DIR` checks the GPU path on a 2-layer base (the NF4\n"
             "linear at 1/8/64 rows, the runner against `generate`, mixed adapters against PEFT, the engine with a\n"
             "sampler mix, a cancel and a cold adapter, 64 adapter slots, a profiler pass: kernels and host time\n"
-            "per step). On a machine without bitsandbytes: `bash loadtests/gpu_run.sh OUT_DIR` installs wheels\n"
+            "per step, the Triton LoRA kernels against the torch path, CUDA-graph replays against eager steps,\n"
+            "both timed). On a machine without bitsandbytes: `bash loadtests/gpu_run.sh OUT_DIR` installs wheels\n"
             "from `.whl/` and runs both. Copy OUT_DIR to `loadtests/results/gpu/` to have it appear here.\n")
     result = _load("gpu/summary.json")
     if result is None:

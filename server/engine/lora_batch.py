@@ -28,8 +28,9 @@ segment padding: rows read their adapter from the pool by slot index, so nothing
 set of adapters changes. The torch path stays the CPU's: faster there, and batch-invariant.
 
 Determinism: BLAS (MKL/oneDNN on CPU) changes kernel, hence summation order, with the shape:
-on this CPU a row of x @ A differs when x has 1-3, 5-7 or 9-11 rows, or when A is narrower
-than RANK_ALIGN columns. We pad segments to a multiple of MIN_GEMM_ROWS rows and ranks to
+on this CPU a row of x @ A differs when x has 1-3 rows rather than 4 or more (torch 2.13's MKL;
+earlier builds measured here also split 5-7 and 9-11), or when A is narrower than RANK_ALIGN
+columns. We pad segments to a multiple of MIN_GEMM_ROWS rows and ranks to
 RANK_ALIGN, so a row's result is bit-identical whichever requests share its batch (zero
 padding adds exact zeros). This matters more than it seems: bitsandbytes' CPU kernel rounds its input to
 bf16, which turns a 1e-7 drift into a different token now and then.
