@@ -98,6 +98,11 @@ def test_the_runner_on_triton_kernels_gives_the_torch_paths_logits(tiny, tokeniz
 
 
 def test_kernel_choice(tiny, tokenizer, monkeypatch):
+    from server.engine.lora_batch import LoraBank
+
+    shape = BaseShape.from_config(tiny.config)
+    with_stack = LoraBank.bytes_needed(shape, 8, 16, torch.bfloat16)
+    assert LoraBank.bytes_needed(shape, 8, 16, torch.bfloat16, step_stack=False) * 2 == with_stack  # Triton: pool only
     assert ModelRunner(tiny, tokenizer, 9, 16, 128).lora.kernels == "torch"
     assert ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="auto").lora.kernels == "torch"  # no CUDA
     monkeypatch.setattr(lora_kernels, "self_check", lambda device, dtype: "broken here")

@@ -275,6 +275,30 @@ class KernelStepLora:
 KERNELS = ("auto", "torch", "triton")
 
 
+def choose_kernels(kernels: str, device: torch.device, dtype: torch.dtype):
+    """("torch" or "triton", the lora_kernels module or None) for the `lora_kernels` setting: Triton only
+    after its self-check on this device passes; "auto" falls back to torch with a warning, "triton" is
+    an error. Start-up calls it before sizing memory (the Triton kernels need no step stack)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"lora_kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
+        return "torch", None
+    try:
+        from server.engine import lora_kernels
+    except ImportError as exc:  # triton is not installed
+        problem = f"Triton is not available ({exc})"
+    else:
+        problem = lora_kernels.self_check(device, dtype)
+    if problem is None:
+        return "triton", lora_kernels
+    if device.type != "cuda":
+        problem += " (without a GPU Triton runs only interpreted: set TRITON_INTERPRET=1 before starting)"
+    if kernels == "triton":
+        raise ValueError(f"lora_kernels: triton cannot be used here: {problem}")
+    log.warning("LoRA kernels: torch, not Triton: %s", problem)
+    return "torch", None
+
+
 class LoraBank:
     """Adapters resident on the compute device, in `slots` preallocated slots. Only the engine thread
     calls it.
@@ -300,8 +324,7 @@ class LoraBank:
         self._free = list(range(slots - 1, -1, -1))
         self._residents: dict[str, _Resident] = {}
         self._stack = _StepStack(shape, slots, device, dtype)
-        self.kernels_module = None
-        self.kernels = self._choose_kernels(kernels)
+        self.kernels, self.kernels_module = choose_kernels(kernels, device, dtype)
         # loads through a pinned staging buffer and a side stream (CUDA); direct copies on a CPU
         self.staged_loads = device.type == "cuda"
         self._staging: torch.Tensor | None = None
@@ -310,32 +333,12 @@ class LoraBank:
         self._copy_stream = None
         self._pending: dict[int, object] = {}  # slot -> CUDA event of its copy still in flight
 
-    def _choose_kernels(self, kernels: str) -> str:
-        if kernels not in KERNELS:
-            raise ValueError(f"lora_kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
-        if kernels == "torch" or (kernels == "auto" and self.device.type != "cuda"):
-            return "torch"
-        try:
-            from server.engine import lora_kernels
-        except ImportError as exc:  # triton is not installed
-            problem = f"Triton is not available ({exc})"
-        else:
-            problem = lora_kernels.self_check(self.device, self.dtype)
-        if problem is None:
-            self.kernels_module = lora_kernels
-            return "triton"
-        if self.device.type != "cuda":
-            problem += " (without a GPU Triton runs only interpreted: set TRITON_INTERPRET=1 before starting)"
-        if kernels == "triton":
-            raise ValueError(f"lora_kernels: triton cannot be used here: {problem}")
-        log.warning("LoRA kernels: torch, not Triton: %s", problem)
-        return "torch"
-
     @staticmethod
-    def bytes_needed(shape: BaseShape, slots: int, max_rank: int, dtype: torch.dtype) -> int:
-        """The pool and the step stack at their largest: what `slots` adapters of `max_rank` take."""
+    def bytes_needed(shape: BaseShape, slots: int, max_rank: int, dtype: torch.dtype, step_stack: bool = True) -> int:
+        """The pool, and the step stack at its largest (the torch kernels' only; the Triton kernels read
+        the pool): what `slots` adapters of `max_rank` take."""
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * slots * _Layout(shape, aligned_rank(max_rank)).size * element
+        return (2 if step_stack else 1) * slots * _Layout(shape, aligned_rank(max_rank)).size * element
 
     def memory(self) -> tuple[int, int]:
         """(bytes of slots holding an adapter, bytes of the whole pool): a snapshot, any thread."""

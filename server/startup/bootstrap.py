@@ -25,7 +25,7 @@ from server.api.state import BaseInfo, ServerState
 from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
-from server.engine.lora_batch import LoraBank
+from server.engine.lora_batch import LoraBank, choose_kernels
 from server.engine.residency import AdapterCache
 from server.jobs.service import FineTuning, TrainingDefaults
 from server.metrics import Metrics
@@ -125,14 +125,20 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
     device, dtype = loaded.model.model.embed_tokens.weight.device, loaded.model.model.embed_tokens.weight.dtype
     block_bytes = kv_block_bytes(config, dtype, settings.kv_block_size)
     shape = BaseShape.from_config(config)
-    adapter_bytes = LoraBank.bytes_needed(shape, settings.max_gpu_adapters, settings.max_adapter_rank, dtype)
+    try:
+        kernels, _ = choose_kernels(settings.lora_kernels, device, dtype)  # before sizing: Triton needs no stack
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    adapter_bytes = LoraBank.bytes_needed(shape, settings.max_gpu_adapters, settings.max_adapter_rank, dtype,
+                                          step_stack=kernels == "torch")
     num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes)
     runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window,
                          settings.max_gpu_adapters, settings.max_adapter_rank, settings.batch_invariant,
-                         settings.lora_kernels, settings.cuda_graphs, settings.max_batch_size)
-    log.info("adapter slots: %d of rank %d (%.1f MiB with the step stack, at most); LoRA kernels: %s; CUDA "
-             "graphs: %s", settings.max_gpu_adapters, runner.lora.layout.rank, adapter_bytes / 2**20,
-             runner.lora.kernels, "on" if runner.graphs is not None else "off")
+                         kernels, settings.cuda_graphs, settings.max_batch_size)
+    log.info("adapter slots: %d of rank %d (%.1f MiB%s); LoRA kernels: %s; CUDA graphs: %s",
+             settings.max_gpu_adapters, runner.lora.layout.rank, adapter_bytes / 2**20,
+             " with the step stack, at most" if kernels == "torch" else "", runner.lora.kernels,
+             "on" if runner.graphs is not None else "off")
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", num_blocks - 1, settings.kv_block_size,
              num_blocks * block_bytes / 2**20, (num_blocks - 1) * settings.kv_block_size)
     from transformers import AutoTokenizer

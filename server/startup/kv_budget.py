@@ -60,7 +60,7 @@ def plan_kv_blocks(settings: Settings, device: torch.device, block_bytes: int, c
         where = "free on the GPU" if device.type == "cuda" else "of available RAM"
         raise ConfigError(
             f"the adapter slots ({settings.max_gpu_adapters} x rank {settings.max_adapter_rank}, with the step "
-            f"stack: {adapter_bytes / 2**30:.2f} GiB) and the KV cache ({budget / 2**30:.2f} GiB) need "
+            f"stack where the torch LoRA kernels need it: {adapter_bytes / 2**30:.2f} GiB) and the KV cache ({budget / 2**30:.2f} GiB) need "
             f"{(budget + adapter_bytes) / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is {where} after the "
             "base model loaded. Lower max_gpu_adapters, max_adapter_rank or kv_cache_memory.")
     usable = budget // block_bytes - 1  # block 0 pads block tables
