@@ -84,6 +84,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_decode(driver, tokens: dict, device: torch.device) -> tuple[torch.Tensor, float]:
+    """One decode step of `driver` (a RunnerDriver): its logits and its wall seconds, synchronised."""
+    _sync(device)
+    start = time.perf_counter()
+    logits = driver.decode(tokens)
+    _sync(device)
+    return logits, time.perf_counter() - start
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -349,13 +358,7 @@ def check_lora_kernels(model, tokenizer, names: list[str], folders: list[Path], 
             tokens = {i: 5 for i in rows}
             for _ in range(3):
                 driver.decode(tokens)
-            walls = []
-            for _ in range(10):
-                _sync(device)
-                start = time.perf_counter()
-                driver.decode(tokens)
-                _sync(device)
-                walls.append(time.perf_counter() - start)
+            walls = [_timed_decode(driver, tokens, device)[1] for _ in range(10)]
             record[f"decode_ms_batch{batch}_{kernels}"] = round(statistics.median(walls) * 1000, 2)
             for key in rows:
                 driver.release(key)
@@ -398,12 +401,9 @@ def check_cuda_graphs(model, tokenizer, names: list[str], folders: list[Path], t
             for step in range(12):
                 logits = {}
                 for mode, driver in drivers.items():
-                    _sync(device)
-                    start = time.perf_counter()
-                    logits[mode] = driver.decode(tokens)
-                    _sync(device)
+                    logits[mode], seconds = _timed_decode(driver, tokens, device)
                     if step >= 2:  # past the capture and its check
-                        walls.setdefault(mode, []).append(time.perf_counter() - start)
+                        walls.setdefault(mode, []).append(seconds)
                 errors.append(_rel(logits["graphs"], logits["eager"]))
                 tokens = {key: int(t) for key, t in zip(tokens, logits["eager"].argmax(-1))}
         for mode, times in walls.items():

@@ -481,29 +481,24 @@ class LoraBank:
         return StepLora(stack.groups, stack.rank, gather_tensor, scatter_tensor, segment_rows, pads, weights,
                         single_thread=single)
 
-    def slot_rows(self, row_adapters: list[RowAdapter]) -> tuple[dict[int, list[int]], dict[int, int]] | None:
-        """Rows by pool slot and each slot's rank, for a captured step (`decode_graphs`); None when a row
-        mixes adapters (mixtures run eagerly)."""
-        rows_by_slot: dict[int, list[int]] = {}
-        for row, entry in enumerate(row_adapters):
-            if entry is None:
-                continue
-            if not isinstance(entry, str):
-                return None
-            rows_by_slot.setdefault(self._residents[entry].slot, []).append(row)
-        if self._pending:
-            self._await_loads(rows_by_slot)
-        slot_rank = {r.slot: r.rank for r in self._residents.values()}
-        return rows_by_slot, {slot: slot_rank[slot] for slot in rows_by_slot}
+    def slot_rows(self, row_adapters: list[RowAdapter]):
+        """(rows by pool slot, each slot's rank) for a captured step (`decode_graphs`), every row on one
+        adapter or none; None when a row mixes adapters (mixtures run eagerly)."""
+        if any(entry is not None and not isinstance(entry, str) for entry in row_adapters):
+            return None
+        passes, ranks = self._kernel_passes(row_adapters)
+        return (passes[0] if passes else {}), ranks
 
     def static_step(self, segments) -> KernelStepLora:
         """The LoRA plan of a captured step: every group and linear is launched (which adapters it will
         serve is only known at replay; zero weights add zeros)."""
         return KernelStepLora(self, [segments], frozenset(self.layout.a), frozenset(self.layout.b))
 
-    def _prepare_kernels(self, row_adapters: list[RowAdapter]) -> KernelStepLora:
+    def _kernel_passes(self, row_adapters: list[RowAdapter]):
+        """The rows as the Triton kernels take them: one {slot: [(row, weight)]} per pass (a row mixing k
+        adapters is in k passes), each active slot's rank; the compute stream waits for their loads."""
         passes: list[dict[int, list[tuple[int, float]]]] = []
-        active = set()
+        ranks: dict[int, int] = {}
         for row, entry in enumerate(row_adapters):
             if entry is None:
                 continue
@@ -511,10 +506,16 @@ class LoraBank:
             for index, (name, weight) in enumerate(pairs):
                 if index == len(passes):
                     passes.append({})
-                passes[index].setdefault(self._residents[name].slot, []).append((row, float(weight)))
-                active.add(name)
-        residents = [self._residents[name] for name in active]
-        ranks = {resident.slot: resident.rank for resident in residents}
+                resident = self._residents[name]
+                passes[index].setdefault(resident.slot, []).append((row, float(weight)))
+                ranks[resident.slot] = resident.rank
+        if self._pending:
+            self._await_loads(ranks)
+        return passes, ranks
+
+    def _prepare_kernels(self, row_adapters: list[RowAdapter]) -> KernelStepLora:
+        passes, ranks = self._kernel_passes(row_adapters)
+        residents = [r for r in self._residents.values() if r.slot in ranks]
         kernels = self.kernels_module
         return KernelStepLora(self, [kernels.Segments(rows, ranks, self.device) for rows in passes],
                               frozenset().union(*(r.groups for r in residents)),

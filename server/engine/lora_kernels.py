@@ -97,20 +97,27 @@ def _expand_kernel(h_ptr, h_stride, h_col, pool_ptr, slot_stride, b_offset, orde
         tl.store(y, (current.to(tl.float32) + delta).to(current.dtype), mask=mask)
 
 
+def _segment_lists(rows_by_slot: dict[int, list[tuple[int, float]]], ranks: dict[int, int]):
+    """(order, starts, slots, slot ranks, scale) as host lists: entries sorted by slot, segment bounds."""
+    order, starts, slots, scale = [], [0], [], []
+    for slot, members in rows_by_slot.items():
+        order += [row for row, _ in members]
+        scale += [weight for _, weight in members]
+        starts.append(len(order))
+        slots.append(slot)
+    return order, starts, slots, [ranks[slot] for slot in slots], scale
+
+
 class Segments:
     """One pass of the step's LoRA rows, sorted by slot, as device tensors: `order` (entry -> row of x),
-    `starts` (segment -> first entry, plus the end), `slots` (segment -> pool slot), `scale` (entry ->
-    mixture weight, or None when all are 1); `longest` rows in a segment, for the launch grid."""
+    `starts` (segment -> first entry, plus the end), `slots` (segment -> pool slot), `ranks` (segment ->
+    the adapter's rank: columns past it are zero and not computed), `scale` (entry -> mixture weight, or
+    None when all are 1); `longest` rows in a segment, for the launch grid."""
 
     def __init__(self, rows_by_slot: dict[int, list[tuple[int, float]]], ranks: dict[int, int], device: torch.device):
-        order, starts, slots, scale = [], [0], [], []
-        for slot, members in rows_by_slot.items():
-            order += [row for row, _ in members]
-            scale += [weight for _, weight in members]
-            starts.append(len(order))
-            slots.append(slot)
+        order, starts, slots, slot_ranks, scale = _segment_lists(rows_by_slot, ranks)
         # one host->device copy for all of it, queued (transfer.to_device)
-        packed = to_device(order + starts + slots + [ranks[slot] for slot in slots], device, torch.int32)
+        packed = to_device(order + starts + slots + slot_ranks, device, torch.int32)
         sizes = (len(order), len(starts), len(slots), len(slots))
         self.order, self.starts, self.slots, self.ranks = packed.split(sizes)
         self.entries = len(order)
@@ -124,7 +131,7 @@ class StaticSegments(Segments):
     """Segments in fixed device buffers, for a captured CUDA graph: `rows` entries and `capacity`
     segments whatever the step holds. `layout` writes a step's rows into a host list that the caller
     copies into the buffers (with the rest of the step's inputs, in one transfer); segments past the
-    step's are empty (start == end) and entries past its rows are never read."""
+    step's are empty (start == end) and entries past its rows are never read. No mixture weights."""
 
     def __init__(self, order: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor):
         self.order, self.starts, self.slots, self.ranks = order, starts, slots, ranks
@@ -133,14 +140,10 @@ class StaticSegments(Segments):
         self.scale = None
 
     @staticmethod
-    def layout(rows_by_slot: dict[int, list[int]], ranks: dict[int, int], rows: int, capacity: int) -> list[int]:
+    def layout(rows_by_slot: dict[int, list[tuple[int, float]]], ranks: dict[int, int], rows: int,
+               capacity: int) -> list[int]:
         """order (rows) + starts (capacity + 1) + slots (capacity) + ranks (capacity), as one list."""
-        order, starts, slots, slot_ranks = [], [0], [], []
-        for slot, members in rows_by_slot.items():
-            order += members
-            starts.append(len(order))
-            slots.append(slot)
-            slot_ranks.append(ranks[slot])
+        order, starts, slots, slot_ranks, _ = _segment_lists(rows_by_slot, ranks)
         pad = capacity - len(slots)
         return (order + [0] * (rows - len(order)) + starts + [len(order)] * pad + slots + [0] * pad
                 + slot_ranks + [0] * pad)
