@@ -301,6 +301,30 @@ def test_a_request_alone_on_its_expert_has_the_logits_it_has_in_a_mixed_batch(ti
     assert [float((lone - batched).abs().max()) for lone, batched in zip(alone, mixed)] == [0.0, 0.0]
 
 
+def test_a_row_has_the_same_bits_whether_its_adapter_has_one_three_or_six_rows_in_the_step(tiny_nf4, tokenizer,
+                                                                                          tmp_path):
+    """A decode row on adapter a alone (a lone-stream step, padded), with a's rows interleaved with b's and the
+    base's (gathered into a segment of 4), and among six rows of a (a segment of 8): the segment sizes differ,
+    the GEMM class (4 rows or more) does not, so the bits are the same."""
+    driver = RunnerDriver.build(tiny_nf4, tokenizer)
+    shape = BaseShape.from_config(tiny_nf4.config)
+    for name, seed in (("a", 3), ("b", 4)):
+        driver.runner.lora.add(name, load_lora(make_peft_adapter(tiny_nf4, tmp_path / name, seed=seed, b_std=0.2),
+                                               shape))
+    prompt = [1, 504, 3575, 282, 4649]
+    others = {key: ([1, 22 + key, 33, 44], adapter) for key, adapter in
+              [(1, "a"), (2, "b"), (3, "a"), (4, "a"), (5, "a"), (6, "a"), (7, None)]}
+    requests = {0: (prompt, "a"), **others}
+    logits = {}
+    for label, keys in (("alone", [0]), ("three of a, b between", [0, 2, 1, 7, 3]),
+                        ("six of a", [6, 1, 2, 0, 3, 4, 5, 7])):
+        driver.prefill({key: requests[key] for key in keys})
+        logits[label] = driver.decode({key: 42 + key for key in keys})[keys.index(0)]
+        for key in keys:
+            driver.release(key)
+    assert [float((logits["alone"] - other).abs().max()) for other in logits.values()] == [0.0, 0.0, 0.0]
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_folder):
     return AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
