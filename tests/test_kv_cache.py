@@ -325,6 +325,29 @@ def test_a_row_has_the_same_bits_whether_its_adapter_has_one_three_or_six_rows_i
     assert [float((logits["alone"] - other).abs().max()) for other in logits.values()] == [0.0, 0.0, 0.0]
 
 
+def test_a_rank_8_adapter_has_the_same_bits_beside_adapters_of_higher_rank(tiny_nf4, tokenizer, tmp_path):
+    """The step stack takes the highest rank among its adapters: a rank-8 all-linear adapter computes at
+    rank 8 alone, at 16 and at 24 beside others (its A and B zero-padded, the single-module groups' A at
+    16 columns even at rank 8): the same bits every time."""
+    driver = RunnerDriver.build(tiny_nf4, tokenizer)
+    shape = BaseShape.from_config(tiny_nf4.config)
+    from adapters.lora import LINEAR_MODULES
+
+    for name, rank, seed in (("a", 8, 3), ("b", 16, 4), ("c", 24, 5)):
+        folder = make_peft_adapter(tiny_nf4, tmp_path / name, seed=seed, rank=rank, b_std=0.2, targets=LINEAR_MODULES)
+        driver.runner.lora.add(name, load_lora(folder, shape))
+    prompt = [1, 504, 3575, 282, 4649]
+    logits = []
+    for company in ([], ["b"], ["c", "b"]):
+        requests = {0: (prompt, "a"), **{i + 1: ([1, 22, 33, 44], name) for i, name in enumerate(company)}}
+        driver.prefill(requests)
+        logits.append(driver.decode({key: 42 for key in requests})[0])
+        assert driver.runner.lora._stack.rank == [8, 16, 24][len(company)]
+        for key in requests:
+            driver.release(key)
+    assert [float((logits[0] - other).abs().max()) for other in logits] == [0.0, 0.0, 0.0]
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_folder):
     return AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()

@@ -29,11 +29,13 @@ set of adapters changes. The torch path stays the CPU's: faster there, and batch
 
 Determinism: BLAS (MKL/oneDNN on CPU) changes kernel, hence summation order, with the shape:
 on this CPU a row of x @ A differs when x has 1-3 rows rather than 4 or more (torch 2.13's MKL;
-earlier builds measured here also split 5-7 and 9-11), or when A is narrower than RANK_ALIGN
-columns. We pad segments to a multiple of MIN_GEMM_ROWS rows and ranks to
-RANK_ALIGN, so a row's result is bit-identical whichever requests share its batch (zero
-padding adds exact zeros). This matters more than it seems: bitsandbytes' CPU kernel rounds its input to
-bf16, which turns a 1e-7 drift into a different token now and then.
+earlier builds measured here also split 5-7 and 9-11), or when A is narrower than MIN_A_COLUMNS
+columns; zero-padding the reduction of h @ B (rank 8 computed as 16) does not change a bit. We pad
+segments to a multiple of MIN_GEMM_ROWS rows, ranks to RANK_ALIGN and every group's A to at least
+MIN_A_COLUMNS columns, so a row's result is bit-identical whichever requests share its batch (zero
+padding adds exact zeros), including adapters of higher rank that widen the step stack. This matters
+more than it seems: bitsandbytes' CPU kernel rounds its input to bf16, which turns a 1e-7 drift into a
+different token now and then.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 
 # what a row asks for: nothing (the base), one adapter, or a mixture of (adapter, weight) pairs
 RowAdapter = str | tuple[tuple[str, float], ...] | None
-RANK_ALIGN = 16
+RANK_ALIGN = 8
+MIN_A_COLUMNS = 16  # see _Layout
 MIN_GEMM_ROWS = 4
 # On a CPU, a step whose LoRA matmuls cover at most this many rows (a lone stream: one segment of 4
 # padded rows) runs them on one thread: splitting a [4, 576] x [576, 48] GEMM over two threads costs
@@ -80,8 +83,11 @@ def aligned_rank(rank: int) -> int:
 class _Layout:
     """Where each linear's A and B sit in one adapter's flat block of parameters, at one rank.
 
-    Per (layer, group): A as [in, modules, rank] (so the first r ranks of every module can be read
-    at once), then per module B as [rank, out]."""
+    Per (layer, group): A as [in, modules, a_rank] (so the first r ranks of every module can be read
+    at once), then per module B as [rank, out]. `a_rank` is the rank, except that a group's A is never
+    narrower than MIN_A_COLUMNS (a single-module group at rank 8 gets 16 columns, the last 8 zero): on
+    this CPU a row of x @ A has other bits when A is narrower, and the step stack's rank changes with the
+    adapters it holds."""
 
     def __init__(self, shape: BaseShape, rank: int):
         self.rank = rank
@@ -92,17 +98,22 @@ class _Layout:
             for group, modules in GROUPS.items():
                 in_features = shape.linear_features[modules[0]][0]
                 self.a[(layer, group)] = (offset, in_features, len(modules))
-                offset += in_features * len(modules) * rank
+                offset += in_features * len(modules) * self.a_rank(len(modules))
                 for module in modules:
                     out = shape.linear_features[module][1]
                     self.b[(layer, module)] = (offset, out)
                     offset += rank * out
         self.size = offset
 
+    def a_rank(self, modules: int) -> int:
+        """Columns per module of a group's A."""
+        return max(self.rank, -(-MIN_A_COLUMNS // modules))
+
     def a_view(self, flat: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
-        """[..., in, modules, rank] view of `flat` ([..., size])."""
+        """[..., in, modules, a_rank] view of `flat` ([..., size])."""
         offset, in_features, modules = self.a[key]
-        return flat[..., offset : offset + in_features * modules * self.rank].unflatten(-1, (in_features, modules, self.rank))
+        a_rank = self.a_rank(modules)
+        return flat[..., offset : offset + in_features * modules * a_rank].unflatten(-1, (in_features, modules, a_rank))
 
     def b_view(self, flat: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
         offset, out = self.b[key]
@@ -233,11 +244,11 @@ class StepLora:
         elif self.pad_rows:
             x = torch.nn.functional.pad(x, (0, 0, 0, self.pad_rows))
         hidden = torch.bmm(x.view(segments, rows, -1), weights.a)
-        rank = self.rank
+        rank, width = self.rank, weights.a.shape[-1] // len(outputs)  # width: a module's A columns (>= rank)
         for j, (y, b) in enumerate(zip(outputs, weights.bs)):
             if b is None:
                 continue
-            delta = torch.bmm(hidden[:, :, j * rank : (j + 1) * rank], b).view(segments * rows, -1)
+            delta = torch.bmm(hidden[:, :, j * width : j * width + rank], b).view(segments * rows, -1)
             if self.scale is not None:
                 delta.mul_(self.scale)
             if self.scatter is None:
@@ -262,14 +273,14 @@ class KernelStepLora:
             return
         kernels, layout, pool = self.bank.kernels_module, self.bank.layout, self.bank.pool
         offset, _, count = layout.a[(layer, group)]
-        rank = layout.rank
+        a_rank = layout.a_rank(count)  # columns per module of A (the pool's rank but for narrow groups)
         x = x.contiguous()
         for segments in self.passes:
-            hidden = torch.empty(segments.entries, count * rank, device=x.device, dtype=torch.float32)
-            kernels.shrink(x, pool, offset, count * rank, rank, segments, hidden)
+            hidden = torch.empty(segments.entries, count * a_rank, device=x.device, dtype=torch.float32)
+            kernels.shrink(x, pool, offset, count * a_rank, a_rank, segments, hidden)
             for j, (module, y) in enumerate(zip(GROUPS[group], outputs)):
                 if (layer, module) in self.modules:
-                    kernels.expand(hidden, j * rank, rank, pool, layout.b[(layer, module)][0], segments, y)
+                    kernels.expand(hidden, j * a_rank, layout.rank, pool, layout.b[(layer, module)][0], segments, y)
 
 
 KERNELS = ("auto", "torch", "triton")
@@ -429,8 +440,8 @@ class LoraBank:
             out.copy_(self.pool[slot])
             return
         source, rank = self.pool[slot], layout.rank
-        for key in self.layout.a:
-            layout.a_view(out, key).copy_(self.layout.a_view(source, key)[..., :rank])
+        for key, (_, _, modules) in self.layout.a.items():
+            layout.a_view(out, key).copy_(self.layout.a_view(source, key)[..., : layout.a_rank(modules)])
         for key in self.layout.b:
             layout.b_view(out, key).copy_(self.layout.b_view(source, key)[:rank])
 
