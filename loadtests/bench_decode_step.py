@@ -1,6 +1,7 @@
 """One decode step of the model runner, timed: where the mixed-adapter cost of a batch goes.
 
     python -m loadtests.bench_decode_step [--batch 16] [--adapters 4] [--min-rows 4] [--profile interleaved]
+                                          [--rank 16] [--single-thread-rows 4]
 
 On the default model (NF4, float32 compute), with random rank-16 all-linear adapters, it
 prefills --batch rows and times ModelRunner.decode (median of 30 steps, three alternated
@@ -19,20 +20,21 @@ import torch
 
 from adapters.lora import LINEAR_MODULES, BaseShape, LoraWeights
 from adapters.base_model import EMBEDDED_BASE, load_base
+from server.engine import lora_batch
 from server.engine.model_runner import ModelRunner, StepItem
 
 RANK = 16
 
 
-def random_adapter(shape: BaseShape, seed: int) -> LoraWeights:
+def random_adapter(shape: BaseShape, seed: int, rank: int = RANK) -> LoraWeights:
     generator = torch.Generator().manual_seed(seed)
     pairs = {}
     for layer in range(shape.num_layers):
         for module in LINEAR_MODULES:
             fan_in, fan_out = shape.linear_features[module]
-            pairs[(layer, module)] = (torch.randn(fan_in, RANK, generator=generator) / fan_in**0.5,
-                                      torch.randn(RANK, fan_out, generator=generator) * 0.005)
-    return LoraWeights(RANK, pairs, LINEAR_MODULES, None)
+            pairs[(layer, module)] = (torch.randn(fan_in, rank, generator=generator) / fan_in**0.5,
+                                      torch.randn(rank, fan_out, generator=generator) * 0.005)
+    return LoraWeights(rank, pairs, LINEAR_MODULES, None)
 
 
 def time_steps(runner: ModelRunner, tables: list[list[int]], adapters: list, steps: int) -> float:
@@ -52,17 +54,22 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--min-rows", type=int, default=None, help="LoRA segment padding (default: the bank's)")
     parser.add_argument("--profile", choices=("none", "grouped", "interleaved"), default=None)
+    parser.add_argument("--rank", type=int, default=RANK, help="the adapters' rank (the demo experts: 8)")
+    parser.add_argument("--single-thread-rows", type=int, default=None,
+                        help="lora_batch.SINGLE_THREAD_ROWS (0: LoRA matmuls always on every thread)")
     args = parser.parse_args()
+    if args.single_thread_rows is not None:
+        lora_batch.SINGLE_THREAD_ROWS = args.single_thread_rows
     torch.manual_seed(0)
     base = load_base(EMBEDDED_BASE, compute_dtype="float32")
     block_size = 16
     runner = ModelRunner(base.model, base.tokenizer, args.batch * 3 + 1, block_size, 256,
-                         adapter_slots=max(8, args.adapters), max_adapter_rank=RANK)
+                         adapter_slots=max(8, args.adapters), max_adapter_rank=max(RANK, args.rank))
     tables = [[1 + 3 * i, 2 + 3 * i, 3 + 3 * i] for i in range(args.batch)]  # 48 positions each
     shape = BaseShape.from_config(base.model.config)
     names = [f"e{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
-        runner.lora.add(name, random_adapter(shape, i))
+        runner.lora.add(name, random_adapter(shape, i, args.rank))
     if args.min_rows is not None:
         runner.lora.min_rows = args.min_rows
     runner.step([StepItem(list(range(100, 140)), 0, table, None) for table in tables])
