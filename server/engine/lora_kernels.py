@@ -34,19 +34,28 @@ BLOCK_K = 64
 
 
 @triton.jit
+def _segment_block(order_ptr, seg_start_ptr, seg_slot_ptr, segment, block, BLOCK_M: tl.constexpr):
+    """A program's block of one segment: whether it holds any entry (`live`; past the segment's end the
+    program has nothing to do), the segment's pool slot, the block's entries, which of them are real, and
+    their rows of x / y."""
+    start = tl.load(seg_start_ptr + segment)
+    end = tl.load(seg_start_ptr + segment + 1)
+    first = start + block * BLOCK_M
+    entries = first + tl.arange(0, BLOCK_M)
+    entry_mask = entries < end
+    rows = tl.load(order_ptr + entries, mask=entry_mask, other=0).to(tl.int64)
+    return first < end, tl.load(seg_slot_ptr + segment).to(tl.int64), entries, entry_mask, rows
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, x_stride, pool_ptr, slot_stride, a_offset, order_ptr, seg_start_ptr, seg_slot_ptr,
                    seg_rank_ptr, out_ptr, out_stride, K, W, R,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     block, segment, program_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     split, n_block = program_n % SPLIT_K, program_n // SPLIT_K
-    start = tl.load(seg_start_ptr + segment)
-    end = tl.load(seg_start_ptr + segment + 1)
-    first = start + block * BLOCK_M
-    if first < end:
-        slot = tl.load(seg_slot_ptr + segment).to(tl.int64)
-        entries = first + tl.arange(0, BLOCK_M)
-        entry_mask = entries < end
-        rows = tl.load(order_ptr + entries, mask=entry_mask, other=0).to(tl.int64)
+    live, slot, entries, entry_mask, rows = _segment_block(order_ptr, seg_start_ptr, seg_slot_ptr, segment, block,
+                                                           BLOCK_M)
+    if live:
         cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         # each module's A is R (the pool's rank) columns wide; past the segment's own rank they are zero
         col_mask = (cols < W) & (cols % R < tl.load(seg_rank_ptr + segment))
@@ -72,14 +81,9 @@ def _expand_kernel(h_ptr, h_stride, h_col, pool_ptr, slot_stride, b_offset, orde
                    seg_rank_ptr, scale_ptr, y_ptr, y_stride, R, N,
                    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     block, segment, n_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(seg_start_ptr + segment)
-    end = tl.load(seg_start_ptr + segment + 1)
-    first = start + block * BLOCK_M
-    if first < end:
-        slot = tl.load(seg_slot_ptr + segment).to(tl.int64)
-        entries = first + tl.arange(0, BLOCK_M)
-        entry_mask = entries < end
-        rows = tl.load(order_ptr + entries, mask=entry_mask, other=0).to(tl.int64)
+    live, slot, entries, entry_mask, rows = _segment_block(order_ptr, seg_start_ptr, seg_slot_ptr, segment, block,
+                                                           BLOCK_M)
+    if live:
         ranks = tl.arange(0, BLOCK_R)
         rank_mask = ranks < tl.minimum(R, tl.load(seg_rank_ptr + segment))  # the rest of B is zero: not read
         cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
