@@ -1,10 +1,11 @@
 """What sampling one step costs: `sample_batch` over a batch of rows of the default model's vocabulary.
 
-    python -m loadtests.bench_sampling [--batch 16] [--vocab 49152] [--repeat 20]
+    python -m loadtests.bench_sampling [--batch 16] [--vocab 49152] [--repeat 20] [--generated 64]
 
 Random float32 logits, each row with its own seeded generator; the mean over --repeat calls of
 greedy rows, rows sampled at temperature 1, rows sampled with temperature 0.8 and top_p 0.9, and greedy
-rows with presence/frequency penalties over 64 generated tokens and a 5-token logit_bias.
+rows with presence/frequency penalties over --generated tokens and a 5-token logit_bias (the
+penalties' cost does not grow with it: the counts live on the device, sampling.new_token_counts).
 Prints milliseconds per call (no result file: a quick check of the sampler next to a decode step,
 whose times `python -m loadtests.bench_decode_step` gives).
 """
@@ -12,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
-
 import torch
 
-from server.engine.sampling import SamplingParams, make_generator, sample_batch
+from server.engine.sampling import SamplingParams, make_generator, new_token_counts, sample_batch
 
 
 def main() -> None:
@@ -24,16 +23,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--generated", type=int, default=64, help="tokens each penalizing row has generated")
     args = parser.parse_args()
     torch.manual_seed(0)
     logits = torch.randn(args.batch, args.vocab)
     cases = {"greedy": SamplingParams(1, temperature=0.0), "temperature 1": SamplingParams(1, temperature=1.0),
              "temperature 0.8, top_p 0.9": SamplingParams(1, temperature=0.8, top_p=0.9)}
-    # greedy with OpenAI's penalties over 64 generated tokens and a 5-token logit_bias on every row
+    # greedy with OpenAI's penalties over --generated tokens and a 5-token logit_bias on every row
     cases["greedy, penalties + logit_bias"] = SamplingParams(1, temperature=0.0, presence_penalty=0.5,
                                                              frequency_penalty=0.3, logit_bias={i: 2.0 for i in range(5)})
-    counts = [Counter(torch.randint(0, args.vocab, (64,), generator=torch.Generator().manual_seed(row)).tolist())
-              for row in range(args.batch)]
+    counts = [new_token_counts(logits) for _ in range(args.batch)]  # as the engine keeps them
+    for row, row_counts in enumerate(counts):
+        generated = torch.randint(0, args.vocab, (args.generated,), generator=torch.Generator().manual_seed(row))
+        row_counts.index_put_((generated,), torch.ones(args.generated), accumulate=True)
     for label, params in cases.items():
         generators = [make_generator(i, torch.device("cpu")) for i in range(args.batch)]
         generated = counts if params.penalizes else None

@@ -56,9 +56,9 @@ def make_engine(model, tokenizer, max_batch=4, max_queued=16, kv_blocks=None, **
     return engine
 
 
-def make_seq(prompt, max_tokens=16, temperature=0.0, seed=None, stop=(), stop_ids=frozenset()):
+def make_seq(prompt, max_tokens=16, temperature=0.0, seed=None, stop=(), stop_ids=frozenset(), **penalties):
     collector = Collector()
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop))
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop), **penalties)
     seq = Sequence("r", list(prompt), None, params, frozenset(stop_ids), make_generator(seed, torch.device("cpu")),
                    collector)
     return seq, collector
@@ -139,6 +139,39 @@ def test_seeded_sampling_is_reproducible(tiny_model, tokenizer):
         # the temperature is really applied: other seeds, and greedy decoding, give other answers
         others = {generate(seed) for seed in (1, 2, 3)}
         assert len(others | {first}) >= 3 and generate(None, temperature=0.0) not in others | {first}
+    finally:
+        engine.stop()
+
+
+def test_penalized_requests_count_their_own_tokens_in_any_batch(tiny_model, tokenizer):
+    """Presence/frequency penalties through the engine: each request's counts (on the device, updated by
+    the step that samples each token) are its own, so a penalized request gets its solo answer beside
+    others, penalized or not; and the penalty really acts: greedy decoding of the tiny model repeats
+    tokens, with the penalties it does not."""
+    engine = make_engine(tiny_model, tokenizer)
+    penalties = [{}, {"frequency_penalty": 2.0, "presence_penalty": 2.0}, {"frequency_penalty": 1.0},
+                 {"presence_penalty": -0.5}]
+
+    def answer_ids(seq):
+        return seq.tokens[len(seq.prompt_ids):]
+
+    try:
+        solo = []
+        for prompt, penalty in zip(PROMPTS, penalties):
+            seq, out = make_seq(prompt, max_tokens=24, **penalty)
+            engine.submit(seq)
+            assert out.done.wait(30)
+            solo.append(answer_ids(seq))
+        plain, _ = make_seq(PROMPTS[1], max_tokens=24)
+        engine.submit(plain)
+        assert _.done.wait(30)
+        assert len(set(answer_ids(plain))) < 24 and len(set(solo[1])) == 24
+        together = [make_seq(prompt, max_tokens=24, **penalty) for prompt, penalty in zip(PROMPTS, penalties)]
+        for seq, _ in together:
+            engine.submit(seq)
+        for seq, out in together:
+            assert out.done.wait(30)
+        assert [answer_ids(seq) for seq, _ in together] == solo
     finally:
         engine.stop()
 

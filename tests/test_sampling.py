@@ -1,11 +1,18 @@
 """Penalties, logit_bias and logprobs on known logits; token bytes for byte-level and SentencePiece vocabularies."""
-from collections import Counter
-
 import pytest
 import torch
 
 from server.api.logprobs import LOWEST_LOGPROB, TokenPieces
-from server.engine.sampling import SamplingParams, TokenLogprob, adjust_rows, make_generator, sample_batch
+from server.engine.sampling import (SamplingParams, TokenLogprob, adjust_rows, make_generator, new_token_counts,
+                                    sample_batch)
+
+
+def counts_of(vocab: int, counts: dict[int, int]) -> torch.Tensor:
+    """A request's token counts as the engine keeps them (sampling.new_token_counts), filled in."""
+    tensor = new_token_counts(torch.zeros(1, vocab))
+    for token, count in counts.items():
+        tensor[token] = count
+    return tensor
 
 
 def test_penalties_follow_openai_formula_row_by_row_in_one_batched_add():
@@ -14,7 +21,8 @@ def test_penalties_follow_openai_formula_row_by_row_in_one_batched_add():
               SamplingParams(max_tokens=4),  # nothing to adjust
               SamplingParams(max_tokens=4, frequency_penalty=1.0, logit_bias={3: -1.0, 2: 0.5})]
     errors = {}
-    adjusted = adjust_rows(logits, params, [Counter({3: 2, 1: 1}), Counter({0: 5}), Counter({3: 1})], None, errors)
+    counts = [counts_of(4, {3: 2, 1: 1}), None, counts_of(4, {3: 1})]
+    adjusted = adjust_rows(logits, params, counts, None, errors)
     # row 0, token 3: 4 - 2 * 0.25 - 0.5; token 1: 2 - 0.25 - 0.5; token 0: + bias; untouched otherwise
     assert adjusted[0].tolist() == [11.0, 1.25, 3.0, 3.0]
     assert adjusted[1].tolist() == [1.0, 2.0, 3.0, 4.0]
@@ -27,8 +35,32 @@ def test_greedy_rows_with_bias_or_penalty_pick_the_adjusted_argmax():
     params = [SamplingParams(4, temperature=0.0), SamplingParams(4, temperature=0.0, logit_bias={1: -100.0}),
               SamplingParams(4, temperature=0.0, frequency_penalty=2.0)]
     generators = [make_generator(0, torch.device("cpu")) for _ in params]
-    sampled = sample_batch(logits, params, generators, [None, None, Counter({1: 1})])
+    counts = counts_of(3, {1: 1})
+    sampled = sample_batch(logits, params, generators, [None, None, counts])
     assert sampled.tokens == [1, 2, 2] and sampled.logprobs == [None, None, None] and not sampled.errors
+    assert counts.tolist() == [0.0, 1.0, 1.0]  # the step counted the token it sampled
+
+
+def test_penalties_build_up_from_the_tokens_each_step_samples():
+    """Greedy over fixed logits with a frequency penalty of 1 and a presence penalty of 0.5: the counts the
+    steps keep on the device make the row leave a token once its penalty outweighs its lead, as counting
+    on the host and applying OpenAI's formula by hand says; a row without penalties keeps its argmax."""
+    logits = torch.tensor([[3.0, 2.0, 0.0, -5.0]] * 2)
+    params = [SamplingParams(8, temperature=0.0, frequency_penalty=1.0, presence_penalty=0.5),
+              SamplingParams(8, temperature=0.0)]
+    generators = [make_generator(0, torch.device("cpu")) for _ in params]
+    counts = new_token_counts(logits)
+    expected, host = [], {}
+    for _ in range(8):
+        scores = [logits[0, t].item() - (host.get(t, 0) * 1.0 + (0.5 if host.get(t) else 0.0)) for t in range(4)]
+        best = max(range(4), key=lambda t: (scores[t], -t))
+        expected.append(best)
+        host[best] = host.get(best, 0) + 1
+        sampled = sample_batch(logits, params, generators, [counts, None])
+        assert sampled.tokens[1] == 0
+        assert sampled.tokens[0] == best
+    assert len(set(expected)) == 3  # the penalty really moved the row, to token 2 in the end
+    assert counts.tolist() == [float(host.get(t, 0)) for t in range(4)]
 
 
 def test_logprobs_report_the_model_distribution_with_alternatives():
@@ -150,10 +182,10 @@ def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
 
     def run(rows):
         generators = [make_generator(100 + r, torch.device("cpu")) for r in rows]
+        counts = [counts_of(500, {1: 2}) for _ in rows]  # each row's own, growing with its tokens
         tokens = []
         for _ in range(20):
-            tokens.append(sample_batch(logits[rows], [params[r] for r in rows], generators,
-                                       [Counter({1: 2}) for _ in rows]).tokens)
+            tokens.append(sample_batch(logits[rows], [params[r] for r in rows], generators, counts).tokens)
         return [[step[i] for step in tokens] for i in range(len(rows))]
 
     together = run([0, 1, 2, 3, 4, 5])

@@ -26,7 +26,7 @@ from server.engine.detokenizer import OutputText
 from server.engine.block_manager import BlockManager
 from server.engine.model_runner import ModelRunner, StepItem
 from server.engine.residency import AdapterCache, AdapterUnavailable
-from server.engine.sampling import TokenLogprob, sample_batch
+from server.engine.sampling import TokenLogprob, new_token_counts, sample_batch
 from server.engine.scheduler import Scheduler, Step
 from server.engine.sequence import EngineOutput, Sequence
 from server.engine.step_cost import StepCost
@@ -349,8 +349,11 @@ class Engine:
     def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
         """Sample a token for every row and hand each to its request; a row's fault ends that request only."""
         try:
+            for seq in seqs:  # a penalizing request's counts live on the device from its first token
+                if seq.params.penalizes and seq.token_counts is None:
+                    seq.token_counts = new_token_counts(logits)
             sampled = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                   [s.generated_counts for s in seqs], [s.constraint for s in seqs])
+                                   [s.token_counts for s in seqs], [s.constraint for s in seqs])
         except Exception as exc:  # nothing of this step can be trusted; the requests end, the engine goes on
             log.exception("sampling failed for a whole step of %d requests", len(seqs))
             for seq in seqs:
@@ -384,8 +387,6 @@ class Engine:
             seq.constraint.accept(token)
         seq.generated += 1
         seq.tokens.append(token)
-        if seq.generated_counts is not None:
-            seq.generated_counts[token] += 1
         if logprob is not None and token not in seq.stop_token_ids:  # a stop token is not part of the answer
             seq.pending_logprobs.append(logprob)
         record_token_time(seq, self.metrics)

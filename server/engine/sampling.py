@@ -2,7 +2,9 @@
 
 Each request owns its torch.Generator, so a seeded request draws the same tokens whatever
 else shares its batch. Presence/frequency penalties and logit_bias adjust a row's logits
-before it is sampled; logprobs report the model's own distribution (before temperature,
+before it is sampled (a penalizing request counts its generated tokens in a vocabulary-sized
+tensor on the device, updated by the step that samples them: per step the host sends a few
+numbers per row however long the answer has grown); logprobs report the model's own distribution (before temperature,
 penalties and bias, as vLLM does), so they say what the model thought, not what we did.
 
 Every legal value is served and no row can take the others down: a temperature too small to
@@ -13,13 +15,13 @@ a row that cannot be sampled is reported as that row's error, not raised for the
 A step's rows are sampled together: per-row temperatures and top_p values become tensors, greedy
 rows share one argmax, sampled rows one softmax, one sort (when a row asks for top_p) and one
 argmax over their noise, and the tokens come back to the host in one transfer (what a GPU needs:
-no per-row synchronisation). Penalties and logit_bias of every row are one scattered add; only rows
-with a grammar get per-row work (each its own matcher).
+no per-row synchronisation). Penalties of every row are a few ops over their stacked counts, the
+logit_bias of every row one scattered add; only rows with a grammar get per-row work (each its own
+matcher), and each penalizing row one small add to its counts.
 """
 from __future__ import annotations
 
 import secrets
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -91,18 +93,37 @@ class Sampled:
     errors: dict[int, str]
 
 
-def adjust_rows(logits: torch.Tensor, params: list[SamplingParams], generated, constraints,
-                 errors: dict[int, str]) -> torch.Tensor:
+def new_token_counts(logits: torch.Tensor) -> torch.Tensor:
+    """A penalizing request's generated-token counts: one float32 per vocabulary entry, on the logits'
+    device (exact up to 2**24 tokens). `sample_batch` adds each step's token to it there."""
+    return torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+
+
+def _penalize(logits: torch.Tensor, counts: torch.Tensor, params: SamplingParams) -> None:
+    """OpenAI's presence/frequency penalties on one row of logits, in place, from the row's counts: minus
+    count x frequency_penalty, and minus presence_penalty once for every token generated at all (counts
+    are >= 0, so their sign says that). Row by row in place rather than over the stacked rows: no
+    [rows, vocab] temporaries, which on a CPU cost more in fresh pages than the arithmetic; the penalties
+    are host numbers handed to the kernels, so nothing is copied to the device."""
+    if params.frequency_penalty:
+        logits.add_(counts, alpha=-params.frequency_penalty)
+    if params.presence_penalty:
+        logits.add_(counts.sign(), alpha=-params.presence_penalty)
+
+
+def adjust_rows(logits: torch.Tensor, params: list[SamplingParams], token_counts, constraints,
+                errors: dict[int, str]) -> torch.Tensor:
     """The logits rows are sampled from: grammar masks on the rows that have one (row by row: each is its
-    own matcher), then every row's penalties and logit_bias in one scattered add (one host -> device copy
-    of (row, token, delta) triples and one kernel, however many rows ask). A copy; rows with nothing to
+    own matcher), then the penalties of every penalizing row from its token counts (two small ops per
+    row, `_penalize`), then every row's logit_bias in one scattered add (one host -> device copy of
+    (row, token, bias) triples and one kernel, however many rows ask). A copy; rows with nothing to
     adjust are untouched. A row whose adjustment fails gets an error, the batch goes on."""
     adjusted = None
     rows, tokens, deltas = [], [], []
+    penalized: list[int] = []
     vocab = logits.shape[-1]
     for row, row_params in enumerate(params):
         constrain = constraints[row] if constraints else None
-        counts = generated[row] if generated else None
         if constrain is not None:  # a grammar: tokens it does not allow next become -inf
             if adjusted is None:
                 adjusted = logits.clone()
@@ -114,25 +135,33 @@ def adjust_rows(logits: torch.Tensor, params: list[SamplingParams], generated, c
             except Exception as exc:  # this row's fault; the batch goes on
                 errors[row] = f"sampling failed: {exc}"
                 continue
-        entries = []
-        if row_params.penalizes and counts:  # OpenAI's: count x frequency_penalty, + presence_penalty once
-            entries += [(token, -(row_params.frequency_penalty * count + row_params.presence_penalty))
-                        for token, count in counts.items()]
-        entries += list((row_params.logit_bias or {}).items())
-        if any(not 0 <= token < vocab for token, _ in entries):  # checked at the edge; never index past it
+        bias = row_params.logit_bias or {}
+        if any(not 0 <= token < vocab for token in bias):  # checked at the edge; never index past it
             errors[row] = f"sampling failed: a token id of this request is outside the vocabulary of {vocab}"
             continue
-        for token, delta in entries:
+        if row_params.penalizes and token_counts and token_counts[row] is not None:
+            penalized.append(row)
+        for token, delta in bias.items():
             rows.append(row)
             tokens.append(token)
             deltas.append(delta)
-    if rows:
+    if penalized or rows:
         if adjusted is None:
             adjusted = logits.clone()
         device = adjusted.device
+    for row in penalized:
+        _penalize(adjusted[row], token_counts[row], params[row])
+    if rows:
         index = to_device([rows, tokens], device).unbind()
         adjusted.index_put_(index, to_device(deltas, device, adjusted.dtype), accumulate=True)
     return logits if adjusted is None else adjusted
+
+
+def _count_tokens(tokens: torch.Tensor, token_counts) -> None:
+    """Add each penalizing row's new token to its counts, on the device (no host read of the token)."""
+    for row, counts in enumerate(token_counts or ()):
+        if counts is not None:
+            counts.index_put_((tokens[row : row + 1],), counts.new_ones(1), accumulate=True)
 
 
 def _draw(source: torch.Tensor, rows: list[int], params: list[SamplingParams],
@@ -184,15 +213,17 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingP
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-                 generated: list[Counter | None] | None = None, constraints: list | None = None) -> Sampled:
+                 token_counts: list[torch.Tensor | None] | None = None, constraints: list | None = None) -> Sampled:
     """One token per row, and its logprob for rows that asked.
 
     Per-row settings become batched tensor ops: greedy rows take one shared argmax, sampled rows are
     drawn together (`_draw`), and the step's tokens, with which rows held non-finite logits, come back
     to the host in one transfer (logprobs, when asked, in one more). `constraints[row]`, when given,
     masks that row's logits to what its output format allows (structured outputs); rows without one
-    are not touched. A row whose logits are all non-finite, or whose adjustment fails, gets an error
-    instead of a token; the other rows are sampled as if it were not there.
+    are not touched. `token_counts[row]`, a penalizing row's `new_token_counts`, drives its penalties
+    and gets the row's new token added (a row that fails is counted too: it ends). A row whose logits
+    are all non-finite, or whose adjustment fails, gets an error instead of a token; the other rows are
+    sampled as if it were not there.
     """
     finite = torch.isfinite(logits)
     flags = torch.stack((~finite.all(dim=-1), ~finite.any(dim=-1)))  # [some bad, none left] per row
@@ -201,12 +232,13 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     if logits.device.type != "cpu" or bool(flags[0].any()):
         logits = logits.masked_fill(~finite, float("-inf"))
     errors: dict[int, str] = {}
-    source = adjust_rows(logits, params, generated, constraints, errors)
+    source = adjust_rows(logits, params, token_counts, constraints, errors)
     tokens = source.argmax(dim=-1)
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy and row not in errors]
     if sampled_rows:
         drawn = _draw(source, sampled_rows, params, generators)
         tokens = tokens.index_copy(0, to_device(sampled_rows, tokens.device), drawn)
+    _count_tokens(tokens, token_counts)
     packed = torch.cat((tokens[None], flags.long())).tolist()  # the one device -> host transfer
     token_list, some_bad, none_left = packed
     result = Sampled([None] * len(params), [None] * len(params), [r for r, bad in enumerate(some_bad) if bad], errors)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,14 +57,14 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_time: float | None = None
-    generated_counts: Counter | None = None  # token -> times generated; kept only for penalties
+    # generated tokens counted per vocabulary entry, on the device (sampling.new_token_counts); made at
+    # the first token of a request with penalties, updated by the step that samples each token
+    token_counts: torch.Tensor | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
     constraint: object | None = None  # the output format (constraint.TokenConstraint); None: free text
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
-        if self.params.penalizes:
-            self.generated_counts = Counter()
 
     @property
     def adapter_keys(self) -> tuple[str, ...]:
