@@ -156,6 +156,32 @@ def test_batched_draws_follow_the_distribution_and_top_p():
     assert abs(cut[0] - 0.6 / 0.85) < 0.035, cut
 
 
+def test_the_nucleus_from_the_top_candidates_is_the_one_a_full_sort_gives():
+    """On a CPU a row's nucleus is cut from its NUCLEUS_CANDIDATES most likely tokens when they reach its
+    top_p, else from a full sort; the kept probabilities are exactly those of the full sort's cut, row by
+    row, in a batch holding both kinds (peaked rows: inside the candidates; flat ones: far outside).
+    Rows with top_p 1 are left as they are."""
+    from server.engine.sampling import NUCLEUS_CANDIDATES, _nucleus
+
+    torch.manual_seed(0)
+    sharpness = torch.tensor([4.0, 0.3, 4.0, 0.3, 4.0, 0.3, 4.0])[:, None]
+    probs = torch.softmax(torch.randn(7, 4096) * sharpness, dim=-1)
+    top_ps = [0.9, 0.5, 1.0, 0.95, 1e-9, 0.7, 0.99]
+    cut = [i for i, top_p in enumerate(top_ps) if top_p < 1.0]
+    kept = _nucleus(probs, cut, [top_ps[i] for i in cut])
+    for row, top_p in enumerate(top_ps):
+        if top_p == 1.0:
+            assert torch.equal(kept[row], probs[row])
+            continue
+        values, ids = torch.sort(probs[row], descending=True)
+        before = values.cumsum(0) - values
+        expected = torch.zeros_like(values).scatter_(0, ids, torch.where((before < top_p) | (before == 0), values, 0))
+        assert torch.equal(kept[row], expected), row
+    reached = torch.topk(probs, NUCLEUS_CANDIDATES).values.sum(-1)
+    covered = [bool(reached[row] >= top_ps[row]) for row in cut]
+    assert any(covered) and not all(covered)  # both ways really ran
+
+
 def test_the_exponential_race_follows_the_distribution_and_the_seeds():
     """The draw itself (no host sync, no multinomial), on rows of one distribution."""
     from server.engine.sampling import _draw
@@ -171,6 +197,26 @@ def test_the_exponential_race_follows_the_distribution_and_the_seeds():
     assert torch.equal(again, tokens[:5])  # seeded: the same draws alone as in the batch
     nan_row = torch.full((1, 4), float("nan"))
     assert _draw(nan_row, [0], params[:1], [make_generator(0, torch.device("cpu"))]).shape == (1,)
+
+
+def test_a_token_of_probability_zero_is_never_drawn_even_on_zero_noise():
+    """The race divides each probability by exponential noise; a uniform draw of exactly 0 makes that noise
+    0, and 0 / 0 would be NaN, which argmax picks. Find a seed whose row of uniforms holds an exact 0,
+    put a token the row may not produce (logit -inf: a grammar, top_p or a -100 bias) there, and draw."""
+    from server.engine.sampling import _draw
+
+    vocab = 4096
+    for seed in range(100_000):
+        uniforms = torch.empty(vocab).uniform_(generator=make_generator(seed, torch.device("cpu")))
+        zeros = (uniforms == 0).nonzero().flatten().tolist()
+        if zeros:
+            break
+    else:
+        pytest.fail("no seed in range gives an exact 0 (about 1 in 4,000 should)")
+    logits = torch.zeros(1, vocab)
+    logits[0, zeros[0]] = float("-inf")
+    token = _draw(logits, [0], [SamplingParams(1, temperature=1.0)], [make_generator(seed, torch.device("cpu"))])
+    assert int(token) != zeros[0]
 
 
 def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
