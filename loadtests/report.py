@@ -451,6 +451,31 @@ def _not_invariant_line() -> list[str]:
                 f"vs {single['inter_token_ms']['base']:.1f} ms between tokens)."]
 
 
+def sampled_section() -> str:
+    head = ("### Sampled requests\n\n"
+            "`python -m loadtests.bench_sampled`: `loraplex serve` on `configs/default.yaml`, 16 concurrent streamed\n"
+            "requests of exactly 64 tokens to the base with the openai client: greedy; the client's default (no\n"
+            "temperature sent: 1.0, every token drawn from the whole distribution); temperature 0.8 with top_p\n"
+            "0.9. Output tokens/s (median of alternated rounds) and each sampled load against greedy in the same\n"
+            "run. Every other figure here is greedy.\n")
+    result = _load("bench_sampled.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_sampled")
+    rate, ratio = result["tokens_per_s"], result["vs_greedy"]
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_sampled')}, engine {result['engine_commit']}.\n",
+             "| load | tokens/s | vs greedy |", "| --- | --- | --- |",
+             f"| greedy | {rate['greedy']:.0f} | 1.00x |",
+             f"| client default (temperature 1) | {rate['client_default']:.0f} | {ratio['client_default']:.2f}x |",
+             f"| temperature 0.8, top_p 0.9 | {rate['top_p_0.9']:.0f} | {ratio['top_p_0.9']:.2f}x |"]
+    before = _load("bench_sampled_before.json")
+    if before is not None:
+        lines += ["", f"The same loads on the engine of {before['engine_commit']}, before the sampler drew its noise from "
+                      f"vectorized uniforms and cut top_p from the top 256 tokens (`{before['command']}`, "
+                      f"{before['date'][:10]}): client default {before['vs_greedy']['client_default']:.2f}x, "
+                      f"top_p 0.9 {before['vs_greedy']['top_p_0.9']:.2f}x greedy."]
+    return "\n".join(lines)
+
+
 def ray_section() -> str:
     head = ("### Scale-out on Ray Serve\n\n"
             "`python -m loadtests.bench_ray`: the default model (NF4, float32 compute) served by 1 and by 2 engine\n"
@@ -495,7 +520,7 @@ def ray_section() -> str:
 
 
 SECTIONS = (serving_section, scenarios_section, kv_section, structured_section, registry_section, router_section,
-            fine_tuning_section, experts_section, demo_experts_load_section, mixtures_section, ray_section,
+            fine_tuning_section, experts_section, demo_experts_load_section, sampled_section, mixtures_section, ray_section,
             edge_section, gpu_section)
 
 
