@@ -25,12 +25,10 @@ from pathlib import Path
 import httpx
 import openai
 
+from loadtests.bench_demo_experts import QUESTIONS
 from loadtests.harness import REPO, ServerProcess
 from loadtests.provenance import stamp
 
-QUESTIONS = ["Explain how a rainbow forms.", "Describe a busy market.", "What makes bread rise?",
-             "Tell me about the moon.", "How do bees make honey?", "Why do we sleep?", "What is a volcano?",
-             "Describe a walk in the forest."]
 LOADS = {"greedy": {"temperature": 0}, "client_default": {}, "top_p_0.9": {"temperature": 0.8, "top_p": 0.9}}
 
 
