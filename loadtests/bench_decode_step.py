@@ -8,7 +8,8 @@ prefills --batch rows and times ModelRunner.decode (median of 30 steps, three al
 rounds) for three layouts of the rows: no adapter; rows grouped by adapter (the LoRA step
 needs no gather); adapters interleaved row by row (gather/scatter, segments padded to
 --min-rows, 4 = the CPU batch-invariance padding; 1 = none). --profile LAYOUT prints the
-torch profiler's op table for that layout.
+torch profiler's op table for that layout. Last, the megabytes of weights a step reads: the base's and
+each adapter's (what bounds a memory-bound step).
 """
 from __future__ import annotations
 
@@ -35,6 +36,22 @@ def random_adapter(shape: BaseShape, seed: int, rank: int = RANK) -> LoraWeights
             pairs[(layer, module)] = (torch.randn(fan_in, rank, generator=generator) / fan_in**0.5,
                                       torch.randn(rank, fan_out, generator=generator) * 0.005)
     return LoraWeights(rank, pairs, LINEAR_MODULES, None)
+
+
+def weight_bytes(model, shape: BaseShape, rank: int) -> dict[str, float]:
+    """MB of weights a decode step reads: the base's linears as stored (NF4 packed + their absmax), the
+    lm_head, and one adapter's A and B at `rank` in the compute dtype (all seven linears, as here). What
+    bounds a step when it is memory-bound: an adapter costs its share of these bytes whatever is done."""
+    layers = model.model.layers
+    linears = sum(p.numel() * p.element_size() for layer in layers for name, p in layer.named_parameters()
+                  if "proj" in name)
+    linears += sum(getattr(m.weight, "quant_state", None).absmax.numel() * 4 for layer in layers
+                   for m in layer.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None)
+    head = model.lm_head.weight
+    adapter = sum((fan_in + fan_out) * rank for fan_in, fan_out in (shape.linear_features[m] for m in LINEAR_MODULES))
+    adapter *= shape.num_layers * head.element_size()
+    return {"base_linears": linears / 1e6, "lm_head": head.numel() * head.element_size() / 1e6,
+            "adapter": adapter / 1e6}
 
 
 def time_steps(runner: ModelRunner, tables: list[list[int]], adapters: list, steps: int) -> float:
@@ -86,6 +103,11 @@ def main() -> None:
             results[name].append(time_steps(runner, tables, adapters, 30))
     for name, runs in results.items():
         print(f"batch {args.batch}, {name}: {statistics.median(runs):.2f} ms per decode step")
+    sizes = weight_bytes(base.model, shape, args.rank)
+    print(f"weights read per step: base linears {sizes['base_linears']:.0f} MB + lm_head {sizes['lm_head']:.0f} MB; "
+          f"each rank-{args.rank} adapter {sizes['adapter']:.1f} MB ({args.adapters} adapters: "
+          f"{args.adapters * sizes['adapter']:.0f} MB, {args.adapters * sizes['adapter'] / (sizes['base_linears'] + sizes['lm_head']):.0%} "
+          f"of the base's)")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
