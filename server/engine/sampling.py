@@ -3,9 +3,10 @@
 Each request owns its torch.Generator, so a seeded request draws the same tokens whatever
 else shares its batch. Presence/frequency penalties and logit_bias adjust a row's logits
 before it is sampled (a penalizing request counts its generated tokens in a vocabulary-sized
-tensor on the device, updated by the step that samples them: per step the host sends a few
-numbers per row however long the answer has grown); logprobs report the model's own distribution (before temperature,
-penalties and bias, as vLLM does), so they say what the model thought, not what we did.
+tensor on the device, updated by the step that samples them, so the host sends a few numbers
+per row however long the answer has grown); logprobs report the model's own distribution
+(before temperature, penalties and bias, as vLLM does), so they say what the model thought,
+not what we did.
 
 Every legal value is served and no row can take the others down: a temperature too small to
 divide by is greedy (as in vLLM), the most likely token always survives top_p, non-finite
@@ -13,11 +14,10 @@ logits (a broken adapter, an overflow) are masked out before anything samples fr
 a row that cannot be sampled is reported as that row's error, not raised for the batch.
 
 A step's rows are sampled together: per-row temperatures and top_p values become tensors, greedy
-rows share one argmax, sampled rows one softmax, one sort (when a row asks for top_p) and one
-argmax over their noise, and the tokens come back to the host in one transfer (what a GPU needs:
-no per-row synchronisation). Penalties of every row are a few ops over their stacked counts, the
-logit_bias of every row one scattered add; only rows with a grammar get per-row work (each its own
-matcher), and each penalizing row one small add to its counts.
+rows share one argmax, sampled rows one softmax, one top_p cut (`_nucleus`) and one argmax over
+their noise, and the tokens come back to the host in one transfer (what a GPU needs: no per-row
+synchronisation). The logit_bias of every row is one scattered add; a penalizing row gets two small
+in-place ops and one add to its counts, a row with a grammar its own matcher.
 """
 from __future__ import annotations
 
