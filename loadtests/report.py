@@ -476,8 +476,8 @@ def sampled_section() -> str:
              f"| temperature 0.8, top_p 0.9 | {rate['top_p_0.9']:.0f} | {ratio['top_p_0.9']:.2f}x |"]
     before = _load("bench_sampled_before.json")
     if before is not None:
-        lines += ["", f"The same loads on the engine of {before['engine_commit']}, before the sampler drew its noise from "
-                      f"vectorized uniforms and cut top_p from the top 256 tokens (`{before['command']}`, "
+        lines += ["", f"The same loads on the engine of {before['engine_commit']}, before the sampler drew one uniform per "
+                      f"row instead of one per vocabulary entry and, on a CPU, cut top_p from the top 256 tokens (`{before['command']}`, "
                       f"{before['date'][:10]}): client default {before['vs_greedy']['client_default']:.2f}x, "
                       f"top_p 0.9 {before['vs_greedy']['top_p_0.9']:.2f}x greedy."]
     return "\n".join(lines)

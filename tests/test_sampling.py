@@ -144,7 +144,7 @@ def test_token_bytes_for_sentencepiece_vocabularies():
 
 
 def test_batched_draws_follow_the_distribution_and_top_p():
-    """The exponential race draws token i with probability p_i; top_p cuts the tail first."""
+    """The draw picks token i with probability p_i; top_p cuts the tail first."""
     probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
     logits = probs.log().repeat(4000, 1)
     params = [SamplingParams(1, temperature=1.0)] * 2000 + [SamplingParams(1, temperature=1.0, top_p=0.8)] * 2000
@@ -182,7 +182,7 @@ def test_the_nucleus_from_the_top_candidates_is_the_one_a_full_sort_gives():
     assert any(covered) and not all(covered)  # both ways really ran
 
 
-def test_the_exponential_race_follows_the_distribution_and_the_seeds():
+def test_the_draw_follows_the_distribution_and_the_seeds():
     """The draw itself (no host sync, no multinomial), on rows of one distribution."""
     from server.engine.sampling import _draw
 
@@ -199,24 +199,17 @@ def test_the_exponential_race_follows_the_distribution_and_the_seeds():
     assert _draw(nan_row, [0], params[:1], [make_generator(0, torch.device("cpu"))]).shape == (1,)
 
 
-def test_a_token_of_probability_zero_is_never_drawn_even_on_zero_noise():
-    """The race divides each probability by exponential noise; a uniform draw of exactly 0 makes that noise
-    0, and 0 / 0 would be NaN, which argmax picks. Find a seed whose row of uniforms holds an exact 0,
-    put a token the row may not produce (logit -inf: a grammar, top_p or a -100 bias) there, and draw."""
-    from server.engine.sampling import _draw
+def test_a_token_of_probability_zero_is_never_drawn_at_either_end_of_the_uniforms():
+    """The draw searches each row's running sum at uniform x total. At a uniform of 0 the first token of
+    positive probability is drawn, not a zero-probability one before it; at a uniform of 1 (curand's
+    range is (0, 1]; torch maps its 1 to 0 today, which the draw does not rely on) the last token of
+    positive probability, not the zero-probability tail nor an index past the vocabulary."""
+    from server.engine.sampling import _inverse_cdf
 
-    vocab = 4096
-    for seed in range(100_000):
-        uniforms = torch.empty(vocab).uniform_(generator=make_generator(seed, torch.device("cpu")))
-        zeros = (uniforms == 0).nonzero().flatten().tolist()
-        if zeros:
-            break
-    else:
-        pytest.fail("no seed in range gives an exact 0 (about 1 in 4,000 should)")
-    logits = torch.zeros(1, vocab)
-    logits[0, zeros[0]] = float("-inf")
-    token = _draw(logits, [0], [SamplingParams(1, temperature=1.0)], [make_generator(seed, torch.device("cpu"))])
-    assert int(token) != zeros[0]
+    probs = torch.tensor([[0.0, 0.0, 0.3, 0.0, 0.7000001, 0.0, 0.0]] * 3)  # a total a hair off 1
+    uniforms = torch.tensor([[0.0], [1.0], [0.35]], dtype=torch.float64)
+    assert _inverse_cdf(probs, uniforms).tolist() == [2, 4, 4]
+    assert _inverse_cdf(probs[:1], torch.tensor([[0.2]], dtype=torch.float64)).tolist() == [2]
 
 
 def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
