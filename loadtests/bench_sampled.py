@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     tokens_per_s = {name: round(statistics.median(values), 1) for name, values in runs.items()}
-    result = {**stamp("loadtests.bench_sampled", argv), "engine_commit": engine_commit(), "tokens": args.tokens, "rounds": args.rounds,
-              "concurrency": args.concurrency, "loads": LOADS, "tokens_per_s": tokens_per_s, "runs": runs,
+    result = {**stamp("loadtests.bench_sampled", argv), "engine_commit": engine_commit(), "tokens": args.tokens,
+              "rounds": args.rounds, "concurrency": args.concurrency, "loads": LOADS, "tokens_per_s": tokens_per_s, "runs": runs,
               "vs_greedy": {name: round(tokens_per_s[name] / tokens_per_s["greedy"], 3)
                             for name in LOADS if name != "greedy"}}
     out = REPO / "loadtests" / "results" / args.out

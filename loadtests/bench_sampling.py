@@ -9,8 +9,8 @@ rows with presence/frequency penalties over --generated tokens and a 5-token log
 penalties' cost does not grow with it: the counts live on the device, sampling.new_token_counts).
 Random normal logits are flat: every row's top_p nucleus holds thousands of tokens. --model-logits
 takes the rows from the default model instead (the logits of each step of sampled answers to three
-prompts, cycled to --batch rows) and prints how many rows' nuclei lie within the NUCLEUS_CANDIDATES
-most likely tokens, which the CPU sampler cuts from without sorting the whole row.
+prompts, cycled to --batch rows) and prints how many rows' nuclei lie within each NUCLEUS_CANDIDATES
+width of most likely tokens, which the CPU sampler cuts from without sorting the whole row.
 Prints milliseconds per call (no result file: a quick check of the sampler next to a decode step,
 whose times `python -m loadtests.bench_decode_step` gives).
 """
@@ -41,10 +41,11 @@ def model_logits(rows: int) -> torch.Tensor:
                                       output_logits=True, return_dict_in_generate=True)
         steps += [logits[0].float() for logits in out.logits]
     for temperature, top_p in ((0.8, 0.9), (1.0, 0.95)):
-        covered = sum(float(torch.topk(torch.softmax(row / temperature, -1), NUCLEUS_CANDIDATES).values.sum()) >= top_p
-                      for row in steps)
-        print(f"model rows at temperature {temperature}, top_p {top_p}: {covered} of {len(steps)} nuclei within "
-              f"the top {NUCLEUS_CANDIDATES} tokens")
+        for width in NUCLEUS_CANDIDATES:
+            covered = sum(float(torch.topk(torch.softmax(row / temperature, -1), width).values.sum()) >= top_p
+                          for row in steps)
+            print(f"model rows at temperature {temperature}, top_p {top_p}: {covered} of {len(steps)} nuclei "
+                  f"within the top {width} tokens")
     return torch.stack([steps[i % len(steps)] for i in range(rows)])
 
 

@@ -157,16 +157,19 @@ def test_batched_draws_follow_the_distribution_and_top_p():
 
 
 def test_the_nucleus_from_the_top_candidates_is_the_one_a_full_sort_gives():
-    """On a CPU a row's nucleus is cut from its NUCLEUS_CANDIDATES most likely tokens when they reach its
+    """On a CPU a row's nucleus is cut from its 256, else 2048 most likely tokens when they reach its
     top_p, else from a full sort; the kept probabilities are exactly those of the full sort's cut, row by
-    row, in a batch holding both kinds (peaked rows: inside the candidates; flat ones: far outside).
-    Rows with top_p 1 are left as they are."""
+    row, in a batch holding all three kinds (peaked rows; rows whose mass sits on ~2000 tokens; flat
+    rows). Rows with top_p 1 are left as they are."""
     from server.engine.sampling import NUCLEUS_CANDIDATES, _nucleus
 
     torch.manual_seed(0)
-    sharpness = torch.tensor([4.0, 0.3, 4.0, 0.3, 4.0, 0.3, 4.0])[:, None]
-    probs = torch.softmax(torch.randn(7, 4096) * sharpness, dim=-1)
-    top_ps = [0.9, 0.5, 1.0, 0.95, 1e-9, 0.7, 0.99]
+    vocab = 4096
+    peaked = torch.randn(vocab) * 4
+    spread = torch.cat((torch.full((2000,), 4.0), torch.zeros(vocab - 2000))) + torch.rand(vocab) * 0.1
+    flat = torch.rand(vocab) * 0.1
+    probs = torch.softmax(torch.stack((peaked, spread, flat, peaked, spread, flat, peaked)), dim=-1)
+    top_ps = [0.9, 0.9, 0.9, 1.0, 0.5, 1e-9, 0.99]
     cut = [i for i, top_p in enumerate(top_ps) if top_p < 1.0]
     kept = _nucleus(probs, cut, [top_ps[i] for i in cut])
     for row, top_p in enumerate(top_ps):
@@ -177,9 +180,9 @@ def test_the_nucleus_from_the_top_candidates_is_the_one_a_full_sort_gives():
         before = values.cumsum(0) - values
         expected = torch.zeros_like(values).scatter_(0, ids, torch.where((before < top_p) | (before == 0), values, 0))
         assert torch.equal(kept[row], expected), row
-    reached = torch.topk(probs, NUCLEUS_CANDIDATES).values.sum(-1)
-    covered = [bool(reached[row] >= top_ps[row]) for row in cut]
-    assert any(covered) and not all(covered)  # both ways really ran
+    tiers = [next((width for width in NUCLEUS_CANDIDATES if torch.topk(probs[row], width).values.sum() >= top_ps[row]),
+                  vocab) for row in cut]
+    assert set(tiers) == {*NUCLEUS_CANDIDATES, vocab}  # every way really ran
 
 
 def test_the_draw_follows_the_distribution_and_the_seeds():

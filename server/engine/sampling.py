@@ -16,8 +16,9 @@ a row that cannot be sampled is reported as that row's error, not raised for the
 A step's rows are sampled together: per-row temperatures and top_p values become tensors, greedy
 rows share one argmax, sampled rows one softmax, one top_p cut (`_nucleus`) and one running sum
 searched at a uniform number per row, and the tokens come back to the host in one transfer (what a
-GPU needs: no per-row synchronisation). The logit_bias of every row is one scattered add; a penalizing row gets two small
-in-place ops and one add to its counts, a row with a grammar its own matcher.
+GPU needs: no per-row synchronisation). The logit_bias of every row is one scattered add; a
+penalizing row gets two small in-place ops and one add to its counts, a row with a grammar its own
+matcher.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ import torch
 
 from server.engine.transfer import to_device
 
-# On a CPU a row's top_p nucleus is looked for among its this many most likely tokens first (see _nucleus)
-NUCLEUS_CANDIDATES = 256
+# On a CPU a row's top_p nucleus is looked for among its 256, then 2048 most likely tokens before a full
+# sort of the row (see _nucleus)
+NUCLEUS_CANDIDATES = (256, 2048)
 # Below this a temperature is greedy: logits / 1e-300 is inf (or 0/0 = NaN) in float32, and the
 # distribution such a temperature asks for is the argmax to within float precision anyway.
 SAMPLING_EPS = 1e-5
@@ -180,26 +182,34 @@ def _nucleus(probs: torch.Tensor, cut: list[int], top_ps: list[float]) -> torch.
     rounds to 0, 5e-324); the other rows as they are.
 
     That set needs the row's probabilities in order. On a CPU a full sort of a 49k vocabulary costs
-    ~1.5 ms a row, finding the NUCLEUS_CANDIDATES most likely ~0.06 ms: a row whose candidates already
-    reach its top_p (by the same running sum the cut uses, so every other token would be cut anyway) is
-    cut from them, only the others are sorted whole (`python -m loadtests.bench_sampling --model-logits`:
-    169 of 180 of the default model's rows are covered at temperature 0.8 and top_p 0.9, 126 at 1.0 and
-    0.95). A host read decides, free on a CPU; an accelerator sorts every row whole, fast there, rather
-    than wait for one."""
+    ~1.5 ms a row, finding its 256 most likely tokens ~0.06 ms and its 2048 ~0.25 ms: a row whose
+    candidates already reach its top_p (by the same running sum the cut uses, so every other token would
+    be cut anyway) is cut from them; the others try the next NUCLEUS_CANDIDATES width, and what is left
+    is sorted whole (`python -m loadtests.bench_sampling --model-logits` counts the default model's rows
+    each width covers). A host read decides, free on a CPU; an accelerator sorts every row whole, fast
+    there, rather than wait for one."""
     device, vocab = probs.device, probs.shape[-1]
     index = None if len(cut) == probs.shape[0] else to_device(cut, device)
     rows = probs if index is None else probs.index_select(0, index)
     limit = to_device(top_ps, device, probs.dtype)[:, None]
-    if device.type != "cpu" or vocab <= NUCLEUS_CANDIDATES:
-        kept = _cut(vocab, *torch.sort(rows, dim=-1, descending=True), limit)
-    else:
-        values, ids = torch.topk(rows, NUCLEUS_CANDIDATES, dim=-1)
-        kept = _cut(vocab, values, ids, limit)
-        short = (values.cumsum(-1)[:, -1:] < limit).flatten().nonzero().flatten()
-        if len(short):  # these rows' nuclei reach past their candidates: sorted whole
-            whole = rows.index_select(0, short)
-            kept.index_copy_(0, short, _cut(vocab, *torch.sort(whole, dim=-1, descending=True),
-                                            limit.index_select(0, short)))
+    widths = [width for width in NUCLEUS_CANDIDATES if width < vocab] if device.type == "cpu" else []
+    kept, short = None, None  # short: the rows (of `rows`) whose nuclei are not cut yet; None: all
+    for width in (*widths, vocab):
+        part, part_limit = ((rows, limit) if short is None
+                            else (rows.index_select(0, short), limit.index_select(0, short)))
+        values, ids = (torch.topk(part, width, dim=-1) if width < vocab
+                       else torch.sort(part, dim=-1, descending=True))
+        part_kept = _cut(vocab, values, ids, part_limit)
+        if kept is None:
+            kept = part_kept
+        else:
+            kept.index_copy_(0, short, part_kept)
+        if width == vocab:
+            break
+        beyond = (values.cumsum(-1)[:, -1:] < part_limit).flatten().nonzero().flatten()
+        if not len(beyond):
+            break
+        short = beyond if short is None else short.index_select(0, beyond)
     return kept if index is None else probs.index_copy(0, index, kept)
 
 
