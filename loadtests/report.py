@@ -477,7 +477,7 @@ def sampled_section() -> str:
     before = _load("bench_sampled_before.json")
     if before is not None:
         lines += ["", f"The same loads on the engine of {before['engine_commit']}, before the sampler drew one uniform per "
-                      f"row instead of one per vocabulary entry and, on a CPU, cut top_p from the top 256 tokens (`{before['command']}`, "
+                      f"row instead of one per vocabulary entry and, on a CPU, cut top_p from the most likely tokens (`{before['command']}`, "
                       f"{before['date'][:10]}): client default {before['vs_greedy']['client_default']:.2f}x, "
                       f"top_p 0.9 {before['vs_greedy']['top_p_0.9']:.2f}x greedy."]
     return "\n".join(lines)
