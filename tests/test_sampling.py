@@ -215,6 +215,36 @@ def test_a_token_of_probability_zero_is_never_drawn_at_either_end_of_the_uniform
     assert _inverse_cdf(probs[:1], torch.tensor([[0.2]], dtype=torch.float64)).tolist() == [2]
 
 
+def test_the_draw_across_blocks_of_a_vocabulary_follows_the_distribution():
+    """The draw finds a block of CDF_BLOCK tokens, then the token inside it: over a vocabulary of several
+    blocks (and not a multiple of the block: padded), tokens in different blocks are drawn at their
+    probabilities, a boundary between blocks goes to the next token of positive probability, and the
+    ends of the uniforms find the first and last token of positive probability."""
+    from server.engine.sampling import CDF_BLOCK, _draw, _inverse_cdf
+
+    vocab = 3 * CDF_BLOCK + 100
+    probs = torch.zeros(vocab)
+    chosen = [10, CDF_BLOCK + 20, CDF_BLOCK + 21, vocab - 1]
+    probs[chosen] = torch.tensor([0.4, 0.2, 0.15, 0.25])
+    logits = probs.log().repeat(3000, 1)
+    rows = list(range(3000))
+    tokens = _draw(logits, rows, [SamplingParams(1, temperature=1.0)] * 3000,
+                   [make_generator(i, torch.device("cpu")) for i in rows])
+    freq = torch.bincount(tokens, minlength=vocab).float() / 3000
+    assert float(freq[chosen].sum()) == 1.0
+    assert torch.allclose(freq[chosen], torch.tensor([0.4, 0.2, 0.15, 0.25]), atol=0.035), freq
+    halves = torch.zeros(2, vocab)
+    halves[:, [5, 2 * CDF_BLOCK + 7]] = 0.5
+    ends = torch.tensor([[0.5], [1.0]], dtype=torch.float64)
+    assert _inverse_cdf(halves, ends).tolist() == [2 * CDF_BLOCK + 7, 2 * CDF_BLOCK + 7]
+    assert _inverse_cdf(halves[:1], torch.tensor([[0.0]], dtype=torch.float64)).tolist() == [5]
+    # a block's float32 sum (1 + 7e-8 rounds up to 1 + 2**-23) above its exact running sum inside: the
+    # offset is kept below the latter, so a uniform of 1 finds token 1, not the zero after it
+    rounded = torch.tensor([[1.0, 7e-8, 0.0]])
+    assert float(rounded.sum()) > 1.0 + 7e-8
+    assert _inverse_cdf(rounded, torch.tensor([[1.0]], dtype=torch.float64)).tolist() == [1]
+
+
 def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch():
     torch.manual_seed(0)
     logits = torch.randn(6, 500)
