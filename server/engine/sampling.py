@@ -170,10 +170,12 @@ def _count_tokens(tokens: torch.Tensor, token_counts) -> None:
             counts.index_put_((tokens[row : row + 1],), counts.new_ones(1), accumulate=True)
 
 
-def _cut(width: int, values: torch.Tensor, ids: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
-    """[rows, width] probabilities from each row's ranked `values` (descending, at `ids`): a value is kept
-    while the mass ranked before it is under the row's limit; the first always is."""
-    outside = (values.cumsum(-1) - values) >= limit
+def _cut(width: int, values: torch.Tensor, ids: torch.Tensor, running: torch.Tensor,
+         limit: torch.Tensor) -> torch.Tensor:
+    """[rows, width] probabilities from each row's ranked `values` (descending, at `ids`, with their
+    running sum): a value is kept while the mass ranked before it is under the row's limit; the first
+    always is."""
+    outside = (running - values) >= limit
     outside[:, 0] = False
     return values.new_zeros(values.shape[0], width).scatter_(1, ids, values.masked_fill(outside, 0.0))
 
@@ -201,14 +203,15 @@ def _nucleus(probs: torch.Tensor, cut: list[int], top_ps: list[float]) -> torch.
                             else (rows.index_select(0, short), limit.index_select(0, short)))
         values, ids = (torch.topk(part, width, dim=-1) if width < vocab
                        else torch.sort(part, dim=-1, descending=True))
-        part_kept = _cut(vocab, values, ids, part_limit)
+        running = values.cumsum(-1)
+        part_kept = _cut(vocab, values, ids, running, part_limit)
         if kept is None:
             kept = part_kept
         else:
             kept.index_copy_(0, short, part_kept)
         if width == vocab:
             break
-        beyond = (values.cumsum(-1)[:, -1:] < part_limit).flatten().nonzero().flatten()
+        beyond = (running[:, -1:] < part_limit).flatten().nonzero().flatten()
         if not len(beyond):
             break
         short = beyond if short is None else short.index_select(0, beyond)
