@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+
 import torch
 
 from server.engine.sampling import NUCLEUS_CANDIDATES, SamplingParams, make_generator, new_token_counts, sample_batch

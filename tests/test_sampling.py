@@ -15,7 +15,7 @@ def counts_of(vocab: int, counts: dict[int, int]) -> torch.Tensor:
     return tensor
 
 
-def test_penalties_follow_openai_formula_row_by_row_in_one_batched_add():
+def test_penalties_and_bias_follow_openai_formula_row_by_row():
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3)
     params = [SamplingParams(max_tokens=4, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 10.0}),
               SamplingParams(max_tokens=4),  # nothing to adjust
