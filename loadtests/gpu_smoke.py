@@ -10,6 +10,8 @@ recorded with its error and the next one runs):
   runner         the model runner's prefill logits and greedy tokens against Hugging Face's forward/generate
   engine         the engine with a sampler mix (greedy, temperature + top_p + seed, penalties, logit_bias), a
                  cancel, and a request on an adapter still on disk arriving while the others decode
+  sampling       draws on the device against a known distribution (top_p, zero-probability tokens, seeds),
+                 and sample_batch timed at batch 64 over 32k tokens
   slots          memory of a 64-slot adapter pool at rank 16 (what `max_gpu_adapters: 64` reserves)
   profile        5 decode steps of 8 rows over 2 interleaved adapters under the profiler: host time,
                  device time and kernels (CPU: operators) per step; top operators in profile.txt
@@ -219,6 +221,49 @@ def check_engine(model, tokenizer, folders: list[Path], device: torch.device) ->
         return record
     finally:
         engine.stop(30)
+
+
+def check_sampling(device: torch.device) -> dict:
+    """The sampler on the device: 3,000 rows drawn from a known distribution over a 1,000-token vocabulary
+    (tokens of probability 0 between, across the draw's blocks), half of them cut by top_p 0.8, against the
+    frequencies the distribution gives; seeded rows alone against the same rows in the batch; then
+    `sample_batch` timed at batch 64 over a 32,000-token vocabulary (greedy, temperature 1, temperature 0.8 +
+    top_p 0.9, greedy + penalties), each call ending in its one device -> host read."""
+    from server.engine.sampling import SamplingParams, make_generator, new_token_counts, sample_batch
+
+    vocab, rows = 1000, 3000
+    chosen = [3, 300, 301, 999]
+    probs = torch.zeros(vocab)
+    probs[chosen] = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    logits = probs.log().to(device).repeat(rows, 1)
+    half = rows // 2
+    params = [SamplingParams(1, temperature=1.0)] * half + [SamplingParams(1, temperature=1.0, top_p=0.8)] * half
+    generators = [make_generator(i, device) for i in range(rows)]
+    tokens = torch.tensor(sample_batch(logits, params, generators).tokens)
+    free = torch.bincount(tokens[:half], minlength=vocab).float() / half
+    cut = torch.bincount(tokens[half:], minlength=vocab).float() / half
+    expected_cut = torch.tensor([0.5, 0.25, 0.15, 0.0]) / 0.9
+    frequency_error = max(float((free[chosen] - probs[chosen]).abs().max()),
+                          float((cut[chosen] - expected_cut).abs().max()))
+    # draws of a token of probability 0: outside the four, or the one top_p 0.8 cuts
+    outside = int((~torch.isin(tokens, torch.tensor(chosen))).sum()) + int((tokens[half:] == 999).sum())
+    alone = sample_batch(logits[:5], params[:5], [make_generator(i, device) for i in range(5)]).tokens
+    record = {"frequency_error": round(frequency_error, 4), "zero_probability_drawn": outside,
+              "seeded_rows_same_alone": alone == tokens[:5].tolist()}
+    big = torch.randn(64, 32000, generator=torch.Generator().manual_seed(0)).to(device) * 3
+    cases = {"greedy": SamplingParams(1, temperature=0.0), "temperature_1": SamplingParams(1, temperature=1.0),
+             "top_p_0.9": SamplingParams(1, temperature=0.8, top_p=0.9),
+             "penalties": SamplingParams(1, temperature=0.0, presence_penalty=0.5, frequency_penalty=0.5)}
+    for name, case in cases.items():
+        counts = [new_token_counts(big) for _ in range(64)] if case.penalizes else None
+        gens = [make_generator(i, device) for i in range(64)]
+        sample_batch(big, [case] * 64, gens, counts)  # warm-up
+        start = time.perf_counter()
+        for _ in range(10):
+            sample_batch(big, [case] * 64, gens, counts)
+        record[f"ms_batch64_{name}"] = round((time.perf_counter() - start) / 10 * 1000, 2)
+    record["ok"] = frequency_error < 0.04 and not outside and record["seeded_rows_same_alone"]
+    return record
 
 
 def check_slots(config, device: torch.device, dtype: torch.dtype) -> dict:
@@ -448,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         smoke.run("nf4_linear", check_nf4_linear, model, dtype, max(tolerance, 1e-2))
         smoke.run("runner", check_runner, model, tokenizer, tolerance)
         smoke.run("engine", check_engine, model, tokenizer, folders, device)
+        smoke.run("sampling", check_sampling, device)
         smoke.run("slots", check_slots, config, device, dtype)
         smoke.run("profile", check_profile, model, tokenizer, names[:2], device, folders[:2], args.out_dir)
         smoke.run("peft", check_peft, model, tokenizer, names[:2], folders[:2], tolerance, work / "base", dtype)

@@ -375,7 +375,8 @@ def gpu_section() -> str:
             "start-up checks pass (`--lora-kernels` to compare; the summary records what ran).\n"
             "Before it, `python -m loadtests.gpu_smoke OUT_DIR` checks the GPU path on a 2-layer base (the NF4\n"
             "linear at 1/8/64 rows, the runner against `generate`, mixed adapters against PEFT, the engine with a\n"
-            "sampler mix, a cancel and a cold adapter, 64 adapter slots, a profiler pass: kernels and host time\n"
+            "sampler mix, a cancel and a cold adapter, the sampler's draws against a known distribution and its\n"
+            "time at batch 64, 64 adapter slots, a profiler pass: kernels and host time\n"
             "per step, the Triton LoRA kernels against the torch path, CUDA-graph replays against eager steps,\n"
             "both timed). On a machine without bitsandbytes: `bash loadtests/gpu_run.sh OUT_DIR` installs wheels\n"
             "from `.whl/` and runs both. Copy OUT_DIR to `loadtests/results/gpu/` to have it appear here.\n")
