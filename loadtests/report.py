@@ -477,9 +477,9 @@ def sampled_section() -> str:
              f"| temperature 0.8, top_p 0.9 | {rate['top_p_0.9']:.0f} | {ratio['top_p_0.9']:.2f}x |"]
     before = _load("bench_sampled_before.json")
     if before is not None:
-        lines += ["", f"The same loads on the engine of {before['engine_commit']}, before the sampler drew one uniform per "
-                      f"row instead of one per vocabulary entry and, on a CPU, cut top_p from the most likely tokens (`{before['command']}`, "
-                      f"{before['date'][:10]}): client default {before['vs_greedy']['client_default']:.2f}x, "
+        lines += ["", f"The same loads on the engine of {before['engine_commit']}, before the sampler drew one uniform "
+                      f"per row instead of one per vocabulary entry and, on a CPU, cut top_p from the most likely "
+                      f"tokens (`{before['command']}`, {before['date'][:10]}): client default {before['vs_greedy']['client_default']:.2f}x, "
                       f"top_p 0.9 {before['vs_greedy']['top_p_0.9']:.2f}x greedy."]
     return "\n".join(lines)
 
@@ -528,8 +528,8 @@ def ray_section() -> str:
 
 
 SECTIONS = (serving_section, scenarios_section, kv_section, structured_section, registry_section, router_section,
-            fine_tuning_section, experts_section, demo_experts_load_section, sampled_section, mixtures_section, ray_section,
-            edge_section, gpu_section)
+            fine_tuning_section, experts_section, demo_experts_load_section, sampled_section, mixtures_section,
+            ray_section, edge_section, gpu_section)
 
 
 def performance() -> str:

@@ -62,10 +62,6 @@ def test_ratios_pair_modes_of_the_same_batch():
     assert "median 2.0 ms" in text and "| 64 | 0.9 | 1.0 | 0.9 | 0.875 |" in text
 
 
-def by_check_of(records: list[dict]) -> dict[str, dict]:
-    return {record["check"]: record for record in records}
-
-
 def test_the_gpu_smoke_script_passes_every_check_on_a_tiny_model(tmp_path):
     """The checks the first GPU minutes run (loadtests/gpu_smoke.py), run here on CPU so a lent GPU is
     never spent on a broken script."""
@@ -76,8 +72,8 @@ def test_the_gpu_smoke_script_passes_every_check_on_a_tiny_model(tmp_path):
     assert done.returncode == 0, [r for r in records if not r.get("ok")] or done.stderr[-3000:]
     assert [r["check"] for r in records] == ["versions", "nf4_linear", "runner", "engine", "sampling", "slots",
                                              "profile", "peft", "lora_kernels", "cuda_graphs"]  # Triton interpreted
-    assert by_check_of(records)["sampling"]["ms_batch64_top_p_0.9"] > 0
-    by_check = by_check_of(records)
+    by_check = {r["check"]: r for r in records}
+    assert by_check["sampling"]["ms_batch64_top_p_0.9"] > 0
     assert by_check["engine"]["cancelled_finished"] is False and by_check["engine"]["errors"] == {}
     assert by_check["peft"]["adapter_effect_min"] > 0.01  # the comparison can tell adapters apart
     assert by_check["profile"]["operators_per_step"] > 0 and (out / "profile.txt").is_file()
