@@ -67,6 +67,14 @@ class AdapterRecord:
         )
 
 
+class UnregisteredMember(LookupError):
+    """A mixture names experts that are not registered (or were just retired)."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
+
+
 def new_key(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:12]}"
 
@@ -77,29 +85,54 @@ class AdapterRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, AdapterRecord] = {}
-        self._reserved: set[str] = set()  # names whose registration is in progress
+        # names whose registration is in progress -> the experts it blends (a mixture's members, else empty)
+        self._reserved: dict[str, frozenset[str]] = {}
         self._requests: Counter[str] = Counter()
 
-    def mixtures_using(self, name: str) -> list[str]:
-        """Registered mixtures that blend `name`."""
-        with self._lock:
-            return sorted(r.name for r in self._records.values() if any(m == name for m, _ in r.mixture))
+    def _blending(self, name: str) -> list[str]:
+        """Mixtures, registered or being registered, that blend `name` (under the lock)."""
+        registered = [r.name for r in self._records.values() if any(m == name for m, _ in r.mixture)]
+        pending = [other for other, members in self._reserved.items() if name in members]
+        return sorted(registered + pending)
 
-    def reserve(self, name: str) -> bool:
-        """Claim a name for a registration in progress; False if taken or being registered."""
+    def mixtures_using(self, name: str) -> list[str]:
+        """Mixtures that blend `name`, including those whose registration is in progress."""
+        with self._lock:
+            return self._blending(name)
+
+    def reserve(self, name: str, members: tuple[str, ...] = ()) -> bool:
+        """Claim a name for a registration in progress; False if taken or being registered.
+
+        A mixture names its `members`: they must be registered now (UnregisteredMember otherwise), and
+        from here until add() or release() none of them can be retired (retire() refuses), so a
+        mixture can never be listed with a member that no longer exists.
+        """
         with self._lock:
             if name in self._records or name in self._reserved:
                 return False
-            self._reserved.add(name)
+            missing = sorted(m for m in members if m not in self._records)
+            if missing:
+                raise UnregisteredMember(missing)
+            self._reserved[name] = frozenset(members)
             return True
 
     def release(self, name: str) -> None:
         with self._lock:
-            self._reserved.discard(name)
+            self._reserved.pop(name, None)
+
+    def retire(self, name: str) -> tuple[AdapterRecord | None, list[str]]:
+        """Remove `name` unless a mixture (registered or being registered) blends it, in one step:
+        (its record, []) when removed; (None, the mixtures) when refused; (None, []) when not registered."""
+        with self._lock:
+            users = self._blending(name)
+            if users:
+                return None, users
+            self._requests.pop(name, None)
+            return self._records.pop(name, None), []
 
     def add(self, record: AdapterRecord) -> None:
         with self._lock:
-            self._reserved.discard(record.name)
+            self._reserved.pop(record.name, None)
             self._records[record.name] = record
 
     def update(self, record: AdapterRecord) -> bool:

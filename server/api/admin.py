@@ -13,6 +13,7 @@ from pydantic import ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.admission import (
+    AdmissionError,
     check_new_name,
     check_token_ids,
     fill_from_folder,
@@ -21,7 +22,7 @@ from adapters.admission import (
     stage_upload,
     validate_staged,
 )
-from adapters.registry import AdapterRecord, new_key
+from adapters.registry import AdapterRecord, UnregisteredMember, new_key
 from adapters.text import EncodableText
 from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
@@ -31,6 +32,7 @@ from server.settings import AdapterSpec
 router = APIRouter()  # every path here needs an admin key (server/auth.py checks it before the body)
 REGISTER_TIMEOUT_S = 600  # the engine loads an adapter between steps: seconds at most, even for big ones
 LIST_FIELDS = ("examples", "negative_examples", "stop", "stop_token_ids")
+MAX_FIELD_BYTES = 1_000_000  # one multipart field that is not a file: a description, the examples as JSON
 
 
 class AdapterRegistration(AdapterSpec):
@@ -75,23 +77,24 @@ def _form_list(form, field: str) -> list:
     if len(values) == 1 and isinstance(values[0], str) and values[0].lstrip().startswith("["):
         try:
             return json.loads(values[0])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a number over 4,300 digits, nested too deeply
             raise APIError(400, f"'{field}' is not a valid JSON list", param=field) from None
     return values
 
 
-async def _read_registration(request: Request) -> tuple[AdapterRegistration, dict[str, bytes] | None]:
-    """The registration fields, and the uploaded files for a multipart request (else None)."""
+async def _read_registration(request: Request) -> tuple[AdapterRegistration, dict | None]:
+    """The registration fields, and the uploaded files (binary file objects) for a multipart request
+    (else None)."""
     content_type = request.headers.get("content-type", "")
     try:
         if content_type.startswith("multipart/form-data"):
-            form = await request.form(max_part_size=request.app.state.loraplex.settings.max_adapter_bytes)
+            form = await request.form(max_part_size=MAX_FIELD_BYTES)  # the fields; file parts are spooled to disk
             files = {}
             for field in ("adapter_config", "adapter_model"):
                 upload = form.get(field)
                 if not isinstance(upload, UploadFile):
                     raise APIError(400, f"multipart upload needs a file field '{field}'", param=field)
-                files[field] = await upload.read()
+                files[field] = upload.file  # spooled to disk past a megabyte; staged from there
             fields = {k: v for k, v in form.items() if not isinstance(v, UploadFile) and k not in LIST_FIELDS}
             fields.update({k: _form_list(form, k) for k in LIST_FIELDS if k in form})
             return AdapterRegistration(**fields), files
@@ -105,6 +108,8 @@ async def _read_registration(request: Request) -> tuple[AdapterRegistration, dic
         raise APIError(400, message, param=param) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "The request body is not valid JSON.") from None
+    except ValueError:  # json's own limit on integers (4,300 digits): no expert field needs one
+        raise APIError(400, "The request body holds a number too long to read.") from None
     except RecursionError:
         raise APIError(400, "The request body is nested too deeply.") from None
     if registration.mixture is not None:
@@ -122,7 +127,7 @@ def _stage_and_validate(state: ServerState, registration: AdapterRegistration, f
     settings, base = state.settings, state.base
     if files is None:
         stage_from_path(registration.path, settings.adapter_roots, staging, settings.max_adapter_bytes)
-        registration = fill_from_folder(registration, os.path.realpath(registration.path))
+        registration = fill_from_folder(registration, staging)  # its expert.json, as checked and staged
     else:
         stage_upload(files["adapter_config"], files["adapter_model"], staging, settings.max_adapter_bytes)
     check_token_ids(registration.stop_token_ids, base.vocab_size, "stop_token_ids")
@@ -143,8 +148,11 @@ def _register_mixture(state: ServerState, registration: AdapterRegistration) -> 
     if route.expert is None:
         raise APIError(400, "a mixture needs at least one expert with a weight above 0", param="mixture")
     check_token_ids(registration.stop_token_ids, state.base.vocab_size, "stop_token_ids")
-    if not state.registry.reserve(name):
-        raise name_taken(name)
+    try:  # the members are pinned from here: a DELETE of one now answers 409 until this ends
+        if not state.registry.reserve(name, tuple(member for member, _ in route.mixture or ((route.expert, 1.0),))):
+            raise name_taken(name)
+    except UnregisteredMember as exc:  # retired since the check above
+        raise AdmissionError(400, f"'{exc.names[0]}' in the mixture is not a registered expert", "mixture") from None
     classifier = state.router.classifier
     defaults = {k: getattr(registration, k) for k in ("temperature", "top_p", "max_tokens")
                 if getattr(registration, k) is not None}
@@ -244,11 +252,16 @@ async def delete_adapter(name: str, request: Request):
     record = existing(state, name)
     if record.source == "config":
         raise APIError(400, f"'{name}' comes from the config file; remove it there and restart", param="name")
-    users = state.registry.mixtures_using(name)
+    # checked and removed in one step: a mixture being registered meanwhile either pins it first (409
+    # here) or finds it gone (its registration fails), never both succeed
+    removed, users = state.registry.retire(name)
     if users:
         raise APIError(409, f"'{name}' is blended by the mixture(s) {', '.join(users)}; retire those first",
                        param="name", code="adapter_in_use")
-    state.registry.remove(name)  # new requests for it get 404 from here on
+    if removed is None:  # retired by a concurrent request
+        raise APIError(404, f"No adapter named '{name}' is registered.", param="name", code="adapter_not_found")
+    record = removed
+    # new requests for it get 404 from here on
     state.metrics.forget_expert(name)
     if state.router.classifier is not None:
         state.router.classifier.remove(name)

@@ -73,6 +73,12 @@ def _restore_experts(settings: Settings, base: BaseInfo, register, registry: Ada
         if not record.mixture:  # a mixture has no weights of its own
             register(record.key, record.folder, None)  # read from disk on first use
         registry.add(record)
+    for record in registry.all():  # written before deletes were atomic with mixtures: kept on disk, not served
+        missing = [member for member, _ in record.mixture if registry.get(member) is None]
+        if missing:
+            registry.retire(record.name)
+            log.error("mixture %s is not served: it blends %s, which %s not registered", record.name,
+                      ", ".join(missing), "is" if len(missing) == 1 else "are")
     log.info("%d experts registered", len(registry.all()))
 
 
@@ -217,6 +223,8 @@ def _attach_base(state: ServerState, settings: Settings, info: BaseInfo) -> None
                                 min(settings.max_experts_per_request, settings.max_gpu_adapters),
                                 settings.router_top_k, settings.router_mix_temperature)
     state.base = info
+    registry = state.registry
+    state.metrics.label_names_from(lambda name: name == info.name or registry.get(name) is not None)
     if settings.fine_tuning:
         defaults = TrainingDefaults(settings.base_model, settings.cache_dir, settings.quantization,
                                     info.context_window, settings.fine_tune_threads,
