@@ -13,6 +13,12 @@ from prometheus_client.core import GaugeMetricFamily
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5, 10, 20, 40, 80)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.12, 0.25, 0.5, 1, 2, 4)
+# The expert labels that are not a registered name: a mixture asked for by a request (its members are
+# counted in loraplex_mixture_requests_total), a request nothing served, and any other name (one retired
+# while its last requests finished, say). Labels never carry a client's raw model string: each distinct
+# string would be a new series, and anyone who may send a request could grow /metrics without bound.
+MIXTURE_LABEL, NO_EXPERT_LABEL, OTHER_LABEL = "mixture", "none", "other"
+FIXED_LABELS = frozenset({MIXTURE_LABEL, NO_EXPERT_LABEL, OTHER_LABEL})
 
 
 def _resident_bytes() -> float:
@@ -79,12 +85,24 @@ class Metrics:
                                    "Running requests whose KV blocks were taken back (computed again later)",
                                    registry=r)
         self._gauges: dict[str, Gauge] = {}
+        self._registered: Callable[[str], bool] = lambda name: True  # set by label_names_from()
         # (metric, the label that names an expert): what forget_expert clears
         self._per_expert = [(self.requests, "adapter"), (self.prompt_tokens, "adapter"),
                             (self.generation_tokens, "adapter"), (self.ttft, "adapter"),
                             (self.inter_token, "adapter"), (self.e2e, "adapter"), (self.queue_wait, "adapter"),
                             (self.non_finite_logits, "adapter"), (self.request_failures, "adapter"),
                             (self.router_decisions, "expert"), (self.mixture_requests, "expert")]
+
+    def label_names_from(self, registered: Callable[[str], bool]) -> None:
+        """Expert labels are limited to names for which `registered(name)` holds (the base, registered
+        experts and mixtures) and FIXED_LABELS; label() maps every other name to OTHER_LABEL."""
+        self._registered = registered
+
+    def label(self, name: str | None) -> str:
+        """The expert label for `name`: itself if registered now, else a shared, fixed one."""
+        if name is None:
+            return NO_EXPERT_LABEL
+        return name if name in FIXED_LABELS or self._registered(name) else OTHER_LABEL
 
     def forget_expert(self, name: str) -> None:
         """Drop every series labelled with a retired expert: deleted experts must not pile up in /metrics."""

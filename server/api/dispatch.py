@@ -24,6 +24,7 @@ from server.api.structured import FREE_TEXT, OutputFormat
 from server.engine.engine import EngineStopped, QueueFull
 from server.engine.sampling import SamplingParams, make_generator
 from server.engine.sequence import Sequence
+from server.metrics import MIXTURE_LABEL
 
 
 @dataclass
@@ -155,9 +156,11 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
                             f"({state.settings.max_queued_requests}); ask for fewer choices.", param="n")
     base = state.base
     route = await route_request(req.model, routing_text, request, state, req.router_top_k)
-    state.metrics.router_decisions.labels(route.source, route.model).inc()
+    # a mixture a request spelled out is counted under one label, never its own string (see server/metrics.py)
+    label = state.metrics.label(MIXTURE_LABEL if route.mixture else route.model)
+    state.metrics.router_decisions.labels(route.source, label).inc()
     outcome = outcome_of(request.scope)
-    outcome.model, outcome.source = route.model, route.source
+    outcome.model, outcome.label, outcome.source = route.model, label, route.source
     members, sources = _members(route, state)
     # the lead's sampling defaults apply: a registered mixture's own, else the heaviest expert's
     mixtures = [r for r in sources if r.mixture and r.defaults]
@@ -185,7 +188,7 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             prompt_ids=prompt_ids,
             adapter_key=record.key if record else None,
             adapter_mix=tuple((member.key, weight) for member, weight in members) if blended else (),
-            model=route.model,
+            model=label,
             params=params,
             stop_token_ids=stop_ids,
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import tempfile
 import logging
 import time
 import uuid
@@ -13,6 +15,8 @@ from server.api.errors import send_error
 request_log = logging.getLogger("loraplex.requests")
 
 REQUEST_ID_HEADER = b"x-request-id"
+SPOOL_IN_MEMORY_BYTES = 1 << 20  # an upload's body beyond this goes to a temporary file
+REPLAY_CHUNK_BYTES = 1 << 20
 
 
 class RequestIdMiddleware:
@@ -61,39 +65,48 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await send_error(send, 413, too_large, code="request_too_large")
-        chunks, size = [], 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
-            except asyncio.TimeoutError:
-                return await send_error(send, 408, f"No request body bytes arrived for {self.read_timeout:g} s.",
-                                        code="request_timeout", headers={"Connection": "close"})
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return await send_error(send, 413, too_large, code="request_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
+        # an upload (adapter files, a training file) may be hundreds of megabytes: it is spooled to disk
+        # past the first megabyte, so what a request holds in memory is bounded whatever its size
+        body = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY_BYTES) if scope["path"].rstrip("/") in \
+            self.upload_limits else io.BytesIO()
+        with body:
+            size = 0
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), self.read_timeout)
+                except asyncio.TimeoutError:
+                    return await send_error(send, 408, f"No request body bytes arrived for {self.read_timeout:g} s.",
+                                            code="request_timeout", headers={"Connection": "close"})
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return await send_error(send, 413, too_large, code="request_too_large")
+                body.write(chunk)
+                if not message.get("more_body", False):
+                    break
+            body.seek(0)
+            replayed = False
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    chunk = body.read(REPLAY_CHUNK_BYTES)
+                    more = body.tell() < size
+                    replayed = not more
+                    return {"type": "http.request", "body": chunk, "more_body": more}
+                return await receive()
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
 
 
 @dataclass
 class RequestOutcome:
     """What the handler learns about a completion request, for the middleware to count and log."""
 
-    model: str | None = None  # who served it by name: the expert's or the base's (the metrics label)
+    model: str | None = None  # who served it by name: the expert's or the base's, or the mixture as asked
+    label: str | None = None  # its metrics label (server/metrics.py: registered names only)
     source: str | None = None  # how it was chosen: header | model | base | classifier | fallback
     finish_reason: str | None = None  # of choice 0, once every choice has finished ("error" if the server ended it)
     prompt_tokens: int | None = None
@@ -143,7 +156,7 @@ class RequestOutcomeMiddleware:
             if status == 499 or (status == 200 and not (completed and finish)):
                 finish = "cancelled"
             adapter = outcome.model or "none"
-            self.metrics.requests.labels(adapter, finish or "none", str(status)).inc()
+            self.metrics.requests.labels(self.metrics.label(outcome.label), finish or "none", str(status)).inc()
             request_log.info(json.dumps({
                 "request_id": scope["state"].get("request_id"),
                 "endpoint": scope["path"],

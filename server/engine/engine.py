@@ -41,9 +41,9 @@ def record_token_time(seq: Sequence, metrics: Metrics) -> float:
     now = time.monotonic()
     if seq.first_token_time is None:
         seq.first_token_time = now
-        metrics.ttft.labels(seq.model).observe(now - seq.arrival_time)
+        metrics.ttft.labels(metrics.label(seq.model)).observe(now - seq.arrival_time)
     else:
-        metrics.inter_token.labels(seq.model).observe(now - seq.last_token_time)
+        metrics.inter_token.labels(metrics.label(seq.model)).observe(now - seq.last_token_time)
     seq.last_token_time = now
     return now
 
@@ -343,7 +343,7 @@ class Engine:
         for seq in step.admitted:
             if not seq.admitted:
                 seq.admitted = True
-                self.metrics.queue_wait.labels(seq.model).observe(now - seq.arrival_time)
+                self.metrics.queue_wait.labels(self.metrics.label(seq.model)).observe(now - seq.arrival_time)
                 seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
@@ -360,7 +360,7 @@ class Engine:
                 self._fail(seq, f"sampling failed: {exc}")
             return
         for row in sampled.masked:
-            self.metrics.non_finite_logits.labels(seqs[row].model).inc()
+            self.metrics.non_finite_logits.labels(self.metrics.label(seqs[row].model)).inc()
             log.warning("request %s (%s): non-finite logits masked", seqs[row].request_id, seqs[row].model)
         for row, seq in enumerate(seqs):
             error = sampled.errors.get(row)
@@ -376,7 +376,7 @@ class Engine:
     def _fail(self, seq: Sequence, message: str, kind: str = "fault") -> None:
         """End one request with an error (it leaves the batch, its metrics are counted); others go on."""
         self._scheduler.release(seq)
-        self.metrics.request_failures.labels(seq.model, kind).inc()
+        self.metrics.request_failures.labels(self.metrics.label(seq.model), kind).inc()
         try:
             seq.emit(EngineOutput("", "error", len(seq.prompt_ids), seq.generated, error=message, error_kind=kind))
         except Exception:  # the listener is gone; nothing more to tell it
@@ -408,9 +408,9 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str) -> None:
         seq.finish_time = time.monotonic()
-        self.metrics.e2e.labels(seq.model).observe(seq.finish_time - seq.arrival_time)
-        self.metrics.prompt_tokens.labels(seq.model).inc(len(seq.prompt_ids))
-        self.metrics.generation_tokens.labels(seq.model).inc(seq.generated)
+        self.metrics.e2e.labels(self.metrics.label(seq.model)).observe(seq.finish_time - seq.arrival_time)
+        self.metrics.prompt_tokens.labels(self.metrics.label(seq.model)).inc(len(seq.prompt_ids))
+        self.metrics.generation_tokens.labels(self.metrics.label(seq.model)).inc(seq.generated)
         self._scheduler.release(seq)
         seq.emit(EngineOutput(text, reason, len(seq.prompt_ids), seq.generated, logprobs=seq.take_logprobs(),
                               cached_tokens=seq.cached_tokens))

@@ -375,7 +375,7 @@ class RemoteEngine:
             else:
                 message = f"no engine replica could take this request ({type(exc).__name__}); retry it"
             log.warning("request %s: %s", seq.request_id, message, exc_info=exc)
-            self.metrics.request_failures.labels(seq.model, "replica").inc()
+            self.metrics.request_failures.labels(self.metrics.label(seq.model), "replica").inc()
             seq.emit(EngineOutput("", "error", len(seq.prompt_ids), seq.generated, error=message,
                                   error_kind="replica"))
         finally:
@@ -391,20 +391,20 @@ class RemoteEngine:
         self._placements[placement.replica] = placement
         hit = "base" if placement.hit is None else ("hit" if placement.hit else "miss")
         self.metrics.replica_requests.labels(placement.replica, hit).inc()
-        self.metrics.queue_wait.labels(flight.seq.model).observe(time.monotonic() - flight.seq.arrival_time)
+        self.metrics.queue_wait.labels(self.metrics.label(flight.seq.model)).observe(time.monotonic() - flight.seq.arrival_time)
         if not flight.placed.done():
             flight.placed.set_result(placement.replica)
 
     def _observe(self, seq: Sequence, out: EngineOutput) -> None:
         if out.error:
-            self.metrics.request_failures.labels(seq.model, out.error_kind or "fault").inc()
+            self.metrics.request_failures.labels(self.metrics.label(seq.model), out.error_kind or "fault").inc()
             return
         now = record_token_time(seq, self.metrics)
         if out.finish_reason:
             seq.generated = out.completion_tokens
-            self.metrics.e2e.labels(seq.model).observe(now - seq.arrival_time)
-            self.metrics.prompt_tokens.labels(seq.model).inc(out.prompt_tokens)
-            self.metrics.generation_tokens.labels(seq.model).inc(out.completion_tokens)
+            self.metrics.e2e.labels(self.metrics.label(seq.model)).observe(now - seq.arrival_time)
+            self.metrics.prompt_tokens.labels(self.metrics.label(seq.model)).inc(out.prompt_tokens)
+            self.metrics.generation_tokens.labels(self.metrics.label(seq.model)).inc(out.completion_tokens)
 
     def _release_retired(self) -> None:
         for key in [k for k in self._retiring if self._users[k] <= 0]:
