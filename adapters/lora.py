@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -34,6 +36,10 @@ METADATA_FILE = "expert.json"  # written by `loraplex train` beside the adapter 
 # hostile file that would turn every answer into NaN or noise, so they are refused up front.
 MAX_LORA_VALUE = 1e3
 MAX_LORA_ALPHA = 1e6
+# rank_pattern / alpha_pattern: bounds on what a registration may ask the server to match (_Patterns)
+MAX_PATTERN_KEYS = 256
+MAX_PATTERN_CHARS = 512
+PATTERN_BUDGET_S = 1.0  # all of one adapter's pattern matching, all its modules together
 
 
 class AdapterError(ValueError):
@@ -100,13 +106,32 @@ class LoraWeights:
         return LoraWeights(self.rank, moved, self.target_modules, self.base_model_name_or_path)
 
 
-def _pattern_value(patterns: dict, module_path: str, default):
+class _Patterns:
     """PEFT's rank_pattern/alpha_pattern (peft.utils.other.get_pattern_key): the first key, taken as a
-    regular expression, that matches the end of the module's path (model.layers.3.self_attn.q_proj)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
+    regular expression, that matches the end of the module's path (model.layers.3.self_attn.q_proj).
+
+    The keys come from whoever registers an adapter, and a backtracking expression can take minutes
+    on even a short path. They are matched with the `regex` library (re's syntax, PEFT's semantics) under
+    one shared deadline, and without holding the GIL, so a hostile pattern is refused in bounded time
+    while every other thread of the server runs on.
+    """
+
+    def __init__(self, field: str, patterns: dict | None, deadline: float):
+        self.field = field
+        self.deadline = deadline
+        self.compiled = [(regex.compile(rf"(.*\.)?({key})$"), value) for key, value in (patterns or {}).items()]
+
+    def value(self, module_path: str, default):
+        for pattern, value in self.compiled:
+            try:
+                found = pattern.match(module_path, timeout=max(self.deadline - time.monotonic(), 1e-3),
+                                      concurrent=True)
+            except TimeoutError:
+                raise AdapterError(f"{self.field} keys took over {PATTERN_BUDGET_S:g} s to match the base's "
+                                   "module names (an expression that backtracks); simplify them") from None
+            if found:
+                return value
+        return default
 
 
 def _is_number(value) -> bool:
@@ -132,10 +157,14 @@ def _check_pattern(config: dict, field: str, check) -> None:
         return
     if not isinstance(patterns, dict):
         raise AdapterError(f"{field} must be an object of module pattern -> value, got {type(patterns).__name__}")
+    if len(patterns) > MAX_PATTERN_KEYS:
+        raise AdapterError(f"{field} has {len(patterns)} keys, over the limit of {MAX_PATTERN_KEYS}")
     for key, value in patterns.items():
+        if len(key) > MAX_PATTERN_CHARS:
+            raise AdapterError(f"{field} has a key of {len(key)} characters, over the limit of {MAX_PATTERN_CHARS}")
         try:
-            re.compile(rf"(.*\.)?({key})$")
-        except re.error as exc:
+            regex.compile(rf"(.*\.)?({key})$")
+        except (regex.error, RecursionError, OverflowError) as exc:
             raise AdapterError(f"{field} key {key!r} is not a valid pattern: {exc}") from None
         check(value, f"{field}[{key!r}]")
 
@@ -163,6 +192,8 @@ def _read_config(folder: Path) -> dict:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
+    except ValueError:  # json's own limit: an integer of over 4,300 digits
+        raise AdapterError(f"{CONFIG_FILE} holds a number too long to be read") from None
     except RecursionError:
         raise AdapterError(f"{CONFIG_FILE} is nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
@@ -238,6 +269,7 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
 
     default_rank = config.get("r", 8)
     default_alpha = float(config.get("lora_alpha", default_rank))
+    alphas = _Patterns("alpha_pattern", config.get("alpha_pattern"), time.monotonic() + PATTERN_BUDGET_S)
     raw_pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for (layer, module), ab in sorted(grouped.items()):
         if set(ab) != {"A", "B"}:
@@ -254,7 +286,7 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
             )
         block = "self_attn" if module in ATTENTION_MODULES else "mlp"
         module_path = f"model.layers.{layer}.{block}.{module}"  # the path PEFT matches patterns against
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module_path, default_alpha))
+        alpha = float(alphas.value(module_path, default_alpha))
         scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
         _check_values(f"layer {layer} {module} lora_A", lora_a)
         _check_values(f"layer {layer} {module} lora_B x scaling ({scaling:g})", lora_b * scaling)
