@@ -5,10 +5,12 @@ passed, and a refusal deletes the staging folder, so a failed registration leave
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Collection
 
@@ -67,13 +69,8 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _check_size(path: Path, limit: int) -> None:
-    size = path.stat().st_size
-    if size > limit:
-        raise AdmissionError(413, f"{path.name} is {size} bytes, over the limit of {limit} bytes", "path")
-
-
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_METADATA_BYTES = 1_000_000  # expert.json: a description, examples and stops
 
 
 def stage_from_path(path: str, roots: list[str], staging: Path, max_bytes: int) -> None:
@@ -104,27 +101,66 @@ def _stage_inside_roots(path: str, real_roots: list[str], roots: list[str], stag
         refuse_pickled(folder)
     except AdapterError as exc:
         raise AdmissionError(400, str(exc), "path") from None
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name, limit in ((CONFIG_FILE, max_bytes), (WEIGHTS_FILE, max_bytes), (METADATA_FILE, MAX_METADATA_BYTES)):
         source = folder / name
-        if not source.is_file():
+        if name == METADATA_FILE and not os.path.lexists(source):
+            continue  # optional: the request's fields are all there is
+        if not os.path.lexists(source):
             raise AdmissionError(400, f"{path!r} has no {name}", "path")
-        # a file may itself be a link out of the root
-        if not any(_inside(os.path.realpath(source), root) for root in real_roots):
-            raise AdmissionError(400, f"{name} in {path!r} links outside the adapter roots", "path")
-        if source.stat().st_nlink > 1:
-            raise AdmissionError(400, f"{name} in {path!r} is a hard link (it may be a file from outside the adapter "
+        _copy_checked(source, staging / name, real_roots, limit, f"{name} in {path!r}")
+
+
+def _copy_checked(source: Path, target: Path, real_roots: list[str], limit: int, what: str) -> None:
+    """Copy one file of an adapter folder, if it is what it claims to be: a regular file inside the
+    roots (a symlink may point within them, not out), with one name (a hard link could be a file from
+    outside), of at most `limit` bytes. Checked on the open file itself, so a file swapped in after
+    the check is not read, and a FIFO or device cannot block the registration. Messages name the
+    file, never its content."""
+    real = os.path.realpath(source)
+    if not any(_inside(real, root) for root in real_roots):
+        raise AdmissionError(400, f"{what} links outside the adapter roots", "path")
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise AdmissionError(400, f"{what} is not a regular file", "path")
+        if info.st_nlink > 1:
+            raise AdmissionError(400, f"{what} is a hard link (it may be a file from outside the adapter "
                                       "roots); copy the file instead", "path")
-        _check_size(source, max_bytes)
-        shutil.copyfile(source, staging / name)
+        if info.st_size > limit:
+            raise AdmissionError(413, f"{what} is {info.st_size} bytes, over the limit of {limit} bytes", "path")
+        with open(target, "wb") as out:
+            copied = _copy_at_most(handle, out, limit)
+        if copied > limit:  # it grew after the check
+            raise AdmissionError(413, f"{what} is over the limit of {limit} bytes", "path")
 
 
-def stage_upload(config_bytes: bytes, weights_bytes: bytes, staging: Path, max_bytes: int) -> None:
-    if len(weights_bytes) > max_bytes:
-        raise AdmissionError(413, f"{WEIGHTS_FILE} is over the limit of {max_bytes} bytes", "adapter_model")
-    if weights_bytes[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or weights_bytes[:2] == b"PK":
-        raise AdmissionError(400, "the weights look like a pickle / torch.save file; upload safetensors", "adapter_model")
-    (staging / CONFIG_FILE).write_bytes(config_bytes)
-    (staging / WEIGHTS_FILE).write_bytes(weights_bytes)
+def _copy_at_most(source, target, limit: int, chunk: int = 1 << 20) -> int:
+    """Copy up to limit + 1 bytes (enough to tell the file is over the limit); the bytes copied."""
+    copied = 0
+    while copied <= limit:
+        data = source.read(min(chunk, limit + 1 - copied))
+        if not data:
+            break
+        target.write(data)
+        copied += len(data)
+    return copied
+
+
+def stage_upload(config, weights, staging: Path, max_bytes: int) -> None:
+    """Write the two uploaded files into staging. Each is bytes or a binary file (an upload spooled to
+    disk), copied in chunks so a large one is never held in memory whole."""
+    for source, name, param in ((config, CONFIG_FILE, "adapter_config"), (weights, WEIGHTS_FILE, "adapter_model")):
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        source.seek(0)
+        head = source.read(2)
+        if name == WEIGHTS_FILE and head in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK"):
+            raise AdmissionError(400, "the weights look like a pickle / torch.save file; upload safetensors", param)
+        source.seek(0)
+        with open(staging / name, "wb") as out:
+            if _copy_at_most(source, out, max_bytes) > max_bytes:
+                raise AdmissionError(413, f"{name} is over the limit of {max_bytes} bytes", param)
 
 
 def _base_name_matches(claimed: str, base_names: set[str]) -> bool:
@@ -151,10 +187,17 @@ METADATA_FIELDS = ("description", "examples", "negative_examples", "stop")
 
 
 def folder_metadata(folder: str | Path) -> dict:
-    """description/examples/negative_examples/stop from the folder's expert.json, if any (unreadable: ignored)."""
-    path = Path(folder) / METADATA_FILE
+    """description/examples/negative_examples/stop from the folder's expert.json, if any (unreadable,
+    not a regular file, or over MAX_METADATA_BYTES: ignored)."""
     try:
-        data = json.loads(path.read_text())
+        fd = os.open(Path(folder) / METADATA_FILE, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return {}
+            raw = handle.read(MAX_METADATA_BYTES + 1)
+        if len(raw) > MAX_METADATA_BYTES:
+            return {}
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return {}
     return {k: data[k] for k in METADATA_FIELDS if k in data} if isinstance(data, dict) else {}
