@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.text import find_unencodable
+
 IGNORE = -100
 ROLES = {"system", "developer", "user", "assistant"}
 
@@ -30,14 +32,25 @@ def _messages(line: str, number: int) -> list[dict]:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"line {number}: not valid JSON ({exc.msg})") from None
+    except ValueError:  # json's own limit: an integer of over 4,300 digits
+        raise DataError(f"line {number}: holds a number too long to read") from None
+    except RecursionError:
+        raise DataError(f"line {number}: nested too deeply") from None
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
         raise DataError(f'line {number}: expected an object with a non-empty "messages" list')
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in ROLES or not isinstance(message.get("content"), str):
             raise DataError(f"line {number}: every message needs a role ({', '.join(sorted(ROLES))}) and string content")
+        if find_unencodable(message["content"]) is not None:
+            raise DataError(f"line {number}: a message's content is not valid Unicode text (a lone surrogate such "
+                            "as \\ud800)")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"line {number}: no assistant turn to learn from")
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"line {number}: the conversation starts with the assistant; an assistant turn answers "
+                        "a system or user message")
     return [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
 
 
@@ -70,7 +83,12 @@ def scan_chat_lines(lines, tokenizer, end_of_turn_ids: set[int], max_length: int
         if not line.strip():
             continue
         try:
-            example = encode_conversation(tokenizer, _messages(line, number), end_of_turn_ids)
+            messages = _messages(line, number)
+            try:
+                example = encode_conversation(tokenizer, messages, end_of_turn_ids)
+            except Exception as exc:  # the chat template's own refusals (jinja raise_exception, a role order)
+                raise DataError(f"line {number}: the base's chat template cannot render this conversation "
+                                f"({type(exc).__name__})") from None
             if len(example.input_ids) > max_length:
                 raise DataError(f"line {number}: {len(example.input_ids)} tokens, over the limit of {max_length} "
                                 "(the context window)")
@@ -90,10 +108,18 @@ def scan_chat_lines(lines, tokenizer, end_of_turn_ids: set[int], max_length: int
     return examples, problems
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL file: split at newlines only. str.splitlines() also splits at \\x0c, \\x1c-\\x1e,
+    \\x85, U+2028 and U+2029, which may stand raw inside a JSON string: a line holding one would be cut in two,
+    and a check that splits one way while training splits another would pass a file that then fails."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def load_chat_jsonl(path: str | Path, tokenizer, end_of_turn_ids: set[int], max_length: int) -> list[Example]:
-    """All conversations of the file; DataError naming every problem's line (the first few) if any."""
-    with open(path, encoding="utf-8") as handle:
-        examples, problems = scan_chat_lines(handle, tokenizer, end_of_turn_ids, max_length)
+    """All conversations of the file; DataError naming every problem's line (the first few) if any. The
+    message names the file by its name only: it may reach a client, who has no business with our paths."""
+    text = Path(path).read_text(encoding="utf-8")
+    examples, problems = scan_chat_lines(jsonl_lines(text), tokenizer, end_of_turn_ids, max_length)
     if problems:
-        raise DataError(f"{path}: " + "; ".join(problems))
+        raise DataError(f"{Path(path).name}: " + "; ".join(problems))
     return examples

@@ -11,7 +11,9 @@ Extensions (send with the client's `extra_body`): `rank`, `target_modules`, and 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +26,7 @@ from adapters.admission import AdmissionError
 from adapters.lora import CONFIG_FILE, LINEAR_MODULES, WEIGHTS_FILE
 from adapters.text import EncodableText
 from server.api import admin
-from server.api.errors import APIError
+from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
 from server.jobs.manager import JobError
 from server.jobs.store import new_id
@@ -35,6 +37,7 @@ PUBLIC_JOB_FIELDS = ("id", "object", "model", "created_at", "finished_at", "fine
                      "trained_tokens", "error", "seed", "estimated_finish", "integrations", "user_provided_suffix",
                      "method", "metadata")
 ORGANIZATION = "loraplex"
+MAX_FIELD_BYTES = 64_000  # a multipart field that is not the file (purpose)
 
 
 def _state(request: Request) -> ServerState:
@@ -61,23 +64,39 @@ async def create_file(request: Request):
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "Upload the file as multipart/form-data with fields 'file' and 'purpose'.", param="file")
     limit = state.settings.max_file_bytes
-    form = await request.form(max_part_size=limit + 1)
+    form = await request.form(max_part_size=MAX_FIELD_BYTES)  # fields; the file part is spooled to disk
     purpose, upload = form.get("purpose"), form.get("file")
     if not isinstance(upload, UploadFile):
         raise APIError(400, "multipart upload needs a file field 'file'", param="file")
     if purpose != "fine-tune":
         raise APIError(400, f"purpose must be 'fine-tune' (this server keeps training files only), not {purpose!r}",
                        param="purpose")
-    data = await upload.read()
-    if len(data) > limit:
-        raise APIError(413, f"The file is {len(data)} bytes; the limit is {limit} (max_file_bytes).", param="file",
+    if upload.size is None or upload.size > limit:
+        raise APIError(413, f"The file is {upload.size} bytes; the limit is {limit} (max_file_bytes).", param="file",
                        code="file_too_large")
-    problems = await state.in_text_pool(state.jobs.check_file, data)
-    if problems:
-        raise APIError(400, "The training file has problems: " + "; ".join(problems), param="file",
-                       code="invalid_training_file")
-    filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
-    return await asyncio.to_thread(state.jobs.files.create, filename, purpose, data)
+    # the upload is on disk already (the body was spooled, its file part too): copied, checked and kept
+    # from there, never held in memory whole
+    incoming = state.jobs.files.incoming()
+    try:
+        await asyncio.to_thread(_save, upload.file, incoming)
+        try:
+            problems = await asyncio.to_thread(state.jobs.check_file, incoming)
+        except BrokenProcessPool:
+            raise APIError(503, "The training-file checker stopped unexpectedly; retry the upload.", param="file",
+                           code="checker_unavailable", headers={"Retry-After": "1"}) from None
+        if problems:
+            raise APIError(400, "The training file has problems: " + "; ".join(problems), param="file",
+                           code="invalid_training_file")
+        filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
+        return await asyncio.to_thread(state.jobs.files.create, filename, purpose, incoming)
+    finally:
+        incoming.unlink(missing_ok=True)  # gone already once stored
+
+
+def _save(source, target: Path) -> None:
+    source.seek(0)
+    with open(target, "wb") as handle:
+        shutil.copyfileobj(source, handle, 1 << 20)
 
 
 @router.get("/v1/files")
@@ -212,6 +231,12 @@ async def create_job(body: JobRequest, request: Request):
         if file_id is not None and state.jobs.files.get(file_id) is None:
             raise APIError(400, f"No such File object: {file_id}", param=field, code="file_not_found")
     hyper = _hyperparameters(body)
+    try:  # the expert's fields pass the registry's checks now, not after hours of training
+        admin.AdapterRegistration(name="check", description=body.description, examples=body.examples,
+                                  negative_examples=body.negative_examples, stop=body.stop)
+    except ValidationError as exc:
+        message, param = validation_message(exc)
+        raise APIError(400, message, param=param) from None
     job_id = new_id("ftjob")
     job = {
         "id": job_id, "object": "fine_tuning.job", "model": body.model, "created_at": int(time.time()),

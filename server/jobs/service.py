@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from adapters.chat_data import scan_chat_lines
+from server.jobs.checker import FileChecker
 from server.jobs.manager import JobError, JobManager, Validated
 from server.jobs.store import FileStore, JobStore
 
@@ -32,7 +32,8 @@ class FineTuning:
                  on_training: Callable[[bool], None] = lambda active: None):
         self.files = FileStore(root / "files")
         self.store = JobStore(root / "jobs")
-        self._tokenizer, self._end_ids, self.defaults = tokenizer, set(end_of_turn_ids), defaults
+        self.defaults = defaults
+        self.checker = FileChecker(tokenizer, end_of_turn_ids, defaults.context_window, MAX_PROBLEMS)
         self.manager = JobManager(self.files, self.store, self._validate, self._plan, register, max_running,
                                   on_training)
 
@@ -41,20 +42,14 @@ class FineTuning:
 
     def stop(self) -> None:
         self.manager.stop()
+        self.checker.stop()
 
     # ---- files ---------------------------------------------------------------------------
 
-    def _scan(self, text: str):
-        return scan_chat_lines(text.splitlines(), self._tokenizer, self._end_ids, self.defaults.context_window,
-                               MAX_PROBLEMS)
-
-    def check_file(self, data: bytes) -> list[str]:
-        """Every problem of an uploaded training file (the first few, by line number); [] if it is good."""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return [f"the file is not UTF-8 text (byte {exc.start})"]
-        return self._scan(text)[1]
+    def check_file(self, path: Path) -> list[str]:
+        """Every problem of an uploaded training file (the first few, by line number); [] if it is good.
+        Blocking, in the checker process (server/jobs/checker.py): call it from a thread."""
+        return self.checker.scan(path).problems
 
     # ---- jobs ----------------------------------------------------------------------------
 
@@ -72,14 +67,14 @@ class FineTuning:
 
     def _validate(self, job: dict) -> Validated:
         folder = self.store.folder(job["id"])
-        examples, problems = self._scan((folder / "training.jsonl").read_text(encoding="utf-8"))
-        if problems:
-            raise JobError("The training file has problems: " + "; ".join(problems))
+        scan = self.checker.scan(folder / "training.jsonl")
+        if scan.problems:
+            raise JobError("The training file has problems: " + "; ".join(scan.problems))
         if (folder / "validation.jsonl").exists():
-            _, problems = self._scan((folder / "validation.jsonl").read_text(encoding="utf-8"))
+            problems = self.checker.scan(folder / "validation.jsonl").problems
             if problems:
                 raise JobError("The validation file has problems: " + "; ".join(problems), param="validation_file")
-        return Validated(len(examples), sum(len(e.input_ids) for e in examples))
+        return Validated(scan.conversations, scan.tokens)
 
     def _plan(self, job: dict) -> dict:
         """plan.json for the worker: adapters.train.TrainConfig's fields."""

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 
+INCOMING_PREFIX = ".incoming-"
+
+
 def write_json_atomic(path: Path, value) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
@@ -55,18 +58,31 @@ class FileStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.collect_incoming()
 
     def content_path(self, file_id: str) -> Path:
         return self.root / f"{file_id}.jsonl"
 
-    def create(self, filename: str, purpose: str, data: bytes) -> dict:
+    def incoming(self) -> Path:
+        """A new path to write an upload to before it is checked: not a file of the store until
+        create() takes it (an interrupted upload's leftover is removed at the next start)."""
+        return self.root / f"{INCOMING_PREFIX}{secrets.token_hex(8)}"
+
+    def collect_incoming(self) -> int:
+        """Remove uploads a crash left half-written or unchecked; how many."""
+        leftovers = list(self.root.glob(f"{INCOMING_PREFIX}*"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
+
+    def create(self, filename: str, purpose: str, incoming: Path) -> dict:
+        """Store the checked upload at `incoming` (from incoming()) as a new file object."""
         file_id = new_id("file")
         path = self.content_path(file_id)
-        with open(path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        with open(incoming, "rb+") as handle:
             os.fsync(handle.fileno())
-        record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+        os.replace(incoming, path)
+        record = {"id": file_id, "object": "file", "bytes": path.stat().st_size, "created_at": int(time.time()),
                   "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
         write_json_atomic(self.root / f"{file_id}.json", record)
         return record
