@@ -6,6 +6,7 @@ message instead of a traceback from deep inside the engine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from adapters.base_model import EMBEDDED_BASE, default_cache_dir
 from adapters.text import EncodableText
 
 ENV_PREFIX = "LORAPLEX_"
+log = logging.getLogger("loraplex.settings")
 
 
 class ConfigError(Exception):
@@ -261,11 +263,15 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         raw = environ.get(ENV_PREFIX + field_name.upper())
         if raw is None:
             continue
-        if raw[:1] in "{[":
+        if not raw.strip() and field_name in ("api_key", "admin_key"):
+            # `LORAPLEX_API_KEY=$KEY` with KEY unset: no key, as if not set, but said out loud
+            log.warning("%s%s is set but empty: no %s key is configured", ENV_PREFIX, field_name.upper(),
+                        field_name.removesuffix("_key"))
+        if raw.startswith(("{", "[")):  # (an empty value is not JSON: `""[:1] in "{["` would say it is)
             try:
                 overrides[field_name] = json.loads(raw)
                 continue
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise ConfigError(f"{ENV_PREFIX}{field_name.upper()} is not valid JSON: {exc}") from exc
         overrides[field_name] = raw
     return overrides

@@ -42,13 +42,25 @@ def _is_admin_path(path: str, settings: Settings) -> bool:
     return path == "/metrics" and settings.metrics_require_admin
 
 
+def _admin_area(path: str) -> str:
+    """What an admin path is for, in the words of the user who asked for it."""
+    if path.startswith(ADMIN_PREFIXES):
+        return "Training files and fine-tuning jobs"
+    if path == "/metrics":
+        return "Metrics (metrics_require_admin)"
+    if path == "/v1/router/corrections":
+        return "Router corrections"
+    return "Registering and retiring experts"
+
+
 def refusal(path: str, headers: dict[bytes, bytes], settings: Settings) -> tuple[int, str, str] | None:
     """(status, message, code) when this request may not go on; None when it may."""
     token = _bearer(headers)
     if _is_admin_path(path, settings):
         if not settings.admin_key:
-            return (403, "Adapter management over HTTP is disabled. Set LORAPLEX_ADMIN_KEY (or admin_key in the "
-                         "config) and send it as 'Authorization: Bearer <key>'.", "admin_disabled")
+            return (403, f"{_admin_area(path)} over HTTP need an admin key, and this server has none. Set "
+                         "LORAPLEX_ADMIN_KEY (or admin_key in the config) and send it as "
+                         "'Authorization: Bearer <key>'.", "admin_disabled")
         if not _matches(token, settings.admin_key):
             return 401, "Missing or wrong admin key: send 'Authorization: Bearer <admin key>'.", "invalid_api_key"
         return None

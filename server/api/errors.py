@@ -79,6 +79,22 @@ def _allowed_methods(request: Request) -> list[str]:
             if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
 
 
+# OpenAI endpoints a client may try that this server does not serve (it serves one base and its experts
+# for generation): named, so the answer says "not served here" rather than "no such path"
+_NOT_SERVED = {"/v1/embeddings": "embeddings", "/v1/moderations": "moderations", "/v1/images": "images",
+               "/v1/audio": "audio", "/v1/assistants": "assistants", "/v1/threads": "threads",
+               "/v1/vector_stores": "vector stores", "/v1/realtime": "realtime sessions"}
+
+
+def _unknown_path_message(path: str) -> str:
+    for prefix, what in _NOT_SERVED.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return (f"This server does not serve {what} ({path}). It serves chat and text completions "
+                    "(/v1/chat/completions, /v1/completions) from its base model and experts; GET /v1/models "
+                    "lists them.")
+    return f"Unknown URL: {path}. See /docs or /openapi.json for the endpoints this server answers."
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -106,7 +122,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # every method of the path, not only those of the first route that matched it
-            headers["Allow"] = ", ".join(_allowed_methods(request))
+            allowed = _allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}; it answers "
+                                       f"{', '.join(allowed)}.", None, "method_not_allowed", headers)
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no route: say so, and what is not served
+            return error_response(404, _unknown_path_message(request.url.path), None, "unknown_url", headers)
         return error_response(exc.status_code, str(exc.detail), None, None, headers)
 
     @app.exception_handler(Exception)

@@ -15,7 +15,7 @@ def _turn_text(message: ChatMessage) -> str:
     for call in message.tool_calls or []:
         try:
             arguments = json.loads(call.function.arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             arguments = call.function.arguments
         text += ("\n" if text else "") + CALL_OPEN + json.dumps({"name": call.function.name, "arguments": arguments}) \
             + CALL_CLOSE
