@@ -32,13 +32,15 @@ log = logging.getLogger("loraplex.adapters")
 
 
 class AdmissionError(Exception):
-    """A refusal with the HTTP status that says why (400 bad input, 403, 409 taken, 413 too big)."""
+    """A refusal with the HTTP status that says why (400 bad input, 403, 404 no such expert, 409 taken or
+    in use, 413 too big), and the error code a client can branch on."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.code = code
 
 
 def check_new_name(name: str, reserved: Collection[str]) -> None:

@@ -18,7 +18,8 @@ from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
 from loadtests.harness import ServerProcess
 from server.settings import Settings
-from server.startup.bootstrap import _restore_experts
+from server.experts.service import ExpertPolicy, Experts
+from server.metrics import Metrics
 from tests.support import BASE, assert_openai_error, upload_files, write_lora
 
 pytestmark = pytest.mark.integration
@@ -104,7 +105,8 @@ def test_a_stored_mixture_whose_member_is_gone_is_not_served_after_a_restart(tmp
                            target_modules=(), nbytes=0, mixture=(("gone", 0.5), ("also-gone", 0.5)))
     store.add_entry(record.name, record.to_manifest())
     registry = AdapterRegistry()
-    _restore_experts(Settings(adapters={}), None, lambda *args: None, registry, store)
+    experts = Experts(registry, store, engine=None, metrics=Metrics(), policy=ExpertPolicy((), 1, 8, "refuse"))
+    experts.restore({}, base=None, auto_names=[], register=lambda *args: None)
     assert registry.get("orphan-blend") is None
     assert "orphan-blend" in store.read_manifest()
 

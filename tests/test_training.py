@@ -13,7 +13,7 @@ from adapters.lora import BaseShape, load_lora
 from adapters.merge import merge
 from adapters.train import TrainConfig, train
 from loadtests.harness import REPO
-from server.api.admin import AdapterRegistration
+from server.experts.spec import ExpertRegistration
 from loadtests.harness import RunnerDriver
 
 IM_END = 2
@@ -122,7 +122,7 @@ def test_training_learns_and_the_adapter_registers_and_serves(tiny_folder, data_
     result = train(tiny_config(tiny_folder, data_file, tmp_path / "out", steps=30))
     assert result.losses[-1] < result.losses[0] - 1.0  # a random tiny model: learning, not mastery
     metadata = json.loads((tmp_path / "out" / "expert.json").read_text())
-    registration = AdapterRegistration(**metadata, path=str(tmp_path / "out"))  # POST /v1/adapters takes it as is
+    registration = ExpertRegistration(**metadata, path=str(tmp_path / "out"))  # POST /v1/adapters takes it as is
     assert registration.stop == ["</json>"] and registration.examples == ["Answer in JSON"]
     model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
     driver = RunnerDriver.build(model, tokenizer)

@@ -16,6 +16,7 @@ from server.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, Requ
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, RouteRequest
 from server.api.state import ServerState
 from server.api.text_completions import text_completions
+from server.experts.spec import ExpertRegistration
 
 
 def _model_entry(model_id: str, created: int, parent: str | None = None, owned_by: str = "loraplex") -> dict:
@@ -44,9 +45,8 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         router = "ready" if state.router.classifier is not None else state.router.unavailable_reason
         health = {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting, "router": router}
-        replicas = engine.replicas()
-        if replicas:  # Ray Serve: each engine replica as it last reported
-            health["replicas"] = replicas
+        if state.replicas is not None:  # Ray Serve: each engine replica as it last reported
+            health["replicas"] = state.replicas.replicas()
         return health
 
     @app.get("/metrics")
@@ -103,7 +103,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(corrections.router)
     app.include_router(fine_tuning.router)
-    install_openapi(app, admin.AdapterRegistration)
+    install_openapi(app, ExpertRegistration)
     # added last = outermost: the request id is on every response, 413s included
     app.add_middleware(
         BodyLimitMiddleware,

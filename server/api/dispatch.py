@@ -7,6 +7,7 @@ collects or streams it).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from server.api.protocol import SamplingFields
 from server.api.state import ServerState
 from server.api.structured import FREE_TEXT, OutputFormat
 from server.engine.engine import EngineStopped, QueueFull
-from server.engine.sampling import SamplingParams, make_generator
-from server.engine.sequence import Sequence
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import Sequence, SequenceSpec
 from server.metrics import MIXTURE_LABEL
 
 
@@ -182,8 +183,8 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
     def emitter(index: int):
         return lambda out: loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
 
-    seqs = [
-        Sequence(
+    specs = [
+        SequenceSpec(
             request_id=request_id if req.n == 1 else f"{request_id}-{index}",
             prompt_ids=prompt_ids,
             adapter_key=record.key if record else None,
@@ -192,12 +193,12 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             params=params,
             stop_token_ids=stop_ids,
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
-            generator=make_generator(None if params.seed is None else params.seed + index, state.engine.device),
-            emit=emitter(index),
-            constraint=constraints[index],
+            seed=secrets.randbits(63) if params.seed is None else params.seed + index,
+            grammar=output.grammar,
         )
         for index in range(req.n)
     ]
+    seqs = [spec.build(emitter(index), state.engine.device, constraints[index]) for index, spec in enumerate(specs)]
     call = Call(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), route, params, seqs, outputs, outcome)
     try:
         for seq in seqs:
@@ -214,9 +215,10 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
         state.registry.count_request(member.name)
         if blended:
             state.metrics.mixture_requests.labels(member.name).inc()
-    try:
-        call.replica = await state.engine.placed(seqs[0])  # named in the response headers
-    except BaseException:  # the request was cancelled (its client left) while a replica was being chosen
-        call.cancel(state.engine)
-        raise
+    if state.replicas is not None:  # Ray Serve: the replica is named in the response headers
+        try:
+            call.replica = await state.replicas.placed(seqs[0])
+        except BaseException:  # the request was cancelled (its client left) while a replica was being chosen
+            call.cancel(state.engine)
+            raise
     return call

@@ -102,7 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdmissionError)
     async def _refused(request: Request, exc: AdmissionError):
-        return error_response(exc.status, exc.message, exc.param)
+        return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(UnknownExpert)
     async def _unknown_expert(request: Request, exc: UnknownExpert):

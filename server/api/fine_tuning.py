@@ -22,13 +22,11 @@ from fastapi.responses import Response
 from pydantic import ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from adapters.admission import AdmissionError
-from adapters.lora import CONFIG_FILE, LINEAR_MODULES, WEIGHTS_FILE
+from adapters.lora import LINEAR_MODULES
 from adapters.text import EncodableText
-from server.api import admin
 from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
-from server.jobs.manager import JobError
+from server.experts.spec import ExpertRegistration
 from server.jobs.store import new_id
 
 router = APIRouter()
@@ -232,8 +230,8 @@ async def create_job(body: JobRequest, request: Request):
             raise APIError(400, f"No such File object: {file_id}", param=field, code="file_not_found")
     hyper = _hyperparameters(body)
     try:  # the expert's fields pass the registry's checks now, not after hours of training
-        admin.AdapterRegistration(name="check", description=body.description, examples=body.examples,
-                                  negative_examples=body.negative_examples, stop=body.stop)
+        ExpertRegistration(name="check", description=body.description, examples=body.examples,
+                           negative_examples=body.negative_examples, stop=body.stop)
     except ValidationError as exc:
         message, param = validation_message(exc)
         raise APIError(400, message, param=param) from None
@@ -301,20 +299,3 @@ async def list_checkpoints(job_id: str, request: Request, after: str | None = No
         "metrics": {"step": c["step"], "train_loss": c.get("train_loss"), "valid_loss": c.get("valid_loss")},
     } for c in reversed(job.get("_checkpoints", []))]
     return _page(checkpoints, after, limit)
-
-
-def register_trained(state: ServerState, job: dict, folder: Path) -> str:
-    """Register a finished job's adapter through the registry's usual admission path (upload checks,
-    store, engine, router); its name is OpenAI's pattern ft:<base>:<suffix>:<job id>. Blocking."""
-    name = f"ft:{job['model']}:{job.get('user_provided_suffix') or ''}:{job['id']}"
-    try:
-        files = {"adapter_config": (folder / CONFIG_FILE).read_bytes(),
-                 "adapter_model": (folder / WEIGHTS_FILE).read_bytes()}
-        registration = admin.AdapterRegistration(
-            name=name, description=job["_description"], examples=job["_examples_for_router"],
-            negative_examples=job["_negative_examples"], stop=job["_stop"])
-        admin.register(state, registration, files, "fine-tune")
-    except (AdmissionError, OSError, ValidationError) as exc:
-        raise JobError(f"the trained adapter was not accepted by the registry: {exc}", code="adapter_refused",
-                       param=None) from exc
-    return name

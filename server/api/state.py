@@ -19,7 +19,8 @@ from server.api.errors import APIError
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
 from server.api.structured import OutputFormats
-from server.engine.engine import Engine
+from server.engine.interface import EngineHandle, Replicas
+from server.experts.service import Experts
 from server.jobs.service import FineTuning
 from server.metrics import Metrics
 from server.settings import Settings
@@ -46,13 +47,14 @@ class ServerState:
     settings: Settings
     registry: AdapterRegistry
     store: AdapterStore
-    engine: Engine
+    engine: EngineHandle
     metrics: Metrics
+    experts: Experts  # every change to the registry goes through it
     router: ExpertRouter | None = None  # set with `base`
     base: BaseInfo | None = None  # set once the engine thread has loaded the model
+    replicas: Replicas | None = None  # Ray Serve: where each request runs (None: the engine is this process's)
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
-    corrections_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # router corrections, one at a time
     # loads the router's encoders and indexes the experts; joined before the process exits, since a
     # thread still inside torch or tokenizers when the interpreter tears down aborts the process
     router_thread: threading.Thread | None = None

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from server.engine.detokenizer import OutputText
+from server.engine.interface import EngineHandle
 from server.engine.block_manager import BlockManager
 from server.engine.model_runner import ModelRunner, StepItem
 from server.engine.residency import AdapterCache, AdapterUnavailable
@@ -67,7 +68,9 @@ class EngineConfig:
     prefix_caching: bool = True
 
 
-class Engine:
+class Engine(EngineHandle):
+    """The model in this process: one thread owns it and runs the steps (interface.py is its face)."""
+
     def __init__(self, load_runner: Callable[[], tuple[ModelRunner, AdapterCache]], config: EngineConfig,
                  metrics: Metrics):
         self._load_runner = load_runner
@@ -110,15 +113,6 @@ class Engine:
                 raise QueueFull()
             self._scheduler.waiting.append(seq)
             self._wakeup.notify()
-
-    def replicas(self) -> dict[str, dict]:
-        """Engine replicas and what each last reported: none here (one process, one engine)."""
-        return {}
-
-    async def placed(self, seq: Sequence) -> str | None:
-        """Which engine replica runs `seq`, once it is placed: None here, where this process's engine runs
-        everything (server/startup/ray_serve.py's RemoteEngine names a Ray Serve replica)."""
-        return None
 
     def wake(self) -> None:
         with self._wakeup:

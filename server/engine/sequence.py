@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from server.engine.detokenizer import OutputText
-from server.engine.sampling import SamplingParams, TokenLogprob
+from server.engine.sampling import SamplingParams, TokenLogprob, make_generator
 
 
 @dataclass
@@ -25,6 +25,32 @@ class EngineOutput:
     error_kind: str | None = None
     logprobs: list[TokenLogprob] | None = None  # of the tokens behind this piece (when asked); shaped at the edge
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (usage.prompt_tokens_details)
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """Everything that makes a request's sequence but its callbacks, built once at the edge. A Ray Serve
+    engine replica receives it as it is (pickled) and builds the same sequence on its side: one place
+    makes a Sequence, whichever engine runs it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    adapter_key: str | None  # the lead adapter's registration key; None: the base
+    adapter_mix: tuple[tuple[str, float], ...]  # (key, weight) of a mixture; empty: one adapter or the base
+    model: str  # the metrics label (server/metrics.py)
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    seed: int  # the generator's: the request's seed (+ its choice index), else drawn at the edge
+    grammar: str | None = None  # its output format's grammar (structured outputs); None: free text
+
+    def build(self, emit: Callable[["EngineOutput"], None], device: torch.device,
+              constraint: object | None = None) -> "Sequence":
+        """The sequence, with its own generator on `device`; `constraint` is the matcher compiled from
+        `grammar` (where the sequence runs: matchers are not shared between processes)."""
+        return Sequence(request_id=self.request_id, prompt_ids=self.prompt_ids, adapter_key=self.adapter_key,
+                        adapter_mix=self.adapter_mix, model=self.model, params=self.params,
+                        stop_token_ids=self.stop_token_ids, generator=make_generator(self.seed, device), emit=emit,
+                        constraint=constraint, spec=self)
 
 
 @dataclass
@@ -62,6 +88,7 @@ class Sequence:
     token_counts: torch.Tensor | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
     constraint: object | None = None  # the output format (constraint.TokenConstraint); None: free text
+    spec: SequenceSpec | None = None  # what it was built from (a Ray Serve ingress forwards it)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)

@@ -76,6 +76,14 @@ class FineTuning:
                 raise JobError("The validation file has problems: " + "; ".join(problems), param="validation_file")
         return Validated(scan.conversations, scan.tokens)
 
+    @staticmethod
+    def expert_of(job: dict) -> dict:
+        """The expert a finished job registers: OpenAI's name pattern ft:<base>:<suffix>:<job id>, and the
+        fields the job was created with (an ExpertRegistration's)."""
+        return {"name": f"ft:{job['model']}:{job.get('user_provided_suffix') or ''}:{job['id']}",
+                "description": job["_description"], "examples": job["_examples_for_router"],
+                "negative_examples": job["_negative_examples"], "stop": job["_stop"]}
+
     def _plan(self, job: dict) -> dict:
         """plan.json for the worker: adapters.train.TrainConfig's fields."""
         folder, hyper, d = self.store.folder(job["id"]), job["hyperparameters"], self.defaults

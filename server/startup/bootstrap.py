@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
-from adapters.admission import AdmissionError, check_new_name, check_token_ids, fill_from_folder, validate_staged
+from pydantic import ValidationError
+
+from adapters.admission import AdmissionError
 from adapters.base_model import BaseModelError, base_stop_token_ids, load_base, resolve_base_folder
 from adapters.lora import BaseShape
-from adapters.registry import AdapterRecord, AdapterRegistry
+from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
-from adapters.text import find_unencodable, unencodable_message
-from router.classifier import ExpertClassifier, ExpertProfile
-from router.encoder import RouterEncoder
-from router.resolve import AUTO_MODEL, ExpertRouter
-from server.api.fine_tuning import register_trained
+from router.resolve import ExpertRouter
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
 from server.api.state import BaseInfo, ServerState
@@ -27,6 +26,9 @@ from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
 from server.engine.lora_batch import LoraBank, choose_kernels
 from server.engine.residency import AdapterCache
+from server.experts.service import Experts, ExpertPolicy, ServedBase
+from server.experts.spec import ExpertRegistration
+from server.jobs.manager import JobError
 from server.jobs.service import FineTuning, TrainingDefaults
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
@@ -38,48 +40,6 @@ log = logging.getLogger("loraplex.bootstrap")
 def context_window_for(settings: Settings, model_config) -> int:
     limit = getattr(model_config, "max_position_embeddings", None) or settings.context_window
     return min(settings.context_window, limit)
-
-
-def _restore_experts(settings: Settings, base: BaseInfo, register, registry: AdapterRegistry,
-                     store: AdapterStore) -> None:
-    """The config's experts (read and checked now) and the store's (read from disk on first use), each
-    registered with the engine by `register(key, folder, weights_or_None)` and added to the registry.
-    Only the registry's writer calls this: it also removes store folders no manifest entry names."""
-    for name, spec in settings.adapters.items():
-        try:
-            spec = fill_from_folder(spec, spec.path)
-            check_new_name(name, {base.name, AUTO_MODEL, *settings.auto_model_names})
-            check_token_ids(spec.stop_token_ids, base.vocab_size, "stop_token_ids")
-            weights = validate_staged(Path(spec.path), base.shape, settings.max_adapter_rank, base.names,
-                                      settings.base_mismatch)
-        except AdmissionError as exc:
-            raise ConfigError(f"adapter '{name}' from {spec.path}: {exc.message}") from exc
-        record = AdapterRecord.create(name, spec.path, "config", weights, spec)
-        register(record.key, record.folder, weights)
-        registry.add(record)
-        log.info("loaded adapter %s from %s", name, spec.path)
-    orphans = store.collect_garbage()
-    if orphans:
-        log.warning("removed %d store folders no manifest entry named (an interrupted registration)", len(orphans))
-    for name, entry in store.read_manifest().items():
-        if name in settings.adapters:
-            log.warning("adapter %s is in the config and in the store; serving the config's", name)
-            continue
-        problem = find_unencodable(entry)
-        if problem is not None:  # written by an older version that let such text in: kept on disk, not served
-            log.error("manifest entry %s is not served: %s", name, unencodable_message(problem))
-            continue
-        record = AdapterRecord.from_manifest(entry)
-        if not record.mixture:  # a mixture has no weights of its own
-            register(record.key, record.folder, None)  # read from disk on first use
-        registry.add(record)
-    for record in registry.all():  # written before deletes were atomic with mixtures: kept on disk, not served
-        missing = [member for member, _ in record.mixture if registry.get(member) is None]
-        if missing:
-            registry.retire(record.name)
-            log.error("mixture %s is not served: it blends %s, which %s not registered", record.name,
-                      ", ".join(missing), "is" if len(missing) == 1 else "are")
-    log.info("%d experts registered", len(registry.all()))
 
 
 def describe_base(settings: Settings, folder: Path, name: str, tokenizer, config, generation_config) -> BaseInfo:
@@ -116,11 +76,11 @@ def read_base_info(settings: Settings) -> BaseInfo:
                          AutoConfig.from_pretrained(folder), generation_config)
 
 
-def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterStore, on_base_ready,
-                  wake, on_freed, metrics: Metrics, restore: bool = True) -> tuple[ModelRunner, AdapterCache]:
-    """On the engine thread: the base, the runner, the adapter cache; with `restore`, the experts of the
-    config and the store (a Ray Serve engine replica does not: it learns each expert from the request
-    that first names it)."""
+def build_runtime(settings: Settings, on_base_ready, wake, on_freed, metrics: Metrics,
+                  experts: Experts | None) -> tuple[ModelRunner, AdapterCache]:
+    """On the engine thread: the base, the runner, the adapter cache; with `experts`, the experts of the
+    config and the store restored into it (a Ray Serve engine replica has none: it learns each expert
+    from the request that first names it)."""
     try:
         loaded = load_base(settings.base_model, settings.quantization, settings.compute_dtype, settings.device,
                            settings.cache_dir, settings.served_model_name)
@@ -153,48 +113,37 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
                          getattr(loaded.model, "generation_config", None))
     cache = AdapterCache(runner.lora, base.shape, settings.max_gpu_adapters, settings.max_cpu_adapters,
                          wake=wake, on_freed=on_freed, metrics=metrics)
-    if restore:
-        _restore_experts(settings, base, cache.register, registry, store)
+    if experts is not None:
+        _restore(experts, settings, base, cache.register)
     on_base_ready(base)
     return runner, cache
 
 
-def _index(classifier: ExpertClassifier, records) -> None:
-    """Index the experts in one refit; if that fails, one by one, so one bad expert stays reachable by
-    name only and the rest are indexed."""
-    try:
-        classifier.add_many({record.name: ExpertProfile.of(record) for record in records})
-        return
-    except Exception:
-        log.exception("indexing the experts together failed; indexing them one by one")
-    for record in records:
-        try:
-            classifier.add(record.name, ExpertProfile.of(record))
-        except Exception:
-            log.exception("expert %s cannot be routed to: indexing its description/examples failed", record.name)
+def _served(info: BaseInfo) -> ServedBase:
+    return ServedBase(info.name, info.names, info.vocab_size, info.shape)
 
 
-def _start_classifier(state: ServerState) -> None:
-    """Load the sentence encoders and index every expert, beside the engine, not on its thread."""
+def _restore(experts: Experts, settings: Settings, info: BaseInfo, register) -> None:
     try:
-        classifier = ExpertClassifier(RouterEncoder.embedded())
-    except FileNotFoundError as exc:
-        state.router.unavailable_reason = str(exc)
-        log.warning(state.router.unavailable_reason)
-        return
-    except Exception as exc:  # say why in /health instead of "loading" forever
-        state.router.unavailable_reason = f"the router's encoder failed to load: {exc}"
-        log.exception("router encoder failed to load")
-        return
-    _index(classifier, state.registry.all())
-    state.router.classifier = classifier
-    # experts registered or retired while the index was being built
-    _index(classifier, [r for r in state.registry.all() if r.name not in classifier.experts()])
-    for name in classifier.experts():
-        if state.registry.get(name) is None:
-            classifier.remove(name)
-    log.info("router ready (%s): %d experts routable, %d of %d background prompts kept", classifier.encoder_name,
-             len(classifier.experts()), classifier.background_kept(), classifier.background_size)
+        experts.restore(settings.adapters, _served(info), settings.auto_model_names, register)
+    except AdmissionError as exc:  # an expert of the config file that cannot be served
+        raise ConfigError(exc.message) from exc
+
+
+def _register_trained(experts: Experts, job: dict, folder: Path) -> str:
+    """A finished fine-tuning job's adapter, registered as any expert is; a refusal fails the job."""
+    try:
+        registration = ExpertRegistration(**FineTuning.expert_of(job))
+        experts.register_trained(folder, registration)
+    except (AdmissionError, OSError, ValidationError) as exc:
+        raise JobError(f"the trained adapter was not accepted by the registry: {exc}", code="adapter_refused",
+                       param=None) from exc
+    return registration.name
+
+
+def _policy(settings: Settings) -> ExpertPolicy:
+    return ExpertPolicy(tuple(settings.adapter_roots), settings.max_adapter_bytes, settings.max_adapter_rank,
+                        settings.base_mismatch)
 
 
 def _share_cores(state: ServerState, settings: Settings):
@@ -223,6 +172,7 @@ def _attach_base(state: ServerState, settings: Settings, info: BaseInfo) -> None
                                 min(settings.max_experts_per_request, settings.max_gpu_adapters),
                                 settings.router_top_k, settings.router_mix_temperature)
     state.base = info
+    state.experts.attach(_served(info), state.router)
     registry = state.registry
     state.metrics.label_names_from(lambda name: name == info.name or registry.get(name) is not None)
     if settings.fine_tuning:
@@ -230,11 +180,11 @@ def _attach_base(state: ServerState, settings: Settings, info: BaseInfo) -> None
                                     info.context_window, settings.fine_tune_threads,
                                     settings.fine_tune_checkpoint_every)
         state.jobs = FineTuning(Path(settings.data_dir) / "fine_tuning", info.tokenizer, info.stop_token_ids,
-                                defaults, lambda job, folder: register_trained(state, job, folder),
+                                defaults, lambda job, folder: _register_trained(state.experts, job, folder),
                                 settings.max_running_fine_tunes, _share_cores(state, settings))
         state.jobs.start()
     if settings.router == "embedded":
-        state.router_thread = threading.Thread(target=_start_classifier, args=(state,), name="loraplex-router",
+        state.router_thread = threading.Thread(target=state.experts.build_index, name="loraplex-router",
                                                daemon=True)
         state.router_thread.start()
     else:
@@ -264,37 +214,54 @@ def _delete_later(store: AdapterStore):
     return delete_retired
 
 
-def create_state(settings: Settings, restore: bool = True) -> ServerState:
-    """The single-process server: the engine thread loads the model, then the base is attached.
-    `restore=False`: an engine that starts with no experts (a Ray Serve engine replica)."""
-    registry = AdapterRegistry()
-    store = AdapterStore(settings.data_dir)
-    state: ServerState
-    metrics = Metrics()
+def _engine(settings: Settings, metrics: Metrics, on_base_ready, on_freed, experts_of) -> Engine:
+    """The engine; its thread loads the model. `experts_of()`: the Experts to restore into, asked for on
+    that thread (None: none)."""
     engine = Engine(
-        load_runner=lambda: build_runtime(settings, registry, store, lambda info: _attach_base(state, settings, info),
-                                          engine.wake, _delete_later(store), metrics, restore),
+        load_runner=lambda: build_runtime(settings, on_base_ready, engine.wake, on_freed, metrics, experts_of()),
         config=EngineConfig(max_batch_size=settings.max_batch_size, max_queued=settings.max_queued_requests,
                             max_step_tokens=settings.max_step_tokens, max_step_slowdown=settings.max_step_slowdown,
                             prefix_caching=settings.prefix_caching),
         metrics=metrics,
     )
+    return engine
+
+
+def create_state(settings: Settings) -> ServerState:
+    """The single-process server: the engine thread loads the model and restores the experts, then the
+    base is attached."""
+    registry = AdapterRegistry()
+    store = AdapterStore(settings.data_dir)
+    metrics = Metrics()
+    state: ServerState
+    engine = _engine(settings, metrics, lambda info: _attach_base(state, settings, info), _delete_later(store),
+                     lambda: state.experts)
     _watch(metrics, engine, settings)
-    state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics)
+    state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
+                        experts=Experts(registry, store, engine, metrics, _policy(settings)))
     return state
+
+
+def create_replica_engine(settings: Settings) -> tuple[Engine, Future]:
+    """A Ray Serve engine replica's engine, with no experts and no HTTP side: the engine, and a Future of
+    the base's facts (set once the model is loaded; the replica compiles output formats with them)."""
+    base: Future = Future()
+    engine = _engine(settings, Metrics(), base.set_result, lambda folder: None, lambda: None)
+    return engine, base
 
 
 def create_ingress_state(settings: Settings, make_engine) -> ServerState:
     """The HTTP side of a server whose engines run elsewhere (Ray Serve): the base's facts are read without
     its weights, the experts restored into the registry (this process is the store's only writer), and
-    `make_engine(metrics, on_freed)` gives the engine facade requests are submitted to."""
+    `make_engine(metrics, on_freed)` gives the engine facade requests are submitted to (and `Replicas`)."""
     registry = AdapterRegistry()
     store = AdapterStore(settings.data_dir)
     metrics = Metrics()
     engine = make_engine(metrics, _delete_later(store))
     _watch(metrics, engine, settings)
-    state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics)
+    state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
+                        experts=Experts(registry, store, engine, metrics, _policy(settings)), replicas=engine)
     info = read_base_info(settings)
-    _restore_experts(settings, info, engine.register_adapter, registry, store)
+    _restore(state.experts, settings, info, engine.register_adapter)
     _attach_base(state, settings, info)
     return state

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.engine import EngineStopped, QueueFull, record_token_time
-from server.engine.sampling import SamplingParams, make_generator
-from server.engine.sequence import EngineOutput, Sequence
+from server.engine.interface import EngineHandle, Replicas
+from server.engine.sequence import EngineOutput, Sequence, SequenceSpec
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
 
@@ -61,18 +61,11 @@ def _serve():
 
 @dataclass
 class RemoteRequest:
-    """One sequence as an engine replica needs it: everything but the callbacks and the generator."""
+    """One sequence as an engine replica needs it: its spec (everything but the callbacks), and the
+    folders of its adapters on the shared store."""
 
-    request_id: str
-    prompt_ids: list[int]
-    adapter_key: str | None
-    adapter_mix: tuple[tuple[str, float], ...]
+    spec: SequenceSpec
     folders: dict[str, str]  # registration key -> folder on the shared store, for every adapter it needs
-    model: str
-    params: SamplingParams
-    stop_token_ids: frozenset[int]
-    seed: int  # the request's generator seed (drawn at the ingress when the request gave none)
-    grammar: str | None  # its output format (structured outputs); the replica compiles its own matcher
 
 
 @dataclass
@@ -108,18 +101,19 @@ class EngineReplica:
     here: `engine_deployment` adds the multiplexed loader, whose LRU size is a setting."""
 
     def __init__(self, settings: dict, threads: int | None = None):
-        from server.startup.bootstrap import create_state
+        from server.startup.bootstrap import create_replica_engine
 
         if threads:
             torch.set_num_threads(threads)
         self.settings = Settings(**settings)
-        self.state = create_state(self.settings, restore=False)
+        self.engine, base = create_replica_engine(self.settings)  # an engine, no HTTP side, no experts
         self._fatal: BaseException | None = None
-        self.state.engine.start(on_fatal=self._on_fatal)
-        if not self.state.engine.ready.wait(1800):
+        self.engine.start(on_fatal=self._on_fatal)
+        if not self.engine.ready.wait(1800):
             raise RuntimeError("the engine did not load the model within 30 minutes")
-        if self.state.engine.load_error is not None:
-            raise self.state.engine.load_error
+        if self.engine.load_error is not None:
+            raise self.engine.load_error
+        self.formats = base.result(60).formats  # compiles requests' output formats here
         self.replica = _serve().get_replica_context().replica_id.unique_id
         self._folders: dict[str, str] = {}
         self._known: set[str] = set()  # keys registered with this replica's engine
@@ -139,15 +133,15 @@ class EngineReplica:
         """Serve's multiplexed loader: make the expert known to this replica's engine. Its weights are read
         from the shared store by the engine's adapter cache, beside the steps, when a request needs them."""
         if key not in self._known:
-            await asyncio.wrap_future(self.state.engine.register_adapter(key, self._folders[key]))
+            await asyncio.wrap_future(self.engine.register_adapter(key, self._folders[key]))
             self._known.add(key)
         return _Resident(key, self._resident)
 
     async def generate(self, request: RemoteRequest):
         """Run one sequence: yields a Placement, then the engine's outputs until it finishes or fails.
         Cancelled by the ingress (its client went away): the request leaves this engine's batch."""
-        engine = self.state.engine
-        keys = [key for key, _ in request.adapter_mix] or ([request.adapter_key] if request.adapter_key else [])
+        engine, spec = self.engine, request.spec
+        keys = [key for key, _ in spec.adapter_mix] or ([spec.adapter_key] if spec.adapter_key else [])
         hit = all(key in self._resident for key in keys) if keys else None
         self._folders.update(request.folders)
         for key in keys:
@@ -157,15 +151,11 @@ class EngineReplica:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         constraint = None
-        if request.grammar is not None:
+        if spec.grammar is not None:
             from server.api.structured import OutputFormat
 
-            formats = self.state.base.formats
-            constraint = (await loop.run_in_executor(None, formats.constraints, OutputFormat(request.grammar), 1))[0]
-        seq = Sequence(request_id=request.request_id, prompt_ids=request.prompt_ids, adapter_key=request.adapter_key,
-                       adapter_mix=request.adapter_mix, model=request.model, params=request.params,
-                       stop_token_ids=request.stop_token_ids, generator=make_generator(request.seed, engine.device),
-                       emit=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), constraint=constraint)
+            constraint = (await loop.run_in_executor(None, self.formats.constraints, OutputFormat(spec.grammar), 1))[0]
+        seq = spec.build(lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), engine.device, constraint)
         try:
             engine.submit(seq)
         except (QueueFull, EngineStopped) as exc:
@@ -185,9 +175,9 @@ class EngineReplica:
                 self._cancelled += 1
 
     def __del__(self):
-        state = getattr(self, "state", None)
-        if state is not None:
-            state.engine.stop(timeout=10)
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop(timeout=10)
 
 
 def engine_deployment(settings: Settings, threads: int | None):
@@ -224,7 +214,7 @@ class _Flight:
     replica: str | None = None
 
 
-class RemoteEngine:
+class RemoteEngine(EngineHandle, Replicas):
     """The engine as the HTTP side sees it (submit, cancel, register, retire, counts), with the work done
     by engine replicas through a Serve handle. Lives on the ingress's event loop: submit is called there.
 
@@ -239,7 +229,6 @@ class RemoteEngine:
         self.ready = threading.Event()
         self.ready.set()  # Serve routes only to replicas whose engine has loaded (their constructor waits)
         self.load_error: BaseException | None = None
-        self.device = torch.device("cpu")  # where the ingress draws a request's seed; replicas use their own
         self._flights: dict[int, _Flight] = {}
         self._folders: dict[str, str] = {}
         self._users: collections.Counter = collections.Counter()  # key -> requests of this ingress using it
@@ -248,6 +237,10 @@ class RemoteEngine:
         self._stopping = False
 
     # -- the Engine's face --
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where the ingress builds a request's generator; replicas build their own
 
     def submit(self, seq: Sequence) -> None:
         if self._stopping:
@@ -344,11 +337,7 @@ class RemoteEngine:
         stream = None
         finished = False
         try:
-            request = RemoteRequest(
-                request_id=seq.request_id, prompt_ids=seq.prompt_ids, adapter_key=seq.adapter_key,
-                adapter_mix=seq.adapter_mix, folders={key: self._folders[key] for key in seq.adapter_keys},
-                model=seq.model, params=seq.params, stop_token_ids=seq.stop_token_ids,
-                seed=seq.generator.initial_seed(), grammar=None if seq.constraint is None else seq.constraint.grammar)
+            request = RemoteRequest(seq.spec, {key: self._folders[key] for key in seq.adapter_keys})
             options = {"stream": True}
             if seq.adapter_key is not None:
                 options["multiplexed_model_id"] = seq.adapter_key  # the lead expert: the replica that holds it

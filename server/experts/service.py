@@ -1,0 +1,357 @@
+"""Experts: the one owner of an expert's life, below the HTTP edge.
+
+Register (a folder under the adapter roots, an upload, a mixture of registered experts, a fine-tuning
+run's output), retire, correct the router's examples, restore at start, index for the router, hand the
+weights to the engine: each is one method here, and each talks to the registry, the store, the router's
+index and the engine in the one order that keeps them consistent. Registration is all-or-nothing: a
+step that fails undoes every step before it (files, engine entry, index entry, the reserved name).
+
+Refusals are AdmissionError (its status, message, param and code: the edge answers it as it is);
+nothing here knows HTTP. Methods that load weights or write the store block: the edge calls them in a
+thread, and they finish what they started even if the client goes away.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from adapters.admission import (
+    AdmissionError,
+    check_new_name,
+    check_token_ids,
+    fill_from_folder,
+    name_taken,
+    stage_from_path,
+    stage_upload,
+    validate_staged,
+)
+from adapters.lora import CONFIG_FILE, WEIGHTS_FILE, BaseShape
+from adapters.registry import AdapterRecord, AdapterRegistry, UnregisteredMember, new_key
+from adapters.store import AdapterStore
+from adapters.text import find_unencodable, unencodable_message
+from router.classifier import ExpertClassifier, ExpertProfile
+from router.encoder import RouterEncoder
+from router.resolve import AUTO_MODEL, ExpertRouter, Route
+from server.engine.interface import EngineHandle
+from server.experts.spec import ExpertRegistration
+from server.metrics import Metrics
+from server.settings import AdapterSpec
+
+log = logging.getLogger("loraplex.experts")
+REGISTER_TIMEOUT_S = 600  # the engine loads an adapter between steps: seconds at most, even for big ones
+MAX_EXAMPLES = 1000  # per expert and kind (corrections): the index refits on every change, and stays fast past this
+
+
+@dataclass(frozen=True)
+class ServedBase:
+    """What registration checks an expert against."""
+
+    name: str
+    names: frozenset[str]  # names an adapter's base_model_name_or_path may use for this base
+    vocab_size: int
+    shape: BaseShape
+
+
+@dataclass(frozen=True)
+class ExpertPolicy:
+    """The settings that decide what may be registered (server/settings.py describes each)."""
+
+    adapter_roots: tuple[str, ...]
+    max_adapter_bytes: int
+    max_adapter_rank: int
+    base_mismatch: str
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What one router correction did: its action, the expert whose record changed, the routes around it."""
+
+    action: str
+    changed_expert: str | None
+    before: Route
+    after: Route
+
+
+class Experts:
+    def __init__(self, registry: AdapterRegistry, store: AdapterStore, engine: EngineHandle, metrics: Metrics,
+                 policy: ExpertPolicy):
+        self.registry, self.store, self.engine, self.metrics, self.policy = registry, store, engine, metrics, policy
+        self.base: ServedBase | None = None  # set by attach(), once the base is loaded
+        self.router: ExpertRouter | None = None
+        self._corrections = threading.Lock()  # one read-modify-write of a record at a time
+
+    def attach(self, base: ServedBase, router: ExpertRouter) -> None:
+        self.base, self.router = base, router
+
+    def _reserved_names(self) -> set[str]:
+        return {self.base.name, *self.router.auto_names}
+
+    # ---- registration ------------------------------------------------------------------------
+
+    def register(self, registration: ExpertRegistration, files: dict | None, source: str) -> AdapterRecord:
+        """Check, store, load and index a new expert, then list it. `files`: the two uploaded files
+        (bytes or binary files) keyed adapter_config / adapter_model, or None to register from
+        `registration.path` or `registration.mixture`. Blocking."""
+        if registration.mixture is not None:
+            return self._register_mixture(registration)
+        name = registration.name
+        check_new_name(name, self._reserved_names())
+        if not self.registry.reserve(name):
+            raise name_taken(name)
+        staging = self.store.staging_dir()
+        folder = None
+        record = None
+        classifier = self.router.classifier
+        try:
+            weights, registration = self._stage_and_validate(registration, files, staging)
+            key = new_key(name)
+            folder = self.store.commit_files(staging, key)
+            record = AdapterRecord.create(name, str(folder), source, weights, registration, key)
+            self.engine.register_adapter(key, str(folder), weights).result(REGISTER_TIMEOUT_S)
+            if classifier is not None:  # indexed before it is listed: routable from the next request on
+                classifier.add(name, ExpertProfile.of(record))
+            # the manifest is written last: once it names the expert, the registration has happened
+            self.store.add_entry(name, record.to_manifest())
+        except BaseException:
+            # leave nothing behind: no staging files, no store folder, no engine entry, no index entry, no name
+            shutil.rmtree(staging, ignore_errors=True)
+            if classifier is not None:
+                classifier.remove(name)
+            if record is not None:
+                self.engine.retire_adapter(record.key)
+            elif folder is not None:
+                self.store.delete_files(folder)
+            self.registry.release(name)
+            raise
+        self.registry.add(record)
+        return record
+
+    def register_trained(self, folder: Path, registration: ExpertRegistration) -> AdapterRecord:
+        """A fine-tuning run's adapter folder, through the upload's admission path (its files are copied
+        into the store like an upload's). Blocking."""
+        with open(folder / CONFIG_FILE, "rb") as config, open(folder / WEIGHTS_FILE, "rb") as weights:
+            return self.register(registration, {"adapter_config": config, "adapter_model": weights}, "fine-tune")
+
+    def _stage_and_validate(self, registration: ExpertRegistration, files, staging: Path):
+        policy, base = self.policy, self.base
+        if files is None:
+            stage_from_path(registration.path, list(policy.adapter_roots), staging, policy.max_adapter_bytes)
+            registration = fill_from_folder(registration, staging)  # its expert.json, as checked and staged
+        else:
+            stage_upload(files["adapter_config"], files["adapter_model"], staging, policy.max_adapter_bytes)
+        check_token_ids(registration.stop_token_ids, base.vocab_size, "stop_token_ids")
+        weights = validate_staged(staging, base.shape, policy.max_adapter_rank, base.names, policy.base_mismatch)
+        return weights, registration
+
+    def _register_mixture(self, registration: ExpertRegistration) -> AdapterRecord:
+        """A named blend of registered experts: checked as a request's mixture is, no weights of its own."""
+        name = registration.name
+        check_new_name(name, self._reserved_names())
+        pairs = list(registration.mixture.items())
+        for member, _ in pairs:
+            record = self.registry.get(member)
+            if record is not None and record.mixture:
+                raise AdmissionError(400, f"'{member}' is itself a mixture; blend its experts instead", "mixture")
+        route = self.router.mixture(pairs, "mixture", "mixture", name)  # BadMixture: 400 naming the problem
+        if route.expert is None:
+            raise AdmissionError(400, "a mixture needs at least one expert with a weight above 0", "mixture")
+        check_token_ids(registration.stop_token_ids, self.base.vocab_size, "stop_token_ids")
+        members = tuple(member for member, _ in route.mixture or ((route.expert, 1.0),))
+        try:  # the members are pinned from here: retiring one now is refused until this ends
+            if not self.registry.reserve(name, members):
+                raise name_taken(name)
+        except UnregisteredMember as exc:  # retired since the check above
+            raise AdmissionError(400, f"'{exc.names[0]}' in the mixture is not a registered expert",
+                                 "mixture") from None
+        classifier = self.router.classifier
+        defaults = {k: getattr(registration, k) for k in ("temperature", "top_p", "max_tokens")
+                    if getattr(registration, k) is not None}
+        record = AdapterRecord(name=name, key=new_key(name), folder="", source="mixture", rank=0, target_modules=(),
+                               nbytes=0, description=registration.description,
+                               examples=tuple(registration.examples),
+                               negative_examples=tuple(registration.negative_examples),
+                               router_margin=registration.router_margin, stop=tuple(registration.stop),
+                               stop_token_ids=frozenset(registration.stop_token_ids), defaults=defaults,
+                               mixture=route.mixture or ((route.expert, 1.0),))
+        try:
+            if classifier is not None:
+                classifier.add(name, ExpertProfile.of(record))
+            self.store.add_entry(name, record.to_manifest())
+        except BaseException:
+            if classifier is not None:
+                classifier.remove(name)
+            self.registry.release(name)
+            raise
+        self.registry.add(record)
+        return record
+
+    # ---- retirement ---------------------------------------------------------------------------
+
+    def existing(self, name: str, param: str = "name") -> AdapterRecord:
+        """The registered expert `name`, else a 404 naming where the name came from."""
+        record = self.registry.get(name)
+        if record is None:
+            raise AdmissionError(404, f"No adapter named '{name}' is registered.", param, "adapter_not_found")
+        return record
+
+    def retire(self, name: str) -> AdapterRecord:
+        """Unlist, unindex and forget an expert; its running requests finish on it, then the engine frees
+        its memory and files. Blocking (the manifest is rewritten)."""
+        if self.existing(name).source == "config":
+            raise AdmissionError(400, f"'{name}' comes from the config file; remove it there and restart", "name")
+        # checked and removed in one step: a mixture being registered meanwhile either pins it first (409
+        # here) or finds it gone (its registration fails), never both succeed
+        record, users = self.registry.retire(name)
+        if users:
+            raise AdmissionError(409, f"'{name}' is blended by the mixture(s) {', '.join(users)}; retire those first",
+                                 "name", "adapter_in_use")
+        if record is None:  # retired by a concurrent request
+            raise AdmissionError(404, f"No adapter named '{name}' is registered.", "name", "adapter_not_found")
+        self.metrics.forget_expert(name)
+        if self.router.classifier is not None:
+            self.router.classifier.remove(name)
+        self.store.remove_entry(name, record.key)
+        if not record.mixture:  # a mixture has no weights of its own
+            self.engine.retire_adapter(record.key)
+        return record
+
+    # ---- router corrections -------------------------------------------------------------------
+
+    def correct(self, prompt: str, expert: str, param: str) -> Correction:
+        """Fold one misroute into the experts' records: naming an expert adds `prompt` to its examples;
+        naming the base adds it to the negative examples of the expert that takes it now. Persisted,
+        re-indexed at once. Blocking (runs the encoder, rewrites the manifest)."""
+        router = self.router
+        if expert != self.base.name:
+            self.correctable(expert, param)
+        with self._corrections:
+            before = router.by_prompt(prompt)
+            if expert == self.base.name:
+                if before.source != "classifier" or before.expert is None:
+                    action, target = "already_falls_back", None
+                else:
+                    target = self.correctable(before.expert, param)
+                    added = self._add_prompt(target, "negative_examples", prompt)
+                    action = "negative_example_added" if added else "already_a_negative_example"
+            else:
+                target = self.correctable(expert, param)
+                added = self._add_prompt(target, "examples", prompt)
+                action = "example_added" if added else "already_an_example"
+            after = router.by_prompt(prompt)
+        return Correction(action, target.name if target else None, before, after)
+
+    def correctable(self, name: str, param: str) -> AdapterRecord:
+        """The expert `name` if its router examples may be corrected over the API (404 unknown, 400 from the config)."""
+        record = self.existing(name, param)
+        if record.source == "config":
+            raise AdmissionError(400, f"'{name}' comes from the config file; add the example to its entry there", param)
+        return record
+
+    def _add_prompt(self, record: AdapterRecord, field: str, prompt: str) -> bool:
+        """Add `prompt` to the record's `field` ("examples" or "negative_examples"); False if already there.
+        Every write is conditional on the registration key read, so a racing retirement is never undone."""
+        current = getattr(record, field)
+        if prompt in current:
+            return False
+        if len(current) >= MAX_EXAMPLES:
+            raise AdmissionError(400, f"'{record.name}' already has {MAX_EXAMPLES} {field.replace('_', ' ')}; "
+                                      "remove some by registering it again", "corrections")
+        updated = replace(record, **{field: (*current, prompt)})
+        gone = AdmissionError(404, f"'{record.name}' was retired meanwhile.", "corrections", "adapter_not_found")
+        if not self.store.update_entry(record.name, updated.to_manifest()):
+            raise gone
+        if not self.registry.update(updated):
+            raise gone
+        classifier = self.router.classifier
+        classifier.add(record.name, ExpertProfile.of(updated))
+        if self.registry.get(record.name) is None:  # retired while re-indexing: not routable
+            classifier.remove(record.name)
+        return True
+
+    # ---- start -------------------------------------------------------------------------------
+
+    def restore(self, config_adapters: dict[str, AdapterSpec], base: ServedBase, auto_names: list[str],
+                register) -> None:
+        """The config's experts (read and checked now) and the store's (read from disk on first use), each
+        handed to the engine by `register(key, folder, weights_or_None)` (on the engine thread, its adapter
+        cache's own) and listed. Only the registry's writer calls this: it also removes store folders no
+        manifest entry names. A bad config expert raises AdmissionError naming it."""
+        policy = self.policy
+        for name, spec in config_adapters.items():
+            try:
+                spec = fill_from_folder(spec, spec.path)
+                check_new_name(name, {base.name, AUTO_MODEL, *auto_names})
+                check_token_ids(spec.stop_token_ids, base.vocab_size, "stop_token_ids")
+                weights = validate_staged(Path(spec.path), base.shape, policy.max_adapter_rank, base.names,
+                                          policy.base_mismatch)
+            except AdmissionError as exc:
+                raise AdmissionError(exc.status, f"adapter '{name}' from {spec.path}: {exc.message}") from exc
+            record = AdapterRecord.create(name, spec.path, "config", weights, spec)
+            register(record.key, record.folder, weights)
+            self.registry.add(record)
+            log.info("loaded adapter %s from %s", name, spec.path)
+        orphans = self.store.collect_garbage()
+        if orphans:
+            log.warning("removed %d store folders no manifest entry named (an interrupted registration)",
+                        len(orphans))
+        for name, entry in self.store.read_manifest().items():
+            if name in config_adapters:
+                log.warning("adapter %s is in the config and in the store; serving the config's", name)
+                continue
+            problem = find_unencodable(entry)
+            if problem is not None:  # written by an older version that let such text in: kept on disk, not served
+                log.error("manifest entry %s is not served: %s", name, unencodable_message(problem))
+                continue
+            record = AdapterRecord.from_manifest(entry)
+            if not record.mixture:  # a mixture has no weights of its own
+                register(record.key, record.folder, None)  # read from disk on first use
+            self.registry.add(record)
+        for record in self.registry.all():  # written before retirement was atomic with mixtures: kept, not served
+            missing = [member for member, _ in record.mixture if self.registry.get(member) is None]
+            if missing:
+                self.registry.retire(record.name)
+                log.error("mixture %s is not served: it blends %s, which %s not registered", record.name,
+                          ", ".join(missing), "is" if len(missing) == 1 else "are")
+        log.info("%d experts registered", len(self.registry.all()))
+
+    def build_index(self) -> None:
+        """Load the router's sentence encoders and index every expert, beside the engine (its own thread);
+        experts registered or retired meanwhile are caught up before the index is used."""
+        router = self.router
+        try:
+            classifier = ExpertClassifier(RouterEncoder.embedded())
+        except FileNotFoundError as exc:
+            router.unavailable_reason = str(exc)
+            log.warning(router.unavailable_reason)
+            return
+        except Exception as exc:  # say why in /health instead of "loading" forever
+            router.unavailable_reason = f"the router's encoder failed to load: {exc}"
+            log.exception("router encoder failed to load")
+            return
+        _index(classifier, self.registry.all())
+        router.classifier = classifier
+        _index(classifier, [r for r in self.registry.all() if r.name not in classifier.experts()])
+        for name in classifier.experts():
+            if self.registry.get(name) is None:
+                classifier.remove(name)
+        log.info("router ready (%s): %d experts routable, %d of %d background prompts kept",
+                 classifier.encoder_name, len(classifier.experts()), classifier.background_kept(),
+                 classifier.background_size)
+
+
+def _index(classifier: ExpertClassifier, records) -> None:
+    """Index the experts in one refit; if that fails, one by one, so one bad expert stays reachable by
+    name only and the rest are indexed."""
+    try:
+        classifier.add_many({record.name: ExpertProfile.of(record) for record in records})
+        return
+    except Exception:
+        log.exception("indexing the experts together failed; indexing them one by one")
+    for record in records:
+        try:
+            classifier.add(record.name, ExpertProfile.of(record))
+        except Exception:
+            log.exception("expert %s cannot be routed to: indexing its description/examples failed", record.name)
