@@ -16,7 +16,7 @@ from loadtests.image_env import build, image_packages, normalize, wheel_pins
 
 # what gpu_run.sh runs, and what `loraplex serve` loads before it answers (the engine thread's lazy
 # imports are covered by the scripts' runs in tests/test_bench_gpu.py)
-KIT = ["loadtests.gpu_smoke", "loadtests.bench_gpu"]
+KIT = ["loadtests.gpu_smoke", "loadtests.bench_gpu", "loadtests.gpu_e2e"]
 SERVER = ["server.startup.cli", "server.startup.serve", "server.api.app", "server.api.structured",
           "server.engine.lora_kernels", "server.engine.decode_graphs", "bitsandbytes", "llguidance.hf", "openai"]
 # the image's Python, for the wheels' requirement markers
