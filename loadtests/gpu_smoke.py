@@ -380,10 +380,12 @@ def check_lora_kernels(model, tokenizer, names: list[str], folders: list[Path], 
         from server.engine import lora_kernels
     except ImportError as exc:
         return {"ok": False, "error": f"triton not importable: {exc}"}
-    problem = lora_kernels.self_check(device, model.model.embed_tokens.weight.dtype)
+    shape = BaseShape.from_config(model.config)
+    start = time.perf_counter()
+    problem = lora_kernels.self_check(device, model.model.embed_tokens.weight.dtype, shape, 16)
     if problem is not None:
         return {"ok": False, "self_check": problem}
-    shape = BaseShape.from_config(model.config)
+    self_check_s = round(time.perf_counter() - start, 2)  # the first call compiles every kernel variant
     drivers = {}
     for kernels in ("torch", "triton"):
         runner = ModelRunner(model, tokenizer, 64 * 4 + 1, 16, 64, 8, 16, lora_kernels=kernels)
@@ -395,7 +397,8 @@ def check_lora_kernels(model, tokenizer, names: list[str], folders: list[Path], 
     with torch.no_grad():
         logits = {kernels: driver.prefill(rows) for kernels, driver in drivers.items()}
     error = _rel(logits["triton"], logits["torch"])
-    record = {"ok": error < tolerance, "prefill_relative_error": round(error, 5), "tolerance": tolerance}
+    record = {"ok": error < tolerance, "prefill_relative_error": round(error, 5), "tolerance": tolerance,
+              "self_check_s": self_check_s}
     cuda = device.type == "cuda"  # without it Triton is interpreted (~100x slower): one small batch, 2 steps
     for batch in (8, 64) if cuda else (8,):
         rows = {i: ([5, 6, 7], [names[0], names[1], None][i % 3]) for i in range(batch)}

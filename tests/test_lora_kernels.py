@@ -51,11 +51,60 @@ def test_shrink_and_expand_match_torch_per_row(split_k):
     assert torch.equal(got[untouched], y[untouched])  # rows with no adapter are not written
 
 
-def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+# A base whose K (1,088 and 1,500) gives each of 8 splits two or more blocks of 64, unevenly, and whose
+# widths are not multiples of a block: the masks and the atomic split-K path all do work.
+CHECK_SHAPE = BaseShape(num_layers=1, linear_features={
+    "q_proj": (1088, 256), "k_proj": (1088, 80), "v_proj": (1088, 80), "o_proj": (256, 1088),
+    "gate_proj": (1088, 1500), "up_proj": (1088, 1500), "down_proj": (1500, 1088)})
+
+
+# fp16, not bf16: Triton's interpreter computes a bf16 tl.dot wrongly on this CPU (off by ~1e9 in the
+# self-check, see test_the_interpreter_cannot_check_bf16), so fp16 stands in for the GPU's serving dtype: the
+# same 16-bit loads, fp32 accumulation and rounding of the shrink's result before the expand.
+@pytest.mark.parametrize("split_k", [1, 4, 8])
+def test_the_self_check_passes_in_fp16_at_every_split_of_k(split_k):
+    """Every group of the base at its own K and width, a segment over two row blocks, an adapter below the
+    pool's rank, rows with no adapter, mixture weights and the static segments of a captured step."""
+    assert lora_kernels.self_check(torch.device("cpu"), torch.float16, CHECK_SHAPE, 16, split_k=split_k) is None
+
+
+def test_the_interpreter_cannot_check_bf16():
+    """Why the suite checks fp16: if this starts passing, the interpreter got bf16 right and bf16 can be tested."""
+    problem = lora_kernels.self_check(torch.device("cpu"), torch.bfloat16, None, 16)
+    assert problem is not None and "differ" in problem
+
+
+def test_the_self_check_catches_wrong_kernels(monkeypatch):
     cpu = torch.device("cpu")
     assert lora_kernels.self_check(cpu, torch.float32) is None
+    real_expand = lora_kernels.expand
+
+    def unscaled(hidden, column, rank, pool, b_offset, segments, y):  # mixture weights ignored
+        segments.scale = None
+        real_expand(hidden, column, rank, pool, b_offset, segments, y)
+
+    monkeypatch.setattr(lora_kernels, "expand", unscaled)
+    problem = lora_kernels.self_check(cpu, torch.float16, CHECK_SHAPE, 16, split_k=4)
+    assert "differ" in problem and "mixture weights" in problem and "split-K 4" in problem
     monkeypatch.setattr(lora_kernels, "expand", lambda *args: None)  # a kernel that adds nothing
-    assert "differ" in lora_kernels.self_check(cpu, torch.float32)
+    problem = lora_kernels.self_check(cpu, torch.float16, CHECK_SHAPE, 16)
+    assert "differ" in problem and "qkv (K 1088, N 80" in problem
+
+
+def test_a_failing_self_check_falls_back_to_torch_with_a_log_line_naming_it(monkeypatch, caplog):
+    """What `lora_kernels: auto` does on a GPU when the check fails (the same function; on CPU `auto` never
+    tries Triton): the torch kernels serve, and the warning says which problem failed; `triton` refuses."""
+    from server.engine.lora_batch import triton_or_torch
+
+    cpu = torch.device("cpu")
+    assert triton_or_torch("auto", cpu, torch.float16, CHECK_SHAPE, 16)[0] == "triton"
+    monkeypatch.setattr(lora_kernels, "expand", lambda *args: None)
+    with caplog.at_level("WARNING", logger="server.engine.lora_batch"):
+        assert triton_or_torch("auto", cpu, torch.float16, CHECK_SHAPE, 16) == ("torch", None)
+    assert "LoRA kernels: torch, not Triton: LoRA kernels differ from torch" in caplog.text
+    assert "qkv (K 1088" in caplog.text
+    with pytest.raises(ValueError, match="triton cannot be used here: LoRA kernels differ"):
+        triton_or_torch("triton", cpu, torch.float16, CHECK_SHAPE, 16)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +154,7 @@ def test_kernel_choice(tiny, tokenizer, monkeypatch):
     assert LoraBank.bytes_needed(shape, 8, 16, torch.bfloat16, step_stack=False) * 2 == with_stack  # Triton: pool only
     assert ModelRunner(tiny, tokenizer, 9, 16, 128).lora.kernels == "torch"
     assert ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="auto").lora.kernels == "torch"  # no CUDA
-    monkeypatch.setattr(lora_kernels, "self_check", lambda device, dtype: "broken here")
+    monkeypatch.setattr(lora_kernels, "self_check", lambda *args: "broken here")
     with pytest.raises(ValueError, match="triton cannot be used here: broken here"):
         ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="triton")
 

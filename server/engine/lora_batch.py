@@ -286,20 +286,27 @@ class KernelStepLora:
 KERNELS = ("auto", "torch", "triton")
 
 
-def choose_kernels(kernels: str, device: torch.device, dtype: torch.dtype):
+def choose_kernels(kernels: str, device: torch.device, dtype: torch.dtype, shape: BaseShape | None = None,
+                   rank: int = 16):
     """("torch" or "triton", the lora_kernels module or None) for the `lora_kernels` setting: Triton only
-    after its self-check on this device passes; "auto" falls back to torch with a warning, "triton" is
-    an error. Start-up calls it before sizing memory (the Triton kernels need no step stack)."""
+    after its self-check, on the problems of a base of `shape` with slots of `rank`, passes on this device;
+    "auto" tries it on CUDA only. Start-up calls it before sizing memory (the Triton kernels need no stack)."""
     if kernels not in KERNELS:
         raise ValueError(f"lora_kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
     if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         return "torch", None
+    return triton_or_torch(kernels, device, dtype, shape, rank)
+
+
+def triton_or_torch(kernels: str, device: torch.device, dtype: torch.dtype, shape: BaseShape | None, rank: int):
+    """The Triton kernels if their self-check passes; else "triton" is an error and "auto" falls back to the
+    torch kernels with a warning that names the failure (which group, K, split and dtype, and by how much)."""
     try:
         from server.engine import lora_kernels
     except ImportError as exc:  # triton is not installed
         problem = f"Triton is not available ({exc})"
     else:
-        problem = lora_kernels.self_check(device, dtype)
+        problem = lora_kernels.self_check(device, dtype, shape, rank)
     if problem is None:
         return "triton", lora_kernels
     if device.type != "cuda":
@@ -335,7 +342,7 @@ class LoraBank:
         self._free = list(range(slots - 1, -1, -1))
         self._residents: dict[str, _Resident] = {}
         self._stack = _StepStack(shape, slots, device, dtype)
-        self.kernels, self.kernels_module = choose_kernels(kernels, device, dtype)
+        self.kernels, self.kernels_module = choose_kernels(kernels, device, dtype, shape, self.layout.rank)
         # loads through a pinned staging buffer and a side stream (CUDA); direct copies on a CPU
         self.staged_loads = device.type == "cuda"
         self._staging: torch.Tensor | None = None

@@ -25,7 +25,7 @@ from server.api.state import BaseInfo, ServerState
 from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
-from server.engine.lora_batch import LoraBank, choose_kernels
+from server.engine.lora_batch import LoraBank, aligned_rank, choose_kernels
 from server.engine.residency import AdapterCache
 from server.jobs.service import FineTuning, TrainingDefaults
 from server.metrics import Metrics
@@ -126,7 +126,8 @@ def build_runtime(settings: Settings, registry: AdapterRegistry, store: AdapterS
     block_bytes = kv_block_bytes(config, dtype, settings.kv_block_size)
     shape = BaseShape.from_config(config)
     try:
-        kernels, _ = choose_kernels(settings.lora_kernels, device, dtype)  # before sizing: Triton needs no stack
+        # before sizing: Triton needs no step stack
+        kernels, _ = choose_kernels(settings.lora_kernels, device, dtype, shape, aligned_rank(settings.max_adapter_rank))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     adapter_bytes = LoraBank.bytes_needed(shape, settings.max_gpu_adapters, settings.max_adapter_rank, dtype,
