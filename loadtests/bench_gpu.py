@@ -430,14 +430,14 @@ def measure_adapter_loads(engine, folders: list[Path], report: Report) -> None:
                 torch.cuda.synchronize()
             elapsed = (time.perf_counter() - start) * 1000
             runner.lora.remove("load-probe")
-            return elapsed
+            return elapsed, dict(runner.lora.last_load)
         return engine.call(load).result(120)
 
     timed_load(folders[0])  # first call pays one-off costs (CUDA context for copies, imports)
     for folder in folders:
-        elapsed = timed_load(folder)
+        elapsed, copied = timed_load(folder)
         report.summary["adapter_load_ms"].append(round(elapsed, 2))
-        report.add("adapter_load", {"folder": folder.name, "ms": round(elapsed, 2)})
+        report.add("adapter_load", {"folder": folder.name, "ms": round(elapsed, 2), **copied})
     report.log(f"adapter loads (ms): {report.summary['adapter_load_ms']}")
 
 

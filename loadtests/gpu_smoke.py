@@ -13,6 +13,7 @@ recorded with its error and the next one runs):
   sampling       draws on the device against a known distribution (top_p, zero-probability tokens, seeds),
                  and sample_batch timed at batch 64 over 32k tokens
   slots          memory of a 64-slot adapter pool at rank 16 (what `max_gpu_adapters: 64` reserves)
+  adapter_load   a rank-16 adapter into slots of rank 64: bytes sent and written per load (its rank only), time
   profile        5 decode steps of 8 rows over 2 interleaved adapters under the profiler: host time,
                  device time and kernels (CPU: operators) per step; top operators in profile.txt
   peft           mixed and interleaved adapter rows against PEFT applied to each row alone (on a fresh load)
@@ -285,6 +286,39 @@ def check_slots(config, device: torch.device, dtype: torch.dtype) -> dict:
     return record
 
 
+def check_adapter_load(config, device: torch.device, dtype: torch.dtype, folder: Path) -> dict:
+    """A rank-16 adapter loaded into slots of rank 64 (the default max_adapter_rank) three times: bytes sent to
+    the device and written into the slot per load (its rank only, not the slot: issue 30), time per load
+    (synchronised; disk read excluded), and the slot's contents against the adapter's matrices."""
+    from adapters.lora import BaseShape, load_lora
+    from server.engine.lora_batch import LoraBank
+
+    shape = BaseShape.from_config(config)
+    weights = load_lora(folder, shape)
+    bank = LoraBank(device, dtype, shape, slots=2, max_rank=64)
+    slot_bytes = bank.layout.size * bank.pool.element_size()
+    loads, walls = [], []
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        bank.add("probe", weights)
+        _sync(device)
+        walls.append(round((time.perf_counter() - start) * 1000, 2))
+        loads.append(dict(bank.last_load))
+        slot = bank._residents["probe"].slot
+        bank.remove("probe")
+    key = next(iter(weights.pairs))
+    a_view, b_view = bank._views(bank.pool[slot], key, weights.rank)
+    a, b = weights.pairs[key]
+    same = torch.equal(a_view.cpu(), a.to(dtype)) and torch.equal(b_view.cpu(), b.to(dtype))
+    adapter_bytes = sum(x.numel() + y.numel() for x, y in weights.pairs.values()) * bank.pool.element_size()
+    return {"ok": same and loads[-1]["slot_bytes_written"] == adapter_bytes and slot_bytes > 3 * adapter_bytes,
+            "slot_mib": round(slot_bytes / 2**20, 2), "adapter_mib": round(adapter_bytes / 2**20, 2),
+            "loads": loads, "load_ms": walls, "slot_holds_the_adapter": same,
+            "whole_slot_mib_at_32_layers": round(slot_bytes / config.num_hidden_layers * 32 / 2**20, 1),
+            "adapter_mib_at_32_layers": round(adapter_bytes / config.num_hidden_layers * 32 / 2**20, 1)}
+
+
 def check_profile(model, tokenizer, names: list[str], device: torch.device, folders: list[Path], out_dir: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -499,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         smoke.run("engine", check_engine, model, tokenizer, folders, device)
         smoke.run("sampling", check_sampling, device)
         smoke.run("slots", check_slots, config, device, dtype)
+        smoke.run("adapter_load", check_adapter_load, config, device, dtype, folders[0])
         smoke.run("profile", check_profile, model, tokenizer, names[:2], device, folders[:2], args.out_dir)
         smoke.run("peft", check_peft, model, tokenizer, names[:2], folders[:2], tolerance, work / "base", dtype)
         smoke.run("lora_kernels", check_lora_kernels, model, tokenizer, names[:2], folders[:2], tolerance, device)

@@ -100,9 +100,12 @@ def test_the_gpu_smoke_script_passes_every_check_on_a_tiny_model(kit):
     records = [json.loads(line) for line in (out / "smoke.jsonl").read_text().splitlines()]
     assert all(r.get("ok") for r in records), [r for r in records if not r.get("ok")]
     assert [r["check"] for r in records] == ["versions", "nf4_linear", "runner", "engine", "sampling", "slots",
-                                             "profile", "peft", "lora_kernels", "cuda_graphs"]  # Triton interpreted
+                                             "adapter_load", "profile", "peft", "lora_kernels", "cuda_graphs"]  # Triton interpreted
     by_check = {r["check"]: r for r in records}
     assert by_check["sampling"]["ms_batch64_top_p_0.9"] > 0
+    loads = by_check["adapter_load"]["loads"]  # the first load zeroes the never-used slot once; later: rank 16 of 64
+    assert loads[0]["slot_bytes_written"] > loads[1]["slot_bytes_written"] == loads[2]["slot_bytes_written"]
+    assert loads[1]["slot_bytes_written"] * 3 < by_check["adapter_load"]["slot_mib"] * 2**20
     assert by_check["engine"]["cancelled_finished"] is False and by_check["engine"]["errors"] == {}
     assert by_check["peft"]["adapter_effect_min"] > 0.01  # the comparison can tell adapters apart
     assert by_check["profile"]["operators_per_step"] > 0 and (out / "profile.txt").is_file()

@@ -183,3 +183,44 @@ def test_staged_loads_lay_out_each_adapter_as_the_direct_copy_does(tiny, tmp_pat
         slots = [bank._residents[name].slot for bank in banks.values()]
         assert torch.equal(banks[0].pool[slots[0]], banks[1].pool[slots[1]])
         assert banks[0]._residents[name] == banks[1]._residents[name]
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_load_writes_the_adapters_rank_not_the_slot(tiny, tmp_path, staged):
+    """Slots of rank 64: a rank-8 adapter sends and writes a rank-8 share of the slot; a slot reused after a
+    rank-24 all-linear adapter is zeroed only where that one reached and the next does not, and ends equal to
+    a slot that never held anything else (nothing stale is read by either kernel path)."""
+    from server.engine.lora_batch import LoraBank
+
+    shape = BaseShape.from_config(tiny.config)
+    first = load_lora(make_peft_adapter(tiny, tmp_path / "a", seed=1, rank=24, b_std=0.2,
+                                        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj")), shape)
+    second = load_lora(make_peft_adapter(tiny, tmp_path / "b", seed=2, rank=8, b_std=0.2,
+                                         targets=("q_proj", "v_proj", "down_proj")), shape)
+
+    def bank():
+        made = LoraBank(torch.device("cpu"), torch.float32, shape, slots=1, max_rank=64)
+        made.staged_loads = staged
+        made.pool.fill_(float("nan"))  # what torch.empty may hold
+        return made
+
+    reused, fresh = bank(), bank()
+    slot_bytes = reused.pool[0].numel() * 4
+    reused.add("a", first)
+    assert reused.last_load["slot_bytes_written"] == slot_bytes + sum(a.numel() + b.numel()
+                                                                      for a, b in first.pairs.values()) * 4
+    reused.remove("a")
+    reused.add("b", second)
+    fresh.add("b", second)
+    assert torch.equal(reused.pool[0], fresh.pool[0])
+    second_bytes = sum(a.numel() + b.numel() for a, b in second.pairs.values()) * 4
+    assert reused.last_load["host_to_device_bytes"] == (second_bytes if staged else 0)
+    assert second_bytes < slot_bytes / 8  # rank 8 of 64, three linears of seven
+    first_rank24 = sum(a.numel() + b.numel() for a, b in first.pairs.values()) * 4
+    assert reused.last_load["slot_bytes_written"] == second_bytes + first_rank24  # a's reach zeroed, b written
+    again = bank()
+    again.add("b", second)
+    again.remove("b")
+    again.add("b2", second)  # same reach: overwritten in place, nothing zeroed
+    assert again.last_load["slot_bytes_written"] == second_bytes and torch.equal(again.pool[0], fresh.pool[0])
