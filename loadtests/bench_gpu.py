@@ -373,8 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
             engine.stop(30)
         graphs = timer.graphs
         report.summary["meta"]["cuda_graphs"] = "off" if graphs is None else (
-            f"off after: {graphs.disabled}" if graphs.disabled else f"on ({len(graphs.shapes)} shapes, "
-                                                                     f"{graphs.replays} replays)")
+            f"on ({len(graphs.shapes)} shapes captured at start in {graphs.warm_up_seconds:.1f} s, "
+            f"{graphs.captured_bytes / 2**20:.0f} MiB; {graphs.replays} replays; {len(graphs.failed)} disabled"
+            + (f": {next(iter(graphs.failed.values()))}" if graphs.failed else "") + ")")
     report.summary["memory"]["peak_gib"] = round(peak_gib(device), 3)
     report.log("done")
     report.flush()

@@ -212,13 +212,18 @@ def step_retire(server: ServerProcess, retired: str, other: str, late: Path, tim
             "late_register_status": added.status_code}
 
 
-def step_metrics(server: ServerProcess, experts: list[str], retired: str) -> dict:
+def step_metrics(server: ServerProcess, experts: list[str], retired: str, cuda: bool) -> dict:
     text = httpx.get(server.base_url + "/metrics", timeout=30).text
     counted = {name: f'loraplex_requests_total{{adapter="{name}"' in text for name in experts}
     graphs = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
               if line.startswith("loraplex_cuda_graph")}
+    captured = graphs.get('loraplex_cuda_graph_shapes{state="captured"}', 0)
+    disabled = graphs.get('loraplex_cuda_graph_shapes{state="disabled"}')
+    # on CUDA: shapes captured at start, none disabled, decode steps replayed; on CPU: the series exist (zeros)
+    graphs_ok = disabled == 0 and (captured > 0 and graphs.get("loraplex_cuda_graph_replays", 0) > 0 if cuda
+                                   else captured == 0)
     return {"ok": all(v for k, v in counted.items() if k != retired) and not counted.get(retired, False)
-            and "loraplex_kv_cache_usage_ratio" in text,
+            and "loraplex_kv_cache_usage_ratio" in text and graphs_ok,
             "experts_counted": sum(counted.values()), "retired_series_gone": not counted.get(retired, False),
             "cuda_graphs": graphs}
 
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps.run("mixed", step_mixed, server, ["base", *names], args.requests if cuda else 9,
                           args.tokens if cuda else 4, timeout)
                 steps.run("retire", step_retire, server, names[-1], names[0], late, timeout)
-            steps.run("metrics", step_metrics, server, names, names[-1])
+            steps.run("metrics", step_metrics, server, names, names[-1], cuda)
         finally:
             if server is not None:
                 code = server.stop()

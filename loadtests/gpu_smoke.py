@@ -19,8 +19,9 @@ recorded with its error and the next one runs):
   peft           mixed and interleaved adapter rows against PEFT applied to each row alone (on a fresh load)
   lora_kernels   the Triton LoRA kernels (lora_kernels: triton) against the torch path: a mixed prefill, and
                  decode steps of 8 and 64 interleaved rows timed both ways
-  cuda_graphs    decode steps replayed from CUDA graphs against eager steps on the same rows (8 and 64 rows,
-                 two adapters and the base), every step compared, both timed
+  cuda_graphs    the decode shapes captured at start (count, seconds, memory against its budget), then steps
+                 replayed from them against an eager runner on the same rows (8 and 64 rows, two adapters and
+                 the base), every step compared, both timed; no shape may be disabled
 Files: progress.log, smoke.jsonl, smoke.md (rewritten after every check). Exit code 0 when every check passed.
 """
 from __future__ import annotations
@@ -472,7 +473,10 @@ def check_cuda_graphs(model, tokenizer, names: list[str], folders: list[Path], t
             runner.lora.add(name, load_lora(folder, shape))
         drivers[mode] = RunnerDriver(runner)
     graphs = drivers["graphs"].runner.graphs
-    record = {"captured": graphs.capture, "lora_kernels": drivers["graphs"].runner.lora.kernels}
+    record = {"captured": graphs.capture, "lora_kernels": drivers["graphs"].runner.lora.kernels,
+              "shapes_at_start": len(graphs.shapes), "warm_up_s": round(graphs.warm_up_seconds, 2),
+              "graph_mib": round(graphs.captured_bytes / 2**20, 1),
+              "budget_mib": round((graphs.budget or 0) / 2**20, 1), "estimate_mib": round(graphs.estimate / 2**20, 1)}
     errors = []
     for batch in (8, 64) if cuda else (8,):
         rows = {i: ([5, 6, 7], [names[0], names[1], None][i % 3]) for i in range(batch)}
@@ -494,8 +498,9 @@ def check_cuda_graphs(model, tokenizer, names: list[str], folders: list[Path], t
         for driver in drivers.values():
             for key in rows:
                 driver.release(key)
-    record.update({"ok": graphs.disabled is None and max(errors) < tolerance, "disabled": graphs.disabled,
-                   "shapes": sorted(map(list, graphs.shapes)), "replays": graphs.replays,
+    record.update({"ok": not graphs.failed and max(errors) < tolerance and (graphs.replays > 0),
+                   "disabled": {str(key): reason for key, reason in graphs.failed.items()},
+                   "shapes": sorted(map(list, graphs.trusted)), "replays": graphs.replays,
                    "max_relative_error": round(max(errors), 5), "tolerance": tolerance})
     return record
 
