@@ -4,8 +4,8 @@
 #   bash loadtests/gpu_run.sh OUT_DIR --cpu    # a tiny model on this CPU: a check of the kit (tests/test_bench_gpu.py)
 # The device image lacks what the server's HTTP edge, the NF4 base and the e2e check's client import: run
 # loadtests/gpu_wheels.sh here first and carry .whl (README "The GPU kit"); they are installed into a private
-# folder first. Each stage has a time limit (all three, with the install: under 8 minutes), so one hang cannot
-# eat a lent GPU's ~15 minutes; a stage stopped at its limit still leaves what it wrote so far.
+# folder first (40 s at most). Each stage has a time limit (140, 140, 130 s: with the install, 7.5 minutes at
+# worst), so one hang cannot eat a lent GPU's ~15 minutes; a stage stopped at its limit leaves what it wrote.
 # OUT_DIR gets run.log (everything printed, as it goes), and per stage STAGE.md (its table) and STAGE.tgz (all its
 # files), made when the stage ends: few files, as the device tool returns at most 8.
 #   smoke  loadtests/gpu_smoke.py: a 2-layer Llama-2-7B-width NF4 base, each GPU path against a reference
@@ -15,9 +15,10 @@
 set -uo pipefail
 out_dir=${1:?usage: gpu_run.sh OUT_DIR [--cpu]}
 mode=${2:-gpu}
+mkdir -p "$out_dir" && out_dir=$(cd "$out_dir" && pwd)
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-read -r limit_smoke limit_e2e limit_bench <<<"${KIT_LIMITS:-150 150 140}"
+read -r limit_smoke limit_e2e limit_bench <<<"${KIT_LIMITS:-140 140 130}"
 mkdir -p "$out_dir"
 exec > >(tee -a "$out_dir/run.log") 2>&1
 started=$SECONDS
@@ -27,12 +28,12 @@ if [ "$mode" = "--cpu" ]; then
   bench_args=(--batches 1,4 --prompt 16 --tokens 8)
 else
   tiny=()
-  bench_args=(--budget-s 80)
+  bench_args=(--budget-s 75)
 fi
 
 wheels=${KIT_WHEELS:-.whl}
 if compgen -G "$wheels/*.whl" >/dev/null; then
-  timeout 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  timeout 40 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/loraplex-site "$wheels"/*.whl || echo "== installing the wheels failed"
   export PYTHONPATH=/tmp/loraplex-site${PYTHONPATH:+:$PYTHONPATH}
 fi
