@@ -10,7 +10,8 @@ that need a running server stop when it is gone):
             kernels, CUDA graphs, adapter slots and KV cache
   register  8 experts registered by POST /v1/adapters (folders under adapter_roots), each timed
   answers   a non-streamed chat completion on the base and one on an expert; a streamed one on an expert
-            (its chunks joined equal a non-streamed answer to the same greedy request, asked alone)
+            (its chunks joined equal a non-streamed answer to the same greedy request, asked alone: required
+            on CPU, recorded on CUDA, where split-K's atomics make two identical requests differ slightly)
   mixed     32 requests at once over the 8 experts and the base, every other one streamed, ignore_eos: all
             answered in full; output tokens/s over the load
   retire    DELETE one expert: a request naming it gets 404, the others still answer; a ninth expert
@@ -118,7 +119,10 @@ def step_register(server: ServerProcess, folders: list[Path]) -> dict:
     return {"ok": {f.name for f in folders} <= {m["id"] for m in listed}, "register_ms": times}
 
 
-def step_answers(server: ServerProcess, base: str, expert: str, timeout: float) -> dict:
+def step_answers(server: ServerProcess, base: str, expert: str, timeout: float, exact: bool) -> dict:
+    """`exact`: the streamed greedy answer must equal the plain one. Not on CUDA: split-K's atomic adds
+    sum in another order each run, so two identical bf16 requests may part at a near-tie of a random
+    model; there it is recorded, not required."""
     client = _client(server, timeout)
     greedy = dict(max_tokens=16, temperature=0.0, extra_body={"ignore_eos": True})
     plain = {}
@@ -144,7 +148,7 @@ def step_answers(server: ServerProcess, base: str, expert: str, timeout: float) 
     record["ok"] = (all(a.choices[0].finish_reason == "length" and a.usage.completion_tokens == 16
                         for a in plain.values())
                     and finish == "length" and usage is not None and usage.completion_tokens == 16
-                    and record["stream_matches_plain"])
+                    and (record["stream_matches_plain"] or not exact))
     return record
 
 
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             names = [folder.name for folder in folders]
             if steps.run("register", step_register, server, folders).get("ok"):
-                steps.run("answers", step_answers, server, "base", names[0], timeout)
+                steps.run("answers", step_answers, server, "base", names[0], timeout, not cuda)
                 steps.run("mixed", step_mixed, server, ["base", *names], args.requests if cuda else 9,
                           args.tokens if cuda else 4, timeout)
                 steps.run("retire", step_retire, server, names[-1], names[0], late, timeout)
