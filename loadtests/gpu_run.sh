@@ -21,6 +21,7 @@ PYTHON=${PYTHON:-python3}
 read -r limit_smoke limit_e2e limit_bench <<<"${KIT_LIMITS:-140 140 130}"
 mkdir -p "$out_dir"
 exec > >(tee -a "$out_dir/run.log") 2>&1
+tee_pid=$!
 started=$SECONDS
 
 if [ "$mode" = "--cpu" ]; then
@@ -68,4 +69,6 @@ stage smoke "$limit_smoke" "$PYTHON" -m loadtests.gpu_smoke "$out_dir/smoke" "${
 stage e2e "$limit_e2e" "$PYTHON" -m loadtests.gpu_e2e "$out_dir/e2e" "${tiny[@]}"
 stage bench "$limit_bench" "$PYTHON" -m loadtests.bench_gpu "$out_dir/bench" "${tiny[@]}" "${bench_args[@]}"
 echo "== kit done in $((SECONDS - started))s; ${failed:+not passed:$failed}${failed:-every stage passed}"
+exec >&- 2>&-  # run.log complete before the script ends (tee reads to the end)
+wait "$tee_pid" 2>/dev/null
 [ -z "$failed" ]

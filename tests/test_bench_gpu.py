@@ -46,6 +46,20 @@ def test_the_kit_runs_every_stage_and_leaves_few_files(kit):
         assert f"== {stage}: passed" in log
 
 
+def test_a_stage_past_its_time_limit_is_stopped_and_the_next_one_runs(image_python, tmp_path):
+    """Each stage under its own limit (here 3 s: none can finish): stopped, said so, packed, and the kit goes
+    on to the next stage and ends with a failure, never a hang."""
+    env = {**os.environ, "PYTHON": str(image_python), "KIT_WHEELS": str(tmp_path / "none"), "KIT_LIMITS": "3 3 3",
+           "PYTHONPATH": ""}
+    done = subprocess.run(["bash", "loadtests/gpu_run.sh", str(tmp_path / "out"), "--cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert done.returncode != 0
+    for stage in ("smoke", "e2e", "bench"):
+        assert f"== {stage}: STOPPED at its 3s limit" in log
+    assert "not passed: smoke e2e bench" in log
+
+
 def test_tiny_run_measures_every_mode_and_writes_as_it_goes(kit):
     out = kit[1] / "unpacked" / "bench"
     summary = json.loads((out / "summary.json").read_text())
