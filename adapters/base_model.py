@@ -134,9 +134,12 @@ def load_model(folder: Path, quantization: str, dtype: torch.dtype, device: torc
     from transformers import AutoModelForCausalLM
 
     placement = {"device_map": {"": device}} if device is not None else {}
+    # use_kernels=False: recent transformers default to swapping layers for kernels fetched from the hub (the
+    # `kernels` package), and fail to load where that package is missing (the device image); the runner drives
+    # the layers itself and nothing may be downloaded at start
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
                                                 quantization_config=quantization_config(quantization, dtype),
-                                                **placement)
+                                                use_kernels=False, **placement)
 
 
 def load_base(base_model: str, quantization: str = "nf4", compute_dtype: str = "auto", device: str = "auto",

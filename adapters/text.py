@@ -13,38 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, model_validator
 
-
-def _bad_character(text: str) -> int | None:
-    """Where `text` stops being encodable as UTF-8, or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return exc.start
-    return None
-
-
-def find_unencodable(value: Any) -> str | None:
-    """The location of the first string (or dict key) in `value` that is not valid Unicode, else None."""
-    stack = [(value, "")]
-    while stack:  # iterative: a body nested 100k deep must not exhaust the Python stack
-        item, path = stack.pop()
-        if isinstance(item, str):
-            at = _bad_character(item)
-            if at is not None:
-                return f"{path or 'text'} (character {at}: {item[at]!r})"
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                if isinstance(key, str) and _bad_character(key) is not None:
-                    return f"{path or 'object'} (a key)"
-                stack.append((child, f"{path}.{key}" if path else str(key)))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((child, f"{path}.{index}" if path else str(index)) for index, child in enumerate(item))
-    return None
-
-
-def unencodable_message(location: str) -> str:
-    return (f"{location} is not valid Unicode text (a lone surrogate such as \\ud800, or an invalid code point); "
-            "send UTF-8 text")
+# the check itself (pydantic-free, for adapters/lora.py); imported from here by the HTTP edge and start-up
+from adapters.encodable import find_unencodable, unencodable_message  # noqa: F401
 
 
 class EncodableText(BaseModel):

@@ -21,8 +21,9 @@ What it measures, in this order, writing each result to OUT_DIR as soon as it ha
 Files: progress.log (one line per phase), results.jsonl (one line per measurement), summary.json and
 summary.md (rewritten after every measurement, so a run cut short still leaves its table).
 
-On a machine without bitsandbytes, carry its wheel (see the device README); nothing else beyond
-torch, transformers, safetensors, tokenizers and prometheus-client is imported.
+It runs on the device image with the wheels loadtests/gpu_wheels.sh downloads (bitsandbytes is the one this script
+needs; it imports no pydantic, fastapi or llguidance): tests/test_gpu_kit.py and tests/test_bench_gpu.py run it
+under an interpreter narrowed to the image's packages plus those wheels (loadtests/image_env.py).
 """
 from __future__ import annotations
 
@@ -137,13 +138,30 @@ def llama_config(shape: str, layers: int, context: int):
 
 
 def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer with one made-up word per id: the engine detokenizes real text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level BPE tokenizer of exactly `vocab_size` ids, made here (no hub): three specials, the 256
+    byte symbols, then merges of printable ASCII pairs and letter/digit triples. Every id decodes to text
+    (the engine detokenizes what a random model emits), and it is byte-level as the tokenizers of real
+    Llamas are: the server's structured-output matcher (llguidance) refuses a word-level one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    symbols = pre_tokenizers.ByteLevel.alphabet()  # the printable stand-ins of the 256 bytes
+    printable = [chr(c) for c in range(33, 127)]  # '!'..'~', their own stand-ins
+    words = [c for c in printable if c.isalnum()]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for symbol in sorted(symbols):
+        vocab[symbol] = len(vocab)
+    merges = []
+    pairs = ((a, b) for a in printable for b in printable)
+    triples = ((a + b, c) for a in words for b in words for c in words)
+    for left, right in (*pairs, *triples):
+        if len(vocab) >= vocab_size:
+            break
+        vocab[left + right] = len(vocab)
+        merges.append((left, right))
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
@@ -165,13 +183,12 @@ def save_random_base(config, folder: Path, device: torch.device) -> None:
 
 
 def load_nf4(folder: Path, device: torch.device, dtype: torch.dtype):
-    """The same NF4 settings as `loraplex serve` (adapters/base_model.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """Loaded as `loraplex serve` loads a base (adapters/base_model.py: NF4, no hub kernels)."""
+    from transformers import AutoTokenizer
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                               bnb_4bit_use_double_quant=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": device})
+    from adapters.base_model import load_model
+
+    model = load_model(folder, "nf4", dtype, device)
     model.eval().requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -356,8 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
             engine.stop(30)
         graphs = timer.graphs
         report.summary["meta"]["cuda_graphs"] = "off" if graphs is None else (
-            f"off after: {graphs.disabled}" if graphs.disabled else f"on ({len(graphs.shapes)} shapes, "
-                                                                     f"{graphs.replays} replays)")
+            f"on ({len(graphs.shapes)} shapes captured at start in {graphs.warm_up_seconds:.1f} s, "
+            f"{graphs.captured_bytes / 2**20:.0f} MiB; {graphs.replays} replays; {len(graphs.failed)} disabled"
+            + (f": {next(iter(graphs.failed.values()))}" if graphs.failed else "") + ")")
     report.summary["memory"]["peak_gib"] = round(peak_gib(device), 3)
     report.log("done")
     report.flush()
@@ -413,14 +431,14 @@ def measure_adapter_loads(engine, folders: list[Path], report: Report) -> None:
                 torch.cuda.synchronize()
             elapsed = (time.perf_counter() - start) * 1000
             runner.lora.remove("load-probe")
-            return elapsed
+            return elapsed, dict(runner.lora.last_load)
         return engine.call(load).result(120)
 
     timed_load(folders[0])  # first call pays one-off costs (CUDA context for copies, imports)
     for folder in folders:
-        elapsed = timed_load(folder)
+        elapsed, copied = timed_load(folder)
         report.summary["adapter_load_ms"].append(round(elapsed, 2))
-        report.add("adapter_load", {"folder": folder.name, "ms": round(elapsed, 2)})
+        report.add("adapter_load", {"folder": folder.name, "ms": round(elapsed, 2), **copied})
     report.log(f"adapter loads (ms): {report.summary['adapter_load_ms']}")
 
 

@@ -409,9 +409,9 @@ def gpu_section() -> str:
             "sampler mix, a cancel and a cold adapter, the sampler's draws against a known distribution and its\n"
             "time at batch 64, 64 adapter slots, a profiler pass: kernels and host time\n"
             "per step, the Triton LoRA kernels against the torch path, CUDA-graph replays against eager steps,\n"
-            "both timed). On a machine without bitsandbytes: `bash loadtests/gpu_run.sh OUT_DIR` installs wheels\n"
-            "from `.whl/` and runs both. Copy OUT_DIR to `loadtests/results/gpu/` to have it appear here.\n")
-    result = _load("gpu/summary.json")
+            "both timed). `bash loadtests/gpu_run.sh OUT_DIR` runs both and an end-to-end check of the server on\n"
+            "the device image (The GPU kit, below); its `bench.tgz` unpacked into `loadtests/results/gpu/` appears here.\n")
+    result = _load("gpu/bench/summary.json")
     if result is None:
         return head + "\n" + ("Not measured yet: no GPU has been available to this project's sessions so far. "
                               "The script runs on CPU with `--shape tiny --device cpu` (the test suite does).")

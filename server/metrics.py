@@ -113,7 +113,8 @@ class Metrics:
               tiers: Callable[[], dict[str, int]], kv_blocks: Callable[[], tuple[int, int]],
               kv_block_bytes: Callable[[], int], adapter_memory: Callable[[], tuple[int, int]] = lambda: (0, 0),
               lora_activity: Callable[[], tuple[list[str], list[str]]] | None = None,
-              max_lora: int = 0, vllm_aliases: bool = False) -> None:
+              max_lora: int = 0, vllm_aliases: bool = False,
+              graphs: Callable[[], dict[str, float]] = lambda: {}) -> None:
         """Gauges read at scrape time from the live engine."""
         r = self.registry
         if lora_activity is not None:
@@ -138,6 +139,15 @@ class Metrics:
                       "holding an adapter, and of the whole pool", ["state"], registry=r)
         slots.labels(state="used").set_function(lambda: adapter_memory()[0])
         slots.labels(state="total").set_function(lambda: adapter_memory()[1])
+        shapes = Gauge("loraplex_cuda_graph_shapes", "Decode-step shapes replayed from CUDA graphs: captured at "
+                       "start and still trusted, and disabled (a failed capture, or a first replay unlike the eager "
+                       "step; those shapes run eagerly)", ["state"], registry=r)
+        shapes.labels(state="captured").set_function(lambda: graphs().get("captured", 0))
+        shapes.labels(state="disabled").set_function(lambda: graphs().get("disabled", 0))
+        Gauge("loraplex_cuda_graph_replays", "Decode steps replayed from CUDA graphs since start",
+              registry=r).set_function(lambda: graphs().get("replays", 0))
+        Gauge("loraplex_cuda_graph_memory_bytes", "GPU memory the captured graphs took at start (0 without them)",
+              registry=r).set_function(lambda: graphs().get("memory_bytes", 0))
         resident = Gauge("loraplex_adapters_resident", "Adapters per residency tier", ["tier"], registry=r)
         for tier in ("device", "cpu", "disk"):
             resident.labels(tier=tier).set_function(lambda tier=tier: tiers().get(tier, 0))

@@ -104,3 +104,12 @@ def server(tmp_path_factory, smollm_adapters, cache_dir):
 @pytest.fixture(scope="session")
 def client(server):
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def image_python(tmp_path_factory) -> Path:
+    """An interpreter that sees only the device image's packages plus the wheels the GPU kit carries
+    (loadtests/image_env.py): the kit's scripts run under it, so an import the image lacks fails here."""
+    from loadtests.image_env import build
+
+    return build(tmp_path_factory.mktemp("image-env") / "venv")

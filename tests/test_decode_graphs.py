@@ -7,7 +7,7 @@ import torch
 from adapters.lora import BaseShape, load_lora
 from loadtests.harness import RunnerDriver, make_peft_adapter
 from server.engine import lora_kernels  # noqa: F401  (Triton interpreted: conftest sets TRITON_INTERPRET)
-from server.engine.decode_graphs import DecodeGraphs, row_buckets
+from server.engine.decode_graphs import DecodeGraphs, Dims, StaticDecode, plan_shapes, row_buckets, width_buckets
 from server.engine.model_runner import ModelRunner
 
 PROMPTS = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77] * 3, [1, 5, 6]]
@@ -59,7 +59,7 @@ def test_static_decode_steps_give_the_eager_logits(tiny, tokenizer, tmp_path):
         torch.testing.assert_close(logits["static"], logits["eager"], rtol=1e-4, atol=1e-4)
         tokens = {key: int(t) for key, t in zip(tokens, logits["eager"].argmax(-1))}
     assert set(graphs.shapes) == {(4, 2, True), (4, 4, True), (2, 4, True)}  # (rows, key blocks, LoRA)
-    assert graphs.disabled is None
+    assert graphs.failed == {} and graphs.trusted == set(graphs.shapes)
     assert torch.count_nonzero(drivers["static"].runner.k_cache[:, 0]) == 0  # padding rows wrote zeros
 
 
@@ -87,3 +87,91 @@ def test_cuda_graphs_setting_is_off_on_cpu(tiny, tokenizer):
     assert ModelRunner(tiny, tokenizer, 9, 16, 128, cuda_graphs="auto").graphs is None
     with pytest.raises(ValueError, match="cuda_graphs"):
         ModelRunner(tiny, tokenizer, 9, 16, 128, cuda_graphs="on")
+
+
+SEVEN_B = Dims(hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000, block_size=16,
+               element=2)
+
+
+def _lora_size(rows):
+    return rows + 3 * 8 + 1  # StaticSegments.size(rows, 8 slots)
+
+
+def test_the_shapes_captured_at_start_fit_their_budget():
+    """A 7B in bf16, batch 64, 2,048-token context: every row bucket x key width x LoRA is the issue's 176
+    shapes and needs GiBs (64 rows over 2,048 keys gather 1 GiB of keys alone); a smaller budget keeps the
+    shortest widths whole, in order, and nothing past its bytes."""
+    full, full_bytes = plan_shapes(SEVEN_B, 64, 128, True, _lora_size, 1 << 40)
+    assert len(full) == 11 * 8 * 2 and {key[1] for key in full} == {1, 2, 4, 8, 16, 32, 64, 128}
+    assert full_bytes > 3 * 2**30
+    for budget in (full_bytes // 4, full_bytes // 20, 2**20):
+        part, part_bytes = plan_shapes(SEVEN_B, 64, 128, True, _lora_size, budget)
+        widths = sorted({key[1] for key in part})
+        assert part_bytes <= budget and widths == [1, 2, 4, 8, 16, 32, 64, 128][: len(widths)]
+        assert len(part) == len(widths) * 11 * 2  # a width is captured whole: every row bucket, LoRA or not
+    assert plan_shapes(SEVEN_B, 64, 128, True, _lora_size, 0) == ([], 0)
+    base_only, _ = plan_shapes(SEVEN_B, 64, 128, False, _lora_size, 1 << 40)  # torch LoRA kernels: no LoRA graphs
+    assert len(base_only) == 88 and not any(key[2] for key in base_only)
+    assert width_buckets(32) == [1, 2, 4, 8, 16, 32] and width_buckets(12) == [1, 2, 4, 8, 12]
+
+
+def test_the_kv_planner_takes_the_graphs_memory_out_first(monkeypatch):
+    from transformers import LlamaConfig
+
+    from server.settings import ConfigError, Settings
+    from server.startup import kv_budget
+
+    cuda = torch.device("cuda")  # only the free-memory probe touches the device: replaced here
+    monkeypatch.setattr(kv_budget, "_free_memory", lambda device: 100 * 2**30)
+    settings = Settings(max_batch_size=64, context_window=2048)
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                         num_key_value_heads=32, num_hidden_layers=32)
+    adapters = 5 * 2**30
+    graphs = kv_budget.graph_budget_bytes(settings, cuda, config, torch.bfloat16, 2048, True, 8, adapters)
+    assert 3 * 2**30 < graphs <= (100 * 2**30 - adapters) * 0.08  # every shape fits 8% of 95 GiB
+    assert kv_budget.graph_budget_bytes(settings, torch.device("cpu"), config, torch.bfloat16, 2048, True, 8, 0) == 0
+    off = Settings(max_batch_size=64, context_window=2048, cuda_graphs="off")
+    assert kv_budget.graph_budget_bytes(off, cuda, config, torch.bfloat16, 2048, True, 8, adapters) == 0
+    block = 2**20
+    without = kv_budget.plan_kv_blocks(settings, cuda, block, 2048, adapters)
+    with_graphs = kv_budget.plan_kv_blocks(settings, cuda, block, 2048, adapters, graphs)
+    assert without - with_graphs == pytest.approx(graphs * 0.9 / block, abs=1)
+    fixed = Settings(max_batch_size=64, context_window=2048, kv_cache_memory="92GiB")
+    with pytest.raises(ConfigError, match=r"the CUDA graphs \(\d+\.\d+ GiB\).*or set cuda_graphs: off"):
+        kv_budget.plan_kv_blocks(fixed, cuda, block, 2048, adapters, graphs)
+
+
+def test_a_replay_unlike_the_eager_step_disables_that_shape_alone(tiny, tokenizer, monkeypatch, caplog):
+    """The first replay of each shape is checked against the same padded step run eagerly; a mismatch
+    (injected here for the 2-row shape) disables that shape with a warning and a count, the step is answered
+    eagerly (the eager runner's logits), and the other shapes keep replaying. Shapes not planned (the
+    budget) run eagerly."""
+    drivers = {name: RunnerDriver(ModelRunner(tiny, tokenizer, 65, 16, 128)) for name in ("eager", "static")}
+    graphs = drivers["static"].runner.graphs = DecodeGraphs(drivers["static"].runner, 8, capture=False)
+    real = StaticDecode.replay
+    monkeypatch.setattr(StaticDecode, "replay", lambda self: real(self) + (100.0 if self.rows == 2 else 0.0))
+    for driver in drivers.values():
+        driver.prefill({0: (PROMPTS[0], None), 1: (PROMPTS[1], None), 2: (PROMPTS[3], None)})
+    tokens = {0: 5, 1: 6, 2: 7}
+    with caplog.at_level("WARNING", logger="server.engine.decode_graphs"):
+        for step in range(6):
+            if step == 2:  # 3 rows (bucket 4) -> 2 rows (bucket 2)
+                for driver in drivers.values():
+                    driver.release(2)
+                tokens.pop(2)
+            if step == 4:  # back to 3 rows: the 4-row shape replays again
+                for driver in drivers.values():
+                    driver.prefill({2: (PROMPTS[3], None)})
+                tokens[2] = 7
+            logits = {name: driver.decode(tokens) for name, driver in drivers.items()}
+            torch.testing.assert_close(logits["static"], logits["eager"], rtol=1e-4, atol=1e-4)
+            tokens = {key: int(t) for key, t in zip(tokens, logits["eager"].argmax(-1))}
+    assert set(graphs.failed) == {(2, 1, False)} and "differs from the eager step by" in graphs.failed[(2, 1, False)]
+    assert graphs.trusted == {(4, 1, False)} and graphs.stats()["disabled"] == 1
+    assert "CUDA graph of 2 rows, 1 key blocks, LoRA False disabled" in caplog.text
+    replays = graphs.replays
+    drivers["static"].decode(tokens)
+    assert graphs.replays == replays + 1  # the 4-row shape: still replayed
+    graphs.planned = {(2, 1, False)}  # what a budget that kept only that shape leaves: 3 rows run eagerly
+    drivers["static"].decode(tokens)
+    assert graphs.replays == replays + 1

@@ -33,8 +33,8 @@ def test_a_gpu_run_appears_with_its_device(tmp_path, monkeypatch):
                         "torch": "2.11", "shape": "7b", "layers": 8, "adapters": 8, "rank": 16,
                         "memory_measure": "torch.cuda.max_memory_allocated"},
                "adapter_load_ms": [4.0, 6.0], "runs": [run], "ratios": [{"batch": 64}], "skipped": []}
-    (tmp_path / "gpu").mkdir()
-    (tmp_path / "gpu" / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "gpu" / "bench").mkdir(parents=True)  # gpu_run.sh's bench.tgz, unpacked
+    (tmp_path / "gpu" / "bench" / "summary.json").write_text(json.dumps(summary))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     section = report.gpu_section()
     assert "`python -m loadtests.bench_gpu out`, 2027-01-02, H200" in section

@@ -166,6 +166,11 @@ class Engine(EngineHandle):
         """(bytes of adapter slots in use, bytes of the slot pool) — a snapshot, safe from any thread."""
         return self._runner.lora.memory() if self._runner is not None else (0, 0)
 
+    def graph_stats(self) -> dict[str, float]:
+        """CUDA graph shapes captured and disabled, replays, graph memory (zeros without graphs): a snapshot."""
+        graphs = self._runner.graphs if self._runner is not None else None
+        return graphs.stats() if graphs is not None else {}
+
     def kv_usage(self) -> tuple[int, int]:
         """(KV blocks in use, blocks in the pool) — a snapshot, safe from any thread."""
         if self._blocks is None:

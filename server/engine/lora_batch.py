@@ -39,6 +39,7 @@ different token now and then.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ SINGLE_THREAD_ROWS = 4
 # Linears grouped by the input they read; a group shares one A matmul.
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
+_MODULE_GROUP = {module: (group, index) for group, modules in GROUPS.items() for index, module in enumerate(modules)}
 
 
 def matmul_rows(x: torch.Tensor, weight) -> torch.Tensor:
@@ -286,20 +288,27 @@ class KernelStepLora:
 KERNELS = ("auto", "torch", "triton")
 
 
-def choose_kernels(kernels: str, device: torch.device, dtype: torch.dtype):
+def choose_kernels(kernels: str, device: torch.device, dtype: torch.dtype, shape: BaseShape | None = None,
+                   rank: int = 16):
     """("torch" or "triton", the lora_kernels module or None) for the `lora_kernels` setting: Triton only
-    after its self-check on this device passes; "auto" falls back to torch with a warning, "triton" is
-    an error. Start-up calls it before sizing memory (the Triton kernels need no step stack)."""
+    after its self-check, on the problems of a base of `shape` with slots of `rank`, passes on this device;
+    "auto" tries it on CUDA only. Start-up calls it before sizing memory (the Triton kernels need no stack)."""
     if kernels not in KERNELS:
         raise ValueError(f"lora_kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
     if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         return "torch", None
+    return triton_or_torch(kernels, device, dtype, shape, rank)
+
+
+def triton_or_torch(kernels: str, device: torch.device, dtype: torch.dtype, shape: BaseShape | None, rank: int):
+    """The Triton kernels if their self-check passes; else "triton" is an error and "auto" falls back to the
+    torch kernels with a warning that names the failure (which group, K, split and dtype, and by how much)."""
     try:
         from server.engine import lora_kernels
     except ImportError as exc:  # triton is not installed
         problem = f"Triton is not available ({exc})"
     else:
-        problem = lora_kernels.self_check(device, dtype)
+        problem = lora_kernels.self_check(device, dtype, shape, rank)
     if problem is None:
         return "triton", lora_kernels
     if device.type != "cuda":
@@ -335,14 +344,19 @@ class LoraBank:
         self._free = list(range(slots - 1, -1, -1))
         self._residents: dict[str, _Resident] = {}
         self._stack = _StepStack(shape, slots, device, dtype)
-        self.kernels, self.kernels_module = choose_kernels(kernels, device, dtype)
+        self.kernels, self.kernels_module = choose_kernels(kernels, device, dtype, shape, self.layout.rank)
         # loads through a pinned staging buffer and a side stream (CUDA); direct copies on a CPU
         self.staged_loads = device.type == "cuda"
         self._staging: torch.Tensor | None = None
-        self._staging_written: list[torch.Tensor] = []
         self._staging_event = None
         self._copy_stream = None
         self._pending: dict[int, object] = {}  # slot -> CUDA event of its copy still in flight
+        # slot -> (rank, (layer, module) pairs) of what is not zero in it; a slot not here was never written
+        # (torch.empty: anything) and is zeroed whole, once, at its first load
+        self._written: dict[int, tuple[int, frozenset]] = {}
+        # bytes of the last load: sent host -> device, and written into the slot (its weights, and zeros where
+        # the slot's previous adapter had weights the new one does not overwrite)
+        self.last_load: dict[str, int] = {}
 
     @staticmethod
     def bytes_needed(shape: BaseShape, slots: int, max_rank: int, dtype: torch.dtype, step_stack: bool = True) -> int:
@@ -357,6 +371,10 @@ class LoraBank:
         return len(self._residents) * slot, self.slots * slot
 
     def add(self, name: str, weights: LoraWeights) -> None:
+        """Load an adapter into a free slot. Only its rank is written: a slot's columns past the rank of the
+        adapter in it, and its linears the adapter does not target, stay zero (the kernels read them, scaled
+        by nothing), so a load writes the adapter's bytes, not the slot's (a rank-16 adapter in rank-64 slots:
+        a quarter), plus zeros where the slot's previous adapter reached further."""
         self.remove(name)
         if weights.rank > self.layout.rank:
             raise ValueError(f"adapter {name} has rank {weights.rank}; the slots hold rank {self.layout.rank} at most")
@@ -367,55 +385,92 @@ class LoraBank:
             written = self._upload(slot, weights)
         else:
             flat = self.pool[slot]
-            flat.zero_()
+            zeroed = self._clear_for(slot, flat, weights)
             written = self._write(flat, weights)
+            numel = sum(a.numel() + b.numel() for a, b in weights.pairs.values())
+            self.last_load = {"host_to_device_bytes": 0, "slot_bytes_written": numel * flat.element_size() + zeroed}
+        self._written[slot] = (weights.rank, frozenset(weights.pairs))
         groups = frozenset((layer, group) for layer, group, _ in written)
         modules = frozenset((layer, module) for layer, _, module in written)
         self._residents[name] = _Resident(slot, aligned_rank(weights.rank), groups, modules)
 
+    def _views(self, flat: torch.Tensor, key: tuple[int, str], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `rank` columns of (layer, module)'s A and rows of its B in a slot's `flat` parameters."""
+        layer, module = key
+        group, index = _MODULE_GROUP[module]
+        return (self.layout.a_view(flat, (layer, group))[:, index, :rank],
+                self.layout.b_view(flat, (layer, module))[:rank])
+
+    def _clear_for(self, slot: int, flat: torch.Tensor, weights: LoraWeights) -> int:
+        """Zero what `weights` will not overwrite of the slot's previous adapter (all of a never-used slot);
+        the bytes zeroed."""
+        previous = self._written.get(slot)
+        if previous is None:
+            flat.zero_()
+            return flat.numel() * flat.element_size()
+        rank, pairs = previous
+        zeroed = 0
+        for key in pairs:
+            if key in weights.pairs and weights.rank >= rank:
+                continue  # overwritten whole
+            for view in self._views(flat, key, rank):
+                view.zero_()
+                zeroed += view.numel() * view.element_size()
+        return zeroed
+
     def _write(self, flat: torch.Tensor, weights: LoraWeights) -> list[tuple[int, str, str]]:
-        """Each linear's A and B into `flat` (a slot's layout, zero where the adapter has nothing)."""
-        rank, written = weights.rank, []
-        module_group = {m: (g, i) for g, ms in GROUPS.items() for i, m in enumerate(ms)}
-        for (layer, module), (a, b) in weights.pairs.items():
-            group, index = module_group[module]
-            self.layout.a_view(flat, (layer, group))[:, index, :rank].copy_(a)
-            self.layout.b_view(flat, (layer, module))[:rank].copy_(b)
-            written.append((layer, group, module))
+        """Each linear's A and B into `flat` (a slot's layout), the adapter's rank only."""
+        written = []
+        for key, (a, b) in weights.pairs.items():
+            a_view, b_view = self._views(flat, key, weights.rank)
+            a_view.copy_(a)
+            b_view.copy_(b)
+            written.append((key[0], _MODULE_GROUP[key[1]][0], key[1]))
         return written
 
     def _upload(self, slot: int, weights: LoraWeights) -> list[tuple[int, str, str]]:
-        """A GPU load: the adapter is laid out in one pinned host buffer, which is copied to its slot in one
-        transfer on a side stream; the step that first uses the slot waits for that copy on the device
+        """A GPU load: the adapter's matrices, packed end to end in one pinned host buffer, go to the device
+        in one transfer on a side stream, and are laid into their slot there (a strided copy per matrix, the
+        adapter's rank only); the step that first uses the slot waits for that copy on the device
         (`_await_loads`), the host never does, and the step running meanwhile is not held up. The staging
-        buffer is reused: before it is rewritten, the host waits for its previous copy (one adapter load
-        ago) and zeroes only what that adapter wrote."""
+        buffer is reused: before it is rewritten, the host waits for its previous transfer."""
         cuda = self.device.type == "cuda"
         if self._staging is None:
-            self._staging = torch.zeros(self.layout.size, dtype=self.dtype, pin_memory=cuda)
+            self._staging = torch.empty(self.layout.size, dtype=self.dtype, pin_memory=cuda)
         if self._staging_event is not None:
             self._staging_event.synchronize()
-        for view in self._staging_written:
-            view.zero_()
-        rank = weights.rank
-        written = self._write(self._staging, weights)
-        self._staging_written = [self.layout.a_view(self._staging, (layer, group))[:, :, :rank]
-                                 for layer, group in {(layer, group) for layer, group, _ in written}]
-        self._staging_written += [self.layout.b_view(self._staging, (layer, module))[:rank]
-                                  for layer, _, module in written]
-        if not cuda:  # the same layout and copy, synchronously (how the suite checks the staging)
-            self.pool[slot].copy_(self._staging)
-            return written
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
-        # a freed slot may still be read by a step queued on the compute stream: the copy waits for it
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._copy_stream):
-            self.pool[slot].copy_(self._staging, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-        self._pending[slot] = event
-        self._staging_event = event
+        packed, offset = [], 0
+        for a, b in weights.pairs.values():
+            for matrix in (a, b):
+                view = self._staging[offset : offset + matrix.numel()].view(matrix.shape)
+                view.copy_(matrix)
+                packed.append(view)
+                offset += matrix.numel()
+        on_side_stream = contextlib.nullcontext()
+        if cuda:
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            # a freed slot may still be read by a step queued on the compute stream: the copy waits for it
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            on_side_stream = torch.cuda.stream(self._copy_stream)
+        with on_side_stream:
+            flat = self.pool[slot]
+            zeroed = self._clear_for(slot, flat, weights)
+            # allocated on the copy stream, used only there: its memory is reused once this stream's work is done
+            sent = self._staging[:offset].to(self.device, non_blocking=True)
+            written, start = [], 0
+            for key in weights.pairs:
+                for view in self._views(flat, key, weights.rank):
+                    view.copy_(sent[start : start + view.numel()].view(view.shape))
+                    start += view.numel()
+                written.append((key[0], _MODULE_GROUP[key[1]][0], key[1]))
+            if cuda:
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+                self._pending[slot] = event
+                self._staging_event = event
+        element = self.pool.element_size()
+        self.last_load = {"host_to_device_bytes": offset * element, "slot_bytes_written": offset * element + zeroed}
         return written
 
     def _await_loads(self, slots) -> None:

@@ -157,13 +157,19 @@ class StaticSegments(Segments):
         return rows + 3 * capacity + 1
 
 
+def choose_split_k(k: int, device: torch.device) -> int:
+    """Programs sharing one row block's K on a GPU: few rows leave most of it idle, so a long K (4,096 and
+    11,008 on a 7B: 4 and 8) is split, the parts added atomically. One where Triton is interpreted."""
+    return max(1, min(8, k // 1024)) if device.type == "cuda" else 1
+
+
 def shrink(x: torch.Tensor, pool: torch.Tensor, a_offset: int, width: int, rank: int, segments: Segments,
            out: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
     """out[e, :width] = x[order[e]] @ A (A: [x.shape[1], width] at `a_offset` of each segment's slot, its
     modules side by side at `rank` columns each). `out` is float32 (split K adds partial sums atomically)."""
     k = x.shape[1]
-    if split_k is None:  # few rows on a GPU: spread the long K over more programs
-        split_k = max(1, min(8, k // 1024)) if x.is_cuda else 1
+    if split_k is None:
+        split_k = choose_split_k(k, x.device)
     if split_k > 1:
         out.zero_()
     grid = (triton.cdiv(segments.longest, BLOCK_M), segments.segments, triton.cdiv(width, BLOCK_N) * split_k)
@@ -185,32 +191,91 @@ def expand(hidden: torch.Tensor, column: int, rank: int, pool: torch.Tensor, b_o
                          BLOCK_R=max(16, triton.next_power_of_2(rank)))
 
 
-def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Run both kernels once on a small random problem against plain torch; None when they agree, else
-    what went wrong. The engine runs this before trusting the kernels with requests (they are compiled
-    for the device at first use, and a Triton or driver mismatch shows up here, not mid-request)."""
+# the serving dtype's bound on the LoRA delta's error, relative to its largest value: the kernels sum in fp32
+# and round the shrink's result to the weights' dtype before the expand (8 bits of mantissa in bf16)
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def _check_problems(shape) -> list[tuple[str, int, int, int]]:
+    """(group, K, modules, N) of each linear group of `shape` (an adapters.lora.BaseShape), as the runner
+    launches them: K is what the shrink reduces over, N the width the expand writes (the group's last module)."""
+    groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+              "down": ("down_proj",)}
+    features = shape.linear_features
+    return [(group, features[modules[0]][0], len(modules), features[modules[-1]][1])
+            for group, modules in groups.items()]
+
+
+def self_check(device: torch.device, dtype: torch.dtype, shape=None, rank: int = 16,
+               split_k: int | None = None) -> str | None:
+    """Run both kernels on the problems the model will give them, against plain torch in fp32; None when they
+    agree, else which problem went wrong and how. The engine runs this before trusting the kernels with
+    requests: they are compiled for the device at first use, and a Triton, driver or kernel bug shows up here,
+    not mid-request.
+
+    What runs, in the serving `dtype`: every linear group of `shape` (the base's BaseShape; a small stand-in
+    when None) at its own K (4,096 and 11,008 on a 7B) and output width, with the split of K the serving path
+    takes there (`choose_split_k`: 4 or 8 on a GPU, atomics), one segment longer than a block of rows, one
+    adapter below the pool's rank and rows with no adapter between; then mixture weights (scaled deltas) and
+    the fixed-size segments of a captured step (`StaticSegments`, empty segments after the step's) on the
+    first group. `split_k` overrides the split (the suite runs 1/4/8 under the interpreter)."""
+    if shape is None:
+        problems = [("qkv", 256, 3, 96)]
+    else:
+        problems = _check_problems(shape)
     generator = torch.Generator().manual_seed(0)
-    rank, width, k, n = 16, 48, 256, 96  # 3 modules of rank 16 side by side (q/k/v)
-    a_size, b_size = k * width, rank * n
-    pool = (torch.randn(3, a_size + b_size, generator=generator) * 0.1).to(device, dtype)
-    x = torch.randn(7, k, generator=generator).to(device, dtype)
-    y = torch.randn(7, n, generator=generator).to(device, dtype)
-    rows = {2: [(0, 1.0), (3, 1.0), (6, 1.0)], 0: [(1, 1.0), (5, 1.0)]}  # rows 2 and 4: no adapter
-    try:
-        segments = Segments(rows, {0: rank, 2: rank}, device)
-        hidden = shrink(x, pool, 0, width, rank, segments, torch.empty(segments.entries, width, device=device))
-        got = y.clone()
-        expand(hidden, rank, rank, pool, a_size, segments, got)  # the second module's columns
-        want = y.float().clone()
-        for slot, members in rows.items():
-            a = pool[slot, :a_size].view(k, width).float()
-            b = pool[slot, a_size:].view(rank, n).float()
-            for row, _ in members:
-                want[row] += (x[row].float() @ a)[rank : 2 * rank] @ b
-        error = (got.float() - want).abs().max().item()
-        tolerance = 1e-3 if dtype == torch.float32 else 5e-2
-        if not error <= tolerance * max(1.0, want.abs().max().item()):
-            return f"LoRA kernels differ from torch by {error:.3g}"
-    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels
-        return f"{type(exc).__name__}: {exc}"
+    rows = 40
+    ranks = {2: rank, 0: max(1, rank // 2)}  # slot 0: an adapter of half the pool's rank
+    # 20 rows (two blocks) on slot 2, 10 on slot 0, 10 with no adapter, interleaved
+    members = {2: [(r, 1.0) for r in range(0, rows, 2)], 0: [(r, 1.0) for r in range(1, rows, 4)]}
+    mixed = {slot: [(r, (-0.5, 0.75, 1.5)[r % 3]) for r, _ in entries] for slot, entries in members.items()}
+    tolerance = SELF_CHECK_TOLERANCE.get(dtype, 3e-2)
+    passes = [(group, k, modules, n, "plain") for group, k, modules, n in problems]
+    passes += [(*problems[0], "mixture weights"), (*problems[0], "static segments")]
+    from server.engine.lora_batch import MIN_A_COLUMNS
+
+    for group, k, modules, n, kind in passes:
+        a_rank = max(rank, -(-MIN_A_COLUMNS // modules))  # a module's A columns, as the slot layout has them
+        width = modules * a_rank
+        a_size = k * width
+        pool = torch.randn(3, a_size + rank * n, generator=generator)
+        pool[:, :a_size] /= k**0.5
+        pool[:, a_size:] /= rank**0.5
+        for slot, slot_rank in ranks.items():  # past an adapter's rank its slot is zero, as LoraBank writes it
+            pool[slot, :a_size].view(k, modules, a_rank)[:, :, slot_rank:] = 0
+            pool[slot, a_size:].view(rank, n)[slot_rank:] = 0
+        pool = pool.to(device, dtype)
+        x = torch.randn(rows, k, generator=generator).to(device, dtype)
+        y = torch.randn(rows, n, generator=generator).to(device, dtype)
+        entries = mixed if kind == "mixture weights" else members
+        split = split_k if split_k is not None else choose_split_k(k, device)
+        where = f"{group} (K {k}, N {n}, split-K {split}, {kind}, {dtype})"
+        try:
+            if kind == "static segments":
+                capacity = 4
+                layout = StaticSegments.layout(entries, ranks, rows, capacity)
+                buffers = torch.tensor(layout, dtype=torch.int64, device=device)
+                segments = StaticSegments(*buffers.split((rows, capacity + 1, capacity, capacity)))
+            else:
+                segments = Segments(entries, ranks, device)
+            hidden = shrink(x, pool, 0, width, a_rank, segments,
+                            torch.empty(segments.entries, width, device=device), split_k=split)
+            got = y.clone()
+            column = (modules - 1) * a_rank  # the group's last module
+            expand(hidden, column, rank, pool, a_size, segments, got)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            want = torch.zeros(rows, n)
+            cpu_pool = pool.float().cpu()
+            for slot, slot_entries in entries.items():
+                a = cpu_pool[slot, :a_size].view(k, width)[:, column : column + rank]
+                b = cpu_pool[slot, a_size:].view(rank, n)
+                for row, weight in slot_entries:
+                    want[row] += weight * ((x[row].float().cpu() @ a) @ b)
+            delta = got.float().cpu() - y.float().cpu()
+            error = (delta - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels
+            return f"{where}: {type(exc).__name__}: {exc}"
+        if not error <= tolerance:  # NaN fails too
+            return f"LoRA kernels differ from torch by {error:.3g} (bound {tolerance:g}) in {where}"
     return None

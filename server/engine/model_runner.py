@@ -70,7 +70,10 @@ class ModelRunner:
 
     def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int,
                  adapter_slots: int = 8, max_adapter_rank: int = 64, batch_invariant: bool = True,
-                 lora_kernels: str = "torch", cuda_graphs: str = "off", max_batch_size: int = 64):
+                 lora_kernels: str = "torch", cuda_graphs: str = "off", max_batch_size: int = 64,
+                 graph_budget: int | None = None):
+        """`graph_budget`: bytes the CUDA graphs captured at start may take (start-up plans it before the
+        KV cache; None: a share of what is free after the cache, see decode_graphs.auto_budget)."""
         config = causal_lm.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
@@ -104,7 +107,8 @@ class ModelRunner:
         if cuda_graphs == "auto" and self.device.type == "cuda":
             from server.engine.decode_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, max_batch_size, capture=True)
+            self.graphs = DecodeGraphs(self, max_batch_size, capture=True, budget=graph_budget)
+            self.graphs.warm_up()  # every planned shape captured now, before any request
 
     @property
     def kv_cache_bytes(self) -> int:

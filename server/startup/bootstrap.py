@@ -24,7 +24,7 @@ from server.api.state import BaseInfo, ServerState
 from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
-from server.engine.lora_batch import LoraBank, choose_kernels
+from server.engine.lora_batch import LoraBank, aligned_rank, choose_kernels
 from server.engine.residency import AdapterCache
 from server.experts.service import Experts, ExpertPolicy, ServedBase
 from server.experts.spec import ExpertRegistration
@@ -32,7 +32,7 @@ from server.jobs.manager import JobError
 from server.jobs.service import FineTuning, TrainingDefaults
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
-from server.startup.kv_budget import plan_kv_blocks
+from server.startup.kv_budget import graph_budget_bytes, plan_kv_blocks
 
 log = logging.getLogger("loraplex.bootstrap")
 
@@ -92,19 +92,23 @@ def build_runtime(settings: Settings, on_base_ready, wake, on_freed, metrics: Me
     block_bytes = kv_block_bytes(config, dtype, settings.kv_block_size)
     shape = BaseShape.from_config(config)
     try:
-        kernels, _ = choose_kernels(settings.lora_kernels, device, dtype)  # before sizing: Triton needs no stack
+        # before sizing: Triton needs no step stack
+        kernels, _ = choose_kernels(settings.lora_kernels, device, dtype, shape, aligned_rank(settings.max_adapter_rank))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     adapter_bytes = LoraBank.bytes_needed(shape, settings.max_gpu_adapters, settings.max_adapter_rank, dtype,
                                           step_stack=kernels == "torch")
-    num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes)
+    graph_bytes = graph_budget_bytes(settings, device, config, dtype, context_window, kernels == "triton",
+                                     settings.max_gpu_adapters, adapter_bytes)
+    num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes, graph_bytes)
     runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window,
                          settings.max_gpu_adapters, settings.max_adapter_rank, settings.batch_invariant,
-                         kernels, settings.cuda_graphs, settings.max_batch_size)
+                         kernels, settings.cuda_graphs, settings.max_batch_size, graph_bytes)
     log.info("adapter slots: %d of rank %d (%.1f MiB%s); LoRA kernels: %s; CUDA graphs: %s",
              settings.max_gpu_adapters, runner.lora.layout.rank, adapter_bytes / 2**20,
              " with the step stack, at most" if kernels == "torch" else "", runner.lora.kernels,
-             "on" if runner.graphs is not None else "off")
+             f"{len(runner.graphs.shapes)} decode shapes ({graph_bytes / 2**20:.0f} MiB planned)"
+             if runner.graphs is not None else "off")
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", num_blocks - 1, settings.kv_block_size,
              num_blocks * block_bytes / 2**20, (num_blocks - 1) * settings.kv_block_size)
     from transformers import AutoTokenizer
@@ -201,6 +205,7 @@ def _watch(metrics: Metrics, engine, settings: Settings) -> None:
         kv_block_bytes=engine.kv_block_bytes,
         adapter_memory=engine.adapter_memory,
         lora_activity=engine.lora_activity,
+        graphs=engine.graph_stats,
         max_lora=settings.max_gpu_adapters,
         vllm_aliases=settings.vllm_metric_aliases,
     )

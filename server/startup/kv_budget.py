@@ -36,7 +36,7 @@ def _free_memory(device: torch.device) -> int:
 
 def kv_budget_bytes(settings: Settings, device: torch.device, block_bytes: int, context_window: int,
                     reserved: int = 0) -> int:
-    """`reserved`: bytes already promised to the adapter slot pool, not free for the KV cache."""
+    """`reserved`: bytes already promised to the adapter slot pool and the CUDA graphs, not free for the KV cache."""
     amount, fraction = parse_memory(settings.kv_cache_memory)
     if amount is not None:
         return amount
@@ -49,20 +49,45 @@ def kv_budget_bytes(settings: Settings, device: torch.device, block_bytes: int, 
     return max(min(wanted, int(_free_memory(device) * AUTO_CPU_RAM_SHARE)), (per_request + 1) * block_bytes)
 
 
+def graph_budget_bytes(settings: Settings, device: torch.device, config, dtype: torch.dtype, context_window: int,
+                       triton_lora: bool, adapter_slots: int, adapter_bytes: int) -> int:
+    """Bytes the CUDA graphs captured at start will take (decode_graphs.plan_shapes' estimate for the shapes
+    that fit GRAPH_MEMORY_SHARE of the memory free after the base and the adapter slots); 0 without them.
+    Taken out of free memory before the KV cache is sized, so capturing them cannot run out of memory."""
+    if settings.cuda_graphs != "auto" or device.type != "cuda":
+        return 0
+    from server.engine.decode_graphs import GRAPH_MEMORY_SHARE, Dims, plan_shapes
+
+    lora_size = lambda rows: 0  # noqa: E731
+    if triton_lora:
+        from server.engine.lora_kernels import StaticSegments
+
+        lora_size = lambda rows: StaticSegments.size(rows, adapter_slots)  # noqa: E731
+    budget = int(max(_free_memory(device) - adapter_bytes, 0) * GRAPH_MEMORY_SHARE)
+    max_width = -(-context_window // settings.kv_block_size)
+    _, estimate = plan_shapes(Dims.of(config, dtype, settings.kv_block_size), settings.max_batch_size, max_width,
+                              triton_lora, lora_size, budget)
+    return estimate
+
+
 def plan_kv_blocks(settings: Settings, device: torch.device, block_bytes: int, context_window: int,
-                   adapter_bytes: int = 0) -> int:
+                   adapter_bytes: int = 0, graph_bytes: int = 0) -> int:
     """Blocks in the pool (the padding block included); ConfigError when one full request cannot fit, or
-    when the KV cache and the adapter slots (`adapter_bytes`) together do not fit in free memory."""
+    when the KV cache, the adapter slots (`adapter_bytes`) and the CUDA graphs (`graph_bytes`) together do
+    not fit in free memory. The slots and the graphs are taken out of free memory first."""
     block_size = settings.kv_block_size
-    budget = kv_budget_bytes(settings, device, block_bytes, context_window, adapter_bytes)
+    reserved = adapter_bytes + graph_bytes
+    budget = kv_budget_bytes(settings, device, block_bytes, context_window, reserved)
     free = _free_memory(device)
-    if budget + adapter_bytes > free:
+    if budget + reserved > free:
         where = "free on the GPU" if device.type == "cuda" else "of available RAM"
+        graphs = f", the CUDA graphs ({graph_bytes / 2**30:.2f} GiB)" if graph_bytes else ""
         raise ConfigError(
             f"the adapter slots ({settings.max_gpu_adapters} x rank {settings.max_adapter_rank}, with the step "
-            f"stack where the torch LoRA kernels need it: {adapter_bytes / 2**30:.2f} GiB) and the KV cache ({budget / 2**30:.2f} GiB) need "
-            f"{(budget + adapter_bytes) / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is {where} after the "
-            "base model loaded. Lower max_gpu_adapters, max_adapter_rank or kv_cache_memory.")
+            f"stack where the torch LoRA kernels need it: {adapter_bytes / 2**30:.2f} GiB){graphs} and the KV "
+            f"cache ({budget / 2**30:.2f} GiB) need {(budget + reserved) / 2**30:.2f} GiB, but only "
+            f"{free / 2**30:.2f} GiB is {where} after the base model loaded. Lower max_gpu_adapters, "
+            "max_adapter_rank or kv_cache_memory" + (", or set cuda_graphs: off." if graph_bytes else "."))
     usable = budget // block_bytes - 1  # block 0 pads block tables
     needed = -(-context_window // block_size)
     if usable < needed:

@@ -294,6 +294,9 @@ class RemoteEngine(EngineHandle, Replicas):
     def kv_block_bytes(self) -> int:
         return 0
 
+    def graph_stats(self) -> dict[str, float]:
+        return {}  # the replicas' graphs are in their own processes
+
     def lora_activity(self) -> tuple[list[str], list[str]]:
         running = {f.seq.model for f in self._flights.values() if f.seq.adapter_keys and f.replica is not None}
         waiting = {f.seq.model for f in self._flights.values() if f.seq.adapter_keys and f.replica is None}
