@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from adapters.encodable import find_unencodable, unencodable_message
+from validation.unicode import find_unencodable, unencodable_message
 
 # The Llama linears a LoRA may target, and the block each lives in (its path: model.layers.N.<block>.<module>).
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -20,7 +20,7 @@ import time
 import torch
 
 from adapters.lora import LINEAR_MODULES, BaseShape, LoraWeights
-from adapters.base_model import EMBEDDED_BASE, load_base
+from models.base_model import EMBEDDED_BASE, load_base
 from server.engine import lora_batch
 from server.engine.model_runner import ModelRunner, StepItem
 

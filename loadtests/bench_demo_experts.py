@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from loadtests.harness import REPO, ServerProcess
+from tests.support.harness import REPO, ServerProcess
 from loadtests.provenance import stamp
 
 QUESTIONS = ["Explain how a rainbow forms.", "Describe a busy market.", "What makes bread rise?",

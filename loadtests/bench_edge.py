@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.harness import REPO, ServerProcess
+from tests.support.harness import REPO, ServerProcess
 from loadtests.provenance import stamp
 
 BASE = "SmolLM2-135M-Instruct"

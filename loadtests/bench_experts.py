@@ -2,8 +2,8 @@
 
     python -m loadtests.bench_experts [--max-tokens 64]
 
-Serves configs/default.yaml (the base plus the demo experts under adapters/demo/), sends
-each expert's 50 held-out prompts (adapters/demo/<name>/heldout.json, none of them in the
+Serves configs/default.yaml (the base plus the demo experts under training/demo/), sends
+each expert's 50 held-out prompts (training/demo/<name>/heldout.json, none of them in the
 training data) to the expert and to the base, greedy, and measures:
   json-answer  share of answers that parse as one JSON object
   pirate       share of answers using pirate words (arr, matey, ahoy, aye, ye, savvy, ...)
@@ -24,8 +24,8 @@ from pathlib import Path
 import openai
 
 from loadtests.provenance import stamp
-from loadtests.harness import REPO, ServerProcess
-from adapters.base_model import EMBEDDED_NAME
+from tests.support.harness import REPO, ServerProcess
+from models.base_model import EMBEDDED_NAME
 from server.settings import Settings, load_settings
 
 DEMO = REPO / "adapters" / "demo"

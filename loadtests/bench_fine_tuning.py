@@ -27,7 +27,7 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from loadtests.harness import REPO, ServerProcess, run_together, wait_until
+from tests.support.harness import REPO, ServerProcess, run_together, wait_until
 from loadtests.provenance import stamp
 
 TOPICS = ["volcanoes", "tea", "bicycles", "the moon", "jazz", "bees", "chess", "rain", "glaciers", "bread",

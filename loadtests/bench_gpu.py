@@ -183,10 +183,10 @@ def save_random_base(config, folder: Path, device: torch.device) -> None:
 
 
 def load_nf4(folder: Path, device: torch.device, dtype: torch.dtype):
-    """Loaded as `loraplex serve` loads a base (adapters/base_model.py: NF4, no hub kernels)."""
+    """Loaded as `loraplex serve` loads a base (models/base_model.py: NF4, no hub kernels)."""
     from transformers import AutoTokenizer
 
-    from adapters.base_model import load_model
+    from models.base_model import load_model
 
     model = load_model(folder, "nf4", dtype, device)
     model.eval().requires_grad_(False)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.harness import REPO, ServerProcess, run_together
+from tests.support.harness import REPO, ServerProcess, run_together
 from loadtests.loadgen import percentile
 from loadtests.provenance import stamp
 from server.settings import Settings
@@ -255,7 +255,7 @@ def _block_bytes() -> int:
     import torch
     from transformers import AutoConfig
 
-    from adapters.base_model import convert_embedded
+    from models.base_model import convert_embedded
     from server.engine.model_runner import kv_block_bytes
 
     return kv_block_bytes(AutoConfig.from_pretrained(convert_embedded(Settings().cache_dir)), torch.float32, 16)

@@ -7,7 +7,7 @@
    interleaved), every row blends two (pirate+json-answer, json-answer+terse, terse+pirate in turn), and
    every row blends all three; three alternated rounds of 30 steps. Throughput ratios: mixed / single.
 2. Behaviour (the real server, configs/default.yaml): the held-out prompts of the json-answer and
-   pirate experts (adapters/demo/*/heldout.json) sent, greedy, to `pirate+json-answer` (both in full),
+   pirate experts (training/demo/*/heldout.json) sent, greedy, to `pirate+json-answer` (both in full),
    `X-Expert: json-answer:1,pirate:0.5` and `json-answer:0.5,pirate:0.5` (an average): the share of
    answers that are one JSON object, that use pirate words, and both at once; each expert alone too.
 Writes loadtests/results/bench_mixtures.json.
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from adapters.base_model import EMBEDDED_BASE, load_base
+from models.base_model import EMBEDDED_BASE, load_base
 from adapters.lora import BaseShape, load_lora
 from loadtests.bench_decode_step import time_steps
 from loadtests.bench_experts import DEMO, PIRATE_WORDS, is_json_object
-from loadtests.harness import REPO, ServerProcess
+from tests.support.harness import REPO, ServerProcess
 from loadtests.provenance import stamp
 from server.engine.model_runner import ModelRunner, StepItem
 from server.settings import Settings

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from loadtests.harness import REPO, ServerProcess, free_port, make_peft_adapter
+from tests.support.harness import REPO, ServerProcess, free_port, make_peft_adapter
 from loadtests.loadgen import percentile
 from loadtests.provenance import stamp
 
@@ -50,7 +50,7 @@ PROMPTS = ["Tell me about the sea.", "What is a good breakfast?", "Explain rain.
 def make_experts(root: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from adapters.base_model import convert_embedded
+    from models.base_model import convert_embedded
     from server.settings import Settings
 
     model = AutoModelForCausalLM.from_pretrained(convert_embedded(Settings().cache_dir), dtype=torch.float32)

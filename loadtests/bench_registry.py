@@ -27,9 +27,9 @@ import torch
 from adapters.lora import BaseShape, load_lora
 from adapters.lora import LINEAR_MODULES
 from loadtests.provenance import stamp
-from loadtests.harness import REPO, ServerProcess, make_peft_adapter
+from tests.support.harness import REPO, ServerProcess, make_peft_adapter
 from server.engine.lora_batch import LoraBank
-from adapters.base_model import EMBEDDED_NAME, convert_embedded
+from models.base_model import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
 ADMIN = {"Authorization": "Bearer bench"}

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from adapters.registry import AdapterRecord, AdapterRegistry
-from loadtests.harness import REPO
+from tests.support.harness import REPO
 from loadtests.provenance import stamp
 from router.classifier import ExpertClassifier, ExpertProfile, read_prompts, BACKGROUND_FILE
 from router.encoder import RouterEncoder, StaticEncoder, TextEncoder, embedded_encoder_folder, embedded_static_folder

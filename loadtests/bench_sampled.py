@@ -26,7 +26,7 @@ import httpx
 import openai
 
 from loadtests.bench_demo_experts import QUESTIONS
-from loadtests.harness import REPO, ServerProcess
+from tests.support.harness import REPO, ServerProcess
 from loadtests.provenance import stamp
 
 LOADS = {"greedy": {"temperature": 0}, "client_default": {}, "top_p_0.9": {"temperature": 0.8, "top_p": 0.9}}

@@ -29,7 +29,7 @@ PROMPTS = ["Write a short story about a dragon who learns to bake bread.", "List
 
 def model_logits(rows: int) -> torch.Tensor:
     """Raw next-token logits of the default model along sampled answers (temperature 1, 60 tokens each)."""
-    from adapters.base_model import EMBEDDED_BASE, load_base
+    from models.base_model import EMBEDDED_BASE, load_base
 
     base = load_base(EMBEDDED_BASE, compute_dtype="float32")
     steps = []

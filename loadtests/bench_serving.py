@@ -25,9 +25,9 @@ import openai
 import torch
 
 from adapters.lora import LINEAR_MODULES
-from loadtests.harness import REPO, ServerProcess, make_peft_adapter
+from tests.support.harness import REPO, ServerProcess, make_peft_adapter
 from loadtests.provenance import stamp
-from adapters.base_model import EMBEDDED_NAME, convert_embedded
+from models.base_model import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
 QUESTIONS = [

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.harness import REPO, ServerProcess, run_together
+from tests.support.harness import REPO, ServerProcess, run_together
 from loadtests.loadgen import percentile
 from loadtests.provenance import stamp
 
@@ -63,7 +63,7 @@ def batch(base_url: str, rows: int, constrained_rows: int, tokens: int) -> dict:
 def compile_times() -> dict:
     from transformers import AutoTokenizer
 
-    from adapters.base_model import convert_embedded
+    from models.base_model import convert_embedded
     from server.api.protocol import ResponseFormat
     from server.api.structured import OutputFormats
     from server.settings import Settings

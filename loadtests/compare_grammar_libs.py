@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 
-from loadtests.harness import REPO
+from tests.support.harness import REPO
 from loadtests.provenance import stamp
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
@@ -73,7 +73,7 @@ def xgrammar_times(tokenizer, ids: list[int]) -> dict | None:
 def main() -> dict:
     from transformers import AutoTokenizer
 
-    from adapters.base_model import convert_embedded
+    from models.base_model import convert_embedded
     from server.settings import Settings
 
     tokenizer = AutoTokenizer.from_pretrained(convert_embedded(Settings().cache_dir))

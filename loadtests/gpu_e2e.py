@@ -39,7 +39,7 @@ import httpx
 import torch
 
 from loadtests.bench_gpu import SHAPES, llama_config, save_random_base, write_random_adapter
-from loadtests.harness import ServerProcess
+from tests.support.harness import ServerProcess
 from loadtests.provenance import stamp
 
 ADMIN = "e2e-admin-key"

@@ -140,7 +140,7 @@ def check_runner(model, tokenizer, tolerance: float, tokens: int = 12) -> dict:
     """Prefill logits of the runner against Hugging Face's forward on the same NF4 model, and greedy
     tokens against generate() (random weights: near-ties can make greedy paths part, so the agreeing
     prefix is reported; the logits decide)."""
-    from loadtests.harness import RunnerDriver
+    from tests.support.harness import RunnerDriver
 
     driver = RunnerDriver.build(model, tokenizer, tokens=512, context_window=64)
     errors, agree = [], []
@@ -324,7 +324,7 @@ def check_profile(model, tokenizer, names: list[str], device: torch.device, fold
     from torch.profiler import ProfilerActivity, profile
 
     from adapters.lora import BaseShape, load_lora
-    from loadtests.harness import RunnerDriver
+    from tests.support.harness import RunnerDriver
 
     driver = RunnerDriver.build(model, tokenizer, tokens=1024, context_window=64)
     shape = BaseShape.from_config(model.config)
@@ -369,7 +369,7 @@ def check_peft(model, tokenizer, names: list[str], folders: list[Path], toleranc
     from peft import PeftModel
 
     from adapters.lora import BaseShape, load_lora
-    from loadtests.harness import RunnerDriver
+    from tests.support.harness import RunnerDriver
 
     driver = RunnerDriver.build(model, tokenizer, tokens=1024, context_window=64)
     shape = BaseShape.from_config(model.config)
@@ -408,7 +408,7 @@ def check_lora_kernels(model, tokenizer, names: list[str], folders: list[Path], 
     """The Triton shrink/expand kernels (lora_kernels: triton) against the torch path on the same rows:
     a mixed prefill's logits, then the median decode step of 8 and 64 interleaved rows both ways."""
     from adapters.lora import BaseShape, load_lora
-    from loadtests.harness import RunnerDriver
+    from tests.support.harness import RunnerDriver
     from server.engine.model_runner import ModelRunner
 
     try:
@@ -456,7 +456,7 @@ def check_cuda_graphs(model, tokenizer, names: list[str], folders: list[Path], t
     ways. Without CUDA the static step runs eagerly (capture=False) on interpreted Triton, 8 rows only:
     a check of the script."""
     from adapters.lora import BaseShape, load_lora
-    from loadtests.harness import RunnerDriver
+    from tests.support.harness import RunnerDriver
     from server.engine.decode_graphs import DecodeGraphs
     from server.engine.model_runner import ModelRunner
 

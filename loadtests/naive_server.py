@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from adapters.base_model import EMBEDDED_BASE, EMBEDDED_NAME, load_model, resolve_base_folder
+from models.base_model import EMBEDDED_BASE, EMBEDDED_NAME, load_model, resolve_base_folder
 
 
 def build_app(adapters: dict[str, str]) -> FastAPI:

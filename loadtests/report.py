@@ -219,7 +219,7 @@ def fine_tuning_section() -> str:
 
 def experts_section() -> str:
     head = ("### Demo experts\n\n"
-            "Held-out prompts (`adapters/demo/prompts.py`), greedy, expert vs base on the same prompts: everyday\n"
+            "Held-out prompts (`training/demo/prompts.py`), greedy, expert vs base on the same prompts: everyday\n"
             "questions on topics and in phrasings the training chats do not have (50 for `json-answer` and\n"
             "`pirate`), and paragraphs the base wrote on held-out topics for `terse` to summarise (those with\n"
             "two or more sentences). Goal: >= 95% of the expert's answers end with the end-of-turn token and the\n"

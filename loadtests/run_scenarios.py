@@ -25,9 +25,9 @@ import torch
 
 from adapters.lora import LINEAR_MODULES
 from loadtests.provenance import stamp
-from loadtests.harness import REPO, ServerProcess, free_port, make_peft_adapter, wait_until
+from tests.support.harness import REPO, ServerProcess, free_port, make_peft_adapter, wait_until
 from loadtests.loadgen import markdown, report, run
-from adapters.base_model import EMBEDDED_NAME, convert_embedded
+from models.base_model import EMBEDDED_NAME, convert_embedded
 from server.settings import Settings
 
 RESULTS = REPO / "loadtests" / "results"

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from adapters.base_model import EMBEDDED_BASE, default_cache_dir
-from adapters.text import EncodableText
+from models.base_model import EMBEDDED_BASE, default_cache_dir
+from validation.schema import EncodableText
 
 ENV_PREFIX = "LORAPLEX_"
 log = logging.getLogger("loraplex.settings")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.base_model import convert_embedded
+from models.base_model import convert_embedded
 from adapters.lora import LINEAR_MODULES
 from server.settings import Settings
-from loadtests.harness import ServerProcess, make_peft_adapter
+from tests.support.harness import ServerProcess, make_peft_adapter
 from tests.support import tiny_llama_config
 
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from loadtests.harness import wait_until
+from tests.support.harness import wait_until
 from tests.support import BASE, ask, assert_openai_error, post, scrape, shared_decode_steps, value
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from loadtests.bench_gpu import markdown, mode_adapters, ratios
-from loadtests.harness import REPO
+from tests.support.harness import REPO
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adapters.lora import BaseShape, load_lora
-from loadtests.harness import RunnerDriver, make_peft_adapter
+from tests.support.harness import RunnerDriver, make_peft_adapter
 from server.engine import lora_kernels  # noqa: F401  (Triton interpreted: conftest sets TRITON_INTERPRET)
 from server.engine.decode_graphs import DecodeGraphs, Dims, StaticDecode, plan_shapes, row_buckets, width_buckets
 from server.engine.model_runner import ModelRunner

@@ -13,7 +13,7 @@ from server.engine.residency import AdapterCache
 from server.engine.model_runner import ModelRunner
 from server.engine.sampling import SamplingParams, make_generator
 from server.engine.sequence import Sequence
-from loadtests.harness import make_peft_adapter, wait_until
+from tests.support.harness import make_peft_adapter, wait_until
 
 
 class Collector:

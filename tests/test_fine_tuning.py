@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from loadtests.harness import wait_until
+from tests.support.harness import wait_until
 from tests.support import assert_openai_error, in_process
 
 ADMIN = {"Authorization": "Bearer k"}

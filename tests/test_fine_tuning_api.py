@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from loadtests.harness import ServerProcess, wait_until
+from tests.support.harness import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 ANSWER = "Blue whales are the answer."

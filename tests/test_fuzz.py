@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.harness import ServerProcess
+from tests.support.harness import ServerProcess
 from tests.support import BASE
 
 pytestmark = pytest.mark.integration

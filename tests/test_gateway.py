@@ -4,7 +4,7 @@ load_lora_adapter / unload_lora_adapter endpoints mapped onto the registry."""
 import re
 import threading
 
-from loadtests.harness import wait_until
+from tests.support.harness import wait_until
 from tests.support import assert_openai_error, in_process, write_lora
 
 ADMIN = {"Authorization": "Bearer k"}

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from packaging.requirements import Requirement
 
-from loadtests.harness import REPO
+from tests.support.harness import REPO
 from loadtests.image_env import build, image_packages, normalize, wheel_pins
 
 # what gpu_run.sh runs, and what `loraplex serve` loads before it answers (the engine thread's lazy

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from loadtests.harness import ServerProcess
+from tests.support.harness import ServerProcess
 from server.api.protocol import ChatMessage
 from tests.support import BASE, INJECTED, Q_PROJ_KEY, assert_openai_error, upload_files, write_lora
 

@@ -6,7 +6,7 @@ import uuid
 import httpx
 import pytest
 
-from loadtests.harness import ServerProcess
+from tests.support.harness import ServerProcess
 from tests.support import BASE, scrape, value
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from adapters.lora import BaseShape, load_lora
-from loadtests.harness import RunnerDriver, make_peft_adapter, wait_until
+from tests.support.harness import RunnerDriver, make_peft_adapter, wait_until
 from server.engine.block_manager import BlockManager, BlockOwner
 from server.engine.engine import QueueFull
 from server.engine.model_runner import _padded_length

@@ -1,10 +1,10 @@
-"""Imports only run downward: import-linter's contracts in pyproject.toml (start-up wiring -> HTTP edge
--> engine -> shared settings/metrics -> router -> adapters; the engine never reads the server settings)."""
+"""Imports only run downward: import-linter's contracts in pyproject.toml (README, Design: the layer chain over
+every top-level package; product code never imports the tests or the benchmarks)."""
 import subprocess
 import sys
 from pathlib import Path
 
-from loadtests.harness import REPO
+from tests.support.harness import REPO
 
 
 def test_import_layers_hold():

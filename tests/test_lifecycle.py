@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from loadtests.harness import REPO, ServerProcess, wait_until
+from tests.support.harness import REPO, ServerProcess, wait_until
 from tests.support import BASE
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapters.lora import BaseShape, load_lora
-from loadtests.harness import RunnerDriver, make_peft_adapter
+from tests.support.harness import RunnerDriver, make_peft_adapter
 from server.engine import lora_kernels  # interpreted: conftest sets TRITON_INTERPRET (triton: a dev dependency)
 from server.engine.model_runner import ModelRunner
 

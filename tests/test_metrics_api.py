@@ -5,7 +5,7 @@ import httpx
 import openai
 import pytest
 
-from loadtests.harness import ServerProcess, wait_until
+from tests.support.harness import ServerProcess, wait_until
 from tests.support import BASE, ask, scrape, value
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from loadtests.harness import wait_until
+from tests.support.harness import wait_until
 from tests.conftest import EXPERT_STOP
 from tests.support import BASE, assert_openai_error, post, scrape, value
 

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from adapters.lora import BaseShape, load_lora
-from loadtests.harness import RunnerDriver, make_peft_adapter
+from tests.support.harness import RunnerDriver, make_peft_adapter
 
 PROMPTS = [[1, 504, 3575, 282, 4649], [1, 9690, 198, 2683], [1, 22, 33, 44, 55, 66, 77]]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.harness import ServerProcess, wait_until
+from tests.support.harness import ServerProcess, wait_until
 from tests.support import in_process
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from loadtests.harness import free_port, wait_until
+from tests.support.harness import free_port, wait_until
 from tests.support import Q_PROJ_KEY, assert_openai_error, upload_files, write_lora
 
 ADMIN = {"Authorization": "Bearer k"}

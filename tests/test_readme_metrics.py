@@ -6,7 +6,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.harness import REPO
+from tests.support.harness import REPO
 from server.metrics import Metrics
 
 pytestmark = pytest.mark.integration

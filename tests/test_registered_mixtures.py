@@ -1,7 +1,7 @@
 """A mixture registered under its own name (POST /v1/adapters {"name", "mixture"}), on the real app
 in-process (tiny Llama): served, listed, routed and persisted like any expert, with its members' weights
 blended per request; its members cannot be retired from under it; what cannot be blended is 400."""
-from loadtests.harness import wait_until
+from tests.support.harness import wait_until
 from tests.support import assert_openai_error, in_process, write_lora
 
 ADMIN = {"Authorization": "Bearer k"}

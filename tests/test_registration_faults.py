@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from loadtests.harness import wait_until
+from tests.support.harness import wait_until
 from tests.support import in_process, write_lora
 
 ADMIN = {"Authorization": "Bearer k"}

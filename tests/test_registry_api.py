@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.store import AdapterStore
-from loadtests.harness import ServerProcess, wait_until
+from tests.support.harness import ServerProcess, wait_until
 from tests.support import BASE, assert_openai_error
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import pytest
 
 from adapters.registry import AdapterRecord, AdapterRegistry
 from adapters.store import AdapterStore
-from loadtests.harness import ServerProcess
+from tests.support.harness import ServerProcess
 from server.settings import Settings
 from server.experts.service import ExpertPolicy, Experts
 from server.metrics import Metrics

@@ -2,7 +2,7 @@
 import httpx
 import pytest
 
-from loadtests.harness import wait_until
+from tests.support.harness import wait_until
 from tests.support import BASE, assert_openai_error, post, scrape, value
 
 pytestmark = pytest.mark.integration

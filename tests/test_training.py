@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from adapters.chat_data import IGNORE, DataError, encode_conversation, load_chat_jsonl
+from training.chat_data import IGNORE, DataError, encode_conversation, load_chat_jsonl
 from adapters.lora import BaseShape, load_lora
-from adapters.merge import merge
-from adapters.train import TrainConfig, train
-from loadtests.harness import REPO
+from training.merge import merge
+from training.train import TrainConfig, train
+from tests.support.harness import REPO
 from server.experts.spec import ExpertRegistration
-from loadtests.harness import RunnerDriver
+from tests.support.harness import RunnerDriver
 
 IM_END = 2
 CHATS = [
@@ -158,7 +158,7 @@ def test_merge_round_trip_matches_the_adapter_on_the_dequantized_base(tiny_folde
 @pytest.mark.integration
 def test_merged_demo_expert_greedy_matches_the_served_expert(tmp_path, smollm_folder, cache_dir):
     """The merged pirate model, in plain transformers, answers like the server's NF4 + LoRA path."""
-    from adapters.base_model import EMBEDDED_BASE, load_base
+    from models.base_model import EMBEDDED_BASE, load_base
 
     adapter = REPO / "adapters" / "demo" / "pirate" / "adapter"
     merged_dir = merge(adapter, tmp_path / "merged", cache_dir=cache_dir)

@@ -10,7 +10,7 @@ from pydantic import ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.registry import AdapterRecord
-from adapters.text import EncodableText
+from validation.schema import EncodableText
 from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
 from server.experts.spec import ExpertRegistration

@@ -16,7 +16,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import ConfigDict, Field
 
-from adapters.text import EncodableText
+from validation.schema import EncodableText
 from server.api.errors import APIError
 from server.api.state import ServerState
 

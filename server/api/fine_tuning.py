@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.lora import LINEAR_MODULES
-from adapters.text import EncodableText
+from validation.schema import EncodableText
 from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
 from server.experts.spec import ExpertRegistration
@@ -49,11 +49,15 @@ def _state(request: Request) -> ServerState:
 
 # ---- files ------------------------------------------------------------------------------
 
-def _file_or_404(state: ServerState, file_id: str) -> dict:
-    record = state.jobs.files.get(file_id)
+def _found(record: dict | None, message: str, param: str, code: str) -> dict:
+    """The record, or a 404 in OpenAI's words."""
     if record is None:
-        raise APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
+        raise APIError(404, message, param=param, code=code)
     return record
+
+
+def _file_or_404(state: ServerState, file_id: str) -> dict:
+    return _found(state.jobs.files.get(file_id), f"No such File object: {file_id}", "file_id", "file_not_found")
 
 
 @router.post("/v1/files")
@@ -197,10 +201,8 @@ def public(job: dict) -> dict:
 
 
 def _job_or_404(state: ServerState, job_id: str) -> dict:
-    job = state.jobs.store.get(job_id)
-    if job is None:
-        raise APIError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="job_not_found")
-    return job
+    return _found(state.jobs.store.get(job_id), f"No such fine-tuning job: {job_id}", "fine_tuning_job_id",
+                  "job_not_found")
 
 
 def _page(items: list[dict], after: str | None, limit: int) -> dict:

@@ -5,7 +5,7 @@ import json
 import re
 import secrets
 
-from adapters.base_model import FALLBACK_CHATML
+from models.base_model import FALLBACK_CHATML
 from server.api.protocol import ChatMessage, Tool
 from server.api.structured import CALL_CLOSE, CALL_OPEN, tool_prompt
 

@@ -6,7 +6,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from adapters.text import EncodableText
+from validation.schema import EncodableText
 
 
 MAX_CHOICES = 16

@@ -31,7 +31,7 @@ from adapters.admission import (
 from adapters.lora import CONFIG_FILE, WEIGHTS_FILE, BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry, UnregisteredMember, new_key
 from adapters.store import AdapterStore
-from adapters.text import find_unencodable, unencodable_message
+from validation.unicode import find_unencodable, unencodable_message
 from router.classifier import ExpertClassifier, ExpertProfile
 from router.encoder import RouterEncoder
 from router.resolve import AUTO_MODEL, ExpertRouter, Route

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from adapters.chat_data import jsonl_lines, scan_chat_lines
+from training.chat_data import jsonl_lines, scan_chat_lines
 
 
 @dataclass(frozen=True)

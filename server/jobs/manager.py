@@ -8,7 +8,7 @@ admission path) and sets `fine_tuned_model` only once that returned: the model c
 
 A restart loses nothing: at start, a job that was running is queued again with `resume` set, and
 its worker continues from the last checkpoint on the exact learning-rate schedule it started with
-(adapters/train.py); one that was validating is validated again.
+(training/train.py); one that was validating is validated again.
 """
 from __future__ import annotations
 

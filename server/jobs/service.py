@@ -85,7 +85,7 @@ class FineTuning:
                 "negative_examples": job["_negative_examples"], "stop": job["_stop"]}
 
     def _plan(self, job: dict) -> dict:
-        """plan.json for the worker: adapters.train.TrainConfig's fields."""
+        """plan.json for the worker: training.train.TrainConfig's fields."""
         folder, hyper, d = self.store.folder(job["id"]), job["hyperparameters"], self.defaults
         validation = folder / "validation.jsonl"
         return {

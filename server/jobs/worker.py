@@ -3,7 +3,7 @@
 Why a process: training holds the GIL and every core torch gives it; in the server's process it
 would stall the event loop and the engine thread. Here it runs at lower priority with a bounded
 number of threads (`plan.json`'s `threads`), and cancelling is killing it: the last checkpoint was
-renamed into place whole, so a killed run resumes from it (adapters/train.py).
+renamed into place whole, so a killed run resumes from it (training/train.py).
 
 It reads `plan.json` (TrainConfig's fields) from the job folder, appends progress to
 `progress.jsonl` (one JSON object a line: steps with loss and learning rate, checkpoints), and
@@ -36,7 +36,7 @@ def _gpu_shortfall(config) -> str | None:
 
     if not torch.cuda.is_available():
         return None
-    from adapters.base_model import resolve_base_folder
+    from models.base_model import resolve_base_folder
 
     folder, _ = resolve_base_folder(config.base_model, config.cache_dir)
     weights = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
@@ -83,8 +83,8 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    from adapters.chat_data import DataError
-    from adapters.train import TrainConfig, train
+    from training.chat_data import DataError
+    from training.train import TrainConfig, train
 
     config = TrainConfig(**{**plan, "targets": tuple(plan["targets"]), "progress": False})
     shortfall = _gpu_shortfall(config)

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from adapters.admission import AdmissionError
-from adapters.base_model import BaseModelError, base_stop_token_ids, load_base, resolve_base_folder
+from models.base_model import BaseModelError, base_stop_token_ids, load_base, resolve_base_folder
 from adapters.lora import BaseShape
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from adapters.base_model import EMBEDDED_BASE
+from models.base_model import EMBEDDED_BASE
 from server.settings import ConfigError, load_settings
 
 
@@ -28,8 +28,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from adapters.chat_data import DataError
-    from adapters.train import TrainConfig, train
+    from training.chat_data import DataError
+    from training.train import TrainConfig, train
 
     config = TrainConfig(
         data=args.data, name=args.name, out=args.out, base_model=args.base, rank=args.rank, alpha=args.alpha or 2 * args.rank,
@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from adapters.lora import AdapterError
-    from adapters.merge import merge
+    from training.merge import merge
 
     try:
         merge(args.adapter, args.out, base_model=args.base)

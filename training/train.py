@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adapters.base_model import EMBEDDED_BASE, base_stop_token_ids, load_model, resolve_base_folder
-from adapters.chat_data import IGNORE, Example, load_chat_jsonl
+from models.base_model import EMBEDDED_BASE, base_stop_token_ids, load_model, resolve_base_folder
+from training.chat_data import IGNORE, Example, load_chat_jsonl
 from adapters.lora import LINEAR_MODULES, METADATA_FILE
 
 CHECKPOINT = "checkpoint"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.base_model import EMBEDDED_BASE, load_model, resolve_base_folder
+from models.base_model import EMBEDDED_BASE, load_model, resolve_base_folder
 from adapters.lora import BaseShape, load_lora
 
 

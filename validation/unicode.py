@@ -1,9 +1,11 @@
-"""Where a value stops being encodable text: the check itself, with no dependency beyond the standard library.
+"""Text that can be encoded: the one check every piece of incoming text passes.
 
-JSON and YAML can carry escapes such as "\\ud800" (a lone surrogate) that decode to a Python str but cannot
-be written as UTF-8 (adapters/text.py says why that is refused where it enters). The check lives apart from
-text.py's pydantic model so that what needs only the check (adapters/lora.py, hence the GPU kit on a machine
-without pydantic) does not import pydantic.
+JSON and YAML can carry escapes such as "\\ud800" (a lone surrogate) that decode to a Python str but
+cannot be written as UTF-8: the tokenizer, the sentence encoder, the manifest and every JSON response
+would fail on it later, far from where it came in. So it is refused where it enters (request bodies,
+registration metadata, adapter configs, training files, settings) with a message that says where it was.
+Standard library only: what needs just the check (adapters/lora.py, hence the GPU kit on a machine
+without pydantic) does not import pydantic (schema.py has the pydantic base class).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test-only helpers (the server and adapter harness shared with load tests is loadtests/harness.py)."""
+"""What the tests share: request helpers, tiny models, a server in this process (harness.py: a real `loraplex serve` subprocess and random PEFT adapters, which the benchmarks in loadtests/ use too)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -104,7 +104,7 @@ def in_process(base_folder, data_dir, router: bool = True, **overrides):
     or inject a fault into one step: yields (state, TestClient)."""
     from fastapi.testclient import TestClient
 
-    from loadtests.harness import wait_until
+    from tests.support.harness import wait_until
     from server.api.app import create_app
     from server.settings import Settings
     from server.startup.bootstrap import create_state

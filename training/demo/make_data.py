@@ -1,17 +1,17 @@
 """Write the demo experts' training chats and held-out prompts (deterministic, no downloads).
 
-    python -m adapters.demo.make_data
+    python -m training.demo.make_data
 
 Three clearly different experts for the default SmolLM2 base, each a *form* applied to everyday
-content (the base's own answers, adapters/demo/base_answers.json, to 120 topics x 5 phrasings):
+content (the base's own answers, training/demo/base_answers.json, to 120 topics x 5 phrasings):
   json-answer  answers with exactly one JSON object, {"answer": "..."}
   pirate       answers in a pirate's voice
   terse        summarises a paragraph in one short sentence
 Answers are one to three sentences long; every fifth conversation has a second turn answered the
 same way. The first version trained on a few fact templates and learned the templates: asked
 anything else, json-answer nested JSON in JSON until the token budget. Held-out prompts
-(adapters/demo/prompts.py) share neither topics nor phrasings with the training chats.
-Each expert gets adapters/demo/<name>/train.jsonl and heldout.json.
+(training/demo/prompts.py) share neither topics nor phrasings with the training chats.
+Each expert gets training/demo/<name>/train.jsonl and heldout.json.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from adapters.demo.prompts import HELD_OUT_TOPICS, held_out_prompts, training_prompts
+from training.demo.prompts import HELD_OUT_TOPICS, held_out_prompts, training_prompts
 
 HERE = Path(__file__).resolve().parent
 ANSWERS = HERE / "base_answers.json"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Train the three demo experts on the default base (CPU is fine: a few minutes each).
-# Usage: adapters/demo/train_all.sh   (from the repository root, with the venv's loraplex on PATH)
+# Usage: training/demo/train_all.sh   (from the repository root, with the venv's loraplex on PATH)
 set -euo pipefail
 seconds=()
 cd "$(dirname "$0")"
-python -m adapters.demo.make_data >/dev/null 2>&1 || (cd ../.. && python -m adapters.demo.make_data)
+python -m training.demo.make_data >/dev/null 2>&1 || (cd ../.. && python -m training.demo.make_data)
 for name in json-answer pirate terse; do
   meta="$name/heldout.json"
   description=$(python -c "import json,sys; print(json.load(open('$meta'))['description'])")
@@ -21,8 +21,8 @@ done
 (cd ../.. && python - "${seconds[@]}" <<'PY'
 import json, sys
 from loadtests.provenance import stamp
-record = {**stamp("adapters/demo/train_all.sh", []), "wall_s": {k: int(v) for k, v in (a.split("=") for a in sys.argv[1:])}}
-record["command"] = "adapters/demo/train_all.sh"
+record = {**stamp("training/demo/train_all.sh", []), "wall_s": {k: int(v) for k, v in (a.split("=") for a in sys.argv[1:])}}
+record["command"] = "training/demo/train_all.sh"
 open("loadtests/results/demo_training.json", "w").write(json.dumps(record, indent=2) + "\n")
 PY
 )

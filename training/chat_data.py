@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.text import find_unencodable
+from validation.unicode import find_unencodable
 
 IGNORE = -100
 ROLES = {"system", "developer", "user", "assistant"}
