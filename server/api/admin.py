@@ -15,7 +15,7 @@ from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
 from server.experts.spec import ExpertRegistration
 
-router = APIRouter()  # every path here needs an admin key (server/auth.py checks it before the body)
+router = APIRouter()  # every path here needs an admin key (server/api/auth.py checks it before the body)
 LIST_FIELDS = ("examples", "negative_examples", "stop", "stop_token_ids")
 MAX_FIELD_BYTES = 1_000_000  # one multipart field that is not a file: a description, the examples as JSON
 

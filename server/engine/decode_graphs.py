@@ -1,8 +1,8 @@
 """Decode steps replayed as CUDA graphs: one capture per (batch bucket, key-width bucket, LoRA or not).
 
-Why: a decode step of a 7B model issues ~1,700 kernel launches (~2,400 with mixed adapters) and a
-few hundred Python calls into the quantized linears; at 8-12 us of host time per launch the host
-needs 15-30 ms per step while the device needs a few. A CUDA graph records the step's launches once
+Why: a decode step of a 7B model issues thousands of kernel launches (more with mixed adapters) and a
+few hundred Python calls into the quantized linears; the host's time to issue them is several times
+what the device needs to run them. A CUDA graph records the step's launches once
 and replays them with one call.
 
 What a captured step needs is every input in a fixed device buffer, no host reads and no shape that

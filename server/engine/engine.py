@@ -138,8 +138,8 @@ class Engine(EngineHandle):
     def set_threads(self, count: int) -> Future:
         """The engine thread's intra-op CPU threads (OpenMP keeps the count per calling thread, so the change
         runs on the engine thread). Lowered while a training process has cores: more threads than free cores
-        make every small op of a decode step wait at OpenMP barriers for a descheduled thread (measured:
-        decode 100x slower with 2 threads beside a 1-thread training run on 2 cores)."""
+        make every small op of a decode step wait at OpenMP barriers for a descheduled thread, which slows
+        decoding by orders of magnitude, far more than giving up the core does."""
         return self.call(lambda _: torch.set_num_threads(count))
 
     def register_adapter(self, key: str, folder: str, weights=None) -> Future:

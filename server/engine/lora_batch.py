@@ -28,8 +28,8 @@ segment padding: rows read their adapter from the pool by slot index, so nothing
 set of adapters changes. The torch path stays the CPU's: faster there, and batch-invariant.
 
 Determinism: BLAS (MKL/oneDNN on CPU) changes kernel, hence summation order, with the shape:
-on this CPU a row of x @ A differs when x has 1-3 rows rather than 4 or more (torch 2.13's MKL;
-earlier builds measured here also split 5-7 and 9-11), or when A is narrower than MIN_A_COLUMNS
+with torch 2.13's MKL a row of x @ A differs when x has 1-3 rows rather than 4 or more (earlier
+builds also split at 5-7 and 9-11 rows), or when A is narrower than MIN_A_COLUMNS
 columns; zero-padding the reduction of h @ B (rank 8 computed as 16) does not change a bit. We pad
 segments to a multiple of MIN_GEMM_ROWS rows, ranks to RANK_ALIGN and every group's A to at least
 MIN_A_COLUMNS columns, so a row's result is bit-identical whichever requests share its batch (zero
@@ -57,7 +57,7 @@ MIN_A_COLUMNS = 16  # see _Layout
 MIN_GEMM_ROWS = 4
 # On a CPU, a step whose LoRA matmuls cover at most this many rows (a lone stream: one segment of 4
 # padded rows) runs them on one thread: splitting a [4, 576] x [576, 48] GEMM over two threads costs
-# more in fork/join (~1.5 us of ~6) than it saves; 330 such matmuls a step on SmolLM2. Larger steps keep
+# more in fork/join than it saves, and a step of the default model runs hundreds of them. Larger steps keep
 # every thread. MKL gives the same bits on one thread as on two for these shapes (checked when this was
 # written: every LoRA shape of the default model, 1-8 segments of 4-64 rows), so invariance holds.
 SINGLE_THREAD_ROWS = 4

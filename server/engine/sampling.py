@@ -185,8 +185,9 @@ def _nucleus(probs: torch.Tensor, cut: list[int], top_ps: list[float]) -> torch.
     whose mass reaches its top_p (the most likely token always stays, also for a top_p that float32
     rounds to 0, 5e-324); the other rows as they are.
 
-    That set needs the row's probabilities in order. On a CPU a full sort of a 49k vocabulary costs
-    ~1.5 ms a row, finding its 256 most likely tokens ~0.06 ms and its 2048 ~0.25 ms: a row whose
+    That set needs the row's probabilities in order. On a CPU a full sort of a large vocabulary costs
+    many times more than finding its 256 or 2048 most likely tokens (README, Performance: Sampled
+    requests): a row whose
     candidates already reach its top_p (by the same running sum the cut uses, so every other token would
     be cut anyway) is cut from them; the others try the next NUCLEUS_CANDIDATES width, and what is left
     is sorted whole (`python -m loadtests.bench_sampling --model-logits` counts the default model's rows
@@ -229,8 +230,8 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     (token i with probability p_i / total), found in two levels: the running sum of the row's blocks of
     CDF_BLOCK tokens picks a block, the running sum inside that block the token. The running sums are
     float64, so a token of tiny probability late in a large vocabulary keeps its share; no [rows, vocab]
-    temporary is made (on a CPU a float64 running sum of the whole rows cost ~3 ms at batch 16 in fresh
-    pages; the block sums are one float32 read). Each target stays below its total (the row's, then the
+    temporary is made (a float64 running sum of whole rows is a multi-megabyte temporary per step, which
+    on a CPU costs fresh pages every step; the block sums are one float32 read). Each target stays below its total (the row's, then the
     block's own running sum, which its float32 sum may exceed by a rounding), also for a uniform of 1
     (curand's range is (0, 1]; torch maps its 1 to 0 today, which this does not rely on), so the block
     and the token found always have probability > 0: a token cut by top_p, a grammar or a -100 bias is
@@ -255,8 +256,8 @@ def _draw(source: torch.Tensor, rows: list[int], params: list[SamplingParams],
 
     The draw inverts each row's distribution at one uniform number from the row's own generator
     (`_inverse_cdf`), so a seeded request draws the same tokens whatever shares its batch. One random
-    number a row, not one per vocabulary entry (`bench_sampling --model-logits`, batch 16 at temperature
-    1 on a CPU: 0.6 ms a step, 4.9 ms with an exponential race over the vocabulary); no host sync, and
+    number a row, not one per vocabulary entry (an exponential race draws one per entry, which torch
+    does element by element on a CPU; `bench_sampling --model-logits` compares them); no host sync, and
     no op that can hit the device-side assert torch.multinomial raises on NaN probabilities (it would
     poison a CUDA context)."""
     device = source.device
@@ -307,8 +308,8 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     sampled as if it were not there.
     """
     # NaN/inf are never sampled. On a CPU a host read costs nothing, so the usual step (every value finite)
-    # is told by its row sums, finite only if every value is (one pass, ~0.02 ms at batch 16 against
-    # ~0.8 ms for the elementwise check), and skips the check and the masking copy; an overflowing sum
+    # is told by its row sums, finite only if every value is (one reduction, far cheaper than the
+    # elementwise check), and skips the check and the masking copy; an overflowing sum
     # only sends the step to the full check. On an accelerator both are always made, never waited for.
     if logits.device.type == "cpu" and bool(torch.isfinite(logits.sum(dim=-1)).all()):
         flags = torch.zeros(2, logits.shape[0], dtype=torch.bool)

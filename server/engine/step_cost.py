@@ -5,8 +5,8 @@ prompt token in a step delays every stream's next token. The chunk is sized from
 estimates, a decode-only step and the extra cost of one prompt token, so that a step with a chunk
 takes about `slowdown` times a decode-only step: with slowdown 2, streams see at most ~2x their
 usual inter-token gap while a long prompt is being read, whatever the model, device or batch
-(a fixed token count cannot say that: 256 prompt tokens cost ~10 ms on a GPU and ~500 ms on a
-two-core CPU). With nothing decoding, nobody waits, and a chunk is the whole step budget.
+(a fixed token count cannot say that: the same prompt tokens cost orders of magnitude more on a
+small CPU than on a GPU). With nothing decoding, nobody waits, and a chunk is the whole step budget.
 """
 from __future__ import annotations
 
