@@ -28,7 +28,7 @@ from tests.support.harness import REPO, ServerProcess
 from models.base_model import EMBEDDED_NAME
 from server.settings import Settings, load_settings
 
-DEMO = REPO / "adapters" / "demo"
+DEMO = REPO / "training" / "demo"
 PIRATE_WORDS = re.compile(r"\b(arr+|matey|ahoy|aye|ye|savvy|hearty|shiver|timbers|yo ho|buccaneer|o')\b", re.I)
 
 

@@ -37,7 +37,7 @@ from loadtests.provenance import stamp
 
 BASE = "SmolLM2-135M-Instruct"
 ADMIN = {"Authorization": "Bearer bench-admin"}
-DEMO = REPO / "adapters" / "demo" / "pirate" / "adapter"
+DEMO = REPO / "training" / "demo" / "pirate" / "adapter"
 GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
 

@@ -59,7 +59,7 @@ def engine_commit() -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "server", "adapters", "configs")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "server", "adapters", "models", "configs")
     return commit + ("+changes" if dirty else "")
 
 

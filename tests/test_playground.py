@@ -14,7 +14,7 @@ from tests.support.harness import ServerProcess, wait_until
 from tests.support import in_process
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "adapters" / "demo"
+DEMO = REPO / "training" / "demo"
 ARTIFACTS = Path(os.environ.get("LORAPLEX_ARTIFACTS", REPO / "test-artifacts")) / "playground"
 API_KEY, ADMIN_KEY = "user-key-1", "admin-key-1"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -160,13 +160,13 @@ def test_merged_demo_expert_greedy_matches_the_served_expert(tmp_path, smollm_fo
     """The merged pirate model, in plain transformers, answers like the server's NF4 + LoRA path."""
     from models.base_model import EMBEDDED_BASE, load_base
 
-    adapter = REPO / "adapters" / "demo" / "pirate" / "adapter"
+    adapter = REPO / "training" / "demo" / "pirate" / "adapter"
     merged_dir = merge(adapter, tmp_path / "merged", cache_dir=cache_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     served = load_base(EMBEDDED_BASE, compute_dtype="float32", cache_dir=cache_dir)  # as `loraplex serve` on CPU
     driver = RunnerDriver.build(served.model, served.tokenizer, context_window=512)
     driver.runner.lora.add("pirate", load_lora(adapter, BaseShape.from_config(served.model.config)))
-    prompts = json.loads((REPO / "adapters" / "demo" / "pirate" / "heldout.json").read_text())["prompts"][:4]
+    prompts = json.loads((REPO / "training" / "demo" / "pirate" / "heldout.json").read_text())["prompts"][:4]
     for prompt in prompts:
         ids = served.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False)
