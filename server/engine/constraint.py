@@ -50,7 +50,8 @@ class TokenConstraint:
         """Advance past the chosen token; ValueError if the format did not allow it."""
         self._allowed = None
         if not self._matcher.consume_token(token):
-            raise ValueError(f"token {token} breaks the requested output format: {self._matcher.get_error()}")
+            problem = " ".join(self._matcher.get_error().replace("<non-verbose/>", "").split())
+            raise ValueError(f"token {token} breaks the requested output format: {problem[:300]}")
 
     @property
     def complete(self) -> bool:
