@@ -349,7 +349,8 @@ def _finish_cells(summary: dict | None) -> str:
     def pct(value):
         return "-" if value is None else f"{100 * value:.0f}%"
     return (f"| {pct(summary['finish_rate'])} | {pct(summary['valid_of_finished'])} "
-            f"| {pct(summary['no_invented_keys_of_finished'])} | {summary['mean_tokens']:.0f} ")
+            f"| {pct(summary['no_invented_keys_of_finished'])} "
+            f"| {'-' if summary['mean_tokens'] is None else round(summary['mean_tokens'])} ")
 
 
 def _finish_table(finish: dict) -> list[str]:
@@ -371,12 +372,11 @@ def _finish_table(finish: dict) -> list[str]:
         count = pick(first)["answers"]
         lines.append(f"| {label} ({count}) {_finish_cells(pick(before) if before else None)}"
                      f"{_finish_cells(pick(after) if after else None)}|")
-    if after:
-        markup = {label: run["raw_markup_in_content"] for label, run in
-                  (("before", before["suites"]["tools_auto"]["all"] if before else None),
-                   ("after", after["suites"]["tools_auto"]["all"])) if run is not None}
-        lines += ["", "Answers with raw `<tool_call>` markup in `content` (tools, `auto`): "
-                  + ", ".join(f"{label} {count}" for label, count in markup.items()) + "."]
+    tools = ("tools_required", "tools_named", "tools_auto")
+    markup = [f"{label} {sum(run['suites'][key]['all']['raw_markup_in_content'] for key in tools)}"
+              for label, run in (("before", before), ("after", after)) if run is not None]
+    lines += ["", f"Answers with raw `<tool_call>` markup in `content` (all {3 * first['suites']['tools_auto']['all']['answers']} "
+              "tool answers, most of them cut by `max_tokens` mid-call): " + ", ".join(markup) + "."]
     return lines
 
 
