@@ -99,6 +99,17 @@ def test_strings_are_capped_and_a_schema_maxlength_raises_or_lowers_the_cap(form
                   json.dumps("x" * 5 * CAP))
 
 
+def test_numbers_without_bounds_get_at_most_15_digits_and_a_bound_in_the_schema_wins(formats, tokenizer):
+    for kind in ("integer", "number"):
+        output = formats.for_response_format(schema_format({"type": kind}))
+        assert allows(formats, tokenizer, output, "9" * 15) and allows(formats, tokenizer, output, "-" + "9" * 15)
+        assert not allows(formats, tokenizer, output, "1" + "0" * 15)
+    bounded = formats.for_response_format(schema_format({"type": "integer", "maximum": 10**17}))
+    assert allows(formats, tokenizer, bounded, "1" + "0" * 17)
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(MAX_OPEN_KEYS)}}
+    formats.for_response_format(schema_format(many))  # bounded integers stay cheap to compile
+
+
 def test_tool_arguments_follow_the_same_rules_and_strict_false_opens_them(formats, tokenizer):
     required = formats.for_chat(chat(tools=[WEATHER], tool_choice="required"))
     call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}</tool_call>'

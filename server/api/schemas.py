@@ -17,9 +17,12 @@ the schema is rewritten before it is compiled:
   properties) keep JSON Schema's open default: closing each part would forbid the others' keys.
 - capped: a string without `maxLength` gets `max_string_length` (a schema's own maxLength wins,
   larger or smaller); values of any type (`{}`, free-form objects' values, arrays without `items`)
-  are capped the same way through one recursive definition. Integers are not bounded for the
-  model: a 16-digit range costs the library ~20x the lexer work of a plain integer, enough to
-  push schemas of a few hundred properties over its compile budget.
+  are capped the same way through one recursive definition. A number or integer without bounds
+  gets ±(10^15 - 1): at most 15 digits before any decimal point (SmolLM2 wrote 0000... and
+  9999... until max_tokens). Not 2^53: a range that is not a power of ten costs the library ~20x
+  the lexer work of a plain integer, enough to push a schema of a few hundred integer properties
+  over its compile budget; 10^15 - 1 is just "at most 15 digits". Decimals stay unbounded, and so
+  do numbers in values of any type (a bound there would also rule out exponents).
 - bounded: the library refuses, while generating, a point where more than 2,000 parser items
   are open at once (an object with ~500 optional keys): those schemas are refused here, with a
   400 naming the limit, before any token is generated.
@@ -40,6 +43,7 @@ _ANY_VALUE = "loraplex_any_value"  # the one recursive "any JSON value, strings 
 # the library's own ceiling is 2,000 open parser items at one point, ~4 per possible next key
 # (measured: 500 optional keys need 2,007): this leaves a margin for the items other rules add
 MAX_OPEN_KEYS = 400
+MAX_NUMBER = 10**15 - 1  # a number without bounds gets these: at most 15 digits (exact in a double)
 MAX_SUBSCHEMAS = 20_000
 MAX_DEPTH = 64
 
@@ -195,6 +199,11 @@ class _Preparer:
     def _cap(self, schema: dict, types: set[str]) -> None:
         if "enum" in schema or "const" in schema:
             return
+        if types & {"integer", "number"}:  # 15 digits before any decimal point: exact in every JSON parser
+            if "minimum" not in schema and "exclusiveMinimum" not in schema:
+                schema["minimum"] = -MAX_NUMBER
+            if "maximum" not in schema and "exclusiveMaximum" not in schema:
+                schema["maximum"] = MAX_NUMBER
         cap = self.policy.max_string_length
         if "string" in types and cap and "maxLength" not in schema:
             schema["maxLength"] = max(cap, schema.get("minLength", 0) if isinstance(schema.get("minLength"), int)
