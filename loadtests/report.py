@@ -369,18 +369,65 @@ def kv_section() -> str:
     return "\n".join(lines)
 
 
+_FINISH_ROWS = (("json_schema", "`response_format` json_schema"), ("pydantic_parse", "pydantic models, `parse()`"),
+                ("tools_required", "tools, `required`"), ("tools_named", "tools, named function"),
+                ("tools_auto", "tools, `auto`"))
+
+
+def _finish_cells(summary: dict | None) -> str:
+    if summary is None:
+        return "| - | - | - | - "
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.0f}%"
+    return (f"| {pct(summary['finish_rate'])} | {pct(summary['valid_of_finished'])} "
+            f"| {pct(summary['no_invented_keys_of_finished'])} "
+            f"| {'-' if summary['mean_tokens'] is None else round(summary['mean_tokens'])} ")
+
+
+def _finish_table(finish: dict) -> list[str]:
+    before, after = finish.get("before"), finish.get("after")
+    first = after or before
+    models = ", ".join(f"`{m}`" for m in first["models"])
+    lines = [f"Finish rate on the default server ({models}; greedy, `max_tokens` {first['max_tokens']}, the "
+             "unmodified `openai` client): answers that stopped by themselves (`stop` / `tool_calls`), how many of "
+             "those validate against the schema as the client wrote it (tools: a call of an offered function, "
+             "the named one when named), how many have no invented key (every declared object closed), and the "
+             "mean completion tokens per answer. Before: main before issue 35 (`--finish-only --url --label "
+             "before`); after: this branch.", "",
+             "| suite (answers) | before: finished | valid | no invented key | tokens | after: finished | valid "
+             "| no invented key | tokens |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [(key, label, lambda run, key=key: run["suites"][key]["all"]) for key, label in _FINISH_ROWS]
+    rows += [("structured_outputs", "**all structured outputs**", lambda run: run["structured_outputs"]),
+             ("forced_tool_calls", "**all `required` / named calls**", lambda run: run["forced_tool_calls"])]
+    for _, label, pick in rows:
+        count = pick(first)["answers"]
+        lines.append(f"| {label} ({count}) {_finish_cells(pick(before) if before else None)}"
+                     f"{_finish_cells(pick(after) if after else None)}|")
+    tools = ("tools_required", "tools_named", "tools_auto")
+    markup = [f"{label} {sum(run['suites'][key]['all']['raw_markup_in_content'] for key in tools)}"
+              for label, run in (("before", before), ("after", after)) if run is not None]
+    lines += ["", f"Answers with raw `<tool_call>` markup in `content` (all {3 * first['suites']['tools_auto']['all']['answers']} "
+              "tool answers, most of them cut by `max_tokens` mid-call): " + ", ".join(markup) + "."]
+    return lines
+
+
 def structured_section() -> str:
-    head = ("### Structured outputs: what constrained rows cost the batch\n\n"
-            "`python -m loadtests.bench_structured` runs 16 concurrent streams on the default SmolLM2: all free, against\n"
-            "8 free plus 8 constrained by a JSON schema that keeps them generating (every row 48 tokens, `ignore_eos`),\n"
-            "alternated 3 times on one server; and prepares the 22 schemas of `loadtests/data/structured_schemas.json`\n"
-            "(check, compile, first mask) in process on the same tokenizer.\n")
+    head = ("### Structured outputs: answers that finish, and what constrained rows cost the batch\n\n"
+            "`python -m loadtests.bench_structured` asks the default server (`configs/default.yaml`) for the 32\n"
+            "schemas of `loadtests/data/structured_schemas.json` (`response_format`), 7 pydantic models (`parse()`)\n"
+            "and the 12 tools of `loadtests/data/structured_tools.json` (`required`, named, `auto`), on the base and\n"
+            "two demo experts; then runs 16 concurrent streams on SmolLM2: all free, against 8 free plus 8\n"
+            "constrained by a JSON schema that keeps them generating (every row 48 tokens, `ignore_eos`),\n"
+            "alternated 3 times on one server; and prepares the schemas (check, compile, first mask) in process\n"
+            "on the same tokenizer.\n")
     result = _load("bench_structured.json")
     if result is None:
         return head + "\n" + _missing("python -m loadtests.bench_structured")
     median, ratios, comp = result["median"], result["ratios"], result["compile"]
-    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_structured')}:", "",
-             "| batch of 16 (median of rounds) | output tokens/s | free rows' inter-token p50 |", "| --- | --- | --- |"]
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_structured')}:", ""]
+    if result.get("finish"):
+        lines += _finish_table(result["finish"]) + [""]
+    lines += ["| batch of 16 (median of rounds) | output tokens/s | free rows' inter-token p50 |", "| --- | --- | --- |"]
     for name, label in (("none", "no row constrained"), ("half", "8 rows constrained")):
         lines.append(f"| {label} | {median[name]['output_tokens_per_s']:.0f} | {median[name]['free_gap_p50_ms']:.0f} ms |")
     lines += ["", f"Throughput with half the rows constrained / none: **{ratios['throughput_half_over_none']:.2f}**.",

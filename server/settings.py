@@ -122,6 +122,12 @@ class Settings(EncodableText):
     max_tokens_limit: int = Field(2048, ge=1, description="Upper bound on a request's max_tokens.")
     context_window: int = Field(2048, ge=16, description="Prompt plus completion tokens per request.")
     max_request_bytes: int = Field(1_000_000, ge=1024)
+    structured_max_string_length: int = Field(
+        256, ge=0,
+        description="Constrained output (response_format, tool arguments, guided_json): a string the schema gives no "
+                    "maxLength gets at most this many characters, so a small model's answer closes instead of "
+                    "running to max_tokens; a schema's own maxLength wins. 0: no cap.",
+    )
     request_body_timeout_s: float = Field(
         30.0, gt=0, description="A request whose body sends no bytes for this long is refused (408)."
     )

@@ -21,6 +21,7 @@ from router.resolve import ExpertRouter
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
 from server.api.state import BaseInfo, ServerState
+from server.api.schemas import SchemaPolicy
 from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
@@ -55,7 +56,8 @@ def describe_base(settings: Settings, folder: Path, name: str, tokenizer, config
         context_window=context_window_for(settings, config),
         vocab_size=config.vocab_size,
         shape=BaseShape.from_config(config),
-        formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids),
+        formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids,
+                              SchemaPolicy(settings.structured_max_string_length)),
     )
 
 
