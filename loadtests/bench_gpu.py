@@ -407,7 +407,11 @@ def start_engine(model, tokenizer, max_batch: int, context: int, adapters: int, 
         return runner, cache
 
     # the whole prompt in one step: the timed steps are then pure decode steps of the full batch
-    config = EngineConfig(max_batch_size=max_batch, max_queued=4 * max_batch, max_step_tokens=max_batch * window)
+    # and no step-cost cap on prompt chunks (the serving default keeps a chunk under 2x a decode step, which
+    # with adapters admitted the batch over several steps: on the first GPU run no decode step at batch >= 16
+    # held every row, and the table showed nan)
+    config = EngineConfig(max_batch_size=max_batch, max_queued=4 * max_batch, max_step_tokens=max_batch * window,
+                          max_step_slowdown=1.0)  # <= 1: chunks fill the step budget
     engine = Engine(load_runner, config, metrics=Metrics())
     engine.start()
     if not engine.ready.wait(600):
