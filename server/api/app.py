@@ -61,7 +61,7 @@ def create_app(state: ServerState) -> FastAPI:
         data += [_model_entry(r.name, state.started_at, parent=base) for r in state.registry.all()]
         return {"object": "list", "data": data + _router_entries(state)}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # a fetched expert's name may hold '/'
     async def get_model(model_id: str):
         state.require_ready()
         if model_id == state.base.name:
