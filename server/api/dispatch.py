@@ -115,16 +115,19 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
     router, header = state.router, request.headers.get("x-expert")
     if router.needs_classifier(model, header):
         with state.metrics.router_latency.time():
-            return await state.in_text_pool(router.by_prompt, routing_text, top_k)
-    try:
-        return router.by_name(model, header)
-    except UnknownExpert as exc:
-        fetching = state.experts.fetch(exc.name, exc.param)
-        if fetching is None:
-            raise
-    # shielded: a client that leaves stops waiting, never the fetch other requests may share
-    await asyncio.shield(asyncio.wrap_future(fetching))
-    return router.by_name(model, header)
+            route = await state.in_text_pool(router.by_prompt, routing_text, top_k)
+    else:
+        try:
+            route = router.by_name(model, header)
+        except UnknownExpert as exc:
+            fetching = state.experts.fetch(exc.name, exc.param)
+            if fetching is None:
+                raise
+            # shielded: a client that leaves stops waiting, never the fetch other requests may share
+            await asyncio.shield(asyncio.wrap_future(fetching))
+            return router.by_name(model, header)  # a miss: just fetched, the most recently used already
+    state.experts.touch(name for name, _ in route.mixture or ((route.expert, 1.0),) if name)
+    return route
 
 
 def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord, float]], list[AdapterRecord]]:
@@ -199,7 +202,6 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
     outcome = outcome_of(request.scope)
     outcome.model, outcome.label, outcome.source = route.model, label, route.source
     members, sources = _members(route, state)
-    state.experts.touch(record for record, _ in members)
     # the lead's sampling defaults apply: a registered mixture's own, else the heaviest expert's
     mixtures = [r for r in sources if r.mixture and r.defaults]
     lead = mixtures[0] if mixtures else members[0][0] if members else None

@@ -243,9 +243,9 @@ class Experts:
         """A request's hold on the experts it names, until the engine has it (no eviction meanwhile)."""
         return self.fetched.pinned(*names)
 
-    def touch(self, records) -> None:
-        """Requests are about to use these experts (the cache's recency)."""
-        self.fetched.touch(records)
+    def touch(self, names) -> None:
+        """A request was routed to these experts (the cache's recency and hits)."""
+        self.fetched.touch(names)
 
     # ---- router corrections -------------------------------------------------------------------
 

@@ -186,13 +186,11 @@ class FetchedExperts:
                     if self._pins[name] <= 0:
                         del self._pins[name]
 
-    def touch(self, records: Iterable[AdapterRecord]) -> None:
-        """Requests are about to use these experts: the fetched ones become the most recently used."""
-        fetched = [record.name for record in records if record.fetched]
-        if not fetched:
-            return
+    def touch(self, names: Iterable[str]) -> None:
+        """A request routed to these experts without fetching: the fetched ones among them become the most
+        recently used, and count as cache hits."""
         with self._lock:
-            for name in fetched:
+            for name in names:
                 if name in self._entries:
                     self._entries.move_to_end(name)
                     self.metrics.adapter_cache_hits.inc()
