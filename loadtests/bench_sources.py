@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -180,7 +181,8 @@ def main() -> None:
     common = {"admin_key": ["bench"], "fine_tuning": False, "router": "none",
               "adapters": {name: {"path": str(DEMO / name / "adapter")} for name in EXPERTS},
               "adapter_sources": [S3Server.source("bucket", "adapters", ["acme/*", "zipf/*"])]}
-    report = {**stamp("loadtests.bench_sources"), "s3_server": "moto (server mode) on loopback",
+    report = {**stamp("loadtests.bench_sources"), "s3_server": "moto's server mode",
+              "load_average_start": os.getloadavg()[0],
               "rank16_adapter_bytes": folder_bytes(big), "zipf_adapter_bytes": folder_bytes(small)}
     try:
         # ---- 1 and 2: room for everything ----
@@ -256,6 +258,8 @@ def main() -> None:
     finally:
         s3.stop()
 
+    # the machine is shared: how busy it was says how far the absolute times (not the ratios) can be trusted
+    report["load_average_end"] = os.getloadavg()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     first, others, zipf = report["first_use"], report["others_during_fetches"], report["zipf"]

@@ -174,8 +174,10 @@ def sources_section() -> str:
         f"{zipf['evictions']:.0f} evictions, {zipf['errors']} errors; "
         f"{zipf['cache_bytes_used'] / 1e6:.1f} MB held at the end |",
     ]
-    if result.get("note"):
-        lines += ["", result["note"]]
+    if "load_average_start" in result:
+        lines += ["", f"The machine's 1-minute load average was {result['load_average_start']:.1f} when the run began "
+                      f"and {result['load_average_end']:.1f} when it ended, on {result['machine'].split(', ')[1]} shared "
+                      "with other work: the ratios are measured within the run, the absolute times are as noisy as that."]
     return "\n".join(lines)
 
 
