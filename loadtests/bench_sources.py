@@ -184,6 +184,13 @@ def main() -> None:
     report = {**stamp("loadtests.bench_sources"), "s3_server": "moto's server mode",
               "load_average_start": os.getloadavg()[0],
               "rank16_adapter_bytes": folder_bytes(big), "zipf_adapter_bytes": folder_bytes(small)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each part: a run stopped midway keeps what it measured
+        report["load_average_end"] = os.getloadavg()[0]
+        out.write_text(json.dumps(report, indent=2))
+
     try:
         # ---- 1 and 2: room for everything ----
         server = ServerProcess(workdir, {**common, "adapter_cache_bytes": 50 * folder_bytes(big)}, env=s3.env()).start()
@@ -202,6 +209,7 @@ def main() -> None:
                 "normal_s": {"p50": statistics.median(normal), "p99": percentile(normal, 0.99), "runs": normal},
                 "extra_p50_s": statistics.median(first_use) - statistics.median(normal),
             }
+            save()
             asyncio.run(_eight_streams(url, 8, []))  # warm-up
             alone, with_fetches = [], []
             for _ in range(args.load_rounds):
@@ -218,6 +226,7 @@ def main() -> None:
                 "fetch_statuses": sorted({s for w in with_fetches for s in w["statuses"]}),
                 "tokens_per_stream": args.tokens,
             }
+            save()
         finally:
             server.stop()
 
@@ -259,9 +268,7 @@ def main() -> None:
         s3.stop()
 
     # the machine is shared: how busy it was says how far the absolute times (not the ratios) can be trusted
-    report["load_average_end"] = os.getloadavg()[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    save()
     first, others, zipf = report["first_use"], report["others_during_fetches"], report["zipf"]
     print(f"first use -> first token: p50 {first['first_use_s']['p50'] * 1000:.0f} ms, p99 "
           f"{first['first_use_s']['p99'] * 1000:.0f} ms; a fetched expert: p50 {first['normal_s']['p50'] * 1000:.0f} "
