@@ -373,7 +373,7 @@ def _loraplex_runner():
     from server.startup.bootstrap import build_runner
 
     settings = load_settings(str(REPO / "configs" / "default.yaml"), {"device": "cpu"})
-    return build_runner(settings, num_blocks=64)
+    return build_runner(settings, num_blocks=64)[0]
 
 
 def load_average() -> list[float]:

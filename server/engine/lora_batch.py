@@ -365,6 +365,11 @@ class LoraBank:
         element = torch.empty((), dtype=dtype).element_size()
         return (2 if step_stack else 1) * slots * _Layout(shape, aligned_rank(max_rank)).size * element
 
+    @property
+    def step_stack_bytes(self) -> int:
+        flat = self._stack.flat
+        return 0 if flat is None else flat.numel() * flat.element_size()
+
     def memory(self) -> tuple[int, int]:
         """(bytes of slots holding an adapter, bytes of the whole pool): a snapshot, any thread."""
         slot = self.layout.size * self.pool.element_size()
