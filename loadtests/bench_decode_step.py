@@ -52,8 +52,8 @@ def weight_bytes(model, shape: BaseShape, rank: int) -> dict[str, float]:
     lm_head, and one adapter's A and B at `rank` in the compute dtype (all seven linears, as here). What
     bounds a step when it is memory-bound: an adapter costs its share of these bytes whatever is done."""
     layers = model.model.layers
-    linears = sum(p.numel() * p.element_size() for layer in layers for name, p in layer.named_parameters()
-                  if "proj" in name)
+    linears = sum(p.numel() * p.element_size() for layer in layers
+                  for name, p in [*layer.named_parameters(), *layer.named_buffers()] if "proj" in name)
     linears += sum(getattr(m.weight, "quant_state", None).absmax.numel() * 4 for layer in layers
                    for m in layer.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None)
     head = model.lm_head.weight
