@@ -45,7 +45,7 @@ import httpx
 
 from loadtests.loadgen import percentile
 from loadtests.provenance import stamp
-from models.base_model import EMBEDDED_BASE, convert_embedded, default_cache_dir, embedded_gguf_path
+from models.base_model import EMBEDDED_BASE, EMBEDDED_NAME, convert_embedded, default_cache_dir, embedded_gguf_path
 from tests.support.harness import REPO, ServerProcess, free_port
 
 CACHE = Path(default_cache_dir()) / "llama-cpp"
@@ -198,7 +198,7 @@ def resident_bytes(pid: int) -> int:
 # ---- load ---------------------------------------------------------------------------------------
 
 async def _stream(client: httpx.AsyncClient, server, expert: str | None, question: str, tokens: int) -> dict:
-    body = {"model": "base", "messages": [{"role": "user", "content": question}], "max_tokens": tokens,
+    body = {"model": EMBEDDED_NAME, "messages": [{"role": "user", "content": question}], "max_tokens": tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
             **server.body(expert)}
     start = time.perf_counter()

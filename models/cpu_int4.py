@@ -85,7 +85,7 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, shape: tuple[int, int]):
     """(q, scale, zero) of a GGUF Q4_0 / Q4_1 tensor (`raw`: its [out, blocks * bytes] uint8 data), taken as
     stored; None for other types (the caller dequantizes and calls `quantize`)."""
     out, inp = shape
-    blocks = torch.from_numpy(np.ascontiguousarray(raw)).reshape(out, inp // GROUP, -1)
+    blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(out, inp // GROUP, -1)  # a copy: GGUF maps read-only
     if kind == "Q4_1":  # d (f16), m (f16), 16 bytes: inputs 0-15 in the low nibbles, 16-31 in the high ones
         d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
         m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
