@@ -145,7 +145,13 @@ class Settings(EncodableText):
         description="A local Hugging Face Llama folder, or 'embedded:smollm2' for the bundled default.",
     )
     served_model_name: str | None = Field(None, description="Name clients use for the base; defaults to the folder name.")
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    quantization: Literal["auto", "int4", "nf4", "int8", "none"] = Field(
+        "auto",
+        description="The base's weights. auto: int4 on a CPU, nf4 on CUDA. int4 (CPU only): 4-bit groups run by "
+                    "PyTorch's CPU kernel, the embedded GGUF's own Q4_1 blocks as they are (models/cpu_int4.py). "
+                    "nf4 / int8: bitsandbytes (on a CPU, nf4 is several times slower than int4). none: the "
+                    "compute dtype. Fine-tuning always trains on nf4 (peft needs bitsandbytes' layers).",
+    )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")
     max_batch_size: int = Field(
@@ -157,6 +163,16 @@ class Settings(EncodableText):
         description="KV cache pool size: bytes ('2GiB', '512MiB', 1073741824), a fraction of free memory "
                     "('0.9': of free device memory on CUDA, of available RAM on CPU), or 'auto' (CUDA: 0.9; "
                     "CPU: max_batch_size x context_window tokens, at most a quarter of available RAM).",
+    )
+    kv_cache_tokens: int | None = Field(
+        None, ge=16,
+        description="KV cache pool size in token positions (all requests together); overrides kv_cache_memory. On "
+                    "a CPU the pool's memory becomes resident only as blocks are first used.",
+    )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="The KV cache's dtype. auto: bfloat16 on a CPU with AVX-512 BF16 or AMX (half the memory), "
+                    "else the compute dtype.",
     )
     kv_block_size: Literal[8, 16, 32, 64] = Field(16, description="Token positions per KV cache block.")
     max_step_tokens: int = Field(
