@@ -270,7 +270,7 @@ class ModelRunner:
         rows, width = blocks.shape
         gathered = cache[blocks]  # [rows, width, block_size, kv_heads, head_dim]
         gathered = gathered.view(rows, width * self.block_size, self.num_kv_heads, self.head_dim)
-        return gathered.transpose(1, 2).to(self.dtype, memory_format=torch.contiguous_format)
+        return gathered.transpose(1, 2).to(self.dtype).contiguous()  # .to alone may alias a same-dtype view
 
     def _attend(self, queries, keys, values, hidden) -> torch.Tensor:
         scores = torch.matmul(queries, keys.transpose(-1, -2)) * self.attn_scale
