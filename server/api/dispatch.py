@@ -145,9 +145,10 @@ def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord
 
 async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, request: Request,
                  state: ServerState, id_prefix: str, default_max_tokens: int | None = None,
-                 output: OutputFormat = FREE_TEXT) -> Call:
+                 output: OutputFormat = FREE_TEXT, priority_offset: int = 0) -> Call:
     """Route and queue a request whose prompt is tokenized (the endpoint checked readiness first).
-    `output`: the format every choice's answer must have (structured outputs)."""
+    `output`: the format every choice's answer must have (structured outputs). `priority_offset`: added
+    to the request's priority (a batch line's batch_priority)."""
     constraints = ([None] * req.n if output.grammar is None  # free text: no matchers, no thread hop
                    else await state.in_text_pool(state.base.formats.constraints, output, req.n))
     if state.draining:
@@ -195,6 +196,7 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
             seed=secrets.randbits(63) if params.seed is None else params.seed + index,
             grammar=output.grammar,
+            priority=req.priority + priority_offset,
         )
         for index in range(req.n)
     ]

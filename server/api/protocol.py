@@ -205,6 +205,8 @@ class SamplingFields(EncodableText):
     # loraplex: with model "auto", blend this many of the top experts (default the server's router_top_k)
     router_top_k: int | None = Field(None, ge=1, le=16)
     ignore_eos: bool = False
+    # vLLM's scheduling priority: lower is admitted first and preempted last (batch lines add batch_priority)
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
 
     @field_validator("stop")
     @classmethod
