@@ -187,8 +187,8 @@ class ResponsesRequest(EncodableText):
                 "truncation": "truncation 'auto' is not supported: a conversation longer than the context window "
                               "is refused (truncation 'disabled')",
                 "top_logprobs": "logprobs are not served on the Responses API: use /v1/chat/completions",
-                "include": f"{str(value[0])[:60]!r} is not supported (this server includes nothing extra in a "
-                           "response)" if value else "",
+                "include": "this server includes nothing extra in a response (asked: "
+                           f"{str(value)[:80]})",
             }[name])
         return value
 
