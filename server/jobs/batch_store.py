@@ -43,12 +43,11 @@ def batch_file_problems(path: Path, max_lines: int) -> list[str]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 return [f"line {number}: not UTF-8 text"]
-            if text.strip():
-                lines += 1
-                if lines > max_lines:
-                    return [f"the file has more than {max_lines} requests (max_batch_lines: {max_lines})"]
+            lines += bool(text.strip())
     if lines == 0:
         return ["the file holds no request lines"]
+    if lines > max_lines:
+        return [f"the file has {lines} requests, over this server's limit of {max_lines} per batch (max_batch_lines)"]
     return []
 
 
