@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema, field_validator,
+                      model_validator)
 
 from validation.schema import EncodableText
 
@@ -352,7 +353,15 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """The legacy /v1/completions: a raw prompt, continued as is (no chat template)."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # The schema states what the validator below refuses (an empty prompt, several prompts), so that
+    # a client generated from the OpenAPI document, or a fuzzer, knows before it sends one; the
+    # validator keeps its plain-words errors ("the prompt is empty") rather than pydantic's per-branch ones.
+    prompt: Annotated[str | list[int] | list[str] | list[list[int]], WithJsonSchema({"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+         "minItems": 1, "maxItems": 1}], "title": "Prompt"})]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # here: how many alternatives; 0 = the chosen token only
     response_format: ResponseFormat | None = None  # an extension (as vLLM's): the continuation in that format

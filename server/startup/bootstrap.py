@@ -28,6 +28,7 @@ from server.engine.model_runner import ModelRunner, kv_block_bytes
 from server.engine.lora_batch import LoraBank, aligned_rank, choose_kernels
 from server.engine.residency import AdapterCache
 from server.experts.service import Experts, ExpertPolicy, ServedBase
+from server.experts.sources import CachePolicy, build_sources
 from server.experts.spec import ExpertRegistration
 from server.jobs.manager import JobError
 from server.jobs.batch_store import BatchStore
@@ -155,6 +156,16 @@ def _policy(settings: Settings) -> ExpertPolicy:
                         settings.base_mismatch)
 
 
+def _experts(settings: Settings, registry: AdapterRegistry, store: AdapterStore, engine, metrics: Metrics) -> Experts:
+    """The Experts service, with the adapter sources of the config (their environment variables read now)."""
+    cache = CachePolicy(settings.adapter_cache_bytes, settings.adapter_fetch_timeout_s,
+                        settings.adapter_fetch_concurrency, settings.adapter_refusal_ttl_s)
+    sources = build_sources(settings.adapter_sources, settings.adapter_fetch_timeout_s)
+    if sources:
+        log.info("adapter sources: %s", ", ".join(f"{s.name} ({s.kind}: {', '.join(s.patterns)})" for s in sources))
+    return Experts(registry, store, engine, metrics, _policy(settings), sources, cache)
+
+
 def _share_cores(state: ServerState, settings: Settings):
     """On CPU, serving steps down to the cores a training run leaves free while one runs (Engine.set_threads
     says why), and takes them back after; on CUDA the two do not compete for cores and nothing changes."""
@@ -257,7 +268,7 @@ def create_state(settings: Settings) -> ServerState:
                      lambda: state.experts)
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=Experts(registry, store, engine, metrics, _policy(settings)), **_stores(settings))
+                        experts=_experts(settings, registry, store, engine, metrics), **_stores(settings))
     return state
 
 
@@ -279,7 +290,7 @@ def create_ingress_state(settings: Settings, make_engine) -> ServerState:
     engine = make_engine(metrics, _delete_later(store))
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=Experts(registry, store, engine, metrics, _policy(settings)), replicas=engine,
+                        experts=_experts(settings, registry, store, engine, metrics), replicas=engine,
                         **_stores(settings))
     info = read_base_info(settings)
     _restore(state.experts, settings, info, engine.register_adapter)
