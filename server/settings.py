@@ -220,8 +220,9 @@ class Settings(EncodableText):
     adapter_roots: list[str] = Field(default_factory=list, description="Folders that POST /v1/adapters may read from.")
     admin_key: list[str] = Field(default_factory=list, description="Bearer keys for /v1/adapters; none = disabled.")
     api_key: list[str] = Field(default_factory=list, description="Bearer keys required for inference when set.")
-    fine_tuning: bool = Field(True, description="Serve /v1/files and /v1/fine_tuning/jobs (admin key): train experts "
-                                                "on the served base in a worker process and serve them when done.")
+    fine_tuning: bool = Field(True, description="Serve /v1/fine_tuning/jobs and training files on /v1/files (admin "
+                                                "key): train experts on the served base in a worker process and serve "
+                                                "them when done.")
     max_file_bytes: int = Field(100_000_000, ge=1024, description="Largest file (training or batch input) accepted "
                                                                 "by /v1/files.")
     # --- Responses and Batch APIs ---

@@ -161,10 +161,9 @@ def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord
 
 async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, request: Request,
                  state: ServerState, id_prefix: str, default_max_tokens: int | None = None,
-                 output: OutputFormat = FREE_TEXT, priority_offset: int = 0) -> Call:
+                 output: OutputFormat = FREE_TEXT) -> Call:
     """Route and queue a request whose prompt is tokenized (the endpoint checked readiness first).
-    `output`: the format every choice's answer must have (structured outputs). `priority_offset`: added
-    to the request's priority (a batch line's batch_priority)."""
+    `output`: the format every choice's answer must have (structured outputs)."""
     constraints = ([None] * req.n if output.grammar is None  # free text: no matchers, no thread hop
                    else await state.in_text_pool(state.base.formats.constraints, output, req.n))
     if state.draining:
@@ -235,7 +234,7 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
             seed=secrets.randbits(63) if params.seed is None else params.seed + index,
             grammar=output.grammar,
-            priority=req.priority + priority_offset,
+            priority=req.priority,  # a batch line's already has batch_priority added
         )
         for index in range(req.n)
     ]
