@@ -197,3 +197,31 @@ def test_an_openai_agents_sdk_agent_calls_its_tool_and_answers(server, transport
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
     if transport == "responses":
         assert isinstance(streamed, str) and streamed.strip() and len(calls) >= 2
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event_then_response_failed(tiny_folder, tmp_path, monkeypatch):
+    """A fault in the engine after the first tokens: the stream says so in the events clients parse (an
+    `error` event, then response.failed with the output so far), never a completed response."""
+    from server.engine import engine as engine_module
+    from tests.support import in_process
+
+    real, steps = engine_module.sample_batch, []
+
+    def failing_on_the_third_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("injected sampling fault")
+        return real(*args, **kwargs)
+
+    with in_process(tiny_folder, tmp_path / "data", router=False) as (state, client):
+        monkeypatch.setattr(engine_module, "sample_batch", failing_on_the_third_step)
+        with client.stream("POST", "/v1/responses", json={"model": state.base.name, "input": "Hi",
+                                                          "max_output_tokens": 20, "stream": True}) as reply:
+            events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+    kinds = [event["type"] for event in events]
+    assert kinds[0] == "response.created" and kinds[-2:] == ["error", "response.failed"], kinds
+    assert "response.output_text.delta" in kinds and "response.completed" not in kinds, " ".join(kinds)
+    assert "injected sampling fault" in events[-2]["message"]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and "injected sampling fault" in failed["error"]["message"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))

@@ -271,6 +271,8 @@ async def _events(turn: Turn, call: Call, tools: bool) -> AsyncIterator[bytes]:
                                                           "message": error.message})
                 yield event("response.failed", response=failed)
                 return
+            if out.finish_reason == "abort":  # stream() ends an open choice so before its error: the error follows
+                continue
             if out.text:
                 for piece in reader.feed(out.text) if reader else [("content", out.text)]:
                     for chunk in handle(piece):
