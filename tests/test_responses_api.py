@@ -225,3 +225,28 @@ def test_an_engine_failure_mid_stream_is_an_error_event_then_response_failed(tin
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and "injected sampling fault" in failed["error"]["message"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_stored_responses_are_bounded_oldest_first_and_survive_a_restart(tmp_path):
+    from server.jobs.response_store import ResponseStore, new_response_id
+
+    import time
+
+    def later_id():  # ids order by their microsecond; two in the same one would order at random
+        time.sleep(0.002)
+        return new_response_id()
+
+    store = ResponseStore(tmp_path, max_stored=3)
+    ids = [later_id() for _ in range(5)]
+    for number, response_id in enumerate(ids):
+        store.put(response_id, {"n": number})
+    assert [store.get(i) for i in ids] == [None, None, {"n": 2}, {"n": 3}, {"n": 4}]
+    assert store.delete(ids[3]) and not store.delete(ids[3]) and not store.delete("../etc/passwd")
+    again = ResponseStore(tmp_path, max_stored=3)  # a restart reads back what is kept, in creation order
+    assert len(again) == 2
+    again.put(newer := later_id(), {"n": 5})
+    again.put(later_id(), {"n": 6})
+    assert again.get(ids[2]) is None and again.get(newer) == {"n": 5} and len(again) == 3
+    nothing = ResponseStore(tmp_path / "off", max_stored=0)  # max_stored_responses 0: nothing kept
+    nothing.put(new_response_id(), {"n": 0})
+    assert len(nothing) == 0 and not list((tmp_path / "off").iterdir())
