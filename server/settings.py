@@ -236,9 +236,31 @@ class Settings(EncodableText):
     adapter_roots: list[str] = Field(default_factory=list, description="Folders that POST /v1/adapters may read from.")
     admin_key: list[str] = Field(default_factory=list, description="Bearer keys for /v1/adapters; none = disabled.")
     api_key: list[str] = Field(default_factory=list, description="Bearer keys required for inference when set.")
-    fine_tuning: bool = Field(True, description="Serve /v1/files and /v1/fine_tuning/jobs (admin key): train experts "
-                                                "on the served base in a worker process and serve them when done.")
-    max_file_bytes: int = Field(100_000_000, ge=1024, description="Largest training file accepted by /v1/files.")
+    fine_tuning: bool = Field(True, description="Serve /v1/fine_tuning/jobs and training files on /v1/files (admin "
+                                                "key): train experts on the served base in a worker process and serve "
+                                                "them when done.")
+    max_file_bytes: int = Field(100_000_000, ge=1024, description="Largest file (training or batch input) accepted "
+                                                                "by /v1/files.")
+    # --- Responses and Batch APIs ---
+    max_stored_responses: int = Field(
+        10_000, ge=0,
+        description="Responses kept for GET /v1/responses/{id} and previous_response_id (store: true, the default), "
+                    "under data_dir/responses; past this many the oldest are removed. 0: nothing is stored.",
+    )
+    batches: bool = Field(True, description="Serve /v1/batches: JSONL files of chat, completions or responses "
+                                            "requests run at low priority in the rows interactive requests leave free.")
+    max_batch_lines: int = Field(50_000, ge=1, description="Requests one batch input file may hold (OpenAI's limit); "
+                                                           "a longer file is refused.")
+    batch_priority: int = Field(
+        10, description="The scheduling priority batch lines run at (vLLM's: lower runs first; interactive requests "
+                        "have 0 unless they say otherwise), added to a line's own `priority`. Interactive requests "
+                        "preempt batch lines for rows and KV blocks.",
+    )
+    batch_concurrency: int | None = Field(
+        None, ge=1,
+        description="Batch lines in the engine at once, over all batches (default: max_batch_size): enough to fill "
+                    "every free row, few enough that the queue never fills with batch work.",
+    )
     fine_tune_threads: int = Field(1, ge=1, le=256, description="CPU threads a training run may use (serving keeps "
                                                                 "the rest); runs also get a lower priority.")
     fine_tune_checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints: a cancelled or "

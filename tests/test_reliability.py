@@ -335,8 +335,13 @@ def test_unmatched_routes_answer_an_openai_error_with_a_code(rel, method, path, 
 def test_the_files_api_without_an_admin_key_says_what_it_needs(tmp_path):
     from server.api.auth import refusal
 
-    status, message, code = refusal("/v1/files", {}, Settings(admin_key=[]))
+    from server.api.auth import training_files_refusal
+
+    status, message, code = refusal("/v1/fine_tuning/jobs", {}, Settings(admin_key=[]))
     assert status == 403 and code == "admin_disabled" and message.startswith("Training files and fine-tuning jobs")
+    # /v1/files is shared with batch files (the API key's): a training file asks once its purpose is read
+    assert refusal("/v1/files", {}, Settings(admin_key=[])) is None
+    assert training_files_refusal({}, Settings(admin_key=[]))[:3:2] == (403, "admin_disabled")
 
 
 def test_an_empty_key_variable_means_no_key(caplog):

@@ -234,6 +234,7 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
             seed=secrets.randbits(63) if params.seed is None else params.seed + index,
             grammar=output.grammar,
+            priority=req.priority,  # a batch line's already has batch_priority added
         )
         for index in range(req.n)
     ]

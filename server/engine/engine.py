@@ -111,7 +111,7 @@ class Engine(EngineHandle):
                 raise EngineStopped()
             if len(self._scheduler.waiting) >= self.max_queued:
                 raise QueueFull()
-            self._scheduler.waiting.append(seq)
+            self._scheduler.add(seq)  # in priority order
             self._wakeup.notify()
 
     def wake(self) -> None:

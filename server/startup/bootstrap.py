@@ -31,7 +31,10 @@ from server.experts.service import Experts, ExpertPolicy, ServedBase
 from server.experts.sources import CachePolicy, build_sources
 from server.experts.spec import ExpertRegistration
 from server.jobs.manager import JobError
+from server.jobs.batch_store import BatchStore
+from server.jobs.response_store import ResponseStore
 from server.jobs.service import FineTuning, TrainingDefaults
+from server.jobs.store import FileStore
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
 from server.startup.kv_budget import graph_budget_bytes, plan_kv_blocks
@@ -211,7 +214,7 @@ def _attach_base(state: ServerState, settings: Settings, info: BaseInfo) -> None
                                     settings.fine_tune_checkpoint_every)
         state.jobs = FineTuning(Path(settings.data_dir) / "fine_tuning", info.tokenizer, info.stop_token_ids,
                                 defaults, lambda job, folder: _register_trained(state.experts, job, folder),
-                                settings.max_running_fine_tunes, _share_cores(state, settings))
+                                settings.max_running_fine_tunes, _share_cores(state, settings), state.files)
         state.jobs.start()
     if settings.router == "embedded":
         state.router_thread = threading.Thread(target=state.experts.build_index, name="loraplex-router",
@@ -259,6 +262,15 @@ def _engine(settings: Settings, metrics: Metrics, on_base_ready, on_freed, exper
     return engine
 
 
+def _stores(settings: Settings) -> dict:
+    """The HTTP side's stores under data_dir: files (where they always were, beside fine-tuning's jobs),
+    stored Responses, batches."""
+    data = Path(settings.data_dir)
+    return {"files": FileStore(data / "fine_tuning" / "files"),
+            "responses": ResponseStore(data / "responses", settings.max_stored_responses),
+            "batches": BatchStore(data / "batches")}
+
+
 def create_state(settings: Settings) -> ServerState:
     """The single-process server: the engine thread loads the model and restores the experts, then the
     base is attached."""
@@ -270,7 +282,7 @@ def create_state(settings: Settings) -> ServerState:
                      lambda: state.experts)
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=_experts(settings, registry, store, engine, metrics))
+                        experts=_experts(settings, registry, store, engine, metrics), **_stores(settings))
     return state
 
 
@@ -292,7 +304,8 @@ def create_ingress_state(settings: Settings, make_engine) -> ServerState:
     engine = make_engine(metrics, _delete_later(store))
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=_experts(settings, registry, store, engine, metrics), replicas=engine)
+                        experts=_experts(settings, registry, store, engine, metrics), replicas=engine,
+                        **_stores(settings))
     info = read_base_info(settings)
     _restore(state.experts, settings, info, engine.register_adapter)
     _attach_base(state, settings, info)
