@@ -128,7 +128,7 @@ def test_model_strings_never_become_label_values(rel):
     assert ask(BASE, {"X-Expert": "alpha:0.5,beta:1"}).status_code == 200
     assert ask("no-such-expert").status_code == 404
     before = series(rel)
-    for spaces in range(1, 13):  # the same mixture spelled 24 ways, and unknown names
+    for spaces in range(1, 5):  # the same mixture spelled 8 ways, and unknown names
         assert ask("alpha" + " " * spaces + "+beta").status_code == 200
         assert ask(BASE, {"X-Expert": f"alpha:0.{spaces:02d},beta:1"}).status_code == 200
         assert ask(f"no-such-expert-{spaces}").status_code == 404
