@@ -728,7 +728,8 @@ def vs_llama_section() -> str:
 
     lines = [head, f"{_provenance(result, 'python -m loadtests.bench_vs_llama')}; {result.get('llama_cpp', '')}; "
              f"{result['rounds']} rounds of {result['tokens']} tokens; load average {result['load_average_start'][0]} "
-             f"at the start, {result['load_average_end'][0]} at the end (2 cores: figures from a busy machine):", "",
+             f"at the start, {result['load_average_end'][0]} at the end (2 cores: figures from a busy machine)"
+             + (f". {result['note']}" if result.get("note") else "") + ":", "",
              "| work | loraplex | llama-server | ratio | target |", "| --- | --- | --- | --- | --- |"]
     targets = {"one_stream": ">= 0.6", "concurrent_base": ">= 1.2", "concurrent_experts": ">= 2.5"}
     names = {"one_stream": f"one stream, {result['tokens']} tokens", "concurrent_base": "16 concurrent, base",
