@@ -46,7 +46,7 @@ import httpx
 from loadtests.loadgen import percentile
 from loadtests.provenance import stamp
 from models.base_model import EMBEDDED_BASE, EMBEDDED_NAME, convert_embedded, default_cache_dir, embedded_gguf_path
-from tests.support.harness import REPO, ServerProcess, free_port
+from tests.support.harness import REPO, ServerProcess, free_port, stop_process, wait_healthy
 
 CACHE = Path(default_cache_dir()) / "llama-cpp"
 EXPERTS = ("json-answer", "pirate", "terse")
@@ -138,26 +138,13 @@ class LlamaServer:
     def start(self, timeout: float = 300) -> "LlamaServer":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if wait_healthy(self.proc, self.base_url + "/health", timeout, lambda: self.log_path.read_text()[-3000:]):
+            return self
         raise RuntimeError("llama-server did not become healthy")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, grace=30)
 
     def body(self, expert: str | None) -> dict:
         return {"lora": [] if expert is None else [{"id": self.lora_ids[expert], "scale": 1.0}]}

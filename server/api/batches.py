@@ -30,6 +30,7 @@ from adapters.admission import AdmissionError
 from router.resolve import BadMixture, UnknownExpert
 from server.api.chat_completions import chat_completions
 from server.api.errors import APIError, error_body, validation_message
+from server.api.listing import list_page
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.protocol_responses import ResponsesRequest
 from server.api.responses_api import create_response
@@ -341,10 +342,7 @@ async def list_batches(request: Request, after: str | None = None, limit: int = 
     if after is not None:
         ids = [b["id"] for b in batches]
         batches = batches[ids.index(after) + 1:] if after in ids else []
-    limit = max(1, min(limit, 100))
-    page = batches[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(batches) > limit}
+    return list_page(batches, limit)
 
 
 @router.get("/v1/batches/{batch_id}")

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from server.api.chat_completions import last_user_text
 from server.api.dispatch import Call, check_prompt_chars, submit
 from server.api.errors import APIError, validation_message
+from server.api.listing import list_page
 from server.api.protocol import ChatCompletionRequest
 from server.api.protocol_responses import ItemError, ResponsesRequest
 from server.api.responses import collect, engine_failed, route_headers, stream
@@ -341,10 +342,7 @@ async def get_input_items(response_id: str, request: Request, order: str = "desc
                          else {**item, "id": item_id})
     if order == "desc":
         items.reverse()
-    limit = max(1, min(limit, 100))
-    page = items[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+    return list_page(items, limit)
 
 
 @router.delete("/v1/responses/{response_id}")

@@ -44,6 +44,33 @@ def make_peft_adapter(model, out_dir: Path, seed: int, rank: int = 8, targets=("
     return Path(out_dir)
 
 
+def wait_healthy(proc: subprocess.Popen, health_url: str, timeout: float, log) -> bool:
+    """Poll `health_url` until it answers 200 (True) or `timeout` passes (False); a process that exits first
+    raises with the tail of `log()`. Shared by the servers the tests and benchmarks start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds (a server that drains gets its chance to exit cleanly)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServerProcess:
     """`loraplex serve` in a subprocess on a free loopback port, as a user would run it."""
 
@@ -73,16 +100,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 300) -> "ServerProcess":
         self.launch()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if wait_healthy(self.proc, self.base_url + "/health", timeout, lambda: self.log()):
+            return self
         self.stop()
         raise RuntimeError(f"server did not become healthy:\n{self.log()}")
 
@@ -98,13 +117,7 @@ class ServerProcess:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=60)
         self._log.close()
         return self.proc.returncode
 

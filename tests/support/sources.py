@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.harness import free_port
+from tests.support.harness import free_port, stop_process
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "expert.json", "adapter_model.bin")
 DEMO = Path(__file__).resolve().parents[2] / "training" / "demo"
@@ -82,13 +82,7 @@ class S3Server:
         return sum(len(data) for data in contents.values())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=10)
         self._log.close()
 
 
