@@ -22,7 +22,7 @@ ERROR_SCHEMA = {
     }},
 }
 _WHY = {400: "Invalid request", 401: "Missing or wrong key", 403: "Disabled (no admin key configured)",
-        404: "Unknown model, expert or adapter", 408: "The request body stalled", 409: "Name already registered, or an expert a mixture blends",
+        404: "Unknown model, expert, adapter or stored object", 408: "The request body stalled", 409: "Name already registered, an expert a mixture blends, or a batch that cannot be cancelled now",
         413: "Request body too large", 429: "Queue full; retry after Retry-After",
         500: "This request's generation failed (the server goes on)",
         502: "The expert's adapter source failed or cannot be reached (adapter_sources)",
@@ -55,6 +55,16 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): (400, 404, *_ADMIN),
     ("get", "/v1/fine_tuning/jobs/{job_id}/events"): (400, 404, *_ADMIN),
     ("get", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): (400, 404, *_ADMIN),
+    ("post", "/v1/responses"): _INFERENCE,
+    ("get", "/v1/responses/{response_id}"): (400, 401, 404, 503),
+    ("delete", "/v1/responses/{response_id}"): (400, 401, 404, 503),
+    ("get", "/v1/responses/{response_id}/input_items"): (400, 401, 404, 503),
+    ("post", "/v1/batches"): (400, 401, 404, 408, 413, 503),
+    ("get", "/v1/batches"): (400, 401, 404, 503),
+    ("get", "/v1/batches/{batch_id}"): (400, 401, 404, 503),
+    ("post", "/v1/batches/{batch_id}/cancel"): (400, 401, 404, 409, 503),
+    ("post", "/tokenize"): (400, 401, 404, 408, 413, 502, 503, 504),
+    ("post", "/detokenize"): (400, 401, 404, 408, 413, 503),
 }
 _TEXT = {"type": "string"}
 # one server-sent event: `data` is a JSON chunk (or an error object, or "[DONE]")
@@ -96,12 +106,12 @@ def _document(app: FastAPI, registration_schema: dict) -> dict:
     paths["/health"]["get"]["responses"]["503"] = {
         "description": "Loading, draining or failed",
         "content": {"application/json": {"schema": {"type": "object", "properties": {"status": _TEXT}}}}}
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
         paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
     paths["/v1/files"]["post"]["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file", "purpose"],
-        "properties": {"file": {"type": "string", "format": "binary", "description": "chat JSONL"},
-                       "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}
+        "properties": {"file": {"type": "string", "format": "binary", "description": "chat JSONL (fine-tune) or request lines (batch)"},
+                       "purpose": {"type": "string", "enum": ["fine-tune", "batch"]}}}}}}
     paths["/v1/files/{file_id}/content"]["get"]["responses"]["200"]["content"] = {"application/jsonl": {"schema": _TEXT}}
     for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):  # vLLM answers these in plain text
         paths[path]["post"]["responses"]["200"]["content"] = {"text/plain": {"schema": _TEXT}}
