@@ -355,8 +355,10 @@ def reliability_section() -> str:
              f"| reads outside the roots | {attacks['reads_outside_roots']} |",
              f"| broken mixtures after the race | {attacks['race_broken_mixtures']} of {attacks['race_tries']} |",
              f"| `/metrics` size, {metrics['requests']:,} anonymous model strings | "
-             f"{metrics['metrics_bytes_before'] / 1e6:.2f} MB before, {metrics['metrics_bytes_after'] / 1e6:.2f} MB "
-             "after |",
+             f"{metrics['metrics_bytes_before']:,} bytes before" + (
+                 f", {metrics['metrics_bytes_after_first_tenth']:,} after the first tenth (each kind's shared series "
+                 "made)" if "metrics_bytes_after_first_tenth" in metrics else "") +
+             f", {metrics['metrics_bytes_after']:,} after all |",
              f"| 8 streams' inter-token p50 / p99 | alone {alone['p50_ms']:.0f} / {alone['p99_ms']:.0f} ms; while a "
              f"{streams['upload']['bytes'] / 1e6:.0f} MB training file is checked {checking['p50_ms']:.0f} / "
              f"{checking['p99_ms']:.0f} ms (p99 {streams['p99_ratio']:.2f}x) |"]
