@@ -730,7 +730,8 @@ def vs_llama_section() -> str:
 
     lines = [head, f"{_provenance(result, 'python -m loadtests.bench_vs_llama')}; {result.get('llama_cpp', '')}; "
              f"{result['rounds']} rounds of {result['tokens']} tokens; load average {result['load_average_start'][0]} "
-             f"at the start, {result['load_average_end'][0]} at the end (2 cores: figures from a busy machine)"
+             f"at the start, {result['load_average_end'][0]} at the end (2 cores: "
+             + ("figures from a busy machine)" if result["load_average_start"][0] > 1.5 else "a quiet machine)")
              + (f". {result['note']}" if result.get("note") else "") + ":", "",
              "| work | loraplex | llama-server | ratio | target |", "| --- | --- | --- | --- | --- |"]
     targets = {"one_stream": ">= 0.6", "concurrent_base": ">= 1.2", "concurrent_experts": ">= 2.5"}
