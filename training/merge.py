@@ -1,8 +1,9 @@
 """Merge an expert into its base: a standalone Hugging Face model folder anyone can load.
 
-The base is loaded as the server serves it (NF4), each 4-bit linear is dequantized to the
-float32 weight the server computes with, the LoRA delta (B @ A, scaled) is added, and the
-result is saved unquantized: plain `transformers` loads it with no peft or bitsandbytes.
+The base is loaded as the server serves it on a GPU (NF4; a CPU serves int4 groups by default, other
+roundings of the same weights), each 4-bit linear is dequantized to the float32 weight the server
+computes with, the LoRA delta (B @ A, scaled) is added, and the result is saved unquantized: plain
+`transformers` loads it with no peft or bitsandbytes.
 """
 from __future__ import annotations
 
