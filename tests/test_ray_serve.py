@@ -156,7 +156,10 @@ def test_a_new_expert_serves_the_same_greedy_tokens_on_both_replicas_and_retires
     lock = threading.Lock()
 
     def answer(model):
-        response = chat(http, model, "Name three colours.", max_tokens=24, logprobs=True, top_logprobs=3)
+        # long enough that a burst keeps z's replica busy past Serve's 1-2 s wait for the replica holding a
+        # model: only then does its router send z's requests to the other replica
+        response = chat(http, model, "Name three colours.", max_tokens=80, ignore_eos=True, logprobs=True,
+                        top_logprobs=3)
         return response, [(t["token"], t["logprob"], [top["token"] for top in t["top_logprobs"]])
                           for t in response.json()["choices"][0]["logprobs"]["content"]]
 
@@ -165,8 +168,8 @@ def test_a_new_expert_serves_the_same_greedy_tokens_on_both_replicas_and_retires
         with lock:
             answers.setdefault(response.headers[HEADER], []).append(tokens)
 
-    for _ in range(3):  # bursts larger than one replica's batch: both replicas serve z
-        threads = [threading.Thread(target=one) for _ in range(2 * BATCH + 1)]
+    for _ in range(3):  # bursts three times one replica's batch: both replicas serve z
+        threads = [threading.Thread(target=one) for _ in range(3 * BATCH)]
         for thread in threads:
             thread.start()
         for thread in threads:
