@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
-from server.api import admin, corrections, fine_tuning, models, status
+from server.api import admin, corrections, fine_tuning, models, status, tenants
 from server.api.auth import AuthMiddleware
 from server.api.chat_completions import chat_completions
 from server.api.errors import install_error_handlers
@@ -35,6 +35,8 @@ def create_app(state: ServerState) -> FastAPI:
         install_playground(app)
     for module in (admin, corrections, fine_tuning):
         app.include_router(module.router)
+    if state.tenants is not None:
+        app.include_router(tenants.router)
     install_openapi(app, ExpertRegistration)
     # added last = outermost: the request id is on every response, 413s included
     app.add_middleware(
@@ -44,7 +46,8 @@ def create_app(state: ServerState) -> FastAPI:
                        "/v1/files": state.settings.max_file_bytes + 1_000_000},
         read_timeout=state.settings.request_body_timeout_s,
     )
-    app.add_middleware(AuthMiddleware, settings=state.settings)  # keys before any body byte is read
+    app.add_middleware(AuthMiddleware, settings=state.settings, tenants=state.tenants, limiter=state.limiter,
+                       metrics=state.metrics)  # keys before any body byte is read
     app.add_middleware(RequestOutcomeMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

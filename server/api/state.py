@@ -24,6 +24,8 @@ from server.experts.service import Experts
 from server.jobs.service import FineTuning
 from server.metrics import Metrics
 from server.settings import Settings
+from server.tenants.limits import TenantLimiter
+from server.tenants.store import TenantStore
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ServerState:
     # thread still inside torch or tokenizers when the interpreter tears down aborts the process
     router_thread: threading.Thread | None = None
     jobs: FineTuning | None = None  # files and fine-tuning jobs; set with `base` (fine_tuning: true)
+    tenants: TenantStore | None = None  # tenants, keys and usage (tenants: true); None: no tenants
+    limiter: TenantLimiter = field(default_factory=TenantLimiter)  # tenants' rate and concurrency limits
     # Tokenizing and routing run here, off the event loop, in fewer threads than there are cores:
     # a burst of megabyte prompts then cannot take every core from the event loop and the engine.
     text_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(

@@ -35,6 +35,7 @@ from server.jobs.service import FineTuning, TrainingDefaults
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
 from server.startup.kv_budget import graph_budget_bytes, plan_kv_blocks
+from server.tenants.store import TenantStore
 
 log = logging.getLogger("loraplex.bootstrap")
 
@@ -245,6 +246,16 @@ def _engine(settings: Settings, metrics: Metrics, on_base_ready, on_freed, exper
     return engine
 
 
+def _tenants(settings: Settings) -> TenantStore | None:
+    """The tenants' database (tenants: true), opened before any request; None without tenants."""
+    if not settings.tenants:
+        return None
+    store = TenantStore(settings.data_dir)
+    store.start_flushing()
+    log.info("tenants: %d in %s", len(store.list_tenants()), store.path)
+    return store
+
+
 def create_state(settings: Settings) -> ServerState:
     """The single-process server: the engine thread loads the model and restores the experts, then the
     base is attached."""
@@ -256,7 +267,7 @@ def create_state(settings: Settings) -> ServerState:
                      lambda: state.experts)
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=_experts(settings, registry, store, engine, metrics))
+                        experts=_experts(settings, registry, store, engine, metrics), tenants=_tenants(settings))
     return state
 
 
@@ -278,7 +289,8 @@ def create_ingress_state(settings: Settings, make_engine) -> ServerState:
     engine = make_engine(metrics, _delete_later(store))
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=_experts(settings, registry, store, engine, metrics), replicas=engine)
+                        experts=_experts(settings, registry, store, engine, metrics), replicas=engine,
+                        tenants=_tenants(settings))
     info = read_base_info(settings)
     _restore(state.experts, settings, info, engine.register_adapter)
     _attach_base(state, settings, info)

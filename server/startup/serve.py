@@ -68,6 +68,8 @@ def serve(settings: Settings) -> int:
     if state.jobs is not None:
         state.jobs.stop()  # a running job's worker is killed; the job resumes from its checkpoint at next start
     state.engine.stop(timeout=10)
+    if state.tenants is not None:
+        state.tenants.close()  # the usage counted since the last flush is written
     if state.router_thread is not None:
         state.router_thread.join(timeout=30)  # a few seconds at most: encoders loading, experts indexing
     if server.fatal is not None:
