@@ -26,6 +26,7 @@ from server.engine.engine import EngineStopped, QueueFull
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceSpec
 from server.metrics import MIXTURE_LABEL
+from server.tenants.principal import principal_of
 
 
 @dataclass
@@ -111,21 +112,26 @@ def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, re
 async def route_request(model: str, routing_text: str, request: Request, state: ServerState,
                         top_k: int | None = None) -> Route:
     """The route; an unregistered name that an adapter source may resolve is fetched first (a fetch of it
-    already under way is joined; one that fails raises its AdmissionError, answered as it is)."""
+    already under way is joined; one that fails raises its AdmissionError, answered as it is). Only among the
+    experts the caller may use: another tenant's answers as if it were not registered."""
     router, header = state.router, request.headers.get("x-expert")
+    principal = principal_of(request.scope)
+    visible = state.experts.visible(principal)
     if router.needs_classifier(model, header):
         with state.metrics.router_latency.time():
-            route = await state.in_text_pool(router.by_prompt, routing_text, top_k)
+            route = await state.in_text_pool(router.by_prompt, routing_text, top_k, visible)
     else:
         try:
-            route = router.by_name(model, header)
+            route = router.by_name(model, header, visible)
         except UnknownExpert as exc:
-            fetching = state.experts.fetch(exc.name, exc.param)
+            if state.registry.get(exc.name) is not None:  # another tenant's: as if absent, and never fetched
+                raise
+            fetching = state.experts.fetch(exc.name, exc.param, principal.owner)
             if fetching is None:
                 raise
             # shielded: a client that leaves stops waiting, never the fetch other requests may share
             await asyncio.shield(asyncio.wrap_future(fetching))
-            return router.by_name(model, header)  # a miss: just fetched, the most recently used already
+            return router.by_name(model, header, visible)  # a miss: just fetched, the most recently used already
     state.experts.touch(name for name, _ in route.mixture or ((route.expert, 1.0),) if name)
     return route
 
@@ -234,6 +240,7 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
             seed=secrets.randbits(63) if params.seed is None else params.seed + index,
             grammar=output.grammar,
+            tenant=principal_of(request.scope).tenant or "",
         )
         for index in range(req.n)
     ]

@@ -28,6 +28,7 @@ from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
 from server.experts.spec import ExpertRegistration
 from server.jobs.store import new_id
+from server.tenants.principal import Principal, principal_of
 
 router = APIRouter()
 PUBLIC_JOB_FIELDS = ("id", "object", "model", "created_at", "finished_at", "fine_tuned_model", "organization_id",
@@ -56,8 +57,27 @@ def _found(record: dict | None, message: str, param: str, code: str) -> dict:
     return record
 
 
-def _file_or_404(state: ServerState, file_id: str) -> dict:
-    return _found(state.jobs.files.get(file_id), f"No such File object: {file_id}", "file_id", "file_not_found")
+def _public_file(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def _file_or_404(state: ServerState, file_id: str, principal: Principal) -> dict:
+    """The file if `principal` owns it; another tenant's is "No such File object", as a missing one."""
+    record = state.jobs.files.get(file_id)
+    if record is not None and not principal.owns(record.get("_owner", "")):
+        record = None
+    return _found(record, f"No such File object: {file_id}", "file_id", "file_not_found")
+
+
+def _check_file_quota(state: ServerState, principal: Principal, size: int) -> None:
+    limits = state.limits_of(principal)
+    if limits is None or limits.max_file_bytes is None:
+        return
+    used = sum(f["bytes"] for f in state.jobs.files.list() if f.get("_owner") == principal.tenant)
+    if used + size > limits.max_file_bytes:
+        raise APIError(429, f"This file ({size} bytes) would take this tenant's files to {used + size} bytes, over "
+                            f"its limit (max_file_bytes: {limits.max_file_bytes}); delete some first.", param="file",
+                       code="insufficient_quota")
 
 
 @router.post("/v1/files")
@@ -76,6 +96,8 @@ async def create_file(request: Request):
     if upload.size is None or upload.size > limit:
         raise APIError(413, f"The file is {upload.size} bytes; the limit is {limit} (max_file_bytes).", param="file",
                        code="file_too_large")
+    principal = principal_of(request.scope)
+    _check_file_quota(state, principal, upload.size)
     # the upload is on disk already (the body was spooled, its file part too): copied, checked and kept
     # from there, never held in memory whole
     incoming = state.jobs.files.incoming()
@@ -90,7 +112,8 @@ async def create_file(request: Request):
             raise APIError(400, "The training file has problems: " + "; ".join(problems), param="file",
                            code="invalid_training_file")
         filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
-        return await asyncio.to_thread(state.jobs.files.create, filename, purpose, incoming)
+        return _public_file(await asyncio.to_thread(state.jobs.files.create, filename, purpose, incoming,
+                                                    principal.owner))
     finally:
         incoming.unlink(missing_ok=True)  # gone already once stored
 
@@ -104,19 +127,21 @@ def _save(source, target: Path) -> None:
 @router.get("/v1/files")
 async def list_files(request: Request, purpose: str | None = None):
     state = _state(request)
-    data = [f for f in state.jobs.files.list() if purpose is None or f["purpose"] == purpose]
+    principal = principal_of(request.scope)
+    data = [_public_file(f) for f in state.jobs.files.list() if (purpose is None or f["purpose"] == purpose)
+            and principal.owns(f.get("_owner", ""))]
     return {"object": "list", "data": data, "has_more": False}
 
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(file_id: str, request: Request):
-    return _file_or_404(_state(request), file_id)
+    return _public_file(_file_or_404(_state(request), file_id, principal_of(request.scope)))
 
 
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, request: Request):
     state = _state(request)
-    _file_or_404(state, file_id)
+    _file_or_404(state, file_id, principal_of(request.scope))
     data = await asyncio.to_thread(state.jobs.files.content_path(file_id).read_bytes)
     return Response(data, media_type="application/jsonl")
 
@@ -124,7 +149,7 @@ async def file_content(file_id: str, request: Request):
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, request: Request):
     state = _state(request)
-    _file_or_404(state, file_id)
+    _file_or_404(state, file_id, principal_of(request.scope))
     # a job keeps its own copy of its files: deleting one never breaks a queued or resumed job
     await asyncio.to_thread(state.jobs.files.delete, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
@@ -200,9 +225,12 @@ def public(job: dict) -> dict:
     return out
 
 
-def _job_or_404(state: ServerState, job_id: str) -> dict:
-    return _found(state.jobs.store.get(job_id), f"No such fine-tuning job: {job_id}", "fine_tuning_job_id",
-                  "job_not_found")
+def _job_or_404(state: ServerState, job_id: str, principal: Principal) -> dict:
+    """The job if `principal` owns it; another tenant's answers as a missing one."""
+    job = state.jobs.store.get(job_id)
+    if job is not None and not principal.owns(job.get("_owner", "")):
+        job = None
+    return _found(job, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "job_not_found")
 
 
 def _page(items: list[dict], after: str | None, limit: int) -> dict:
@@ -226,9 +254,11 @@ async def create_job(body: JobRequest, request: Request):
     if body.rank > state.settings.max_adapter_rank:
         raise APIError(400, f"rank {body.rank} is over max_adapter_rank ({state.settings.max_adapter_rank})",
                        param="rank")
+    principal = principal_of(request.scope)
     for field in ("training_file", "validation_file"):
         file_id = getattr(body, field)
-        if file_id is not None and state.jobs.files.get(file_id) is None:
+        found = state.jobs.files.get(file_id) if file_id is not None else None
+        if file_id is not None and (found is None or not principal.owns(found.get("_owner", ""))):
             raise APIError(400, f"No such File object: {file_id}", param=field, code="file_not_found")
     hyper = _hyperparameters(body)
     try:  # the expert's fields pass the registry's checks now, not after hours of training
@@ -248,6 +278,7 @@ async def create_job(body: JobRequest, request: Request):
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
         "_rank": body.rank, "_targets": body.target_modules, "_description": body.description,
         "_examples_for_router": body.examples, "_negative_examples": body.negative_examples, "_stop": body.stop,
+        "_owner": principal.owner,  # the tenant the trained expert will belong to
     }
     job = await asyncio.to_thread(state.jobs.submit, job)
     return public(job)
@@ -256,20 +287,21 @@ async def create_job(body: JobRequest, request: Request):
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
     state = _state(request)
-    page = _page(state.jobs.store.list(), after, limit)
+    principal = principal_of(request.scope)
+    page = _page([job for job in state.jobs.store.list() if principal.owns(job.get("_owner", ""))], after, limit)
     page["data"] = [public(job) for job in page["data"]]
     return page
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 async def retrieve_job(job_id: str, request: Request):
-    return public(_job_or_404(_state(request), job_id))
+    return public(_job_or_404(_state(request), job_id, principal_of(request.scope)))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request):
     state = _state(request)
-    job = _job_or_404(state, job_id)
+    job = _job_or_404(state, job_id, principal_of(request.scope))
     if job["status"] in ("succeeded", "failed"):
         raise APIError(400, f"The job has already {job['status']}; there is nothing to cancel.",
                        param="fine_tuning_job_id", code="job_finished")
@@ -285,14 +317,14 @@ async def cancel_job(job_id: str, request: Request):
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 async def list_events(job_id: str, request: Request, after: str | None = None, limit: int = 20):
     state = _state(request)
-    _job_or_404(state, job_id)
+    _job_or_404(state, job_id, principal_of(request.scope))
     return _page(list(reversed(state.jobs.store.events(job_id))), after, limit)  # newest first, as OpenAI
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, request: Request, after: str | None = None, limit: int = 10):
     state = _state(request)
-    job = _job_or_404(state, job_id)
+    job = _job_or_404(state, job_id, principal_of(request.scope))
     checkpoints = [{
         "object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job_id.removeprefix('ftjob-')}-{c['step']}",
         "created_at": c["created_at"], "fine_tuning_job_id": job_id, "step_number": c["step"],

@@ -25,7 +25,8 @@ from server.jobs.service import FineTuning
 from server.metrics import Metrics
 from server.settings import Settings
 from server.tenants.limits import TenantLimiter
-from server.tenants.store import TenantStore
+from server.tenants.principal import Principal
+from server.tenants.store import Limits, TenantStore
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,13 @@ class ServerState:
         if not self.ready:
             raise APIError(503, "The model is still loading; retry shortly.", code="loading",
                            headers={"Retry-After": "2"})
+
+    def limits_of(self, principal: Principal) -> Limits | None:
+        """A tenant's limits (read now: an admin's change applies at once); None for anyone else."""
+        if principal.tenant is None or self.tenants is None:
+            return None
+        tenant = self.tenants.get_tenant(principal.tenant)
+        return tenant.limits if tenant is not None else None
 
     async def in_text_pool(self, fn, *args):
         """fn(*args) in the text pool (tokenizing, template rendering, routing), awaited."""

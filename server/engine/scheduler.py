@@ -5,7 +5,9 @@ One step mixes decode rows (one token each) and prefill chunks under a token bud
 (`max_step_tokens`, and while streams decode, what step_cost.py says keeps their steps short), so
 a long prompt is prefilled a chunk per step while running streams keep getting a token every step
 (chunked prefill). Requests are admitted in arrival order when a batch
-row and KV blocks for their whole prompt are free; when a running request needs a new block and
+row and KV blocks for their whole prompt are free; with several tenants waiting, in turns over the tenants
+(fewest rows in the batch first, each tenant's own requests in their order), so one tenant's flood of
+arrivals cannot hold every batch row while another's request waits behind it; when a running request needs a new block and
 none is free, the newest running request is preempted: its blocks are freed and it goes back to
 the head of the queue, to be computed again (cheaply, from the prefix cache when its blocks
 survived).
@@ -77,7 +79,9 @@ class Scheduler:
                 if count:
                     step.work.append((seq, count))
                     budget -= count
-        # 3. new arrivals, in order, while a row, the budget and KV blocks allow
+        # 3. new arrivals, in order (in turns over tenants), while a row, the budget and KV blocks allow
+        if self.waiting and any(seq.tenant != self.waiting[0].tenant for seq in self.waiting):
+            self.waiting = self._fair_order()
         in_use = {key for seq in self.running for key in seq.adapter_keys}
         kept: collections.deque[Sequence] = collections.deque()
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
@@ -112,6 +116,19 @@ class Scheduler:
                 budget -= count
         self.waiting.extendleft(reversed(kept))
         return step
+
+    def _fair_order(self) -> collections.deque[Sequence]:
+        """The waiting requests in turns over their tenants: the tenant with the fewest running rows first
+        (then the one whose request has waited longest), one request each per turn, each tenant's in order."""
+        queues: dict[str, list[Sequence]] = {}
+        for seq in self.waiting:
+            queues.setdefault(seq.tenant, []).append(seq)
+        rows = collections.Counter(seq.tenant for seq in self.running)
+        tenants = sorted(queues, key=lambda t: rows[t])  # stable: ties keep the order of their first request
+        order: collections.deque[Sequence] = collections.deque()
+        for turn in range(max(len(q) for q in queues.values())):
+            order.extend(queues[t][turn] for t in tenants if turn < len(queues[t]))
+        return order
 
     def release(self, seq: Sequence) -> None:
         """Take seq out of the batch and give its blocks back."""

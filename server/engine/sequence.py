@@ -42,6 +42,7 @@ class SequenceSpec:
     stop_token_ids: frozenset[int]
     seed: int  # the generator's: the request's seed (+ its choice index), else drawn at the edge
     grammar: str | None = None  # its output format's grammar (structured outputs); None: free text
+    tenant: str = ""  # whose request (fair admission: scheduler.py); "" without tenants
 
     def build(self, emit: Callable[["EngineOutput"], None], device: torch.device,
               constraint: object | None = None) -> "Sequence":
@@ -50,7 +51,7 @@ class SequenceSpec:
         return Sequence(request_id=self.request_id, prompt_ids=self.prompt_ids, adapter_key=self.adapter_key,
                         adapter_mix=self.adapter_mix, model=self.model, params=self.params,
                         stop_token_ids=self.stop_token_ids, generator=make_generator(self.seed, device), emit=emit,
-                        constraint=constraint, spec=self)
+                        constraint=constraint, spec=self, tenant=self.tenant)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
     constraint: object | None = None  # the output format (constraint.TokenConstraint); None: free text
     spec: SequenceSpec | None = None  # what it was built from (a Ray Serve ingress forwards it)
+    tenant: str = ""  # whose request: arrivals are admitted round-robin over tenants (scheduler.py)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)

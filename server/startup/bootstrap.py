@@ -142,7 +142,7 @@ def _register_trained(experts: Experts, job: dict, folder: Path) -> str:
     """A finished fine-tuning job's adapter, registered as any expert is; a refusal fails the job."""
     try:
         registration = ExpertRegistration(**FineTuning.expert_of(job))
-        experts.register_trained(folder, registration)
+        experts.register_trained(folder, registration, job.get("_owner", ""))  # the job's tenant owns it
     except (AdmissionError, OSError, ValidationError) as exc:
         raise JobError(f"the trained adapter was not accepted by the registry: {exc}", code="adapter_refused",
                        param=None) from exc
@@ -240,7 +240,9 @@ def _engine(settings: Settings, metrics: Metrics, on_base_ready, on_freed, exper
         load_runner=lambda: build_runtime(settings, on_base_ready, engine.wake, on_freed, metrics, experts_of()),
         config=EngineConfig(max_batch_size=settings.max_batch_size, max_queued=settings.max_queued_requests,
                             max_step_tokens=settings.max_step_tokens, max_step_slowdown=settings.max_step_slowdown,
-                            prefix_caching=settings.prefix_caching),
+                            prefix_caching=settings.prefix_caching,
+                            max_queued_per_tenant=max(1, int(settings.max_queued_requests * settings.tenant_queue_share))
+                            if settings.tenants else None),
         metrics=metrics,
     )
     return engine

@@ -33,6 +33,11 @@ class Principal:
         """Retire, correct or cancel it: a tenant its own objects only; an admin everything."""
         return self.admin or (self.tenant is not None and owner == self.tenant)
 
+    def owns(self, owner: str) -> bool:
+        """See a private object (a training file, a fine-tuning job): never shared, so a tenant sees its own
+        only, an admin everything."""
+        return self.may_change(owner)
+
 
 OPERATOR = Principal(admin=True)  # the server itself: start-up, fine-tuning runs, the CLI
 ANONYMOUS = Principal()  # no tenant: sees shared objects only (all of them while no tenant exists)
