@@ -1,0 +1,271 @@
+"""Tenants on the real server and the real model (SmolLM2, NF4), through the openai client and plain HTTP:
+tenant A's experts, mixture, file and job are invisible to tenant B (every endpoint answers exactly what it
+answers for a name that does not exist), the config's expert is shared; keys rotate and revoke (also from
+the command line while the server runs); limits answer 429 with OpenAI's headers; usage is counted per
+tenant, model and day; a restart keeps all of it. One server for the module (restarted by one test)."""
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROUTING
+from tests.support import assert_openai_error, upload_files
+from tests.support.harness import REPO, ServerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+ADMIN_KEY = "tenants-admin"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+LINES = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                           {"role": "assistant", "content": "An answer."}]}) for i in range(8))
+
+
+class World:
+    """The server (replaced by a restart), its tenants' keys and the objects tenant A made."""
+
+    def __init__(self, workdir, settings, env):
+        self.workdir, self.settings, self.env = workdir, settings, env
+        self.server = ServerProcess(workdir, settings, env).start()
+        self.keys: dict[str, str] = {}
+        self.tenants: dict[str, dict] = {}
+
+    @property
+    def url(self) -> str:
+        return self.server.base_url
+
+    def restart(self) -> None:
+        assert self.server.stop() == 0, self.server.log()
+        self.server = ServerProcess(self.workdir, self.settings, self.env).start()
+
+    def auth(self, who: str) -> dict:
+        return ADMIN if who == "admin" else {"Authorization": f"Bearer {self.keys[who]}"}
+
+    def call(self, method: str, path: str, who: str, **kwargs) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers={**self.auth(who), **kwargs.pop("headers", {})},
+                             timeout=120, **kwargs)
+
+    def add_tenant(self, name: str, limits: dict | None = None) -> str:
+        made = self.call("POST", "/v1/tenants", "admin", json={"name": name, "limits": limits})
+        assert made.status_code == 201, made.text
+        self.tenants[name] = made.json()
+        key = self.call("POST", f"/v1/tenants/{made.json()['id']}/keys", "admin", json={"name": "tests"})
+        assert key.status_code == 201 and key.json()["key"].startswith("lpx-")
+        self.keys[name] = key.json()["key"]
+        return self.keys[name]
+
+    def chat(self, who: str, model: str, **extra) -> httpx.Response:
+        body = {"model": model, "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "Say hi."}], **extra}
+        return self.call("POST", "/v1/chat/completions", who, json=body, headers=extra.pop("headers", {}))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, smollm_adapters, cache_dir):
+    workdir = tmp_path_factory.mktemp("tenants")
+    settings = {"quantization": "nf4", "compute_dtype": "float32", "max_batch_size": 4, "context_window": 512,
+                "default_max_tokens": 8, "tenants": True, "admin_key": [ADMIN_KEY],
+                "adapters": {"shared-alpha": {"path": str(smollm_adapters["alpha"]), **ROUTING["alpha"]}}}
+    env = {"LORAPLEX_CACHE": cache_dir, "LORAPLEX_DATA_DIR": str(workdir / "data")}
+    world = World(workdir, settings, env)
+    try:
+        world.add_tenant("a")
+        world.add_tenant("b")
+        made = world.call("POST", "/v1/adapters", "a", files=upload_files(smollm_adapters["beta"]),
+                          data={"name": "a-cook", "description": ROUTING["beta"]["description"],
+                                "examples": json.dumps(ROUTING["beta"]["examples"])})
+        assert made.status_code == 201, made.text
+        mixed = world.call("POST", "/v1/adapters", "a", json={"name": "a-mix", "mixture": {"a-cook": 0.5,
+                                                                                          "shared-alpha": 0.5}})
+        assert mixed.status_code == 201, mixed.text
+        client = openai.OpenAI(base_url=world.url + "/v1", api_key=world.keys["a"], max_retries=0, timeout=60)
+        world.file = client.files.create(file=("a.jsonl", io.BytesIO(LINES.encode())), purpose="fine-tune").id
+        base = client.models.list().data[0].id
+        world.job = client.fine_tuning.jobs.create(model=base, training_file=world.file, suffix="a").id
+        client.fine_tuning.jobs.cancel(world.job)  # only its record is needed, not a training run
+        assert wait_until(lambda: world.server.health().get("router") == "ready", 120), world.server.health()
+        yield world
+    finally:
+        world.server.stop()
+
+
+def same_absence(real: httpx.Response, ghost: httpx.Response, name: str, ghost_name: str) -> None:
+    """The answer for another tenant's object is the answer for one that does not exist (names swapped)."""
+    assert real.status_code == ghost.status_code, (real.text, ghost.text)
+    assert real.text.replace(name, "<name>") == ghost.text.replace(ghost_name, "<name>"), (real.text, ghost.text)
+
+
+def test_another_tenants_objects_answer_as_if_absent_on_every_endpoint(world):
+    file, job = world.file, world.job
+    ghost_file, ghost_job = "file-0123456789abcdef012345", "ftjob-0123456789abcdef012345"
+    chat_body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for name, ghost in [("a-cook", "no-such-expert"), ("a-mix", "no-such-mixture")]:
+        probes = [
+            ("GET", f"/v1/models/{name}", {}),
+            ("GET", f"/v1/adapters/{name}", {}),
+            ("DELETE", f"/v1/adapters/{name}", {}),
+            ("POST", "/v1/chat/completions", {"json": {"model": name, **chat_body}}),
+            ("POST", "/v1/completions", {"json": {"model": name, "prompt": "hi", "max_tokens": 2}}),
+            ("POST", "/v1/chat/completions", {"json": {"model": f"{name}+shared-alpha", **chat_body}}),
+            ("POST", "/v1/chat/completions", {"json": {"model": "auto", **chat_body},
+                                              "headers": {"X-Expert": f"{name}:0.5,shared-alpha:0.5"}}),
+            ("POST", "/v1/route", {"json": {"model": name, "messages": chat_body["messages"]}}),
+            ("POST", "/v1/router/corrections", {"json": {"corrections": [{"prompt": "x", "expert": name}]}}),
+            ("POST", "/v1/adapters", {"json": {"name": "b-mix", "mixture": {name: 1.0}}}),
+        ]
+        for method, path, kwargs in probes:
+            real = world.call(method, path, "b", **kwargs)
+            swapped = json.loads(json.dumps(kwargs).replace(name, ghost))
+            absent = world.call(method, path.replace(name, ghost), "b", **swapped)
+            assert real.status_code in (400, 404), (method, path, real.text)
+            same_absence(real, absent, name, ghost)
+    for method, path in [("GET", f"/v1/files/{file}"), ("GET", f"/v1/files/{file}/content"),
+                         ("DELETE", f"/v1/files/{file}"), ("GET", f"/v1/fine_tuning/jobs/{job}"),
+                         ("POST", f"/v1/fine_tuning/jobs/{job}/cancel"), ("GET", f"/v1/fine_tuning/jobs/{job}/events"),
+                         ("GET", f"/v1/fine_tuning/jobs/{job}/checkpoints")]:
+        real = world.call(method, path, "b")
+        absent = world.call(method, path.replace(file, ghost_file).replace(job, ghost_job), "b")
+        assert real.status_code == 404, (path, real.text)
+        same_absence(real, absent, file if "files" in path else job, ghost_file if "files" in path else ghost_job)
+    made = world.call("POST", "/v1/fine_tuning/jobs", "b", json={"model": world.call("GET", "/v1/models", "b").json()
+                                                                ["data"][0]["id"], "training_file": file})
+    assert made.status_code == 400 and file in made.json()["error"]["message"]
+    # listings: B sees the shared expert and nothing of A's; A sees its own and the shared one
+    listed = {who: [m["id"] for m in world.call("GET", "/v1/models", who).json()["data"]] for who in ("a", "b")}
+    assert "shared-alpha" in listed["b"] and not {"a-cook", "a-mix"} & set(listed["b"])
+    assert {"a-cook", "a-mix", "shared-alpha"} <= set(listed["a"])
+    assert [r["id"] for r in world.call("GET", "/v1/adapters", "b").json()["data"]] == ["shared-alpha"]
+    assert world.call("GET", "/v1/files", "b").json()["data"] == []
+    assert world.call("GET", "/v1/fine_tuning/jobs", "b").json()["data"] == []
+    assert [f["id"] for f in world.call("GET", "/v1/files", "a").json()["data"]] == [file]
+    assert "_owner" not in world.call("GET", f"/v1/files/{file}", "a").json()
+    assert {r["id"] for r in world.call("GET", "/v1/adapters", "admin").json()["data"]} >= {"a-cook", "shared-alpha"}
+
+
+def test_shared_experts_serve_every_tenant_and_the_owner_serves_its_own(world):
+    for who in ("a", "b"):
+        answer = world.chat(who, "shared-alpha")
+        assert answer.status_code == 200 and answer.headers["x-expert"] == "shared-alpha"
+    for model in ("a-cook", "a-mix", "a-cook+shared-alpha"):
+        assert world.chat("a", model).status_code == 200, model
+    client = openai.OpenAI(base_url=world.url + "/v1", api_key=world.keys["b"], max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="a-cook", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    # a shared expert is used, not changed, by a tenant
+    assert_openai_error(world.call("DELETE", "/v1/adapters/shared-alpha", "b"), 403)
+
+
+def test_auto_routes_only_among_the_experts_the_caller_may_use(world):
+    assert wait_until(lambda: world.server.health().get("router") == "ready", 120)  # again after a restart
+    prompt = {"messages": [{"role": "user", "content": "Give me a recipe for pancakes."}], "top_k": 10}
+    for_a = world.call("POST", "/v1/route", "a", json={"model": "auto", **prompt}).json()
+    for_b = world.call("POST", "/v1/route", "b", json={"model": "auto", **prompt}).json()
+    assert "a-cook" in [r["expert"] for r in for_a["ranking"]], for_a
+    assert not {"a-cook", "a-mix"} & {r["expert"] for r in for_b["ranking"]}, for_b
+    assert for_b["decision"]["expert"] not in ("a-cook", "a-mix")
+
+
+def test_rotation_and_revocation_refuse_the_old_key_on_the_next_request(world):
+    world.add_tenant("rotating")
+    tenant = world.tenants["rotating"]["id"]
+    old = world.keys["rotating"]
+    assert world.chat("rotating", "shared-alpha").status_code == 200
+    key_id = old.split("-")[1]
+    rotated = world.call("POST", f"/v1/tenants/{tenant}/keys/{key_id}/rotate", "admin")
+    assert rotated.status_code == 201 and rotated.json()["replaces"] == key_id
+    world.keys["rotating"] = rotated.json()["key"]
+    assert world.chat("rotating", "shared-alpha").status_code == 200
+    refused = httpx.post(world.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {old}"},
+                         json={"model": "shared-alpha", "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    assert_openai_error(refused, 401)
+    # revoked from the command line, against the database the running server reads
+    new_id = world.keys["rotating"].split("-")[1]
+    cli = subprocess.run([sys.executable, "-m", "server.startup.cli", "tenants", "revoke", "rotating", new_id],
+                         cwd=REPO, env={**os.environ, **world.env}, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert_openai_error(world.chat("rotating", "shared-alpha"), 401)
+    listed = world.call("GET", f"/v1/tenants/{tenant}/keys", "admin").json()["data"]
+    assert all(k["revoked_at"] for k in listed) and all("key" not in k and "hash" not in k for k in listed)
+    assert_openai_error(world.call("GET", "/v1/tenants", "a"), 403)  # tenants are the admin's
+    assert_openai_error(httpx.get(world.url + "/v1/models", timeout=30), 401)  # with tenants, a key is needed
+
+
+def test_limits_answer_429_with_retry_after_and_openai_headers(world, smollm_adapters):
+    world.add_tenant("limited", {"requests_per_minute": 2, "max_experts": 1})
+    first = world.chat("limited", "shared-alpha")
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2" and first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert world.chat("limited", "shared-alpha").status_code == 200
+    refused = world.chat("limited", "shared-alpha")
+    error = assert_openai_error(refused, 429)
+    assert error["code"] == "rate_limit_exceeded" and int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert world.chat("b", "shared-alpha").status_code == 200  # another tenant is not limited by it
+    # tokens per minute: the first request spends more than the budget, the next waits for it to refill
+    world.add_tenant("tokens", {"tokens_per_minute": 10})
+    assert world.chat("tokens", "shared-alpha").status_code == 200
+    spent = world.chat("tokens", "shared-alpha")
+    assert_openai_error(spent, 429)
+    assert spent.headers["x-ratelimit-limit-tokens"] == "10" and spent.headers["x-ratelimit-remaining-tokens"] == "0"
+    # the number of experts a tenant may own
+    first_expert = world.call("POST", "/v1/adapters", "limited", json={"name": "l-mix", "mixture": {"shared-alpha": 0.5}})
+    assert first_expert.status_code == 201, first_expert.text
+    over = world.call("POST", "/v1/adapters", "limited", json={"name": "l-mix2", "mixture": {"shared-alpha": 0.7}})
+    assert assert_openai_error(over, 429)["code"] == "insufficient_quota"
+
+
+def test_concurrent_requests_over_a_tenants_limit_are_refused_while_others_are_served(world):
+    world.add_tenant("one-at-a-time", {"max_concurrent": 1})
+    body = {"model": "shared-alpha", "max_tokens": 64, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": "Count to a hundred."}]}
+    started = threading.Event()
+
+    def stream():
+        with httpx.stream("POST", world.url + "/v1/chat/completions", headers=world.auth("one-at-a-time"),
+                          json=body, timeout=120) as response:
+            for _ in response.iter_lines():
+                started.set()
+
+    runner = threading.Thread(target=stream)
+    runner.start()
+    try:
+        assert started.wait(60)
+        assert_openai_error(world.chat("one-at-a-time", "shared-alpha"), 429)
+        assert world.chat("b", "shared-alpha").status_code == 200
+    finally:
+        runner.join(120)
+    assert world.chat("one-at-a-time", "shared-alpha").status_code == 200  # its slot was given back
+
+
+def test_usage_per_tenant_model_and_day(world):
+    world.add_tenant("metered")
+    for model in ("shared-alpha", "shared-alpha", "SmolLM2-135M-Instruct"):
+        assert world.chat("metered", model).status_code == 200
+    own = world.call("GET", "/v1/usage", "metered").json()["data"]
+    by_model = {row["model"]: row for row in own}
+    assert by_model["shared-alpha"]["requests"] == 2 and by_model["shared-alpha"]["completion_tokens"] > 0
+    assert {row["tenant"] for row in own} == {"metered"}
+    everyone = world.call("GET", "/v1/usage", "admin").json()["data"]
+    assert {"metered", "a"} <= {row["tenant"] for row in everyone}
+    assert {row["tenant"] for row in world.call("GET", "/v1/usage", "b").json()["data"]} <= {"b"}
+    metrics = httpx.get(world.url + "/metrics", timeout=30).text
+    assert 'loraplex_tenant_tokens_total{kind="completion",tenant="metered"}' in metrics
+    assert "lpx-" not in metrics  # never a key
+
+
+def test_a_restart_keeps_tenants_keys_ownership_and_usage(world):
+    world.add_tenant("persisted")
+    assert world.chat("persisted", "shared-alpha").status_code == 200
+    before = world.call("GET", "/v1/usage", "persisted").json()["data"]
+    world.restart()
+    assert world.call("GET", "/v1/usage", "persisted").json()["data"] == before
+    assert world.chat("a", "a-cook").status_code == 200
+    assert_openai_error(world.chat("b", "a-cook"), 404)
+    assert world.call("GET", f"/v1/files/{world.file}", "a").status_code == 200
+    assert world.call("GET", f"/v1/files/{world.file}", "b").status_code == 404
+    assert world.call("GET", "/v1/adapters/a-mix", "a").json()["mixture"] == {"a-cook": 0.5, "shared-alpha": 0.5}
