@@ -2,20 +2,22 @@
 tenant A's experts, mixture, file and job are invisible to tenant B (every endpoint answers exactly what it
 answers for a name that does not exist), the config's expert is shared; keys rotate and revoke (also from
 the command line while the server runs); limits answer 429 with OpenAI's headers; usage is counted per
-tenant, model and day; a restart keeps all of it. One server for the module (restarted by one test)."""
+tenant, model and day; a restart keeps all of it; a request's spans reach a real OTLP/HTTP receiver in the
+caller's trace. One server for the module (restarted by one test)."""
 import io
 import json
 import os
 import subprocess
 import sys
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import ROUTING
-from tests.support import assert_openai_error, upload_files
+from tests.support import assert_openai_error, scrape, upload_files, value
 from tests.support.harness import REPO, ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -23,6 +25,34 @@ ADMIN_KEY = "tenants-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 LINES = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
                                            {"role": "assistant", "content": "An answer."}]}) for i in range(8))
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver on loopback: what the server's exporter sends, decoded with the protocol's
+    own protobuf messages (opentelemetry-proto)."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        received = self.spans = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                received.extend(span for resource in request.resource_spans for scope in resource.scope_spans
+                                for span in scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
 class World:
@@ -70,8 +100,11 @@ def world(tmp_path_factory, smollm_adapters, cache_dir):
     settings = {"quantization": "nf4", "compute_dtype": "float32", "max_batch_size": 4, "context_window": 512,
                 "default_max_tokens": 8, "tenants": True, "admin_key": [ADMIN_KEY],
                 "adapters": {"shared-alpha": {"path": str(smollm_adapters["alpha"]), **ROUTING["alpha"]}}}
-    env = {"LORAPLEX_CACHE": cache_dir, "LORAPLEX_DATA_DIR": str(workdir / "data")}
+    receiver = OtlpReceiver()
+    env = {"LORAPLEX_CACHE": cache_dir, "LORAPLEX_DATA_DIR": str(workdir / "data"),
+           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
     world = World(workdir, settings, env)
+    world.receiver = receiver
     try:
         world.add_tenant("a")
         world.add_tenant("b")
@@ -91,6 +124,7 @@ def world(tmp_path_factory, smollm_adapters, cache_dir):
         yield world
     finally:
         world.server.stop()
+        receiver.httpd.shutdown()
 
 
 def same_absence(real: httpx.Response, ghost: httpx.Response, name: str, ghost_name: str) -> None:
@@ -195,12 +229,12 @@ def test_rotation_and_revocation_refuse_the_old_key_on_the_next_request(world):
 
 
 def test_limits_answer_429_with_retry_after_and_openai_headers(world, smollm_adapters):
-    world.add_tenant("limited", {"requests_per_minute": 2, "max_experts": 1})
+    # one request a minute: the next one is refused however slowly this machine serves the first
+    world.add_tenant("limited", {"requests_per_minute": 1, "max_experts": 1})
     first = world.chat("limited", "shared-alpha")
     assert first.status_code == 200
-    assert first.headers["x-ratelimit-limit-requests"] == "2" and first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-limit-requests"] == "1" and first.headers["x-ratelimit-remaining-requests"] == "0"
     assert first.headers["x-ratelimit-reset-requests"].endswith("s")
-    assert world.chat("limited", "shared-alpha").status_code == 200
     refused = world.chat("limited", "shared-alpha")
     error = assert_openai_error(refused, 429)
     assert error["code"] == "rate_limit_exceeded" and int(refused.headers["retry-after"]) >= 1
@@ -221,7 +255,7 @@ def test_limits_answer_429_with_retry_after_and_openai_headers(world, smollm_ada
 
 def test_concurrent_requests_over_a_tenants_limit_are_refused_while_others_are_served(world):
     world.add_tenant("one-at-a-time", {"max_concurrent": 1})
-    body = {"model": "shared-alpha", "max_tokens": 64, "ignore_eos": True, "stream": True,
+    body = {"model": "shared-alpha", "max_tokens": 24, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": "Count to a hundred."}]}
     started = threading.Event()
 
@@ -244,6 +278,7 @@ def test_concurrent_requests_over_a_tenants_limit_are_refused_while_others_are_s
 
 def test_usage_per_tenant_model_and_day(world):
     world.add_tenant("metered")
+    assert world.chat("a", "a-cook").status_code == 200
     for model in ("shared-alpha", "shared-alpha", "SmolLM2-135M-Instruct"):
         assert world.chat("metered", model).status_code == 200
     own = world.call("GET", "/v1/usage", "metered").json()["data"]
@@ -253,9 +288,8 @@ def test_usage_per_tenant_model_and_day(world):
     everyone = world.call("GET", "/v1/usage", "admin").json()["data"]
     assert {"metered", "a"} <= {row["tenant"] for row in everyone}
     assert {row["tenant"] for row in world.call("GET", "/v1/usage", "b").json()["data"]} <= {"b"}
-    metrics = httpx.get(world.url + "/metrics", timeout=30).text
-    assert 'loraplex_tenant_tokens_total{kind="completion",tenant="metered"}' in metrics
-    assert "lpx-" not in metrics  # never a key
+    assert value(scrape(world.server), "loraplex_tenant_tokens_total", tenant="metered", kind="completion") > 0
+    assert "lpx-" not in httpx.get(world.url + "/metrics", timeout=30).text  # never a key
 
 
 def test_a_restart_keeps_tenants_keys_ownership_and_usage(world):
@@ -269,3 +303,30 @@ def test_a_restart_keeps_tenants_keys_ownership_and_usage(world):
     assert world.call("GET", f"/v1/files/{world.file}", "a").status_code == 200
     assert world.call("GET", f"/v1/files/{world.file}", "b").status_code == 404
     assert world.call("GET", "/v1/adapters/a-mix", "a").json()["mixture"] == {"a-cook": 0.5, "shared-alpha": 0.5}
+
+
+def test_a_requests_spans_reach_an_otlp_receiver_in_the_callers_trace(world):
+    trace_id, parent = os.urandom(16).hex(), os.urandom(8).hex()
+    answer = world.chat("a", "a-cook", headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    assert answer.status_code == 200
+
+    def ours():
+        return [s for s in list(world.receiver.spans) if s.trace_id.hex() == trace_id]
+
+    wanted = {"POST /v1/chat/completions", "router decision", "queue wait", "prefill", "decode"}
+    assert wait_until(lambda: wanted <= {s.name for s in ours()}, 30), sorted(s.name for s in ours())
+    spans, by_id = {s.name: s for s in ours()}, {s.span_id: s for s in ours()}
+
+    def ancestors(span):
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id]
+            yield span.span_id
+
+    # the request's span is the caller's span's child (FastAPI may add spans of its own, one of the same name)
+    [request] = [s for s in ours() if s.parent_span_id.hex() == parent]
+    assert request.name == "POST /v1/chat/completions"
+    for name in wanted - {request.name}:  # inside the request's span (FastAPI may add spans of its own between)
+        assert request.span_id in set(ancestors(spans[name])), (name, sorted(s.name for s in ours()))
+    decode = {a.key: a.value.int_value for a in spans["decode"].attributes}
+    assert decode["gen_ai.usage.output_tokens"] == answer.json()["usage"]["completion_tokens"]
+    assert "stream end" in [event.name for span in ours() for event in span.events]

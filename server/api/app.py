@@ -17,7 +17,10 @@ from server.experts.spec import ExpertRegistration
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="loraplex", version="0.1.0")
+    # FastAPI's own telemetry: a span per request from the caller's traceparent, once a tracer provider is set
+    # (server/startup/tracing.py; none: no spans). Its metrics and logs stay off: Prometheus and our own log lines
+    app = FastAPI(title="loraplex", version="0.1.0",
+                  telemetry={"tracer_provider": state.tracer_provider, "metrics": False, "logs": False})
     app.state.loraplex = state
     install_error_handlers(app)
     for module in (status, models):

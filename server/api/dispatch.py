@@ -21,6 +21,7 @@ from server.api.errors import APIError
 from server.api.middleware import RequestOutcome, outcome_of
 from server.api.protocol import SamplingFields
 from server.api.state import ServerState
+from server.api.tracing import tracer
 from server.api.structured import FREE_TEXT, OutputFormat
 from server.engine.engine import EngineStopped, QueueFull
 from server.engine.sampling import SamplingParams
@@ -117,21 +118,27 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
     router, header = state.router, request.headers.get("x-expert")
     principal = principal_of(request.scope)
     visible = state.experts.visible(principal)
-    if router.needs_classifier(model, header):
-        with state.metrics.router_latency.time():
-            route = await state.in_text_pool(router.by_prompt, routing_text, top_k, visible)
-    else:
-        try:
-            route = router.by_name(model, header, visible)
-        except UnknownExpert as exc:
-            if state.registry.get(exc.name) is not None:  # another tenant's: as if absent, and never fetched
-                raise
-            fetching = state.experts.fetch(exc.name, exc.param, principal.owner)
-            if fetching is None:
-                raise
-            # shielded: a client that leaves stops waiting, never the fetch other requests may share
-            await asyncio.shield(asyncio.wrap_future(fetching))
-            return router.by_name(model, header, visible)  # a miss: just fetched, the most recently used already
+    with tracer().start_as_current_span("router decision") as span:
+        if router.needs_classifier(model, header):
+            with state.metrics.router_latency.time():
+                route = await state.in_text_pool(router.by_prompt, routing_text, top_k, visible)
+        else:
+            try:
+                route = router.by_name(model, header, visible)
+            except UnknownExpert as exc:
+                if state.registry.get(exc.name) is not None:  # another tenant's: as if absent, and never fetched
+                    raise
+                fetching = state.experts.fetch(exc.name, exc.param, principal.owner)
+                if fetching is None:
+                    raise
+                with tracer().start_as_current_span("adapter fetch", attributes={"loraplex.expert": exc.name}):
+                    # shielded: a client that leaves stops waiting, never the fetch other requests may share
+                    await asyncio.shield(asyncio.wrap_future(fetching))
+                route = router.by_name(model, header, visible)  # a miss: just fetched, the most recently used
+        if span.is_recording():
+            span.set_attributes({"loraplex.expert": route.model, "loraplex.router.source": route.source,
+                                 **({"loraplex.router.score": route.score} if route.score is not None else {}),
+                                 **({"loraplex.router.margin": route.margin} if route.margin is not None else {})})
     state.experts.touch(name for name, _ in route.mixture or ((route.expert, 1.0),) if name)
     return route
 

@@ -64,6 +64,7 @@ class ServerState:
     jobs: FineTuning | None = None  # files and fine-tuning jobs; set with `base` (fine_tuning: true)
     tenants: TenantStore | None = None  # tenants, keys and usage (tenants: true); None: no tenants
     limiter: TenantLimiter = field(default_factory=TenantLimiter)  # tenants' rate and concurrency limits
+    tracer_provider: object | None = None  # FastAPI's request spans go here (None: the global provider)
     # Tokenizing and routing run here, off the event loop, in fewer threads than there are cores:
     # a burst of megabyte prompts then cannot take every core from the event loop and the engine.
     text_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(

@@ -359,7 +359,7 @@ class Engine(EngineHandle):
         now = time.monotonic()
         for seq in step.admitted:
             if not seq.admitted:
-                seq.admitted = True
+                seq.admitted, seq.admitted_time = True, now
                 self.metrics.queue_wait.labels(self.metrics.label(seq.model)).observe(now - seq.arrival_time)
                 seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
 

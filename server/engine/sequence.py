@@ -81,6 +81,7 @@ class Sequence:
     cancelled: bool = False
     model: str = ""  # who serves it by name (the expert's or the base's): the metrics label, the logs
     arrival_time: float = field(default_factory=time.monotonic)
+    admitted_time: float | None = None  # first joined the batch (the end of its queue wait)
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_time: float | None = None
