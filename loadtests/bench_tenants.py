@@ -10,7 +10,8 @@ starves another.
    already seen by this process (the steady state: one scrypt per key per process, then a digest compared),
    p50 and p99; and the first check of a key (scrypt), p50. 9,800 of the 10,000 rows carry the hash of a key
    made once (issuing each with scrypt would take ~12 minutes); the 200 keys measured are issued for real.
-2. --fairness: the real server (`loraplex serve`, SmolLM2 NF4, tenants on). Tenant B sends --rounds streamed
+2. --fairness: the real server (`loraplex serve`, configs/default.yaml: SmolLM2 NF4 and the demo experts, tenants on,
+   batches of 8). Tenant B sends --rounds streamed
    requests one after another and measures its time to first token, on an idle server, then while tenant A
    keeps 4x its concurrent limit (max_concurrent 2: 8 streams, each retried when refused) in flight; p99 of
    each and their ratio (goal <= 2x).
@@ -100,8 +101,10 @@ def _ttft(url: str, key: str, question: str) -> float | None:
 
 def bench_fairness(rounds: int) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-tenants-"))
-    settings = {"max_batch_size": 8, "default_max_tokens": 64, "tenants": True, "admin_key": [ADMIN_KEY]}
-    server = ServerProcess(workdir, settings, env={"LORAPLEX_DATA_DIR": str(workdir / "data")}).start()
+    # configs/default.yaml (the demo experts), with tenants on
+    env = {"LORAPLEX_DATA_DIR": str(workdir / "data"), "LORAPLEX_TENANTS": "true", "LORAPLEX_ADMIN_KEY": ADMIN_KEY,
+           "LORAPLEX_MAX_BATCH_SIZE": "8", "LORAPLEX_DEFAULT_MAX_TOKENS": "64"}
+    server = ServerProcess(workdir, None, env=env).start()
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     try:
         keys = {}
