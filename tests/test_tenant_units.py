@@ -108,3 +108,18 @@ def test_a_flood_from_one_tenant_does_not_hold_every_batch_row():
     plain = Scheduler(max_batch_size=2, max_step_tokens=512, blocks=BlockManager(64, 4))
     plain.waiting.extend([_seq("", n) for n in range(3)])
     assert [s.request_id for s in plain.schedule(lambda key, in_use: True).admitted] == ["0", "1"]
+
+
+def test_one_tenants_waiting_requests_take_at_most_their_share_of_the_queue():
+    import pytest
+
+    from server.engine.engine import Engine, EngineConfig, QueueFull
+    from server.metrics import Metrics
+
+    engine = Engine(lambda: None, EngineConfig(max_queued=4, max_queued_per_tenant=2), Metrics())  # never started
+    engine.submit(_seq("a", 0))
+    engine.submit(_seq("a", 1))
+    with pytest.raises(QueueFull):
+        engine.submit(_seq("a", 2))
+    engine.submit(_seq("b", 0))  # the rest of the queue is still open to another tenant
+    engine.submit(_seq("", 0))  # and to requests of no tenant

@@ -330,3 +330,20 @@ def test_a_requests_spans_reach_an_otlp_receiver_in_the_callers_trace(world):
     decode = {a.key: a.value.int_value for a in spans["decode"].attributes}
     assert decode["gen_ai.usage.output_tokens"] == answer.json()["usage"]["completion_tokens"]
     assert "stream end" in [event.name for span in ours() for event in span.events]
+
+
+def test_tenant_administration_answers_in_openai_shape(world):
+    world.add_tenant("admin-checks")
+    tenant = world.tenants["admin-checks"]["id"]
+    assert assert_openai_error(world.call("POST", "/v1/tenants", "admin", json={"name": "admin-checks"}), 409,
+                               "name")["code"] == "tenant_exists"
+    assert_openai_error(world.call("POST", "/v1/tenants", "admin", json={"name": "../x"}), 400, "name")
+    assert_openai_error(world.call("POST", "/v1/tenants", "admin", json={"name": "y", "limits": {"rpm": 1}}), 400,
+                        "limits.rpm")
+    assert_openai_error(world.call("PATCH", f"/v1/tenants/{tenant}", "admin",
+                                   json={"limits": {"max_concurrent": -1}}), 400, "limits.max_concurrent")
+    assert_openai_error(world.call("GET", "/v1/tenants/tn-000000000000", "admin"), 404)
+    assert_openai_error(world.call("DELETE", f"/v1/tenants/{tenant}/keys/000000000000", "admin"), 404)
+    updated = world.call("PATCH", f"/v1/tenants/{tenant}", "admin", json={"limits": {"max_concurrent": 3}})
+    assert updated.json()["limits"]["max_concurrent"] == 3
+    assert_openai_error(world.call("POST", f"/v1/tenants/{tenant}/keys", "admin-checks"), 403)
