@@ -124,6 +124,8 @@ class TenantStore:
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._verified: dict[str, bytes] = {}  # key id -> SHA-256 of the whole key, once scrypt said yes
+        # one scrypt at a time: wrong secrets sent for a real key id cost one core at most, never all of them
+        self._slow_checks = threading.Semaphore(1)
         self._pending_usage: dict[tuple[str, str, str], list[int]] = {}
         self._usage_lock = threading.Lock()
         self._closed = threading.Event()
@@ -243,7 +245,9 @@ class TenantStore:
         salt, stored, _, *tenant_row = rows[0]
         digest, known = _digest(token), self._verified.get(key_id)
         if known is None:
-            if not hmac.compare_digest(_hash(secret, salt), stored):
+            with self._slow_checks:
+                computed = _hash(secret, salt)
+            if not hmac.compare_digest(computed, stored):
                 return None
             if len(self._verified) >= MAX_VERIFIED:
                 self._verified.clear()
