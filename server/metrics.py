@@ -21,6 +21,9 @@ MIXTURE_LABEL, NO_EXPERT_LABEL, OTHER_LABEL = "mixture", "none", "other"
 FIXED_LABELS = frozenset({MIXTURE_LABEL, NO_EXPERT_LABEL, OTHER_LABEL})
 
 
+MEMORY_PARTS = ("weights", "kv_cache_pool", "kv_cache_used", "adapter_slots", "adapter_step_stack")
+
+
 def _resident_bytes() -> float:
     try:
         with open("/proc/self/statm") as handle:
@@ -143,9 +146,16 @@ class Metrics:
               kv_block_bytes: Callable[[], int], adapter_memory: Callable[[], tuple[int, int]] = lambda: (0, 0),
               lora_activity: Callable[[], tuple[list[str], list[str]]] | None = None,
               max_lora: int = 0, vllm_aliases: bool = False,
-              graphs: Callable[[], dict[str, float]] = lambda: {}) -> None:
+              graphs: Callable[[], dict[str, float]] = lambda: {},
+              memory: Callable[[], dict[str, int]] = lambda: {}) -> None:
         """Gauges read at scrape time from the live engine."""
         r = self.registry
+        parts = Gauge("loraplex_memory_bytes", "Memory the engine holds, by part: the base's weights as stored, the "
+                      "KV cache pool (allocated; on a CPU resident only as blocks are first used) and the part of it "
+                      "live requests hold, the adapter slots holding an adapter, the LoRA step stack",
+                      ["part"], registry=r)
+        for part in MEMORY_PARTS:
+            parts.labels(part=part).set_function(lambda part=part: memory().get(part, 0))
         if lora_activity is not None:
             r.register(GatewayCollector(running, waiting, lambda: kv_blocks()[0] / max(kv_blocks()[1], 1),
                                         lora_activity, max_lora, vllm_aliases))

@@ -145,7 +145,13 @@ class Settings(EncodableText):
         description="A local Hugging Face Llama folder, or 'embedded:smollm2' for the bundled default.",
     )
     served_model_name: str | None = Field(None, description="Name clients use for the base; defaults to the folder name.")
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    quantization: Literal["auto", "int4", "nf4", "int8", "none"] = Field(
+        "auto",
+        description="The base's weights. auto: int4 on a CPU, nf4 on CUDA. int4 (CPU only): 4-bit groups run by "
+                    "PyTorch's CPU kernel, the embedded GGUF's own Q4_1 blocks as they are (models/cpu_int4.py). "
+                    "nf4 / int8: bitsandbytes (on a CPU, nf4 is several times slower than int4). none: the "
+                    "compute dtype. Fine-tuning always trains on nf4 (peft needs bitsandbytes' layers).",
+    )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")
     max_batch_size: int = Field(
@@ -157,6 +163,16 @@ class Settings(EncodableText):
         description="KV cache pool size: bytes ('2GiB', '512MiB', 1073741824), a fraction of free memory "
                     "('0.9': of free device memory on CUDA, of available RAM on CPU), or 'auto' (CUDA: 0.9; "
                     "CPU: max_batch_size x context_window tokens, at most a quarter of available RAM).",
+    )
+    kv_cache_tokens: int | None = Field(
+        None, ge=16,
+        description="KV cache pool size in token positions (all requests together); overrides kv_cache_memory. On "
+                    "a CPU the pool's memory becomes resident only as blocks are first used.",
+    )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="The KV cache's dtype. auto: bfloat16 on a CPU with AVX-512 BF16 or AMX (half the memory), "
+                    "else the compute dtype.",
     )
     kv_block_size: Literal[8, 16, 32, 64] = Field(16, description="Token positions per KV cache block.")
     max_step_tokens: int = Field(
@@ -229,9 +245,31 @@ class Settings(EncodableText):
     tenant_queue_share: float = Field(
         0.5, gt=0, le=1, description="The largest share of max_queued_requests one tenant's waiting requests may "
                                      "take (more: 429), so a flood from one tenant leaves room in the queue for others.")
-    fine_tuning: bool = Field(True, description="Serve /v1/files and /v1/fine_tuning/jobs (admin key): train experts "
-                                                "on the served base in a worker process and serve them when done.")
-    max_file_bytes: int = Field(100_000_000, ge=1024, description="Largest training file accepted by /v1/files.")
+    fine_tuning: bool = Field(True, description="Serve /v1/fine_tuning/jobs and training files on /v1/files (admin "
+                                                "key): train experts on the served base in a worker process and serve "
+                                                "them when done.")
+    max_file_bytes: int = Field(100_000_000, ge=1024, description="Largest file (training or batch input) accepted "
+                                                                "by /v1/files.")
+    # --- Responses and Batch APIs ---
+    max_stored_responses: int = Field(
+        10_000, ge=0,
+        description="Responses kept for GET /v1/responses/{id} and previous_response_id (store: true, the default), "
+                    "under data_dir/responses; past this many the oldest are removed. 0: nothing is stored.",
+    )
+    batches: bool = Field(True, description="Serve /v1/batches: JSONL files of chat, completions or responses "
+                                            "requests run at low priority in the rows interactive requests leave free.")
+    max_batch_lines: int = Field(50_000, ge=1, description="Requests one batch input file may hold (OpenAI's limit); "
+                                                           "a longer file is refused.")
+    batch_priority: int = Field(
+        10, description="The scheduling priority batch lines run at (vLLM's: lower runs first; interactive requests "
+                        "have 0 unless they say otherwise), added to a line's own `priority`. Interactive requests "
+                        "preempt batch lines for rows and KV blocks.",
+    )
+    batch_concurrency: int | None = Field(
+        None, ge=1,
+        description="Batch lines in the engine at once, over all batches (default: max_batch_size): enough to fill "
+                    "every free row, few enough that the queue never fills with batch work.",
+    )
     fine_tune_threads: int = Field(1, ge=1, le=256, description="CPU threads a training run may use (serving keeps "
                                                                 "the rest); runs also get a lower priority.")
     fine_tune_checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints: a cancelled or "

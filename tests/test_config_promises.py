@@ -29,7 +29,10 @@ def test_api_keys_guard_every_inference_endpoint(tiny_folder, tmp_path):
         calls = [("get", "/v1/models", None), ("get", f"/v1/models/{state.base.name}", None),
                  ("post", "/v1/route", {"messages": HELLO}),
                  ("post", "/v1/chat/completions", {"model": state.base.name, "messages": HELLO, "max_tokens": 1}),
-                 ("post", "/v1/completions", {"model": state.base.name, "prompt": "Hi", "max_tokens": 1})]
+                 ("post", "/v1/completions", {"model": state.base.name, "prompt": "Hi", "max_tokens": 1}),
+                 ("post", "/v1/responses", {"model": state.base.name, "input": "Hi", "max_output_tokens": 1}),
+                 ("get", "/v1/batches", None), ("get", "/v1/files", None),  # batch files are the API key's
+                 ("post", "/tokenize", {"prompt": "Hi"}), ("post", "/detokenize", {"tokens": [1]})]
         for method, path, body in calls:
             kwargs = {"json": body} if body else {}
             missing = getattr(client, method)(path, **kwargs)
@@ -39,12 +42,14 @@ def test_api_keys_guard_every_inference_endpoint(tiny_folder, tmp_path):
                 ok = getattr(client, method)(path, headers={"Authorization": f"Bearer {key}"}, **kwargs)
                 assert ok.status_code == 200, (path, ok.text)
         assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
-        # a user key is no admin key: not for the registry, router corrections, files or fine-tuning
-        for method, path in (("get", "/v1/adapters"), ("post", "/v1/router/corrections"), ("get", "/v1/files"),
-                             ("post", "/v1/files"), ("get", "/v1/fine_tuning/jobs"),
+        # a user key is no admin key: not for the registry, router corrections, training files or fine-tuning
+        for method, path in (("get", "/v1/adapters"), ("post", "/v1/router/corrections"), ("get", "/v1/fine_tuning/jobs"),
                              ("post", "/v1/fine_tuning/jobs"), ("get", "/v1/fine_tuning/jobs/ftjob-x/events")):
             refused = getattr(client, method)(path, headers={"Authorization": "Bearer user-key"})
             assert refused.status_code == 401, (path, refused.status_code)
+        training = client.post("/v1/files", headers={"Authorization": "Bearer user-key"}, data={"purpose": "fine-tune"},
+                               files={"file": ("t.jsonl", b"{}")})
+        assert training.status_code == 401 and "admin key" in training.json()["error"]["message"]
         assert client.get("/v1/files", headers=ADMIN).status_code == 200
 
 

@@ -220,6 +220,80 @@ def test_queue_full_is_refused(tiny_model, tokenizer):
         engine.submit(make_seq(PROMPTS[1])[0])
 
 
+# ---- priority (vLLM's: lower runs first) -------------------------------------------------------
+
+def test_a_high_priority_request_takes_a_low_priority_row_at_once_and_nobody_loses_tokens(tiny_model, tokenizer):
+    """Batch work (priority 10) fills every row; an interactive request (0) preempts the newest of it in
+    the next step instead of waiting for a row, and the preempted request still ends with its solo answer."""
+    engine = make_engine(tiny_model, tokenizer, max_batch=2)
+    try:
+        solo = []
+        for prompt in PROMPTS[:2]:
+            seq, out = make_seq(prompt, max_tokens=30)
+            engine.submit(seq)
+            assert out.done.wait(60)
+            solo.append(out.text)
+        low = [make_seq(prompt, max_tokens=30) for prompt in PROMPTS[:2]]
+        for seq, _ in low:
+            seq.priority = 10
+            engine.submit(seq)
+        assert wait_until(lambda: all(seq.generated >= 3 for seq, _ in low), 30, interval=0.001)
+        interactive, answer = make_seq(PROMPTS[3], max_tokens=5)
+        engine.submit(interactive)
+        at_submit = max(seq.generated for seq, _ in low)
+        assert answer.done.wait(30)
+        # it started while the batch rows were mid-answer: a row was handed over, not waited for
+        assert all(not out.done.is_set() for _, out in low)
+        assert max(seq.generated for seq, _ in low) - at_submit < 12
+        assert sum(seq.preemptions for seq, _ in low) == 1 and low[1][0].preemptions == 1  # the newest gave way
+        for (seq, out), text in zip(low, solo):
+            assert out.done.wait(60)
+            assert out.text == text and out.final.completion_tokens == 30
+    finally:
+        engine.stop()
+
+
+def test_waiting_requests_are_admitted_by_priority_then_arrival(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer, max_batch=1)
+    try:
+        first, first_out = make_seq(PROMPTS[0], max_tokens=60)
+        engine.submit(first)
+        assert wait_until(lambda: first.generated >= 1, 30, interval=0.001)
+        finished = []
+        queued = [(5, "a"), (1, "b"), (5, "c"), (0, "d"), (1, "e")]
+        for priority, name in queued:
+            seq, _ = make_seq(PROMPTS[1], max_tokens=3)
+            seq.priority = priority
+            seq.emit = lambda out, name=name: out.finish_reason and finished.append(name)
+            engine.submit(seq)
+        assert first_out.done.wait(60)
+        assert wait_until(lambda: len(finished) == len(queued), 30)
+        assert finished == ["d", "b", "e", "a", "c"]
+        assert first.preemptions == 0  # equal priority never preempts
+    finally:
+        engine.stop()
+
+
+def test_a_high_priority_request_takes_kv_blocks_from_low_priority_ones(tiny_model, tokenizer):
+    """The pool is full of batch work's KV: an interactive request frees blocks by preempting it."""
+    engine = make_engine(tiny_model, tokenizer, max_batch=4, kv_blocks=8)  # 128 tokens of KV in all
+    try:
+        low = [make_seq(PROMPTS[i], max_tokens=55) for i in range(2)]
+        for seq, _ in low:
+            seq.priority = 3
+            engine.submit(seq)
+        assert wait_until(lambda: all(len(seq.block_table) >= 4 for seq, _ in low), 30, interval=0.001)
+        interactive, answer = make_seq(list(range(1, 40)), max_tokens=5)
+        engine.submit(interactive)
+        assert answer.done.wait(30)
+        assert answer.final.completion_tokens == 5
+        assert sum(seq.preemptions for seq, _ in low) >= 1
+        for _, out in low:
+            assert out.done.wait(60) and out.final.completion_tokens == 55
+    finally:
+        engine.stop()
+
+
 # ---- fault isolation: a fault in one request ends that request, never the engine ----------------
 
 def _serves_after(engine, tokenizer_free_prompt=PROMPTS[3]):

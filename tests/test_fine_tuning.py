@@ -202,6 +202,9 @@ def test_a_restart_resumes_a_running_job_from_its_checkpoint(tiny):
 def test_fine_tuning_turned_off_is_404(tiny):
     folder, data, settings = tiny
     with in_process(folder, data, **{**settings, "fine_tuning": False}) as (state, client):
-        for path in ("/v1/files", "/v1/fine_tuning/jobs"):
-            error = assert_openai_error(client.get(path, headers=ADMIN), 404)
-            assert "fine_tuning: false" in error["message"]
+        error = assert_openai_error(client.get("/v1/fine_tuning/jobs", headers=ADMIN), 404)
+        assert "fine_tuning: false" in error["message"]
+        # files still serve batches; a training file is refused
+        assert client.get("/v1/files", headers=ADMIN).status_code == 200
+        refused = client.post("/v1/files", headers=ADMIN, data={"purpose": "fine-tune"}, files={"file": ("t", b"{}")})
+        assert "fine_tuning: false" in assert_openai_error(refused, 404)["message"]

@@ -63,7 +63,8 @@ def test_kv_metrics_describe_the_pool(server):
 
 
 def test_a_budget_that_cannot_hold_one_request_stops_the_server_with_both_numbers(tmp_path, cache_dir):
-    server = ServerProcess(tmp_path, {"kv_cache_memory": "4MiB", "compute_dtype": "float32", "router": "none"},
+    server = ServerProcess(tmp_path, {"kv_cache_memory": "4MiB", "compute_dtype": "float32", "router": "none",
+                                       "kv_cache_dtype": "float32"},  # the arithmetic below is float32's
                            env={"LORAPLEX_CACHE": cache_dir})
     server.launch()
     assert server.proc.wait(180) == 1
@@ -78,7 +79,7 @@ def test_a_budget_in_bytes_sizes_the_pool_and_long_requests_still_run(tmp_path, 
     again, every request still gets its whole answer."""
     block = 46080 * 16  # SmolLM2 in float32: 30 layers x 3 KV heads x 64 x K and V x 4 bytes per token
     settings = {"kv_cache_memory": str(block * (512 // 16 + 1)), "compute_dtype": "float32", "router": "none",
-                "context_window": 512, "max_batch_size": 4}
+                "kv_cache_dtype": "float32", "context_window": 512, "max_batch_size": 4}
     server = ServerProcess(tmp_path, settings, env={"LORAPLEX_CACHE": cache_dir}).start()
     try:
         import concurrent.futures

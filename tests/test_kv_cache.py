@@ -363,6 +363,18 @@ def test_metrics_export_kv_usage():
     assert values["loraplex_kv_cache_blocks[('state', 'total')]"] == 120
 
 
+def test_metrics_export_the_memory_breakdown():
+    from server.metrics import MEMORY_PARTS
+
+    metrics = Metrics()
+    parts = {"weights": 123, "kv_cache_pool": 4000, "kv_cache_used": 1000, "adapter_slots": 77}
+    metrics.watch(running=lambda: 0, waiting=lambda: 0, tiers=lambda: {}, kv_blocks=lambda: (0, 1),
+                  kv_block_bytes=lambda: 1, memory=lambda: parts)
+    values = {s.labels["part"]: s.value for f in metrics.registry.collect() for s in f.samples
+              if s.name == "loraplex_memory_bytes"}
+    assert values == {part: parts.get(part, 0) for part in MEMORY_PARTS}
+
+
 def test_a_prompt_chunk_is_sized_from_measured_step_times():
     from server.engine.step_cost import INITIAL_CHUNK, StepCost
 

@@ -200,7 +200,7 @@ def test_a_load_writes_the_adapters_rank_not_the_slot(tiny, tmp_path, staged):
                                          targets=("q_proj", "v_proj", "down_proj")), shape)
 
     def bank():
-        made = LoraBank(torch.device("cpu"), torch.float32, shape, slots=1, max_rank=64)
+        made = LoraBank(torch.device("cpu"), torch.float32, shape, slots=1, max_rank=64, grow=False)  # a GPU's pool
         made.staged_loads = staged
         made.pool.fill_(float("nan"))  # what torch.empty may hold
         return made
@@ -224,3 +224,35 @@ def test_a_load_writes_the_adapters_rank_not_the_slot(tiny, tmp_path, staged):
     again.remove("b")
     again.add("b2", second)  # same reach: overwritten in place, nothing zeroed
     assert again.last_load["slot_bytes_written"] == second_bytes and torch.equal(again.pool[0], fresh.pool[0])
+
+
+def test_cpu_slots_are_sized_to_the_highest_rank_registered(tiny, tmp_path):
+    """On a CPU the slots start small and grow when a higher-rank adapter arrives; what the adapters already
+    loaded compute is unchanged (bit for bit), and a slot's memory follows the largest rank, not max_rank."""
+    from server.engine.lora_batch import LoraBank
+
+    shape = BaseShape.from_config(tiny.config)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    low = load_lora(make_peft_adapter(tiny, tmp_path / "low", seed=1, rank=8, b_std=0.2, targets=targets), shape)
+    high = load_lora(make_peft_adapter(tiny, tmp_path / "high", seed=2, rank=24, b_std=0.2, targets=targets), shape)
+    bank = LoraBank(torch.device("cpu"), torch.float32, shape, slots=4, max_rank=64)
+    fixed = LoraBank(torch.device("cpu"), torch.float32, shape, slots=4, max_rank=64, grow=False)
+    bank.add("low", low)
+    fixed.add("low", low)
+    assert bank.layout.rank == 8 and bank.memory()[1] * 6 < fixed.memory()[1]  # rank 8 of 64 (A at least 16 wide)
+    x = torch.randn(4, shape.linear_features["q_proj"][0])
+
+    def deltas(which, names):
+        outputs = tuple(torch.zeros(4, shape.linear_features[m][1]) for m in ("q_proj", "k_proj", "v_proj"))
+        which.prepare(names).apply(0, "qkv", x, outputs)
+        return outputs
+
+    before = deltas(bank, ["low"] * 4)
+    bank.add("high", high)
+    assert bank.layout.rank == 24
+    for got, want in zip(deltas(bank, ["low"] * 4), before):
+        assert torch.equal(got, want)
+    fixed.add("high", high)
+    mixed = ["low", "high", "low", "high"]
+    for got, want in zip(deltas(bank, mixed), deltas(fixed, mixed)):
+        assert torch.equal(got, want)

@@ -9,7 +9,7 @@ from server.settings import ConfigError, load_settings
 def test_defaults_serve_the_embedded_model():
     settings = load_settings(environ={})
     assert settings.base_model == "embedded:smollm2"
-    assert settings.quantization == "nf4" and settings.device == "auto"
+    assert settings.quantization == "auto" and settings.device == "auto"
 
 
 def test_yaml_then_env_then_cli(tmp_path):

@@ -110,6 +110,21 @@ def test_a_flood_from_one_tenant_does_not_hold_every_batch_row():
     assert [s.request_id for s in plain.schedule(lambda key, in_use: True).admitted] == ["0", "1"]
 
 
+def test_priority_comes_first_and_tenants_take_turns_within_one_priority():
+    """vLLM's priority (lower first) orders admission; tenant turns only reorder requests of equal priority."""
+    scheduler = Scheduler(max_batch_size=5, max_step_tokens=512, blocks=BlockManager(64, 4))
+    arrivals = [_seq("a", n) for n in range(4)] + [_seq("b", 0), _seq("b", 1)] + [_seq("c", 0)]
+    for seq in arrivals:
+        seq.priority = 10 if seq.tenant == "a" else 0  # a's flood is batch work; b and c interactive
+    arrivals[3].priority = 0  # but one of a's requests is interactive, and it came before b's and c's
+    for seq in arrivals:
+        scheduler.add(seq)
+    step = scheduler.schedule(lambda key, in_use: True)
+    admitted = [seq.request_id for seq in step.admitted]
+    # priority 0 first, in turns over a, b, c (first-come tenant first); then a's priority-10 requests
+    assert admitted == ["a3", "b0", "c0", "b1", "a0"]
+
+
 def test_one_tenants_waiting_requests_take_at_most_their_share_of_the_queue():
     import pytest
 

@@ -134,6 +134,8 @@ def same_absence(real: httpx.Response, ghost: httpx.Response, name: str, ghost_n
 
 
 def test_another_tenants_objects_answer_as_if_absent_on_every_endpoint(world):
+    # corrections need the router: ready again if a restart (test order is random) came first
+    assert wait_until(lambda: world.server.health().get("router") == "ready", 120), world.server.health()
     file, job = world.file, world.job
     ghost_file, ghost_job = "file-0123456789abcdef012345", "ftjob-0123456789abcdef012345"
     chat_body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -347,3 +349,73 @@ def test_tenant_administration_answers_in_openai_shape(world):
     updated = world.call("PATCH", f"/v1/tenants/{tenant}", "admin", json={"limits": {"max_concurrent": 3}})
     assert updated.json()["limits"]["max_concurrent"] == 3
     assert_openai_error(world.call("POST", f"/v1/tenants/{tenant}/keys", "admin-checks"), 403)
+
+
+def _batch_file(world, who: str, model: str) -> str:
+    line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}}
+    made = world.call("POST", "/v1/files", who, files={"file": ("in.jsonl", json.dumps(line).encode())},
+                      data={"purpose": "batch"})
+    assert made.status_code == 200, made.text
+    return made.json()["id"]
+
+
+def _finished_batch(world, who: str, batch_id: str) -> dict:
+    assert wait_until(lambda: world.call("GET", f"/v1/batches/{batch_id}", who).json()["status"]
+                      in ("completed", "failed", "expired", "cancelled"), 180)
+    return world.call("GET", f"/v1/batches/{batch_id}", who).json()
+
+
+def test_batch_files_batches_and_stored_responses_are_their_tenants(world):
+    """The isolation matrix's rows for the endpoints issue 36 added: a batch file, a batch (and its result
+    file) and a stored response of A's answer B exactly as absent ones; a batch's lines and a Responses
+    request use only the experts their caller may use."""
+    ghost_file, ghost_batch = "file-0123456789abcdef012345", "batch_0123456789abcdef012345"
+    ghost_response = "resp_0123456789abcdef0123456789abcdef"
+    file = _batch_file(world, "a", "a-cook")
+    batch = world.call("POST", "/v1/batches", "a", json={"input_file_id": file, "endpoint": "/v1/chat/completions",
+                                                          "completion_window": "24h"})
+    assert batch.status_code == 200 and "_owner" not in batch.json(), batch.text
+    batch_id = batch.json()["id"]
+    stored = world.call("POST", "/v1/responses", "a", json={"model": "shared-alpha", "input": "hi",
+                                                             "max_output_tokens": 2})
+    assert stored.status_code == 200, stored.text
+    response_id = stored.json()["id"]
+    for method, path, kwargs, name, ghost in [
+        ("GET", f"/v1/files/{file}", {}, file, ghost_file),
+        ("GET", f"/v1/files/{file}/content", {}, file, ghost_file),
+        ("DELETE", f"/v1/files/{file}", {}, file, ghost_file),
+        ("POST", "/v1/batches", {"json": {"input_file_id": file, "endpoint": "/v1/chat/completions",
+                                          "completion_window": "24h"}}, file, ghost_file),
+        ("GET", f"/v1/batches/{batch_id}", {}, batch_id, ghost_batch),
+        ("POST", f"/v1/batches/{batch_id}/cancel", {}, batch_id, ghost_batch),
+        ("GET", f"/v1/responses/{response_id}", {}, response_id, ghost_response),
+        ("GET", f"/v1/responses/{response_id}/input_items", {}, response_id, ghost_response),
+        ("DELETE", f"/v1/responses/{response_id}", {}, response_id, ghost_response),
+        ("POST", "/v1/responses", {"json": {"model": "shared-alpha", "input": "hi", "max_output_tokens": 2,
+                                            "previous_response_id": response_id}}, response_id, ghost_response),
+        ("POST", "/v1/responses", {"json": {"model": "a-cook", "input": "hi", "max_output_tokens": 2}},
+         "a-cook", "no-such-expert"),
+    ]:
+        real = world.call(method, path, "b", **kwargs)
+        swapped = json.loads(json.dumps(kwargs).replace(name, ghost))
+        absent = world.call(method, path.replace(name, ghost), "b", **swapped)
+        assert real.status_code in (400, 404), (method, path, real.text)
+        same_absence(real, absent, name, ghost)
+    assert file not in [f["id"] for f in world.call("GET", "/v1/files", "b").json()["data"]]
+    assert batch_id not in [b["id"] for b in world.call("GET", "/v1/batches", "b").json()["data"]]
+    # A still has all of it: B's probes changed nothing
+    assert world.call("GET", f"/v1/responses/{response_id}", "a").status_code == 200
+    done = _finished_batch(world, "a", batch_id)
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 1, done
+    output = done["output_file_id"]
+    assert world.call("GET", f"/v1/files/{output}/content", "a").status_code == 200
+    assert world.call("GET", f"/v1/files/{output}/content", "b").status_code == 404  # the result is A's too
+    # B's batch naming A's expert: its line answers what a line naming no such expert answers
+    b_batch = world.call("POST", "/v1/batches", "b", json={"input_file_id": _batch_file(world, "b", "a-cook"),
+                                                            "endpoint": "/v1/chat/completions",
+                                                            "completion_window": "24h"}).json()
+    finished = _finished_batch(world, "b", b_batch["id"])
+    assert finished["request_counts"] == {"total": 1, "completed": 0, "failed": 1}, finished
+    line = json.loads(world.call("GET", f"/v1/files/{finished['error_file_id']}/content", "b").text)
+    assert line["response"]["status_code"] == 404 and "a-cook" in line["response"]["body"]["error"]["message"], line

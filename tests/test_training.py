@@ -163,7 +163,9 @@ def test_merged_demo_expert_greedy_matches_the_served_expert(tmp_path, smollm_fo
     adapter = REPO / "training" / "demo" / "pirate" / "adapter"
     merged_dir = merge(adapter, tmp_path / "merged", cache_dir=cache_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    served = load_base(EMBEDDED_BASE, compute_dtype="float32", cache_dir=cache_dir)  # as `loraplex serve` on CPU
+    # NF4, as merge() dequantizes and as `loraplex serve` runs on a GPU (a CPU serves int4 groups by default:
+    # other roundings of the same weights, so greedy answers may part after a few tokens)
+    served = load_base(EMBEDDED_BASE, quantization="nf4", compute_dtype="float32", cache_dir=cache_dir)
     driver = RunnerDriver.build(served.model, served.tokenizer, context_window=512)
     driver.runner.lora.add("pirate", load_lora(adapter, BaseShape.from_config(served.model.config)))
     prompts = json.loads((REPO / "training" / "demo" / "pirate" / "heldout.json").read_text())["prompts"][:4]

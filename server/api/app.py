@@ -1,9 +1,12 @@
 """The FastAPI application: its routers, error handlers and middleware; the work happens in the modules they name."""
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 
-from server.api import admin, corrections, fine_tuning, models, status, tenants
+from server.api import (admin, batches, corrections, files, fine_tuning, models, responses_api, status, tenants,
+                        tokenize)
 from server.api.auth import AuthMiddleware
 from server.api.chat_completions import chat_completions
 from server.api.errors import install_error_handlers
@@ -17,13 +20,26 @@ from server.experts.spec import ExpertRegistration
 
 
 def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # batches run on the server's event loop; unfinished ones resume once the model is loaded
+        runner = app.state.batch_runner = batches.BatchRunner(state, app) if state.settings.batches else None
+        if runner is not None:
+            runner.start()
+        try:
+            yield
+        finally:
+            if runner is not None:
+                await runner.stop()
+
     # FastAPI's own telemetry: a span per request from the caller's traceparent, once a tracer provider is set
     # (server/startup/tracing.py; none: no spans). Its metrics and logs stay off: Prometheus and our own log lines
-    app = FastAPI(title="loraplex", version="0.1.0",
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
                   telemetry={"tracer_provider": state.tracer_provider, "metrics": False, "logs": False})
     app.state.loraplex = state
+    app.state.batch_runner = None
     install_error_handlers(app)
-    for module in (status, models):
+    for module in (status, models, tokenize, responses_api, batches):
         app.include_router(module.router)
 
     @app.post("/v1/chat/completions")
@@ -36,7 +52,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     if state.settings.ui:
         install_playground(app)
-    for module in (admin, corrections, fine_tuning):
+    for module in (admin, corrections, files, fine_tuning):
         app.include_router(module.router)
     if state.tenants is not None:
         app.include_router(tenants.router)

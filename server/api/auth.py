@@ -1,12 +1,17 @@
 """Bearer keys, checked from the headers before anything reads the request body; who is asking.
 
-Admin keys guard the registry (/v1/adapters, /v1/router/corrections, /v1/files, /v1/fine_tuning) and, if configured, /metrics; optional user keys
-guard inference (every other /v1 path; an admin key works there too). The check is ASGI
+Admin keys guard the registry (/v1/adapters, /v1/router/corrections, /v1/fine_tuning) and, if configured,
+/metrics; optional user keys
+guard inference (every other /v1 path, /tokenize and /detokenize; an admin key works there too).
+/v1/files is shared: batch input files (purpose "batch") and batch results are the API key's, so batch
+users upload with the key they call inference with, while training files (purpose "fine-tune") need an
+admin key; the purpose is in the body, so files.py asks `training_files_refusal` once it has read it. The check is ASGI
 middleware outside the body-size limit, so a request without the right key costs a header
 read: an unauthenticated 200 MB upload is refused before its first byte is buffered.
 
-With `tenants: true` a tenant's key (server/tenants/store.py) also opens the registry, files and jobs,
-for that tenant's own objects; /v1/tenants is the admin's; every /v1 request needs some key. The key
+With `tenants: true` a tenant's key (server/tenants/store.py) also opens the registry, training files and
+jobs, for that tenant's own objects (batch files, batches and stored responses are every key's, each
+seeing its own tenant's: files.py, batches.py, responses_api.py); /v1/tenants is the admin's; every /v1 request needs some key. The key
 resolves to a Principal (server/tenants/principal.py), put in the ASGI scope for the endpoints and
 stores to check ownership with, and a tenant's generation requests pass its limits here (429 with
 Retry-After and OpenAI's x-ratelimit-* headers), before the body is read.
@@ -26,9 +31,13 @@ from server.tenants.store import Tenant, TenantStore
 ADMIN_PREFIX = "/v1/adapters"
 # the router's training data is the registry's too; vLLM's adapter endpoints are registry calls
 ADMIN_PATHS = ("/v1/router/corrections", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-ADMIN_PREFIXES = ("/v1/files", "/v1/fine_tuning")  # training makes experts: the registry's business
+ADMIN_PREFIXES = ("/v1/fine_tuning",)  # training makes experts: the registry's business
+TRAINING_AREA = "Training files and fine-tuning jobs"
+USER_PATHS = ("/tokenize", "/detokenize")  # vLLM's, outside /v1: guarded like inference
 TENANTS_PREFIX = "/v1/tenants"  # creating tenants and keys: the admin's alone
-LIMITED_PATHS = ("/v1/chat/completions", "/v1/completions")  # what a tenant's rate and concurrency limits count
+# what a tenant's rate and concurrency limits count: the requests that generate (a batch's lines are charged
+# when the batch runs them, not here: see batches.py)
+LIMITED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:
@@ -62,7 +71,7 @@ def _is_admin_path(path: str, settings: Settings) -> bool:
 def _admin_area(path: str) -> str:
     """What an admin path is for, in the words of the user who asked for it."""
     if path.startswith(ADMIN_PREFIXES):
-        return "Training files and fine-tuning jobs"
+        return TRAINING_AREA
     if path == "/metrics":
         return "Metrics (metrics_require_admin)"
     if path == "/v1/router/corrections":
@@ -76,16 +85,30 @@ def refusal(path: str, headers: dict[bytes, bytes], settings: Settings) -> tuple
     """(status, message, code) when this request may not go on; None when it may (without tenants)."""
     token = _bearer(headers)
     if _is_admin_path(path, settings):
-        if not settings.admin_key:
-            return (403, f"{_admin_area(path)} over HTTP need an admin key, and this server has none. Set "
-                         "LORAPLEX_ADMIN_KEY (or admin_key in the config) and send it as "
-                         "'Authorization: Bearer <key>'.", "admin_disabled")
-        if not _matches(token, settings.admin_key):
-            return 401, "Missing or wrong admin key: send 'Authorization: Bearer <admin key>'.", "invalid_api_key"
-        return None
-    if path.startswith("/v1/") and settings.api_key and not _matches(token, settings.api_key + settings.admin_key):
+        return _admin_refusal(token, settings, _admin_area(path))
+    if (path.startswith("/v1/") or path in USER_PATHS) and settings.api_key and not _matches(token, settings.api_key + settings.admin_key):
         return 401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", "invalid_api_key"
     return None
+
+
+def _admin_refusal(token: str | None, settings: Settings, area: str) -> tuple[int, str, str] | None:
+    if not settings.admin_key:
+        return (403, f"{area} over HTTP need an admin key, and this server has none. Set "
+                     "LORAPLEX_ADMIN_KEY (or admin_key in the config) and send it as "
+                     "'Authorization: Bearer <key>'.", "admin_disabled")
+    if not _matches(token, settings.admin_key):
+        return 401, "Missing or wrong admin key: send 'Authorization: Bearer <admin key>'.", "invalid_api_key"
+    return None
+
+
+def training_files_refusal(headers: dict[bytes, bytes], settings: Settings,
+                           principal: Principal | None = None) -> tuple[int, str, str] | None:
+    """(status, message, code) when this request may not touch training files (an admin key's, or with tenants
+    on a tenant's key too, for its own); None when it may. `principal`: the caller with tenants on, else None."""
+    if settings.tenants and principal is not None:
+        return None if (principal.admin or principal.tenant) else (
+            403, f"{TRAINING_AREA} need the admin key or a tenant's key.", "admin_required")
+    return _admin_refusal(_bearer(headers), settings, TRAINING_AREA)
 
 
 WRONG_KEY = (401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", "invalid_api_key")
@@ -112,7 +135,8 @@ class TenantAuth:
 
     def refusal(self, path: str, principal: Principal | None) -> tuple[int, str, str] | None:
         if principal is None:
-            if path.startswith("/v1/") or (path == "/metrics" and self.settings.metrics_require_admin):
+            if path.startswith("/v1/") or path in USER_PATHS or (
+                    path == "/metrics" and self.settings.metrics_require_admin):
                 return WRONG_KEY
             return None
         if _under(path, TENANTS_PREFIX) or (path == "/metrics" and self.settings.metrics_require_admin):

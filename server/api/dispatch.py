@@ -248,6 +248,7 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
             seed=secrets.randbits(63) if params.seed is None else params.seed + index,
             grammar=output.grammar,
             tenant=principal_of(request.scope).tenant or "",
+            priority=req.priority,  # a batch line's already has batch_priority added
         )
         for index in range(req.n)
     ]

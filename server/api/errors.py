@@ -93,8 +93,8 @@ def _unknown_path_message(path: str) -> str:
     for prefix, what in _NOT_SERVED.items():
         if path == prefix or path.startswith(prefix + "/"):
             return (f"This server does not serve {what} ({path}). It serves chat and text completions "
-                    "(/v1/chat/completions, /v1/completions) from its base model and experts; GET /v1/models "
-                    "lists them.")
+                    "and responses (/v1/chat/completions, /v1/completions, /v1/responses, and /v1/batches of "
+                    "them) from its base model and experts; GET /v1/models lists them.")
     return f"Unknown URL: {path}. See /docs or /openapi.json for the endpoints this server answers."
 
 

@@ -1,7 +1,7 @@
-"""OpenAI's files and fine_tuning.jobs endpoints (admin key): a training file in, a served expert out.
+"""OpenAI's fine_tuning.jobs endpoints (admin key): a training file in, a served expert out.
 
-`client.files.create(file=..., purpose="fine-tune")` stores a chat JSONL file after checking every
-line (each problem names its line); `client.fine_tuning.jobs.create(model=<base>, training_file=...)`
+`client.files.create(file=..., purpose="fine-tune")` (files.py) stores a chat JSONL file after checking
+every line (each problem names its line); `client.fine_tuning.jobs.create(model=<base>, training_file=...)`
 queues a QLoRA run on the served base (server/jobs/); when it ends the adapter passes the registry's
 usual admission checks and serves as `ft:<base>:<suffix>:<job id>`. Object shapes are OpenAI's, so the
 unmodified client's `retrieve`, `list`, `cancel`, `list_events` and `checkpoints.list` work.
@@ -11,16 +11,11 @@ Extensions (send with the client's `extra_body`): `rank`, `target_modules`, and 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
-from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 from pydantic import ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
 
 from adapters.lora import LINEAR_MODULES
 from validation.schema import EncodableText
@@ -36,123 +31,15 @@ PUBLIC_JOB_FIELDS = ("id", "object", "model", "created_at", "finished_at", "fine
                      "trained_tokens", "error", "seed", "estimated_finish", "integrations", "user_provided_suffix",
                      "method", "metadata")
 ORGANIZATION = "loraplex"
-MAX_FIELD_BYTES = 64_000  # a multipart field that is not the file (purpose)
 
 
-def _state(request: Request) -> ServerState:
+def fine_tuning_state(request: Request) -> ServerState:
     state = request.app.state.loraplex
     state.require_ready()
     if state.jobs is None:
         raise APIError(404, "Fine-tuning is turned off on this server (fine_tuning: false).",
                        code="fine_tuning_disabled")
     return state
-
-
-# ---- files ------------------------------------------------------------------------------
-
-def _found(record: dict | None, message: str, param: str, code: str) -> dict:
-    """The record, or a 404 in OpenAI's words."""
-    if record is None:
-        raise APIError(404, message, param=param, code=code)
-    return record
-
-
-def _public_file(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not k.startswith("_")}
-
-
-def _file_or_404(state: ServerState, file_id: str, principal: Principal) -> dict:
-    """The file if `principal` owns it; another tenant's is "No such File object", as a missing one."""
-    record = state.jobs.files.get(file_id)
-    if record is not None and not principal.owns(record.get("_owner", "")):
-        record = None
-    return _found(record, f"No such File object: {file_id}", "file_id", "file_not_found")
-
-
-def _check_file_quota(state: ServerState, principal: Principal, size: int) -> None:
-    limits = state.limits_of(principal)
-    if limits is None or limits.max_file_bytes is None:
-        return
-    used = sum(f["bytes"] for f in state.jobs.files.list() if f.get("_owner") == principal.tenant)
-    if used + size > limits.max_file_bytes:
-        raise APIError(429, f"This file ({size} bytes) would take this tenant's files to {used + size} bytes, over "
-                            f"its limit (max_file_bytes: {limits.max_file_bytes}); delete some first.", param="file",
-                       code="insufficient_quota")
-
-
-@router.post("/v1/files")
-async def create_file(request: Request):
-    state = _state(request)
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise APIError(400, "Upload the file as multipart/form-data with fields 'file' and 'purpose'.", param="file")
-    limit = state.settings.max_file_bytes
-    form = await request.form(max_part_size=MAX_FIELD_BYTES)  # fields; the file part is spooled to disk
-    purpose, upload = form.get("purpose"), form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise APIError(400, "multipart upload needs a file field 'file'", param="file")
-    if purpose != "fine-tune":
-        raise APIError(400, f"purpose must be 'fine-tune' (this server keeps training files only), not {purpose!r}",
-                       param="purpose")
-    if upload.size is None or upload.size > limit:
-        raise APIError(413, f"The file is {upload.size} bytes; the limit is {limit} (max_file_bytes).", param="file",
-                       code="file_too_large")
-    principal = principal_of(request.scope)
-    _check_file_quota(state, principal, upload.size)
-    # the upload is on disk already (the body was spooled, its file part too): copied, checked and kept
-    # from there, never held in memory whole
-    incoming = state.jobs.files.incoming()
-    try:
-        await asyncio.to_thread(_save, upload.file, incoming)
-        try:
-            problems = await asyncio.to_thread(state.jobs.check_file, incoming)
-        except BrokenProcessPool:
-            raise APIError(503, "The training-file checker stopped unexpectedly; retry the upload.", param="file",
-                           code="checker_unavailable", headers={"Retry-After": "1"}) from None
-        if problems:
-            raise APIError(400, "The training file has problems: " + "; ".join(problems), param="file",
-                           code="invalid_training_file")
-        filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
-        return _public_file(await asyncio.to_thread(state.jobs.files.create, filename, purpose, incoming,
-                                                    principal.owner))
-    finally:
-        incoming.unlink(missing_ok=True)  # gone already once stored
-
-
-def _save(source, target: Path) -> None:
-    source.seek(0)
-    with open(target, "wb") as handle:
-        shutil.copyfileobj(source, handle, 1 << 20)
-
-
-@router.get("/v1/files")
-async def list_files(request: Request, purpose: str | None = None):
-    state = _state(request)
-    principal = principal_of(request.scope)
-    data = [_public_file(f) for f in state.jobs.files.list() if (purpose is None or f["purpose"] == purpose)
-            and principal.owns(f.get("_owner", ""))]
-    return {"object": "list", "data": data, "has_more": False}
-
-
-@router.get("/v1/files/{file_id}")
-async def retrieve_file(file_id: str, request: Request):
-    return _public_file(_file_or_404(_state(request), file_id, principal_of(request.scope)))
-
-
-@router.get("/v1/files/{file_id}/content")
-async def file_content(file_id: str, request: Request):
-    state = _state(request)
-    _file_or_404(state, file_id, principal_of(request.scope))
-    data = await asyncio.to_thread(state.jobs.files.content_path(file_id).read_bytes)
-    return Response(data, media_type="application/jsonl")
-
-
-@router.delete("/v1/files/{file_id}")
-async def delete_file(file_id: str, request: Request):
-    state = _state(request)
-    _file_or_404(state, file_id, principal_of(request.scope))
-    # a job keeps its own copy of its files: deleting one never breaks a queued or resumed job
-    await asyncio.to_thread(state.jobs.files.delete, file_id)
-    return {"id": file_id, "object": "file", "deleted": True}
 
 
 # ---- jobs -------------------------------------------------------------------------------
@@ -195,6 +82,13 @@ class JobRequest(EncodableText):
     examples: list[str] = Field(default_factory=list)
     negative_examples: list[str] = Field(default_factory=list)
     stop: list[str] = Field(default_factory=list)
+
+
+def _found(record: dict | None, message: str, param: str, code: str) -> dict:
+    """The record, or a 404 in OpenAI's words."""
+    if record is None:
+        raise APIError(404, message, param=param, code=code)
+    return record
 
 
 def _resolve(value, auto):
@@ -243,7 +137,7 @@ def _page(items: list[dict], after: str | None, limit: int) -> dict:
 
 @router.post("/v1/fine_tuning/jobs")
 async def create_job(body: JobRequest, request: Request):
-    state = _state(request)
+    state = fine_tuning_state(request)
     if body.model != state.base.name:
         raise APIError(400, f"Model {body.model!r} cannot be fine-tuned here: this server trains experts on the base "
                             f"it serves, {state.base.name!r}.", param="model", code="model_not_available")
@@ -257,8 +151,9 @@ async def create_job(body: JobRequest, request: Request):
     principal = principal_of(request.scope)
     for field in ("training_file", "validation_file"):
         file_id = getattr(body, field)
-        found = state.jobs.files.get(file_id) if file_id is not None else None
-        if file_id is not None and (found is None or not principal.owns(found.get("_owner", ""))):
+        record = state.files.get(file_id) if file_id is not None else None
+        if file_id is not None and (record is None or record["purpose"] != "fine-tune"
+                                    or not principal.owns(record.get("_owner", ""))):
             raise APIError(400, f"No such File object: {file_id}", param=field, code="file_not_found")
     hyper = _hyperparameters(body)
     try:  # the expert's fields pass the registry's checks now, not after hours of training
@@ -286,7 +181,7 @@ async def create_job(body: JobRequest, request: Request):
 
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
-    state = _state(request)
+    state = fine_tuning_state(request)
     principal = principal_of(request.scope)
     page = _page([job for job in state.jobs.store.list() if principal.owns(job.get("_owner", ""))], after, limit)
     page["data"] = [public(job) for job in page["data"]]
@@ -295,12 +190,12 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = 20)
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 async def retrieve_job(job_id: str, request: Request):
-    return public(_job_or_404(_state(request), job_id, principal_of(request.scope)))
+    return public(_job_or_404(fine_tuning_state(request), job_id, principal_of(request.scope)))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request):
-    state = _state(request)
+    state = fine_tuning_state(request)
     job = _job_or_404(state, job_id, principal_of(request.scope))
     if job["status"] in ("succeeded", "failed"):
         raise APIError(400, f"The job has already {job['status']}; there is nothing to cancel.",
@@ -316,14 +211,14 @@ async def cancel_job(job_id: str, request: Request):
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 async def list_events(job_id: str, request: Request, after: str | None = None, limit: int = 20):
-    state = _state(request)
+    state = fine_tuning_state(request)
     _job_or_404(state, job_id, principal_of(request.scope))
     return _page(list(reversed(state.jobs.store.events(job_id))), after, limit)  # newest first, as OpenAI
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, request: Request, after: str | None = None, limit: int = 10):
-    state = _state(request)
+    state = fine_tuning_state(request)
     job = _job_or_404(state, job_id, principal_of(request.scope))
     checkpoints = [{
         "object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job_id.removeprefix('ftjob-')}-{c['step']}",

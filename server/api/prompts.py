@@ -60,10 +60,12 @@ class PromptEncoder:
         """A lower bound on the tokens of any text of `chars` characters."""
         return chars // self.max_chars_per_token
 
-    def render(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
+    def render(self, messages: list[ChatMessage], tools: list[Tool] | None = None,
+               generation_prompt: bool = True) -> list[int]:
         """The prompt for `messages`; `tools` (when the request may call them) are announced in the
         format structured.py enforces: by the chat template when it knows `<tool_call>` tags, else in
-        a system message of ours. Earlier calls and tool results in the history are rendered too."""
+        a system message of ours. Earlier calls and tool results in the history are rendered too.
+        `generation_prompt`: end with the assistant turn's opening (what generation continues from)."""
         nonce = secrets.token_hex(8)
         marker = re.compile(f"\ue000{nonce}:([0-9]+)\ue001")
 
@@ -82,7 +84,7 @@ class PromptEncoder:
             extra["tools"] = [tool.model_dump(exclude_none=True) for tool in tools]
         elif tools:
             conversation.insert(0, {"role": "system", "content": mark(tool_prompt(tools))})
-        rendered = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+        rendered = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=False,
                                                        chat_template=template, **extra)
         pieces = marker.split(rendered)  # text, special index, text, special index, ..., text
         encoded = self._backend.encode_batch(pieces[0::2], add_special_tokens=False)

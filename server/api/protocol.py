@@ -206,6 +206,8 @@ class SamplingFields(EncodableText):
     # loraplex: with model "auto", blend this many of the top experts (default the server's router_top_k)
     router_top_k: int | None = Field(None, ge=1, le=16)
     ignore_eos: bool = False
+    # vLLM's scheduling priority: lower is admitted first and preempted last (batch lines add batch_priority)
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
 
     @field_validator("stop")
     @classmethod
@@ -401,3 +403,32 @@ class RouteRequest(EncodableText):
     messages: list[ChatMessage] = Field(min_length=1)
     top_k: int = Field(5, ge=1, le=100)
     router_top_k: int | None = Field(None, ge=1, le=16)  # as on completions: "auto" blends this many experts
+
+
+class TokenizeRequest(EncodableText):
+    """vLLM's POST /tokenize: a raw `prompt`, or chat `messages` rendered with the chat template."""
+
+    model_config = STRICT
+
+    model: str | None = None  # any served name: experts and mixtures share the base's tokenizer
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (the template adds them)
+    add_generation_prompt: bool = True  # messages: end with the assistant turn's opening
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(EncodableText):
+    """vLLM's POST /detokenize: token ids back to text."""
+
+    model_config = STRICT
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)

@@ -21,7 +21,10 @@ from server.api.prompts import PromptEncoder
 from server.api.structured import OutputFormats
 from server.engine.interface import EngineHandle, Replicas
 from server.experts.service import Experts
+from server.jobs.batch_store import BatchStore
+from server.jobs.response_store import ResponseStore
 from server.jobs.service import FineTuning
+from server.jobs.store import FileStore
 from server.metrics import Metrics
 from server.settings import Settings
 from server.tenants.limits import TenantLimiter
@@ -61,10 +64,13 @@ class ServerState:
     # loads the router's encoders and indexes the experts; joined before the process exits, since a
     # thread still inside torch or tokenizers when the interpreter tears down aborts the process
     router_thread: threading.Thread | None = None
-    jobs: FineTuning | None = None  # files and fine-tuning jobs; set with `base` (fine_tuning: true)
+    jobs: FineTuning | None = None  # fine-tuning jobs; set with `base` (fine_tuning: true)
     tenants: TenantStore | None = None  # tenants, keys and usage (tenants: true); None: no tenants
     limiter: TenantLimiter = field(default_factory=TenantLimiter)  # tenants' rate and concurrency limits
     tracer_provider: object | None = None  # FastAPI's request spans go here (None: the global provider)
+    files: FileStore | None = None  # uploaded files (training and batch input) and batch results
+    responses: ResponseStore | None = None  # stored Responses (store: true)
+    batches: BatchStore | None = None  # batches and their results so far
     # Tokenizing and routing run here, off the event loop, in fewer threads than there are cores:
     # a burst of megabyte prompts then cannot take every core from the event loop and the engine.
     text_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(

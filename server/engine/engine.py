@@ -117,7 +117,7 @@ class Engine(EngineHandle):
             # a tenant's flood takes at most its share of the queue: the rest stays open to other tenants
             if seq.tenant and share is not None and sum(1 for other in waiting if other.tenant == seq.tenant) >= share:
                 raise QueueFull()
-            self._scheduler.waiting.append(seq)
+            self._scheduler.add(seq)  # in priority order
             self._wakeup.notify()
 
     def wake(self) -> None:
@@ -183,6 +183,17 @@ class Engine(EngineHandle):
     def adapter_memory(self) -> tuple[int, int]:
         """(bytes of adapter slots in use, bytes of the slot pool) — a snapshot, safe from any thread."""
         return self._runner.lora.memory() if self._runner is not None else (0, 0)
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes by part (metrics.MEMORY_PARTS): a snapshot, safe from any thread (sizes only, no tensor reads)."""
+        runner, blocks = self._runner, self._blocks
+        if runner is None or blocks is None:
+            return {}
+        block = runner.kv_cache_bytes // runner.num_blocks
+        used, _ = runner.lora.memory()
+        return {"weights": runner.weight_bytes, "kv_cache_pool": runner.kv_cache_bytes,
+                "kv_cache_used": blocks.num_used * block, "adapter_slots": used,
+                "adapter_step_stack": runner.lora.step_stack_bytes}
 
     def graph_stats(self) -> dict[str, float]:
         """CUDA graph shapes captured and disabled, replays, graph memory (zeros without graphs): a snapshot."""

@@ -329,7 +329,8 @@ class LoraBank:
     self-check passes, torch otherwise."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, shape: BaseShape, slots: int = 8,
-                 max_rank: int = 64, batch_invariant: bool = True, kernels: str = "torch"):
+                 max_rank: int = 64, batch_invariant: bool = True, kernels: str = "torch", grow: bool | None = None):
+        """`grow`: slots sized to the highest rank registered, growing (None: on a CPU with the torch kernels)."""
         self.device = device
         self.dtype = dtype
         self.shape = shape
@@ -337,14 +338,20 @@ class LoraBank:
         # the row padding only buys batch invariance from CPU BLAS; on a GPU it is wasted work, and an
         # operator may trade it for speed (batch_invariant: false): a lone row then costs a quarter
         self.min_rows = MIN_GEMM_ROWS if device.type == "cpu" and batch_invariant else 1
-        self.layout = _Layout(shape, aligned_rank(max_rank))
-        # torch.empty: on a CPU the pages of slots never used are never touched (not resident); on a
-        # GPU the whole pool is reserved now, so running out of memory happens at start or never
+        self.max_rank = aligned_rank(max_rank)
+        self.kernels, self.kernels_module = choose_kernels(kernels, device, dtype, shape, self.max_rank)
+        # On a CPU (torch kernels) the slots start at the smallest rank and grow to the highest rank registered
+        # (`_grow`): a slot is zeroed whole at its first load, so slots sized for max_rank would make every
+        # loaded adapter cost the largest adapter's memory (rank 64 slots: 78 MB each on the default model,
+        # for rank-8 experts of 10 MB). On a GPU (and with the Triton kernels, compiled for one layout) the
+        # whole pool is reserved now at max_rank, so running out of memory happens at start or never.
+        self.grows = (device.type == "cpu" and self.kernels == "torch") if grow is None else grow
+        self.layout = _Layout(shape, RANK_ALIGN if self.grows else self.max_rank)
+        # torch.empty: on a CPU the pages of slots never used are never touched (not resident)
         self.pool = torch.empty(slots, self.layout.size, device=device, dtype=dtype)
         self._free = list(range(slots - 1, -1, -1))
         self._residents: dict[str, _Resident] = {}
         self._stack = _StepStack(shape, slots, device, dtype)
-        self.kernels, self.kernels_module = choose_kernels(kernels, device, dtype, shape, self.layout.rank)
         # loads through a pinned staging buffer and a side stream (CUDA); direct copies on a CPU
         self.staged_loads = device.type == "cuda"
         self._staging: torch.Tensor | None = None
@@ -365,6 +372,11 @@ class LoraBank:
         element = torch.empty((), dtype=dtype).element_size()
         return (2 if step_stack else 1) * slots * _Layout(shape, aligned_rank(max_rank)).size * element
 
+    @property
+    def step_stack_bytes(self) -> int:
+        flat = self._stack.flat
+        return 0 if flat is None else flat.numel() * flat.element_size()
+
     def memory(self) -> tuple[int, int]:
         """(bytes of slots holding an adapter, bytes of the whole pool): a snapshot, any thread."""
         slot = self.layout.size * self.pool.element_size()
@@ -376,8 +388,10 @@ class LoraBank:
         by nothing), so a load writes the adapter's bytes, not the slot's (a rank-16 adapter in rank-64 slots:
         a quarter), plus zeros where the slot's previous adapter reached further."""
         self.remove(name)
-        if weights.rank > self.layout.rank:
-            raise ValueError(f"adapter {name} has rank {weights.rank}; the slots hold rank {self.layout.rank} at most")
+        if weights.rank > self.max_rank:
+            raise ValueError(f"adapter {name} has rank {weights.rank}; the slots hold rank {self.max_rank} at most")
+        if aligned_rank(weights.rank) > self.layout.rank:
+            self._grow(aligned_rank(weights.rank))
         if not self._free:
             raise RuntimeError(f"all {self.slots} adapter slots are in use")
         slot = self._free.pop()
@@ -393,6 +407,26 @@ class LoraBank:
         groups = frozenset((layer, group) for layer, group, _ in written)
         modules = frozenset((layer, module) for layer, _, module in written)
         self._residents[name] = _Resident(slot, aligned_rank(weights.rank), groups, modules)
+
+    def _grow(self, rank: int) -> None:
+        """Re-lay the pool at a higher rank (CPU): each written slot's adapters copied into their new places, the
+        rest of those slots zeroed; slots never written stay untouched. Runs on the engine thread between steps;
+        the step stack is rebuilt at the next step."""
+        old_layout, old_pool = self.layout, self.pool
+        layout = _Layout(self.shape, rank)
+        pool = torch.empty(self.slots, layout.size, device=self.device, dtype=self.dtype)
+        for slot in self._written:
+            new, old = pool[slot], old_pool[slot]
+            new.zero_()
+            for key, (_, _, modules) in old_layout.a.items():
+                layout.a_view(new, key)[..., : old_layout.a_rank(modules)].copy_(old_layout.a_view(old, key))
+            for key in old_layout.b:
+                layout.b_view(new, key)[: old_layout.rank].copy_(old_layout.b_view(old, key))
+        self.layout, self.pool = layout, pool
+        self._staging = None  # sized for a slot
+        self._stack.clear()
+        log.info("adapter slots grown to rank %d (%.1f MiB a slot) for a higher-rank adapter", rank,
+                 layout.size * pool.element_size() / 2**20)
 
     def _views(self, flat: torch.Tensor, key: tuple[int, str], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `rank` columns of (layer, module)'s A and rows of its B in a slot's `flat` parameters."""

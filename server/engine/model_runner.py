@@ -14,6 +14,7 @@ cut into chunks or how much of it came from the prefix cache (tests/test_kv_cach
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,26 @@ def kv_block_bytes(config, dtype: torch.dtype, block_size: int) -> int:
     return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * head_dim * element
 
 
+def resolve_kv_dtype(setting: str, compute: torch.dtype, int4_base: bool) -> torch.dtype:
+    """The KV cache's dtype. auto: bfloat16 under an int4 CPU base (its linears already take bf16 inputs; half
+    the memory and half the bytes attention reads, a rounding far below what 4-bit weights change), where the
+    CPU computes bf16 natively; else the compute dtype (a full-precision base keeps its exactness)."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if int4_base and compute == torch.float32 and cpu_has_bf16():
+        return torch.bfloat16
+    return compute
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -71,9 +92,10 @@ class ModelRunner:
     def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int,
                  adapter_slots: int = 8, max_adapter_rank: int = 64, batch_invariant: bool = True,
                  lora_kernels: str = "torch", cuda_graphs: str = "off", max_batch_size: int = 64,
-                 graph_budget: int | None = None):
+                 graph_budget: int | None = None, kv_dtype: str = "auto"):
         """`graph_budget`: bytes the CUDA graphs captured at start may take (start-up plans it before the
-        KV cache; None: a share of what is free after the cache, see decode_graphs.auto_budget)."""
+        KV cache; None: a share of what is free after the cache, see decode_graphs.auto_budget).
+        `kv_dtype`: the KV cache's (see resolve_kv_dtype)."""
         config = causal_lm.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
@@ -84,8 +106,11 @@ class ModelRunner:
         self.model = causal_lm.model
         self.lm_head = causal_lm.lm_head
         self.layers = list(self.model.layers)
+        self.fused = hasattr(self.layers[0].self_attn, "qkv_proj")
         self.device = self.model.embed_tokens.weight.device
-        self.dtype = self.model.embed_tokens.weight.dtype
+        # the compute dtype: the norms' (embeddings and lm_head may be held narrower, see models/cpu_int4.py)
+        self.dtype = self.model.norm.weight.dtype
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype, self.fused)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -96,8 +121,12 @@ class ModelRunner:
         self.block_size = block_size
         # [layer, block, position in block, kv head, head_dim]; block 0 is the zero padding block
         cache_shape = (len(self.layers), num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
+        # torch.empty: on a CPU the pool's pages become resident as blocks are first handed out (each is zeroed
+        # then, clear_blocks), so memory follows use up to the pool's size; the padding block is zeroed now
+        self.k_cache = torch.empty(cache_shape, device=self.device, dtype=self.kv_dtype)
+        self.v_cache = torch.empty(cache_shape, device=self.device, dtype=self.kv_dtype)
+        self.k_cache[:, 0].zero_()
+        self.v_cache[:, 0].zero_()
         self.cos, self.sin = self._rope_tables(context_window)
         self.lora = LoraBank(self.device, self.dtype, BaseShape.from_config(config), adapter_slots, max_adapter_rank,
                              batch_invariant, lora_kernels)
@@ -109,6 +138,16 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(self, max_batch_size, capture=True, budget=graph_budget)
             self.graphs.warm_up()  # every planned shape captured now, before any request
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of the base's weights as held (quantized linears packed, a tied lm_head counted once)."""
+        seen, total = set(), 0
+        for tensor in [*self.model.parameters(), *self.model.buffers(), *self.lm_head.parameters()]:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+        return total
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -231,7 +270,7 @@ class ModelRunner:
         rows, width = blocks.shape
         gathered = cache[blocks]  # [rows, width, block_size, kv_heads, head_dim]
         gathered = gathered.view(rows, width * self.block_size, self.num_kv_heads, self.head_dim)
-        return gathered.transpose(1, 2).contiguous()
+        return gathered.transpose(1, 2).to(self.dtype).contiguous()  # .to alone may alias a same-dtype view
 
     def _attend(self, queries, keys, values, hidden) -> torch.Tensor:
         scores = torch.matmul(queries, keys.transpose(-1, -2)) * self.attn_scale
@@ -243,8 +282,8 @@ class ModelRunner:
     def _attention(self, layer: int, q, k, v, slot_index, plan) -> torch.Tensor:
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
         flat = (-1, self.num_kv_heads, self.head_dim)
-        k_cache.view(flat).index_copy_(0, slot_index, k)
-        v_cache.view(flat).index_copy_(0, slot_index, v)
+        k_cache.view(flat).index_copy_(0, slot_index, k.to(self.kv_dtype))
+        v_cache.view(flat).index_copy_(0, slot_index, v.to(self.kv_dtype))
         kv_heads, group, head_dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         out = q.new_empty(q.shape[0], self.num_heads * head_dim)
         decode, chunks = plan
@@ -272,8 +311,8 @@ class ModelRunner:
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
         flat = (-1, self.num_kv_heads, self.head_dim)
         keep = (shape.valid != 0)[:, None, None]
-        k_cache.view(flat).index_copy_(0, shape.slots, torch.where(keep, k, 0))
-        v_cache.view(flat).index_copy_(0, shape.slots, torch.where(keep, v, 0))
+        k_cache.view(flat).index_copy_(0, shape.slots, torch.where(keep, k, 0).to(self.kv_dtype))
+        v_cache.view(flat).index_copy_(0, shape.slots, torch.where(keep, v, 0).to(self.kv_dtype))
         n, group = shape.rows, self.num_heads // self.num_kv_heads
         queries = q.view(n, self.num_kv_heads, group, self.head_dim)
         length = shape.width * self.block_size
@@ -292,6 +331,11 @@ class ModelRunner:
         once per chunk: at batch 1 this is ~4x faster than F.linear padded to 4 rows.
         """
         weight = getattr(self.lm_head, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 and hidden.dtype == torch.float32:
+            # the int4 CPU base's bf16 lm_head: one oneDNN bf16 matmul over every row gives each row the same bits
+            # whatever the batch (checked for 1-64 rows on 1 and 2 threads) at about the cost of one row, where
+            # LOGIT_CHUNK pieces would cost one row's each; contiguous fp32 for the sampler
+            return torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
         if not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype or self.lm_head.bias is not None:
             return matmul_rows(hidden, self.lm_head).float()  # e.g. a quantized lm_head
         if hidden.device.type != "cpu":
@@ -307,13 +351,17 @@ class ModelRunner:
     def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend,
                  step_lora: StepLora | KernelStepLora | None):
         tokens = len(token_ids)
-        hidden = self.model.embed_tokens(token_ids)
+        hidden = self.model.embed_tokens(token_ids).to(self.dtype)
         cos = self.cos[positions].unsqueeze(1)  # [N, 1, head_dim], broadcast over heads
         sin = self.sin[positions].unsqueeze(1)
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(hidden)
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            if self.fused:  # one matmul for q/k/v and one for gate/up (models/cpu_int4.py)
+                q, k, v = attn.qkv_proj(x).split((q_width, kv_width, kv_width), dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             if step_lora is not None:
                 step_lora.apply(i, "qkv", x, (q, k, v))
             q = _apply_rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
@@ -324,7 +372,10 @@ class ModelRunner:
                 step_lora.apply(i, "o", attn_out, (o,))
             hidden = hidden + o
             x = layer.post_attention_layernorm(hidden)
-            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            if self.fused:
+                gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
             if step_lora is not None:
                 step_lora.apply(i, "gate_up", x, (gate, up))
             x = mlp.act_fn(gate) * up

@@ -4,13 +4,18 @@ next engine step, with how many of their tokens, and who gives up KV blocks when
 One step mixes decode rows (one token each) and prefill chunks under a token budget
 (`max_step_tokens`, and while streams decode, what step_cost.py says keeps their steps short), so
 a long prompt is prefilled a chunk per step while running streams keep getting a token every step
-(chunked prefill). Requests are admitted in arrival order when a batch
-row and KV blocks for their whole prompt are free; with several tenants waiting, in turns over the tenants
-(fewest rows in the batch first, each tenant's own requests in their order), so one tenant's flood of
-arrivals cannot hold every batch row while another's request waits behind it; when a running request needs a new block and
-none is free, the newest running request is preempted: its blocks are freed and it goes back to
-the head of the queue, to be computed again (cheaply, from the prefix cache when its blocks
-survived).
+(chunked prefill). Requests are admitted in order of `priority` (vLLM's: lower runs first; 0 by default, batch
+lines run at a higher number), and within one priority in arrival order or, with several tenants waiting,
+in turns over the tenants (fewest rows in the batch first, each tenant's own requests in their order), when
+a batch row and KV blocks for their whole prompt are free. Priority always comes first: a tenant's turn
+never lets a lower-priority request pass a higher one, and turns only reorder requests of equal priority,
+so one tenant's flood of arrivals cannot hold every batch row while another's request of the same
+priority waits behind it. When a running request needs a new block and none is free, the running request
+that comes last in priority order (the lowest priority, then the newest) is preempted: its blocks are freed
+and it goes back to the head of its priority in the queue, to be computed again (cheaply, from the prefix
+cache when its blocks survived). A waiting request that finds every row (or the blocks it needs) taken by
+requests of a lower priority preempts them in the same step, so low-priority work fills the rows
+interactive requests leave free and never holds one up for a row.
 
 Not thread-safe by itself: the engine calls `schedule` under its queue lock and the rest on its
 own thread. Nothing here touches the model: the engine does what these decisions say.
@@ -55,12 +60,14 @@ class Scheduler:
         `prompt_budget(decode rows)`: prompt tokens the step may add to its decode rows (default:
         what max_step_tokens leaves)."""
         step = Step()
+        # 0. a waiting request takes the row of a running one it outranks (vLLM's priority preemption)
+        self._make_room(step)
         # 1. every running request that has its prompt computed decodes one token
         for seq in list(self.running):
             if not seq.running or seq.uncomputed != 1:
                 continue
             while not self.blocks.append_slot(seq):
-                victim = self.running[-1]
+                victim = self._last_in_line()
                 self._preempt(victim, step)
                 if victim is seq:
                     break
@@ -79,7 +86,7 @@ class Scheduler:
                 if count:
                     step.work.append((seq, count))
                     budget -= count
-        # 3. new arrivals, in order (in turns over tenants), while a row, the budget and KV blocks allow
+        # 3. new arrivals, by priority then in turns over tenants within one priority (_fair_order), while a row, the budget and KV blocks allow
         if self.waiting and any(seq.tenant != self.waiting[0].tenant for seq in self.waiting):
             self.waiting = self._fair_order()
         in_use = {key for seq in self.running for key in seq.adapter_keys}
@@ -97,7 +104,10 @@ class Scheduler:
             if not ready:
                 kept.append(seq)
                 continue
-            if step.preempted or not self.blocks.allocate(seq):
+            # a request preempted this step goes first when blocks free up: nobody of its priority or lower
+            # overtakes it (a higher priority may: it is ahead in line anyway)
+            overtakes = any(other.priority <= seq.priority for other in step.preempted)
+            if overtakes or not self._allocate(seq, step):
                 if not self.running and not step.preempted:  # the whole pool is free and still too small
                     step.failed.append((seq, f"request needs {len(seq.tokens)} tokens of KV cache; the pool holds "
                                              f"{self.blocks.capacity_tokens}", "fault"))
@@ -118,17 +128,77 @@ class Scheduler:
         return step
 
     def _fair_order(self) -> collections.deque[Sequence]:
-        """The waiting requests in turns over their tenants: the tenant with the fewest running rows first
-        (then the one whose request has waited longest), one request each per turn, each tenant's in order."""
-        queues: dict[str, list[Sequence]] = {}
-        for seq in self.waiting:
-            queues.setdefault(seq.tenant, []).append(seq)
+        """The waiting requests by priority first (lower number first, as `add` keeps them), then within one
+        priority in turns over their tenants: the tenant with the fewest running rows first (then the one
+        whose request has waited longest), one request each per turn, each tenant's in order. Turns never
+        move a request across priorities, so a tenant cannot jump a higher-priority request by taking
+        its turn, and priority cannot be used to skip another tenant's turn except by a lower number."""
         rows = collections.Counter(seq.tenant for seq in self.running)
-        tenants = sorted(queues, key=lambda t: rows[t])  # stable: ties keep the order of their first request
+        levels: dict[int, dict[str, list[Sequence]]] = {}
+        for seq in self.waiting:
+            levels.setdefault(seq.priority, {}).setdefault(seq.tenant, []).append(seq)
         order: collections.deque[Sequence] = collections.deque()
-        for turn in range(max(len(q) for q in queues.values())):
-            order.extend(queues[t][turn] for t in tenants if turn < len(queues[t]))
+        for priority in sorted(levels):
+            queues = levels[priority]
+            tenants = sorted(queues, key=lambda t: rows[t])  # stable: ties keep the order of their first request
+            for turn in range(max(len(q) for q in queues.values())):
+                order.extend(queues[t][turn] for t in tenants if turn < len(queues[t]))
         return order
+
+    def add(self, seq: Sequence) -> None:
+        """Queue an arrival: behind every waiting request of its priority or a higher one (lower number)."""
+        waiting = self.waiting
+        if not waiting or waiting[-1].priority <= seq.priority:
+            waiting.append(seq)  # the common case: one priority
+            return
+        index = next(i for i, other in enumerate(waiting) if other.priority > seq.priority)
+        waiting.insert(index, seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Put a preempted request back at the head of its priority in the queue."""
+        index = next((i for i, other in enumerate(self.waiting) if other.priority >= seq.priority), len(self.waiting))
+        self.waiting.insert(index, seq)
+
+    def _last_in_line(self) -> Sequence:
+        """The running request to give up its blocks first: the lowest priority, the newest within it."""
+        worst = self.running[-1]
+        for seq in reversed(self.running):
+            if seq.priority > worst.priority:
+                worst = seq
+        return worst
+
+    def _outranked(self, seq: Sequence) -> Sequence | None:
+        """The running request seq may preempt (the last in line, when seq's priority is higher); else None."""
+        if not self.running:
+            return None
+        victim = self._last_in_line()
+        return victim if victim.priority > seq.priority else None
+
+    def _make_room(self, step: Step) -> None:
+        """Free rows for waiting requests that outrank running ones, best first: while every row is taken,
+        the lowest-priority running request goes back to the queue (its blocks with it). Blocks are won
+        the same way at admission (_allocate)."""
+        if not self.waiting or not self.running or len(self.running) < self.max_batch_size:
+            return
+        candidates = [seq for seq in self.waiting if not seq.cancelled][:self.max_batch_size]
+        rows = self.max_batch_size - len(self.running)
+        for seq in candidates:
+            if rows > 0:  # a free row is this one's
+                rows -= 1
+                continue
+            victim = self._outranked(seq)
+            if victim is None:
+                break
+            self._preempt(victim, step)
+
+    def _allocate(self, seq: Sequence, step: Step) -> bool:
+        """KV blocks for seq's prompt, taken from lower-priority running requests if the pool is short."""
+        while not self.blocks.allocate(seq):
+            victim = self._outranked(seq)
+            if victim is None:
+                return False
+            self._preempt(victim, step)
+        return True
 
     def release(self, seq: Sequence) -> None:
         """Take seq out of the batch and give its blocks back."""
@@ -162,5 +232,14 @@ class Scheduler:
     def _preempt(self, seq: Sequence, step: Step) -> None:
         self.release(seq)
         seq.preemptions += 1
-        self.waiting.appendleft(seq)
+        self._requeue(seq)
         step.preempted.append(seq)
+        # a victim already planned into this step (priority preemption can pick any row) leaves it
+        for index, (other, _) in enumerate(step.work):
+            if other is seq:
+                del step.work[index]
+                if index < step.decode_rows:
+                    step.decode_rows -= 1
+                break
+        if seq in step.admitted:
+            step.admitted.remove(seq)

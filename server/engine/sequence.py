@@ -43,6 +43,7 @@ class SequenceSpec:
     seed: int  # the generator's: the request's seed (+ its choice index), else drawn at the edge
     grammar: str | None = None  # its output format's grammar (structured outputs); None: free text
     tenant: str = ""  # whose request (fair admission: scheduler.py); "" without tenants
+    priority: int = 0  # vLLM's: lower is admitted first and preempted last (batch lines run at a higher one)
 
     def build(self, emit: Callable[["EngineOutput"], None], device: torch.device,
               constraint: object | None = None) -> "Sequence":
@@ -51,7 +52,7 @@ class SequenceSpec:
         return Sequence(request_id=self.request_id, prompt_ids=self.prompt_ids, adapter_key=self.adapter_key,
                         adapter_mix=self.adapter_mix, model=self.model, params=self.params,
                         stop_token_ids=self.stop_token_ids, generator=make_generator(self.seed, device), emit=emit,
-                        constraint=constraint, spec=self, tenant=self.tenant)
+                        constraint=constraint, spec=self, tenant=self.tenant, priority=self.priority)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Sequence:
     constraint: object | None = None  # the output format (constraint.TokenConstraint); None: free text
     spec: SequenceSpec | None = None  # what it was built from (a Ray Serve ingress forwards it)
     tenant: str = ""  # whose request: arrivals are admitted round-robin over tenants (scheduler.py)
+    priority: int = 0  # lower runs first (scheduler.py)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)

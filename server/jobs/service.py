@@ -29,8 +29,8 @@ class TrainingDefaults:
 class FineTuning:
     def __init__(self, root: Path, tokenizer, end_of_turn_ids: set[int], defaults: TrainingDefaults,
                  register: Callable[[dict, Path], str], max_running: int = 1,
-                 on_training: Callable[[bool], None] = lambda active: None):
-        self.files = FileStore(root / "files")
+                 on_training: Callable[[bool], None] = lambda active: None, files: FileStore | None = None):
+        self.files = files or FileStore(root / "files")  # the server's one file store (batch files live there too)
         self.store = JobStore(root / "jobs")
         self.defaults = defaults
         self.checker = FileChecker(tokenizer, end_of_turn_ids, defaults.context_window, MAX_PROBLEMS)

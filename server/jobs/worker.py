@@ -40,7 +40,7 @@ def _gpu_shortfall(config) -> str | None:
 
     folder, _ = resolve_base_folder(config.base_model, config.cache_dir)
     weights = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
-    share = {"nf4": 0.3, "int8": 0.55}.get(config.quantization, 1.0)  # of 16-bit weights on disk
+    share = {"nf4": 0.3, "int4": 0.3, "auto": 0.3, "int8": 0.55}.get(config.quantization, 1.0)  # of 16-bit weights on disk
     need = int(weights * share) + 2 * 2**30
     free, _ = torch.cuda.mem_get_info()
     if free < need:

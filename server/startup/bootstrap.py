@@ -24,14 +24,17 @@ from server.api.state import BaseInfo, ServerState
 from server.api.schemas import SchemaPolicy
 from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
-from server.engine.model_runner import ModelRunner, kv_block_bytes
+from server.engine.model_runner import ModelRunner, kv_block_bytes, resolve_kv_dtype
 from server.engine.lora_batch import LoraBank, aligned_rank, choose_kernels
 from server.engine.residency import AdapterCache
 from server.experts.service import Experts, ExpertPolicy, ServedBase
 from server.experts.sources import CachePolicy, build_sources
 from server.experts.spec import ExpertRegistration
 from server.jobs.manager import JobError
+from server.jobs.batch_store import BatchStore
+from server.jobs.response_store import ResponseStore
 from server.jobs.service import FineTuning, TrainingDefaults
+from server.jobs.store import FileStore
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
 from server.startup.kv_budget import graph_budget_bytes, plan_kv_blocks
@@ -80,11 +83,9 @@ def read_base_info(settings: Settings) -> BaseInfo:
                          AutoConfig.from_pretrained(folder), generation_config)
 
 
-def build_runtime(settings: Settings, on_base_ready, wake, on_freed, metrics: Metrics,
-                  experts: Experts | None) -> tuple[ModelRunner, AdapterCache]:
-    """On the engine thread: the base, the runner, the adapter cache; with `experts`, the experts of the
-    config and the store restored into it (a Ray Serve engine replica has none: it learns each expert
-    from the request that first names it)."""
+def build_runner(settings: Settings, num_blocks: int | None = None) -> tuple[ModelRunner, object]:
+    """The base loaded and the model runner over it, as `settings` say: (runner, the loaded base). The KV pool
+    is sized by the settings (kv_budget.py) unless `num_blocks` is given (a benchmark's)."""
     try:
         loaded = load_base(settings.base_model, settings.quantization, settings.compute_dtype, settings.device,
                            settings.cache_dir, settings.served_model_name)
@@ -92,8 +93,9 @@ def build_runtime(settings: Settings, on_base_ready, wake, on_freed, metrics: Me
         raise ConfigError(str(exc)) from exc
     config = loaded.model.config
     context_window = context_window_for(settings, config)
-    device, dtype = loaded.model.model.embed_tokens.weight.device, loaded.model.model.embed_tokens.weight.dtype
-    block_bytes = kv_block_bytes(config, dtype, settings.kv_block_size)
+    device, dtype = loaded.model.model.embed_tokens.weight.device, loaded.model.model.norm.weight.dtype
+    kv_dtype = resolve_kv_dtype(settings.kv_cache_dtype, dtype, hasattr(loaded.model.model.layers[0].self_attn, "qkv_proj"))
+    block_bytes = kv_block_bytes(config, kv_dtype, settings.kv_block_size)
     shape = BaseShape.from_config(config)
     try:
         # before sizing: Triton needs no step stack
@@ -104,17 +106,31 @@ def build_runtime(settings: Settings, on_base_ready, wake, on_freed, metrics: Me
                                           step_stack=kernels == "torch")
     graph_bytes = graph_budget_bytes(settings, device, config, dtype, context_window, kernels == "triton",
                                      settings.max_gpu_adapters, adapter_bytes)
-    num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes, graph_bytes)
+    if num_blocks is None:
+        num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes, graph_bytes)
     runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window,
                          settings.max_gpu_adapters, settings.max_adapter_rank, settings.batch_invariant,
-                         kernels, settings.cuda_graphs, settings.max_batch_size, graph_bytes)
+                         kernels, settings.cuda_graphs, settings.max_batch_size, graph_bytes, settings.kv_cache_dtype)
     log.info("adapter slots: %d of rank %d (%.1f MiB%s); LoRA kernels: %s; CUDA graphs: %s",
-             settings.max_gpu_adapters, runner.lora.layout.rank, adapter_bytes / 2**20,
+             settings.max_gpu_adapters, runner.lora.max_rank, adapter_bytes / 2**20,
              " with the step stack, at most" if kernels == "torch" else "", runner.lora.kernels,
              f"{len(runner.graphs.shapes)} decode shapes ({graph_bytes / 2**20:.0f} MiB planned)"
              if runner.graphs is not None else "off")
-    log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", num_blocks - 1, settings.kv_block_size,
-             num_blocks * block_bytes / 2**20, (num_blocks - 1) * settings.kv_block_size)
+    log.info("KV cache: %d blocks of %d tokens (%.1f MiB in %s, %d tokens%s)", num_blocks - 1,
+             settings.kv_block_size, num_blocks * block_bytes / 2**20, str(kv_dtype).removeprefix("torch."),
+             (num_blocks - 1) * settings.kv_block_size, ", resident as used" if device.type == "cpu" else "")
+    log.info("base weights: %.1f MiB (%s)", runner.weight_bytes / 2**20,
+             "int4 linears, q/k/v and gate/up fused" if runner.fused else settings.quantization)
+    return runner, loaded
+
+
+def build_runtime(settings: Settings, on_base_ready, wake, on_freed, metrics: Metrics,
+                  experts: Experts | None) -> tuple[ModelRunner, AdapterCache]:
+    """On the engine thread: the base, the runner, the adapter cache; with `experts`, the experts of the
+    config and the store restored into it (a Ray Serve engine replica has none: it learns each expert
+    from the request that first names it)."""
+    runner, loaded = build_runner(settings)
+    config = loaded.model.config
     from transformers import AutoTokenizer
 
     base = describe_base(settings, loaded.folder, loaded.name, AutoTokenizer.from_pretrained(loaded.folder), config,
@@ -199,7 +215,7 @@ def _attach_base(state: ServerState, settings: Settings, info: BaseInfo) -> None
                                     settings.fine_tune_checkpoint_every)
         state.jobs = FineTuning(Path(settings.data_dir) / "fine_tuning", info.tokenizer, info.stop_token_ids,
                                 defaults, lambda job, folder: _register_trained(state.experts, job, folder),
-                                settings.max_running_fine_tunes, _share_cores(state, settings))
+                                settings.max_running_fine_tunes, _share_cores(state, settings), state.files)
         state.jobs.start()
     if settings.router == "embedded":
         state.router_thread = threading.Thread(target=state.experts.build_index, name="loraplex-router",
@@ -220,6 +236,7 @@ def _watch(metrics: Metrics, engine, settings: Settings) -> None:
         adapter_memory=engine.adapter_memory,
         lora_activity=engine.lora_activity,
         graphs=engine.graph_stats,
+        memory=getattr(engine, "memory_breakdown", lambda: {}),
         max_lora=settings.max_gpu_adapters,
         vllm_aliases=settings.vllm_metric_aliases,
     )
@@ -258,6 +275,15 @@ def _tenants(settings: Settings) -> TenantStore | None:
     return store
 
 
+def _stores(settings: Settings) -> dict:
+    """The HTTP side's stores under data_dir: files (where they always were, beside fine-tuning's jobs),
+    stored Responses, batches."""
+    data = Path(settings.data_dir)
+    return {"files": FileStore(data / "fine_tuning" / "files"),
+            "responses": ResponseStore(data / "responses", settings.max_stored_responses),
+            "batches": BatchStore(data / "batches")}
+
+
 def create_state(settings: Settings) -> ServerState:
     """The single-process server: the engine thread loads the model and restores the experts, then the
     base is attached."""
@@ -269,7 +295,8 @@ def create_state(settings: Settings) -> ServerState:
                      lambda: state.experts)
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=_experts(settings, registry, store, engine, metrics), tenants=_tenants(settings))
+                        experts=_experts(settings, registry, store, engine, metrics), tenants=_tenants(settings),
+                        **_stores(settings))
     return state
 
 
@@ -292,7 +319,7 @@ def create_ingress_state(settings: Settings, make_engine) -> ServerState:
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
                         experts=_experts(settings, registry, store, engine, metrics), replicas=engine,
-                        tenants=_tenants(settings))
+                        tenants=_tenants(settings), **_stores(settings))
     info = read_base_info(settings)
     _restore(state.experts, settings, info, engine.register_adapter)
     _attach_base(state, settings, info)

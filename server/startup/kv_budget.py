@@ -37,6 +37,8 @@ def _free_memory(device: torch.device) -> int:
 def kv_budget_bytes(settings: Settings, device: torch.device, block_bytes: int, context_window: int,
                     reserved: int = 0) -> int:
     """`reserved`: bytes already promised to the adapter slot pool and the CUDA graphs, not free for the KV cache."""
+    if settings.kv_cache_tokens is not None:
+        return (-(-settings.kv_cache_tokens // settings.kv_block_size) + 1) * block_bytes  # + the padding block
     amount, fraction = parse_memory(settings.kv_cache_memory)
     if amount is not None:
         return amount

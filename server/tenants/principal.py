@@ -2,7 +2,7 @@
 
 A request's Principal is resolved from its bearer key by server/api/auth.py before the body is read, and
 carried in the ASGI scope (`principal_of(scope)`). Every object with an owner (an expert, a registered
-mixture, a training file, a fine-tuning job) is checked with `may_use` / `may_change`, here and nowhere
+mixture, a file, a fine-tuning job, a batch, a stored response) is checked with `may_use` / `may_change`, here and nowhere
 else, and an object the caller may not use is answered exactly as if it did not exist (the same 404, the
 same words): so an endpoint added later adopts tenancy with one call, `principal_of(request.scope)`, and
 one check.
@@ -37,6 +37,12 @@ class Principal:
         """See a private object (a training file, a fine-tuning job): never shared, so a tenant sees its own
         only, an admin everything."""
         return self.may_change(owner)
+
+    def sees(self, owner: str) -> bool:
+        """See a caller's own work that nobody shares (a batch file, a batch, a stored response): a tenant its
+        own, an admin everything, a caller without a tenant what was made without one (so a server without
+        tenants behaves as before: every key sees them all)."""
+        return self.admin or owner == self.owner
 
 
 OPERATOR = Principal(admin=True)  # the server itself: start-up, fine-tuning runs, the CLI

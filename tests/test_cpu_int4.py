@@ -1,0 +1,108 @@
+"""The int4 CPU base (models/cpu_int4.py): GGUF blocks taken without a second rounding, the fused linears, the
+bf16 lm_head and KV, and batch invariance on a CPU."""
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from models import cpu_int4
+from models.base_model import _gguf_linears, embedded_gguf_path, load_int4
+from tests.support.harness import RunnerDriver, make_peft_adapter
+
+pytestmark = pytest.mark.skipif(cpu_int4.supported() is not None, reason="no int4 CPU kernel in this torch")
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_0"])
+def test_gguf_blocks_are_taken_as_stored(kind):
+    """q, scale and zero read from GGUF blocks stand for exactly what gguf itself dequantizes."""
+    import gguf
+
+    kind_enum = gguf.GGMLQuantizationType[kind]
+    weight = np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(weight, kind_enum)
+    q, scale, zero = cpu_int4.from_gguf_blocks(kind, raw, weight.shape)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, kind_enum).reshape(weight.shape))
+    assert torch.equal(cpu_int4.dequantize(q, scale, zero), expected)
+
+
+def test_int4_linear_computes_its_groups_and_is_batch_invariant():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128) * 0.05
+    groups = cpu_int4.quantize(weight)
+    dequantized = cpu_int4.dequantize(*groups)
+    assert (dequantized - weight).abs().max() <= (weight.max() - weight.min()) / 15  # within a step of 16 levels
+    linear = cpu_int4.Int4Linear(*groups)
+    x = torch.randn(40, 128)
+    out = linear(x)
+    assert out.dtype == torch.float32 and out.shape == (40, 96)
+    torch.testing.assert_close(out, x @ dequantized.T, rtol=2e-2, atol=2e-2)  # bf16 activations
+    for rows in (1, 2, 3, 5, 16, 17):  # a row's bits do not depend on how many rows share the matmul
+        assert torch.equal(linear(x[:rows]), out[:rows])
+
+
+def test_fused_linear_is_its_parts_side_by_side():
+    torch.manual_seed(1)
+    parts = [cpu_int4.quantize(torch.randn(n, 64)) for n in (64, 32, 32)]
+    x = torch.randn(3, 64)
+    fused = cpu_int4.fuse(parts)(x)
+    assert torch.equal(fused, torch.cat([cpu_int4.Int4Linear(*p)(x) for p in parts], dim=-1))
+
+
+def test_embedded_gguf_loads_exactly_the_weights_transformers_dequantizes(smollm_folder):
+    """The default model's linears, read from its own GGUF blocks (q and k rows put back in Hugging Face's
+    order), are exactly the converted folder's weights: no second rounding."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(smollm_folder)
+    config.num_hidden_layers = 2  # the first two layers are enough
+    groups = _gguf_linears(embedded_gguf_path(), config)
+    with safe_open(smollm_folder / "model.safetensors", framework="pt") as handle:
+        for (layer, module), parts in groups.items():
+            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            expected = handle.get_tensor(f"model.layers.{layer}.{part}.{module}.weight")
+            assert torch.equal(cpu_int4.dequantize(*parts), expected), (layer, module)
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_folder):
+    return load_int4(tiny_folder, torch.float32).eval()
+
+
+def test_int4_model_follows_the_full_precision_one(tiny_int4, tiny_folder, tokenizer):
+    """The fused int4 runner's logits against the fp32 model's: close (4-bit weights, bf16 activations), the
+    lm_head tied to the bf16 embeddings, the KV cache in bf16 where the CPU has it."""
+    reference = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    driver = RunnerDriver.build(tiny_int4, tokenizer)
+    assert driver.runner.fused and tiny_int4.lm_head.weight is tiny_int4.model.embed_tokens.weight
+    prompt = [1, 504, 3575, 282, 4649, 9690, 198]
+    ours = driver.prefill({0: (prompt, None)})[0]
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([prompt])).logits[0, -1]
+    cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=0)
+    assert cosine > 0.98, cosine
+
+
+def test_int4_decode_rows_are_batch_invariant_with_adapters(tiny_int4, tiny_folder, tokenizer, tmp_path):
+    """A request's logits are bit-identical alone and in a batch with other requests and other adapters."""
+    from adapters.lora import BaseShape, load_lora
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
+    shape = BaseShape.from_config(reference.config)
+    adapter = load_lora(make_peft_adapter(reference, tmp_path / "a", seed=1, rank=8,
+                                          targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj")), shape)
+    driver = RunnerDriver.build(tiny_int4, tokenizer)
+    driver.runner.lora.add("a", adapter)
+    prompts = {0: ([1, 504, 3575, 282], "a"), 1: ([1, 22, 33, 44, 55, 66, 77, 88, 99], None),
+               2: ([1, 9690, 198], "a")}
+    alone = {key: driver.prefill({key: request})[0] for key, request in prompts.items()}
+    together = driver.prefill(prompts)
+    for index, key in enumerate(prompts):
+        assert torch.equal(together[index], alone[key]), key
+    steps_alone = {key: driver.decode({key: 7})[0] for key in prompts}
+    for key, request in prompts.items():  # again from the same state, then decoded together
+        driver.prefill({key: request})
+    steps_together = driver.decode({key: 7 for key in prompts})
+    for index, key in enumerate(prompts):
+        assert torch.equal(steps_together[index], steps_alone[key]), key
