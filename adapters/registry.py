@@ -32,6 +32,9 @@ class AdapterRecord:
     # fetched from an adapter source on first use: where from (s3://..., hf://..., file://...). Such an expert
     # lives in the bounded cache of fetched experts and may be evicted; one registered otherwise never is
     origin: str = ""
+    # the tenant that registered it (uploaded, fetched, fine-tuned, blended it); "" = shared: the config's, an
+    # admin's, and every expert of a server without tenants (server/tenants/principal.py: who may use it)
+    owner: str = ""
 
     @property
     def fetched(self) -> bool:
@@ -39,7 +42,7 @@ class AdapterRecord:
 
     @classmethod
     def create(cls, name: str, folder: str, source: str, weights, spec, key: str | None = None,
-               origin: str = "") -> "AdapterRecord":
+               origin: str = "", owner: str = "") -> "AdapterRecord":
         """A new registration of `name` (under `key`, else a fresh one). spec: anything with description,
         examples, negative_examples, router_margin, stop, stop_token_ids and the sampling defaults
         temperature / top_p / max_tokens."""
@@ -48,7 +51,8 @@ class AdapterRecord:
                    target_modules=weights.target_modules, nbytes=weights.nbytes, description=spec.description,
                    examples=tuple(spec.examples), negative_examples=tuple(spec.negative_examples),
                    router_margin=spec.router_margin, stop=tuple(spec.stop),
-                   stop_token_ids=frozenset(spec.stop_token_ids), defaults=defaults, origin=origin)
+                   stop_token_ids=frozenset(spec.stop_token_ids), defaults=defaults, origin=origin,
+                   owner=owner)
 
     def to_manifest(self) -> dict:
         entry = asdict(self)

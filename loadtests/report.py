@@ -190,6 +190,32 @@ def sources_section() -> str:
     return "\n".join(lines)
 
 
+def tenants_section() -> str:
+    head = "### Tenants: authentication, limits, fairness\n"
+    result = _load("bench_tenants.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_tenants --auth")
+    lines = [head, "| measurement | goal | result | how |", "| --- | --- | --- | --- |"]
+    auth, fair = result.get("auth"), result.get("fairness")
+    if auth:
+        lines.append(
+            f"| authentication + limit check per request, {auth['tenants']:,} tenants and {auth['keys']:,} keys in "
+            f"SQLite | p99 < 1 ms | p50 {auth['p50_ms']:.3f} ms, p99 {auth['p99_ms']:.3f} ms over {auth['calls']:,} "
+            f"calls on {auth['keys_measured']} keys (a key's first check, scrypt: {auth['first_check_p50_ms']:.0f} ms, "
+            f"once per key per process, off the event loop) | {_provenance(auth, 'python -m loadtests.bench_tenants --auth')}"
+            f"; load average {auth['load_average']:.1f} |")
+    if fair:
+        lines.append(
+            f"| tenant B's time to first token p99 while tenant A sends 4x its concurrent limit / idle | <= 2x | "
+            f"{fair['ratio_p99']:.2f}x ({fair['loaded_ttft_p99_s'] * 1000:.0f} vs {fair['idle_ttft_p99_s'] * 1000:.0f} "
+            f"ms; A: {fair['a_served']} served, {fair['a_refused']} refused with 429) | "
+            f"{_provenance(fair, 'python -m loadtests.bench_tenants --fairness')} |")
+    else:
+        lines.append("| tenant B's time to first token p99 while tenant A sends 4x its concurrent limit / idle | <= 2x | "
+                     "not measured yet: `python -m loadtests.bench_tenants --fairness` | |")
+    return "\n".join(lines)
+
+
 def router_section() -> str:
     head = ("### Router\n\n"
             "Five hand-written labelled sets in `loadtests/data/` (each: experts registered with a description and\n"
@@ -756,7 +782,7 @@ def vs_llama_section() -> str:
 
 
 SECTIONS = (vs_llama_section, serving_section, scenarios_section, kv_section, structured_section, registry_section,
-            sources_section, router_section,
+            sources_section, tenants_section, router_section,
             fine_tuning_section, experts_section, demo_experts_load_section, sampled_section, mixtures_section,
             ray_section, edge_section, reliability_section, gpu_section)
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterRecord, AdapterRegistry
 from router.classifier import ExpertClassifier, ExpertScore, Ranking
 
 AUTO_MODEL = "auto"
@@ -43,6 +44,9 @@ class BadMixture(ValueError):
 
 
 Mixture = tuple[tuple[str, float], ...]  # (expert, weight), heaviest first
+# which registered experts the caller may use (a tenant: its own and the shared ones); None: all. An expert it
+# may not use is treated exactly as one that is not registered, in every answer below
+Visible = Callable[[AdapterRecord], bool] | None
 
 
 def mixture_label(mixture: Mixture) -> str:
@@ -81,20 +85,24 @@ class ExpertRouter:
     def needs_classifier(self, model: str, expert_header: str | None) -> bool:
         return not expert_header and model in self.auto_names
 
-    def by_name(self, model: str, expert_header: str | None) -> Route:
+    def _record(self, name: str, visible: Visible) -> AdapterRecord | None:
+        record = self.registry.get(name)
+        return record if record is not None and (visible is None or visible(record)) else None
+
+    def by_name(self, model: str, expert_header: str | None, visible: Visible = None) -> Route:
         if expert_header:
             parts = [part.strip() for part in expert_header.split(",")]
-            if len(parts) > 1 or self._weighted(parts[0]):
-                pairs = [self._weighted(part) or (part, 1.0) for part in parts]
-                return self.mixture(pairs, "header", "X-Expert", None)
-            return self._named(expert_header, source="header", param="X-Expert")
+            if len(parts) > 1 or self._weighted(parts[0], visible):
+                pairs = [self._weighted(part, visible) or (part, 1.0) for part in parts]
+                return self.mixture(pairs, "header", "X-Expert", None, visible)
+            return self._named(expert_header, "header", "X-Expert", visible)
         if "+" in model:  # "+" is in no expert's name
-            return self.mixture([(name.strip(), 1.0) for name in model.split("+")], "model", "model", model)
-        return self._named(model, source="model", param="model")
+            return self.mixture([(name.strip(), 1.0) for name in model.split("+")], "model", "model", model, visible)
+        return self._named(model, "model", "model", visible)
 
-    def _weighted(self, part: str) -> tuple[str, float] | None:
+    def _weighted(self, part: str, visible: Visible = None) -> tuple[str, float] | None:
         """("pirate", 0.7) for "pirate:0.7"; None for a plain name (names may hold ':', as ft:... do)."""
-        if self._known(part):
+        if self._known(part, visible):
             return None
         name, colon, weight = part.rpartition(":")
         if not colon:
@@ -104,10 +112,11 @@ class ExpertRouter:
         except ValueError:
             return None
 
-    def _known(self, name: str) -> bool:
-        return name == self.base_name or self.registry.get(name) is not None
+    def _known(self, name: str, visible: Visible = None) -> bool:
+        return name == self.base_name or self._record(name, visible) is not None
 
-    def mixture(self, pairs: list[tuple[str, float]], source: str, param: str, label: str | None) -> Route:
+    def mixture(self, pairs: list[tuple[str, float]], source: str, param: str, label: str | None,
+                visible: Visible = None) -> Route:
         """The route for (expert, weight) pairs as asked; BadMixture for what cannot be served."""
         if len(pairs) > self.max_experts:
             raise BadMixture(f"a mixture may blend at most {self.max_experts} experts (max_experts_per_request, "
@@ -116,7 +125,7 @@ class ExpertRouter:
         for name in names:
             if not name:
                 raise BadMixture("a mixture has an empty expert name", param)
-            if not self._known(name):
+            if not self._known(name, visible):
                 raise BadMixture(f"'{name}' in the mixture is not a registered expert nor the base", param)
         if len(set(names)) != len(names):
             raise BadMixture("a mixture names an expert twice", param)
@@ -135,26 +144,28 @@ class ExpertRouter:
             return Route(blend[0][0], blend[0][0], source)  # a mixture of one is that expert, bit for bit
         return Route(blend[0][0], label or mixture_label(blend), source, mixture=blend)
 
-    def by_prompt(self, prompt: str, top_k: int | None = None) -> Route:
-        """The classifier's choice, or the fallback. Runs the encoder: call it off the event loop."""
+    def by_prompt(self, prompt: str, top_k: int | None = None, visible: Visible = None) -> Route:
+        """The classifier's choice among the experts the caller may use, or the fallback. Runs the encoder:
+        call it off the event loop."""
         if self.classifier is None:
-            return self._fallback(Route(None, "", "fallback", reason=self.unavailable_reason))
-        return self.decide(self.classifier.rank(prompt), top_k)
+            return self._fallback(Route(None, "", "fallback", reason=self.unavailable_reason), visible)
+        return self.decide(self.classifier.rank(prompt), top_k, visible)
 
-    def decide(self, result: Ranking | None, top_k: int | None = None) -> Route:
+    def decide(self, result: Ranking | None, top_k: int | None = None, visible: Visible = None) -> Route:
         """The route for the classifier's ranking of a prompt (None: no expert indexed)."""
-        ranking = () if result is None else tuple(s for s in result.experts if self.registry.get(s.expert) is not None)
+        ranking = () if result is None else tuple(s for s in result.experts
+                                                  if self._record(s.expert, visible) is not None)
         if not ranking:
-            return self._fallback(Route(None, "", "fallback", reason="no experts to route to"))
+            return self._fallback(Route(None, "", "fallback", reason="no experts to route to"), visible)
         best, background = ranking[0], result.background
         margin = best.score - background
         required = self.margin if best.margin is None else best.margin
         decided = Route(best.expert, best.expert, "classifier", best.score, ranking, "", background, margin, required)
         if best.excluded:
-            return self._fallback(replace(decided, reason=f"{best.expert}: {best.excluded}"))
+            return self._fallback(replace(decided, reason=f"{best.expert}: {best.excluded}"), visible)
         if margin < required:
             return self._fallback(replace(decided, reason=f"{best.expert} fits {margin:+.3f} over the background, "
-                                                         f"below its margin {required:+.3f}"))
+                                                         f"below its margin {required:+.3f}"), visible)
         top_k = min(self.top_k if top_k is None else top_k, self.max_experts)
         passing = [s for s in ranking if not s.excluded
                    and s.score - background >= (self.margin if s.margin is None else s.margin)][:top_k]
@@ -166,15 +177,15 @@ class ExpertRouter:
         blend = tuple(sorted(((s.expert, w / sum(raw)) for s, w in zip(passing, raw)), key=lambda p: (-p[1], p[0])))
         return replace(decided, expert=blend[0][0], model=mixture_label(blend), mixture=blend)
 
-    def _fallback(self, decided: Route) -> Route:
+    def _fallback(self, decided: Route, visible: Visible = None) -> Route:
         """The fallback serves; the classifier's numbers (if any) stay on the route for /v1/route and headers."""
-        if self.fallback and self.registry.get(self.fallback) is not None:
+        if self.fallback and self._record(self.fallback, visible) is not None:
             return replace(decided, expert=self.fallback, model=self.fallback, source="fallback")
         return replace(decided, expert=None, model=self.base_name, source="fallback")
 
-    def _named(self, name: str, source: str, param: str) -> Route:
+    def _named(self, name: str, source: str, param: str, visible: Visible = None) -> Route:
         if name == self.base_name:
             return Route(None, self.base_name, "base")
-        if self.registry.get(name) is not None:
+        if self._record(name, visible) is not None:
             return Route(name, name, source)
         raise UnknownExpert(name, param)

@@ -58,6 +58,11 @@ class Metrics:
         self.mixture_requests = Counter("loraplex_mixture_requests_total",
                                         "Requests that blended several experts, counted once per member expert",
                                         ["expert"], registry=r)
+        # tenants are labelled by the name an admin gave them (never a key): as many series as tenants exist
+        self.tenant_tokens = Counter("loraplex_tenant_tokens_total", "Tokens of tenants' completions",
+                                     ["tenant", "kind"], registry=r)
+        self.tenant_refusals = Counter("loraplex_tenant_rate_limited_total",
+                                       "Tenants' requests refused by their limits (429)", ["tenant"], registry=r)
         self.adapter_loads = Counter("loraplex_adapter_loads_total", "Adapters read from disk", registry=r)
         self.adapter_evictions = Counter("loraplex_adapter_evictions_total", "Adapters evicted from the device",
                                          registry=r)

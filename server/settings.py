@@ -236,6 +236,15 @@ class Settings(EncodableText):
     adapter_roots: list[str] = Field(default_factory=list, description="Folders that POST /v1/adapters may read from.")
     admin_key: list[str] = Field(default_factory=list, description="Bearer keys for /v1/adapters; none = disabled.")
     api_key: list[str] = Field(default_factory=list, description="Bearer keys required for inference when set.")
+    # --- tenants (server/tenants/) ---
+    tenants: bool = Field(
+        False, description="Multi-tenant mode: keys, limits and usage of tenants in <data_dir>/tenants.sqlite3 "
+                           "(`loraplex tenants`, /v1/tenants). A tenant's key serves inference and manages that "
+                           "tenant's own experts, files and jobs; every /v1 request then needs a key. Off: one "
+                           "api_key / admin_key, exactly as without tenants.")
+    tenant_queue_share: float = Field(
+        0.5, gt=0, le=1, description="The largest share of max_queued_requests one tenant's waiting requests may "
+                                     "take (more: 429), so a flood from one tenant leaves room in the queue for others.")
     fine_tuning: bool = Field(True, description="Serve /v1/fine_tuning/jobs and training files on /v1/files (admin "
                                                 "key): train experts on the served base in a worker process and serve "
                                                 "them when done.")

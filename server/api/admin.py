@@ -14,8 +14,11 @@ from validation.schema import EncodableText
 from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
 from server.experts.spec import ExpertRegistration
+from server.tenants.principal import principal_of
 
-router = APIRouter()  # every path here needs an admin key (server/api/auth.py checks it before the body)
+# every path here needs an admin key, or with tenants a tenant's key for its own experts (server/api/auth.py
+# checks it before the body; the Experts service checks ownership)
+router = APIRouter()
 LIST_FIELDS = ("examples", "negative_examples", "stop", "stop_token_ids")
 MAX_FIELD_BYTES = 1_000_000  # one multipart field that is not a file: a description, the examples as JSON
 
@@ -104,29 +107,31 @@ async def _read_registration(request: Request) -> tuple[ExpertRegistration, dict
 async def register_adapter(request: Request):
     state = _state(request)
     registration, files = await _read_registration(request)
+    principal = principal_of(request.scope)
     # in a thread that finishes what it started even if the client goes away: all or nothing either way
     record = await asyncio.to_thread(state.experts.register, registration, files,
-                                     "upload" if files else "mixture" if registration.mixture else "path")
+                                     "upload" if files else "mixture" if registration.mixture else "path", "",
+                                     principal.owner, state.limits_of(principal))
     return _describe(record, state)
 
 
 @router.get("/v1/adapters")
 async def list_adapters(request: Request):
     state = _state(request)
-    return {"object": "list", "data": [_describe(r, state) for r in state.registry.all()]}
+    return {"object": "list", "data": [_describe(r, state) for r in state.experts.listed(principal_of(request.scope))]}
 
 
 @router.get("/v1/adapters/{name:path}")  # a fetched expert's name may hold '/'
 async def show_adapter(name: str, request: Request):
     state = _state(request)
-    return _describe(state.experts.existing(name), state)
+    return _describe(state.experts.existing(name, "name", principal_of(request.scope)), state)
 
 
 @router.delete("/v1/adapters/{name:path}")
 async def delete_adapter(name: str, request: Request):
     state = _state(request)
     # new requests for it get 404 from here on; running ones finish on it, then its memory and files go
-    await asyncio.to_thread(state.experts.retire, name)
+    await asyncio.to_thread(state.experts.retire, name, principal_of(request.scope))
     return {"id": name, "object": "adapter", "deleted": True}
 
 
@@ -149,7 +154,9 @@ async def load_lora_adapter(body: LoadLoraAdapter, request: Request):
     same store), answered in vLLM's words."""
     state = _state(request)
     registration = ExpertRegistration(name=body.lora_name, path=body.lora_path)
-    await asyncio.to_thread(state.experts.register, registration, None, "path")
+    principal = principal_of(request.scope)
+    await asyncio.to_thread(state.experts.register, registration, None, "path", "", principal.owner,
+                            state.limits_of(principal))
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

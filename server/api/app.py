@@ -5,7 +5,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from server.api import admin, batches, corrections, files, fine_tuning, models, responses_api, status, tokenize
+from server.api import (admin, batches, corrections, files, fine_tuning, models, responses_api, status, tenants,
+                        tokenize)
 from server.api.auth import AuthMiddleware
 from server.api.chat_completions import chat_completions
 from server.api.errors import install_error_handlers
@@ -31,7 +32,10 @@ def create_app(state: ServerState) -> FastAPI:
             if runner is not None:
                 await runner.stop()
 
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    # FastAPI's own telemetry: a span per request from the caller's traceparent, once a tracer provider is set
+    # (server/startup/tracing.py; none: no spans). Its metrics and logs stay off: Prometheus and our own log lines
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
+                  telemetry={"tracer_provider": state.tracer_provider, "metrics": False, "logs": False})
     app.state.loraplex = state
     app.state.batch_runner = None
     install_error_handlers(app)
@@ -50,6 +54,8 @@ def create_app(state: ServerState) -> FastAPI:
         install_playground(app)
     for module in (admin, corrections, files, fine_tuning):
         app.include_router(module.router)
+    if state.tenants is not None:
+        app.include_router(tenants.router)
     install_openapi(app, ExpertRegistration)
     # added last = outermost: the request id is on every response, 413s included
     app.add_middleware(
@@ -59,7 +65,8 @@ def create_app(state: ServerState) -> FastAPI:
                        "/v1/files": state.settings.max_file_bytes + 1_000_000},
         read_timeout=state.settings.request_body_timeout_s,
     )
-    app.add_middleware(AuthMiddleware, settings=state.settings)  # keys before any body byte is read
+    app.add_middleware(AuthMiddleware, settings=state.settings, tenants=state.tenants, limiter=state.limiter,
+                       metrics=state.metrics)  # keys before any body byte is read
     app.add_middleware(RequestOutcomeMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -13,6 +13,9 @@ in OpenAI's format, and published as files (purpose "batch_output") when the bat
 restart resumes every unfinished batch at the lines it had not answered. A line that is not a valid
 request (bad JSON, no custom_id, a repeated custom_id, another endpoint, a body the endpoint refuses)
 is an error-file line; a line that fails because the server is stopping is left for the resume.
+With tenants on, a batch belongs to its creator's tenant (server/tenants/principal.py: another tenant's
+answers the absent batch's 404), its input file must be the caller's own, its result files are the
+tenant's, and its lines run as its creator: they use only the experts the creator may use.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from server.api.responses_api import create_response
 from server.api.state import ServerState
 from server.api.text_completions import text_completions
 from server.jobs.batch_store import ACTIVE, BatchStore, line_id, request_lines
+from server.tenants.principal import Principal, principal_of
 from validation.schema import EncodableText
 
 log = logging.getLogger("loraplex.batches")
@@ -222,7 +226,7 @@ class BatchRunner:
         request_id = line_id(batch_id, number)
         while True:
             try:
-                status, body = await self._call(line["url"], line["body"], request_id)
+                status, body = await self._call(line["url"], line["body"], request_id, _creator(self.live.get(batch_id)))
                 break
             except _Retry:
                 await asyncio.sleep(RETRY_S)
@@ -235,11 +239,12 @@ class BatchRunner:
         response = {"status_code": status, "request_id": request_id, "body": body}
         write(number, {"custom_id": custom_id, "response": response, "error": None}, status == 200)
 
-    async def _call(self, url: str, body: dict, request_id: str) -> tuple[int, dict]:
-        """(status, body) of one line, through the endpoint's own code."""
+    async def _call(self, url: str, body: dict, request_id: str, principal: Principal) -> tuple[int, dict]:
+        """(status, body) of one line, through the endpoint's own code, as the batch's creator: a line uses
+        only the experts its creator may use (another tenant's answers the absent expert's 404)."""
         model, endpoint = _ENDPOINTS[url]
         scope = {"type": "http", "method": "POST", "path": url, "headers": [], "query_string": b"",
-                 "app": self.app, "state": {"request_id": request_id}}
+                 "app": self.app, "state": {"request_id": request_id, "principal": principal}}
         request = Request(scope, _never_disconnects())
         try:
             req = model.model_validate(body)
@@ -272,20 +277,32 @@ class BatchRunner:
         for name, key in (("output.jsonl", "output_file_id"), ("errors.jsonl", "error_file_id")):
             source = self.store.folder(batch_id) / name
             if source.exists() and source.stat().st_size:
-                files[key] = (await asyncio.to_thread(self._publish, source, f"{batch_id}_{name}"))["id"]
+                files[key] = (await asyncio.to_thread(self._publish, source, f"{batch_id}_{name}",
+                                                         batch.get("_owner", "")))["id"]
         now = int(time.time())
         final = "cancelled" if cancelled else "expired" if expired else "completed"
         batch.update(files, status=final, **{f"{final}_at": now})
         await asyncio.to_thread(self.store.update, batch_id, **batch)
         log.info("batch %s %s: %s", batch_id, final, counts)
 
-    def _publish(self, source, filename: str) -> dict:
+    def _publish(self, source, filename: str, owner: str) -> dict:
         incoming = self.state.files.incoming()
         shutil.copyfile(source, incoming)
         try:
-            return self.state.files.create(filename, "batch_output", incoming)
+            return self.state.files.create(filename, "batch_output", incoming, owner)
         finally:
             incoming.unlink(missing_ok=True)
+
+
+def _creator(batch: dict | None) -> Principal:
+    """Whom a batch's lines run as: its creator's tenant (or the admin, or a caller without a tenant)."""
+    batch = batch or {}
+    return Principal(tenant=batch.get("_owner") or None, admin=bool(batch.get("_admin")))
+
+
+def public(batch: dict) -> dict:
+    """The batch as its client sees it: without the `_` fields kept beside it (its owner)."""
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
 
 
 # ---- endpoints ------------------------------------------------------------------------------------
@@ -299,9 +316,10 @@ def _runner(request: Request) -> BatchRunner:
     return runner
 
 
-def _batch_or_404(runner: BatchRunner, batch_id: str) -> dict:
+def _batch_or_404(runner: BatchRunner, batch_id: str, principal: Principal) -> dict:
+    """The batch if `principal` sees it (server/tenants/principal.py); another tenant's answers as a missing one."""
     batch = runner.get(batch_id)
-    if batch is None:
+    if batch is None or not principal.sees(batch.get("_owner", "")):
         raise APIError(404, f"No such batch: {batch_id}", param="batch_id", code="batch_not_found")
     return batch
 
@@ -310,7 +328,10 @@ def _batch_or_404(runner: BatchRunner, batch_id: str) -> dict:
 async def create_batch(body: BatchRequest, request: Request):
     runner = _runner(request)
     state = runner.state
+    principal = principal_of(request.scope)
     record = state.files.get(body.input_file_id)
+    if record is not None and not principal.sees(record.get("_owner", "")):
+        record = None  # another tenant's file: as if it did not exist
     if record is None or record["purpose"] != "batch":
         raise APIError(404, f"No such File object: {body.input_file_id}" + (
             f" (its purpose is {record['purpose']!r}, not 'batch')" if record else ""),
@@ -329,16 +350,19 @@ async def create_batch(body: BatchRequest, request: Request):
         "expires_at": now + COMPLETION_WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
         "expired_at": None, "cancelling_at": None, "cancelled_at": None,
         "request_counts": {"total": lines, "completed": 0, "failed": 0}, "metadata": body.metadata,
+        "_owner": principal.owner, "_admin": principal.admin,  # whose it is, and whom its lines run as
     }
     await asyncio.to_thread(runner.store.create, batch, path)
     runner.launch(batch["id"])
-    return batch
+    return public(batch)
 
 
 @router.get("/v1/batches")
 async def list_batches(request: Request, after: str | None = None, limit: int = 20):
     runner = _runner(request)
-    batches = [runner.live.get(b["id"], b) for b in await asyncio.to_thread(runner.store.list)]
+    principal = principal_of(request.scope)
+    batches = [public(runner.live.get(b["id"], b)) for b in await asyncio.to_thread(runner.store.list)
+               if principal.sees(b.get("_owner", ""))]
     if after is not None:
         ids = [b["id"] for b in batches]
         batches = batches[ids.index(after) + 1:] if after in ids else []
@@ -347,16 +371,16 @@ async def list_batches(request: Request, after: str | None = None, limit: int = 
 
 @router.get("/v1/batches/{batch_id}")
 async def retrieve_batch(batch_id: str, request: Request):
-    return _batch_or_404(_runner(request), batch_id)
+    return public(_batch_or_404(_runner(request), batch_id, principal_of(request.scope)))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request):
     runner = _runner(request)
-    batch = _batch_or_404(runner, batch_id)
+    batch = _batch_or_404(runner, batch_id, principal_of(request.scope))
     if batch["status"] in ("cancelling", "cancelled"):
-        return batch
+        return public(batch)
     if batch["status"] not in ("validating", "in_progress"):
         raise APIError(409, f"Cannot cancel a batch that is {batch['status']}.", param="batch_id",
                        code="batch_not_cancellable")
-    return await runner.cancel(batch_id)
+    return public(await runner.cancel(batch_id))

@@ -19,6 +19,7 @@ from pydantic import ConfigDict, Field
 from validation.schema import EncodableText
 from server.api.errors import APIError
 from server.api.state import ServerState
+from server.tenants.principal import principal_of
 
 router = APIRouter()
 
@@ -49,12 +50,14 @@ async def correct_routes(body: RouterCorrections, request: Request):
     if router_.classifier is None:
         raise APIError(503, f"The router is not available: {router_.unavailable_reason}.", code="router_unavailable",
                        headers={"Retry-After": "5"})
+    principal = principal_of(request.scope)  # a tenant corrects its own experts only
     for i, item in enumerate(body.corrections):  # every name checked before anything changes
         if item.expert != state.base.name:
-            state.experts.correctable(item.expert, f"corrections[{i}].expert")
+            state.experts.correctable(item.expert, f"corrections[{i}].expert", principal)
     results = []
     for i, item in enumerate(body.corrections):
-        done = await state.in_text_pool(state.experts.correct, item.prompt, item.expert, f"corrections[{i}].expert")
+        done = await state.in_text_pool(state.experts.correct, item.prompt, item.expert, f"corrections[{i}].expert",
+                                        principal)
         results.append({"object": "router.correction", "prompt": item.prompt, "expert": item.expert,
                         "action": done.action, "changed_expert": done.changed_expert,
                         "before": _summary(done.before), "after": _summary(done.after)})

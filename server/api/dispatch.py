@@ -21,11 +21,13 @@ from server.api.errors import APIError
 from server.api.middleware import RequestOutcome, outcome_of
 from server.api.protocol import SamplingFields
 from server.api.state import ServerState
+from server.api.tracing import tracer
 from server.api.structured import FREE_TEXT, OutputFormat
 from server.engine.engine import EngineStopped, QueueFull
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Sequence, SequenceSpec
 from server.metrics import MIXTURE_LABEL
+from server.tenants.principal import principal_of
 
 
 @dataclass
@@ -111,21 +113,32 @@ def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, re
 async def route_request(model: str, routing_text: str, request: Request, state: ServerState,
                         top_k: int | None = None) -> Route:
     """The route; an unregistered name that an adapter source may resolve is fetched first (a fetch of it
-    already under way is joined; one that fails raises its AdmissionError, answered as it is)."""
+    already under way is joined; one that fails raises its AdmissionError, answered as it is). Only among the
+    experts the caller may use: another tenant's answers as if it were not registered."""
     router, header = state.router, request.headers.get("x-expert")
-    if router.needs_classifier(model, header):
-        with state.metrics.router_latency.time():
-            route = await state.in_text_pool(router.by_prompt, routing_text, top_k)
-    else:
-        try:
-            route = router.by_name(model, header)
-        except UnknownExpert as exc:
-            fetching = state.experts.fetch(exc.name, exc.param)
-            if fetching is None:
-                raise
-            # shielded: a client that leaves stops waiting, never the fetch other requests may share
-            await asyncio.shield(asyncio.wrap_future(fetching))
-            return router.by_name(model, header)  # a miss: just fetched, the most recently used already
+    principal = principal_of(request.scope)
+    visible = state.experts.visible(principal)
+    with tracer().start_as_current_span("router decision") as span:
+        if router.needs_classifier(model, header):
+            with state.metrics.router_latency.time():
+                route = await state.in_text_pool(router.by_prompt, routing_text, top_k, visible)
+        else:
+            try:
+                route = router.by_name(model, header, visible)
+            except UnknownExpert as exc:
+                if state.registry.get(exc.name) is not None:  # another tenant's: as if absent, and never fetched
+                    raise
+                fetching = state.experts.fetch(exc.name, exc.param, principal.owner)
+                if fetching is None:
+                    raise
+                with tracer().start_as_current_span("adapter fetch", attributes={"loraplex.expert": exc.name}):
+                    # shielded: a client that leaves stops waiting, never the fetch other requests may share
+                    await asyncio.shield(asyncio.wrap_future(fetching))
+                route = router.by_name(model, header, visible)  # a miss: just fetched, the most recently used
+        if span.is_recording():
+            span.set_attributes({"loraplex.expert": route.model, "loraplex.router.source": route.source,
+                                 **({"loraplex.router.score": route.score} if route.score is not None else {}),
+                                 **({"loraplex.router.margin": route.margin} if route.margin is not None else {})})
     state.experts.touch(name for name, _ in route.mixture or ((route.expert, 1.0),) if name)
     return route
 
@@ -234,6 +247,7 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
             # choice i of a seeded request draws from seed + i: reproducible, and the choices differ
             seed=secrets.randbits(63) if params.seed is None else params.seed + index,
             grammar=output.grammar,
+            tenant=principal_of(request.scope).tenant or "",
             priority=req.priority,  # a batch line's already has batch_priority added
         )
         for index in range(req.n)

@@ -12,6 +12,7 @@ from starlette.routing import Match
 
 from adapters.admission import AdmissionError
 from router.resolve import BadMixture, UnknownExpert
+from server.tenants.store import TenantError
 
 log = logging.getLogger("loraplex.http")
 
@@ -104,6 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdmissionError)
     async def _refused(request: Request, exc: AdmissionError):
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(TenantError)
+    async def _tenant_refused(request: Request, exc: TenantError):
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(UnknownExpert)

@@ -6,7 +6,9 @@ every line checked as a conversation (server/jobs/checker.py, each problem namin
 file is checked to be UTF-8 JSONL of at most max_batch_lines requests, and a line that is not a valid
 request becomes an error-file line when the batch runs (batches.py), as OpenAI reports it.
 Who sees what: an admin key sees every file; an API key (or anyone, on a server without API keys) sees
-the batch files only.
+the batch files only. With tenants on (server/tenants/principal.py), a file belongs to the tenant whose
+key uploaded it (a batch's result files to the batch's tenant): a tenant's key may upload training files
+too, and sees its own files only; another tenant's file answers the absent file's 404, in its words.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from server.api.auth import training_files_refusal
 from server.api.errors import APIError
 from server.api.state import ServerState
 from server.jobs.batch_store import batch_file_problems
+from server.tenants.principal import Principal, principal_of
 
 router = APIRouter()
 MAX_FIELD_BYTES = 64_000  # a multipart field that is not the file (purpose)
@@ -38,13 +41,18 @@ def _state(request: Request) -> ServerState:
     return state
 
 
+def _training_refusal(request: Request, state: ServerState) -> tuple[int, str, str] | None:
+    principal = principal_of(request.scope) if state.tenants is not None else None
+    return training_files_refusal(dict(request.scope["headers"]), state.settings, principal)
+
+
 def _is_admin(request: Request, state: ServerState) -> bool:
-    return training_files_refusal(dict(request.scope["headers"]), state.settings) is None
+    return _training_refusal(request, state) is None
 
 
 def _require_training(request: Request, state: ServerState) -> None:
-    """Training files are the registry's: an admin key, and fine-tuning turned on."""
-    refused = training_files_refusal(dict(request.scope["headers"]), state.settings)
+    """Training files are the registry's: an admin key (or a tenant's), and fine-tuning turned on."""
+    refused = _training_refusal(request, state)
     if refused is not None:
         status, message, code = refused
         raise APIError(status, message, code=code, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
@@ -53,18 +61,36 @@ def _require_training(request: Request, state: ServerState) -> None:
                        code="fine_tuning_disabled")
 
 
-def visible(record: dict | None, admin: bool) -> dict | None:
-    """The file as this caller may see it: an API key sees batch files only."""
-    if record is None or admin or record["purpose"] in BATCH_PURPOSES:
-        return record
+def visible(record: dict | None, admin: bool, principal: Principal) -> dict | None:
+    """The file as this caller may see it (its `_` fields stay here): another tenant's is not there at all;
+    an API key sees batch files only."""
+    if record is None:
+        return None
+    owner = record.get("_owner", "")
+    if not (principal.owns(owner) if record["purpose"] not in BATCH_PURPOSES else principal.sees(owner)):
+        return None  # another tenant's (training files are private: ANONYMOUS sees none with an owner)
+    if admin or record["purpose"] in BATCH_PURPOSES:
+        return {k: v for k, v in record.items() if not k.startswith("_")}
     return None
 
 
 def _file_or_404(request: Request, state: ServerState, file_id: str) -> dict:
-    record = visible(state.files.get(file_id), _is_admin(request, state))
+    record = visible(state.files.get(file_id), _is_admin(request, state), principal_of(request.scope))
     if record is None:
         raise APIError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
     return record
+
+
+def _check_file_quota(state: ServerState, principal: Principal, size: int) -> None:
+    """A tenant's files (training and batch, results included) stay under its max_file_bytes."""
+    limits = state.limits_of(principal)
+    if limits is None or limits.max_file_bytes is None:
+        return
+    used = sum(f["bytes"] for f in state.files.list() if f.get("_owner") == principal.tenant)
+    if used + size > limits.max_file_bytes:
+        raise APIError(429, f"This file ({size} bytes) would take this tenant's files to {used + size} bytes, over "
+                            f"its limit (max_file_bytes: {limits.max_file_bytes}); delete some first.", param="file",
+                       code="insufficient_quota")
 
 
 @router.post("/v1/files")
@@ -89,6 +115,8 @@ async def create_file(request: Request):
     if upload.size is None or upload.size > limit:
         raise APIError(413, f"The file is {upload.size} bytes; the limit is {limit} (max_file_bytes).", param="file",
                        code="file_too_large")
+    principal = principal_of(request.scope)
+    _check_file_quota(state, principal, upload.size)
     # the upload is on disk already (the body was spooled, its file part too): copied, checked and kept
     # from there, never held in memory whole
     incoming = state.files.incoming()
@@ -109,7 +137,8 @@ async def create_file(request: Request):
                 raise APIError(400, "The training file has problems: " + "; ".join(problems), param="file",
                                code="invalid_training_file")
         filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
-        return await asyncio.to_thread(state.files.create, filename, purpose, incoming)
+        record = await asyncio.to_thread(state.files.create, filename, purpose, incoming, principal.owner)
+        return {k: v for k, v in record.items() if not k.startswith("_")}
     finally:
         incoming.unlink(missing_ok=True)  # gone already once stored
 
@@ -123,9 +152,9 @@ def _save(source, target: Path) -> None:
 @router.get("/v1/files")
 async def list_files(request: Request, purpose: str | None = None):
     state = _state(request)
-    admin = _is_admin(request, state)
-    data = [f for f in await asyncio.to_thread(state.files.list)
-            if (purpose is None or f["purpose"] == purpose) and visible(f, admin)]
+    admin, principal = _is_admin(request, state), principal_of(request.scope)
+    data = [seen for f in await asyncio.to_thread(state.files.list)
+            if (purpose is None or f["purpose"] == purpose) and (seen := visible(f, admin, principal))]
     return {"object": "list", "data": data, "has_more": False}
 
 

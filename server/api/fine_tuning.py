@@ -23,6 +23,7 @@ from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
 from server.experts.spec import ExpertRegistration
 from server.jobs.store import new_id
+from server.tenants.principal import Principal, principal_of
 
 router = APIRouter()
 PUBLIC_JOB_FIELDS = ("id", "object", "model", "created_at", "finished_at", "fine_tuned_model", "organization_id",
@@ -118,9 +119,12 @@ def public(job: dict) -> dict:
     return out
 
 
-def _job_or_404(state: ServerState, job_id: str) -> dict:
-    return _found(state.jobs.store.get(job_id), f"No such fine-tuning job: {job_id}", "fine_tuning_job_id",
-                  "job_not_found")
+def _job_or_404(state: ServerState, job_id: str, principal: Principal) -> dict:
+    """The job if `principal` owns it; another tenant's answers as a missing one."""
+    job = state.jobs.store.get(job_id)
+    if job is not None and not principal.owns(job.get("_owner", "")):
+        job = None
+    return _found(job, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "job_not_found")
 
 
 def _page(items: list[dict], after: str | None, limit: int) -> dict:
@@ -144,10 +148,12 @@ async def create_job(body: JobRequest, request: Request):
     if body.rank > state.settings.max_adapter_rank:
         raise APIError(400, f"rank {body.rank} is over max_adapter_rank ({state.settings.max_adapter_rank})",
                        param="rank")
+    principal = principal_of(request.scope)
     for field in ("training_file", "validation_file"):
         file_id = getattr(body, field)
         record = state.files.get(file_id) if file_id is not None else None
-        if file_id is not None and (record is None or record["purpose"] != "fine-tune"):
+        if file_id is not None and (record is None or record["purpose"] != "fine-tune"
+                                    or not principal.owns(record.get("_owner", ""))):
             raise APIError(400, f"No such File object: {file_id}", param=field, code="file_not_found")
     hyper = _hyperparameters(body)
     try:  # the expert's fields pass the registry's checks now, not after hours of training
@@ -167,6 +173,7 @@ async def create_job(body: JobRequest, request: Request):
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
         "_rank": body.rank, "_targets": body.target_modules, "_description": body.description,
         "_examples_for_router": body.examples, "_negative_examples": body.negative_examples, "_stop": body.stop,
+        "_owner": principal.owner,  # the tenant the trained expert will belong to
     }
     job = await asyncio.to_thread(state.jobs.submit, job)
     return public(job)
@@ -175,20 +182,21 @@ async def create_job(body: JobRequest, request: Request):
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
     state = fine_tuning_state(request)
-    page = _page(state.jobs.store.list(), after, limit)
+    principal = principal_of(request.scope)
+    page = _page([job for job in state.jobs.store.list() if principal.owns(job.get("_owner", ""))], after, limit)
     page["data"] = [public(job) for job in page["data"]]
     return page
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 async def retrieve_job(job_id: str, request: Request):
-    return public(_job_or_404(fine_tuning_state(request), job_id))
+    return public(_job_or_404(fine_tuning_state(request), job_id, principal_of(request.scope)))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request):
     state = fine_tuning_state(request)
-    job = _job_or_404(state, job_id)
+    job = _job_or_404(state, job_id, principal_of(request.scope))
     if job["status"] in ("succeeded", "failed"):
         raise APIError(400, f"The job has already {job['status']}; there is nothing to cancel.",
                        param="fine_tuning_job_id", code="job_finished")
@@ -204,14 +212,14 @@ async def cancel_job(job_id: str, request: Request):
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 async def list_events(job_id: str, request: Request, after: str | None = None, limit: int = 20):
     state = fine_tuning_state(request)
-    _job_or_404(state, job_id)
+    _job_or_404(state, job_id, principal_of(request.scope))
     return _page(list(reversed(state.jobs.store.events(job_id))), after, limit)  # newest first, as OpenAI
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, request: Request, after: str | None = None, limit: int = 10):
     state = fine_tuning_state(request)
-    job = _job_or_404(state, job_id)
+    job = _job_or_404(state, job_id, principal_of(request.scope))
     checkpoints = [{
         "object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job_id.removeprefix('ftjob-')}-{c['step']}",
         "created_at": c["created_at"], "fine_tuning_job_id": job_id, "step_number": c["step"],

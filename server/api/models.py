@@ -8,6 +8,7 @@ from server.api.dispatch import route_request
 from server.api.errors import APIError
 from server.api.protocol import RouteRequest
 from server.api.state import ServerState
+from server.tenants.principal import principal_of
 
 router = APIRouter()
 
@@ -33,7 +34,8 @@ async def list_models(request: Request):
     state = _ready(request)
     base = state.base.name
     data = [_model_entry(base, state.started_at)]
-    data += [_model_entry(r.name, state.started_at, parent=base) for r in state.registry.all()]
+    data += [_model_entry(r.name, state.started_at, parent=base)
+             for r in state.experts.listed(principal_of(request.scope))]
     return {"object": "list", "data": data + _router_entries(state)}
 
 
@@ -42,7 +44,8 @@ async def get_model(model_id: str, request: Request):
     state = _ready(request)
     if model_id == state.base.name:
         return _model_entry(model_id, state.started_at)
-    if state.registry.get(model_id) is not None:
+    record = state.registry.get(model_id)
+    if record is not None and principal_of(request.scope).may_use(record.owner):
         return _model_entry(model_id, state.started_at, parent=state.base.name)
     for entry in _router_entries(state):
         if entry["id"] == model_id:

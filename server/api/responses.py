@@ -16,6 +16,7 @@ from server.api.dispatch import Call
 from server.api.errors import APIError
 from server.api.sse import sse, sse_error
 from server.api.state import ServerState
+from server.api.tracing import record_phases
 from server.engine.sampling import TokenLogprob
 from server.engine.sequence import EngineOutput
 
@@ -56,6 +57,7 @@ class _Usage:
             outcome.finish_reason = self.finish_reasons[0]
             outcome.prompt_tokens, outcome.completion_tokens = self.prompt_tokens, self.completion_tokens
             outcome.ttft_s = round(first.first_token_time - first.arrival_time, 4) if first.first_token_time else None
+            record_phases(first, self.prompt_tokens, self.completion_tokens, self.cached_tokens)
         return done
 
     def as_dict(self) -> dict:

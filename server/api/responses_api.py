@@ -13,6 +13,9 @@ then response.failed).
 `store` (default true, as OpenAI's) keeps the response with the conversation it answered
 (server/jobs/response_store.py, bounded), so `previous_response_id` continues it without the client
 sending the history again; instructions are not carried over, as OpenAI documents.
+With tenants on, a stored response is its creator's tenant's (server/tenants/principal.py): another
+tenant's answers GET, DELETE and previous_response_id exactly as an absent one; the request itself routes
+through dispatch.submit, so it uses only the experts the caller may use.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from server.api.responses import collect, engine_failed, route_headers, stream
 from server.api.state import ServerState
 from server.api.tool_calls import CallReader, ToolCall, read_answer
 from server.jobs.response_store import new_response_id
+from server.tenants.principal import SHARED, Principal, principal_of
 
 router = APIRouter()
 
@@ -117,6 +121,7 @@ class Turn:
         self.created = int(time.time())
         self.body, self.conversation, self.chat, self.state = body, conversation, chat, state
         self.model = body.model
+        self.owner = SHARED  # who may read it back: the creator's tenant (create_response sets it)
 
     def obj(self, status: str, output: list[dict], usage: dict | None = None, error: dict | None = None,
             finish_reason: str | None = None) -> dict:
@@ -150,18 +155,19 @@ class Turn:
             else:
                 output.append({"type": "function_call", "call_id": item["call_id"], "name": item["name"],
                                "arguments": item["arguments"]})
-        document = {"response": response, "input": self.conversation, "output": output}
+        document = {"response": response, "input": self.conversation, "output": output,
+                    "_owner": self.owner}  # the creator's tenant: only its keys see it (principal.py)
         await asyncio.to_thread(self.state.responses.put, self.id, document)
 
 
-async def _conversation(body: ResponsesRequest, state: ServerState) -> list[dict]:
+async def _conversation(body: ResponsesRequest, state: ServerState, principal: Principal) -> list[dict]:
     try:
         items = body.items()
     except ItemError as exc:
         raise APIError(400, exc.message, param=exc.param) from None
     if body.previous_response_id is None:
         return items
-    previous = await asyncio.to_thread(state.responses.get, body.previous_response_id)
+    previous = _visible(await asyncio.to_thread(state.responses.get, body.previous_response_id), principal)
     if previous is None:
         raise APIError(400, f"Previous response with id '{body.previous_response_id}' not found (it was never "
                             "stored, was deleted, or was evicted: max_stored_responses).",
@@ -171,7 +177,8 @@ async def _conversation(body: ResponsesRequest, state: ServerState) -> list[dict
 
 async def create_response(body: ResponsesRequest, request: Request, state: ServerState):
     state.require_ready()
-    conversation = await _conversation(body, state)
+    principal = principal_of(request.scope)
+    conversation = await _conversation(body, state, principal)
     chat = as_chat(body, conversation)
     check_prompt_chars(sum(len(m.text()) for m in chat.messages), "input", state)
     output = await state.in_text_pool(state.base.formats.for_chat, chat)
@@ -179,6 +186,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: Serve
     prompt_ids = await state.in_text_pool(state.base.prompts.render, chat.messages, tools)
     call = await submit(chat, prompt_ids, last_user_text(chat.messages), request, state, "resp", output=output)
     turn = Turn(body, conversation, chat, state)
+    turn.owner = principal.owner
     turn.model = call.route.model
     if body.stream:
         return StreamingResponse(_events(turn, call, output.tools), media_type="text/event-stream",
@@ -307,7 +315,16 @@ def _ready(request: Request) -> ServerState:
     return state
 
 
-def _stored(state: ServerState, response_id: str, document: dict | None) -> dict:
+def _visible(document: dict | None, principal: Principal) -> dict | None:
+    """A stored response if `principal` may see it: its creator's tenant's keys (and the admin); else None, so
+    another tenant's response answers exactly as an absent one (principal.py)."""
+    if document is None or not principal.sees(document.get("_owner", SHARED)):
+        return None
+    return document
+
+
+def _stored(state: ServerState, response_id: str, document: dict | None, principal: Principal) -> dict:
+    document = _visible(document, principal)
     if document is None:
         raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
                        code="response_not_found")
@@ -322,14 +339,16 @@ async def post_response(body: ResponsesRequest, request: Request):
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request):
     state = _ready(request)
-    return _stored(state, response_id, await asyncio.to_thread(state.responses.get, response_id))["response"]
+    return _stored(state, response_id, await asyncio.to_thread(state.responses.get, response_id),
+                   principal_of(request.scope))["response"]
 
 
 @router.get("/v1/responses/{response_id}/input_items")
 async def get_input_items(response_id: str, request: Request, order: str = "desc", limit: int = 20):
     """The conversation the response answered, as input items (the chain of earlier responses included)."""
     state = _ready(request)
-    document = _stored(state, response_id, await asyncio.to_thread(state.responses.get, response_id))
+    document = _stored(state, response_id, await asyncio.to_thread(state.responses.get, response_id),
+                       principal_of(request.scope))
     items = []
     for index, item in enumerate(document["input"]):
         item_id = f"item_{response_id.removeprefix('resp_')}_{index}"
@@ -348,6 +367,7 @@ async def get_input_items(response_id: str, request: Request, order: str = "desc
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request):
     state = _ready(request)
+    _stored(state, response_id, await asyncio.to_thread(state.responses.get, response_id), principal_of(request.scope))
     if not await asyncio.to_thread(state.responses.delete, response_id):
         raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
                        code="response_not_found")

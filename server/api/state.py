@@ -27,6 +27,9 @@ from server.jobs.service import FineTuning
 from server.jobs.store import FileStore
 from server.metrics import Metrics
 from server.settings import Settings
+from server.tenants.limits import TenantLimiter
+from server.tenants.principal import Principal
+from server.tenants.store import Limits, TenantStore
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class ServerState:
     # thread still inside torch or tokenizers when the interpreter tears down aborts the process
     router_thread: threading.Thread | None = None
     jobs: FineTuning | None = None  # fine-tuning jobs; set with `base` (fine_tuning: true)
+    tenants: TenantStore | None = None  # tenants, keys and usage (tenants: true); None: no tenants
+    limiter: TenantLimiter = field(default_factory=TenantLimiter)  # tenants' rate and concurrency limits
+    tracer_provider: object | None = None  # FastAPI's request spans go here (None: the global provider)
     files: FileStore | None = None  # uploaded files (training and batch input) and batch results
     responses: ResponseStore | None = None  # stored Responses (store: true)
     batches: BatchStore | None = None  # batches and their results so far
@@ -79,6 +85,13 @@ class ServerState:
         if not self.ready:
             raise APIError(503, "The model is still loading; retry shortly.", code="loading",
                            headers={"Retry-After": "2"})
+
+    def limits_of(self, principal: Principal) -> Limits | None:
+        """A tenant's limits (read now: an admin's change applies at once); None for anyone else."""
+        if principal.tenant is None or self.tenants is None:
+            return None
+        tenant = self.tenants.get_tenant(principal.tenant)
+        return tenant.limits if tenant is not None else None
 
     async def in_text_pool(self, fn, *args):
         """fn(*args) in the text pool (tokenizing, template rendering, routing), awaited."""

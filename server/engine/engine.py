@@ -66,6 +66,7 @@ class EngineConfig:
     max_step_tokens: int = 512  # tokens per forward pass: decode rows plus prefill chunks
     max_step_slowdown: float = 2.0  # while streams decode, a prompt chunk keeps a step under this x a decode step
     prefix_caching: bool = True
+    max_queued_per_tenant: int | None = None  # one tenant's waiting requests past which submit refuses it
 
 
 class Engine(EngineHandle):
@@ -109,7 +110,12 @@ class Engine(EngineHandle):
         with self._wakeup:
             if self._stopping:
                 raise EngineStopped()
-            if len(self._scheduler.waiting) >= self.max_queued:
+            waiting = self._scheduler.waiting
+            if len(waiting) >= self.max_queued:
+                raise QueueFull()
+            share = self.config.max_queued_per_tenant
+            # a tenant's flood takes at most its share of the queue: the rest stays open to other tenants
+            if seq.tenant and share is not None and sum(1 for other in waiting if other.tenant == seq.tenant) >= share:
                 raise QueueFull()
             self._scheduler.add(seq)  # in priority order
             self._wakeup.notify()
@@ -364,7 +370,7 @@ class Engine(EngineHandle):
         now = time.monotonic()
         for seq in step.admitted:
             if not seq.admitted:
-                seq.admitted = True
+                seq.admitted, seq.admitted_time = True, now
                 self.metrics.queue_wait.labels(self.metrics.label(seq.model)).observe(now - seq.arrival_time)
                 seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
 

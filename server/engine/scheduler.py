@@ -5,13 +5,17 @@ One step mixes decode rows (one token each) and prefill chunks under a token bud
 (`max_step_tokens`, and while streams decode, what step_cost.py says keeps their steps short), so
 a long prompt is prefilled a chunk per step while running streams keep getting a token every step
 (chunked prefill). Requests are admitted in order of `priority` (vLLM's: lower runs first; 0 by default, batch
-lines run at a higher number), in arrival order within one priority, when a batch row and KV blocks
-for their whole prompt are free. When a running request needs a new block and none is free, the
-running request that comes last in that order (the lowest priority, then the newest) is preempted:
-its blocks are freed and it goes back to the head of its priority in the queue, to be computed again
-(cheaply, from the prefix cache when its blocks survived). A waiting request that finds every row
-(or the blocks it needs) taken by requests of a lower priority preempts them in the same step, so
-low-priority work fills the rows interactive requests leave free and never holds one up for a row.
+lines run at a higher number), and within one priority in arrival order or, with several tenants waiting,
+in turns over the tenants (fewest rows in the batch first, each tenant's own requests in their order), when
+a batch row and KV blocks for their whole prompt are free. Priority always comes first: a tenant's turn
+never lets a lower-priority request pass a higher one, and turns only reorder requests of equal priority,
+so one tenant's flood of arrivals cannot hold every batch row while another's request of the same
+priority waits behind it. When a running request needs a new block and none is free, the running request
+that comes last in priority order (the lowest priority, then the newest) is preempted: its blocks are freed
+and it goes back to the head of its priority in the queue, to be computed again (cheaply, from the prefix
+cache when its blocks survived). A waiting request that finds every row (or the blocks it needs) taken by
+requests of a lower priority preempts them in the same step, so low-priority work fills the rows
+interactive requests leave free and never holds one up for a row.
 
 Not thread-safe by itself: the engine calls `schedule` under its queue lock and the rest on its
 own thread. Nothing here touches the model: the engine does what these decisions say.
@@ -82,7 +86,9 @@ class Scheduler:
                 if count:
                     step.work.append((seq, count))
                     budget -= count
-        # 3. new arrivals, in order, while a row, the budget and KV blocks allow
+        # 3. new arrivals, by priority then in turns over tenants within one priority (_fair_order), while a row, the budget and KV blocks allow
+        if self.waiting and any(seq.tenant != self.waiting[0].tenant for seq in self.waiting):
+            self.waiting = self._fair_order()
         in_use = {key for seq in self.running for key in seq.adapter_keys}
         kept: collections.deque[Sequence] = collections.deque()
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
@@ -120,6 +126,24 @@ class Scheduler:
                 budget -= count
         self.waiting.extendleft(reversed(kept))
         return step
+
+    def _fair_order(self) -> collections.deque[Sequence]:
+        """The waiting requests by priority first (lower number first, as `add` keeps them), then within one
+        priority in turns over their tenants: the tenant with the fewest running rows first (then the one
+        whose request has waited longest), one request each per turn, each tenant's in order. Turns never
+        move a request across priorities, so a tenant cannot jump a higher-priority request by taking
+        its turn, and priority cannot be used to skip another tenant's turn except by a lower number."""
+        rows = collections.Counter(seq.tenant for seq in self.running)
+        levels: dict[int, dict[str, list[Sequence]]] = {}
+        for seq in self.waiting:
+            levels.setdefault(seq.priority, {}).setdefault(seq.tenant, []).append(seq)
+        order: collections.deque[Sequence] = collections.deque()
+        for priority in sorted(levels):
+            queues = levels[priority]
+            tenants = sorted(queues, key=lambda t: rows[t])  # stable: ties keep the order of their first request
+            for turn in range(max(len(q) for q in queues.values())):
+                order.extend(queues[t][turn] for t in tenants if turn < len(queues[t]))
+        return order
 
     def add(self, seq: Sequence) -> None:
         """Queue an arrival: behind every waiting request of its priority or a higher one (lower number)."""

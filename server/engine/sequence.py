@@ -42,6 +42,7 @@ class SequenceSpec:
     stop_token_ids: frozenset[int]
     seed: int  # the generator's: the request's seed (+ its choice index), else drawn at the edge
     grammar: str | None = None  # its output format's grammar (structured outputs); None: free text
+    tenant: str = ""  # whose request (fair admission: scheduler.py); "" without tenants
     priority: int = 0  # vLLM's: lower is admitted first and preempted last (batch lines run at a higher one)
 
     def build(self, emit: Callable[["EngineOutput"], None], device: torch.device,
@@ -51,7 +52,7 @@ class SequenceSpec:
         return Sequence(request_id=self.request_id, prompt_ids=self.prompt_ids, adapter_key=self.adapter_key,
                         adapter_mix=self.adapter_mix, model=self.model, params=self.params,
                         stop_token_ids=self.stop_token_ids, generator=make_generator(self.seed, device), emit=emit,
-                        constraint=constraint, spec=self, priority=self.priority)
+                        constraint=constraint, spec=self, tenant=self.tenant, priority=self.priority)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Sequence:
     cancelled: bool = False
     model: str = ""  # who serves it by name (the expert's or the base's): the metrics label, the logs
     arrival_time: float = field(default_factory=time.monotonic)
+    admitted_time: float | None = None  # first joined the batch (the end of its queue wait)
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_time: float | None = None
@@ -90,6 +92,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
     constraint: object | None = None  # the output format (constraint.TokenConstraint); None: free text
     spec: SequenceSpec | None = None  # what it was built from (a Ray Serve ingress forwards it)
+    tenant: str = ""  # whose request: arrivals are admitted round-robin over tenants (scheduler.py)
     priority: int = 0  # lower runs first (scheduler.py)
 
     def __post_init__(self) -> None:

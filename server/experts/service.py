@@ -41,6 +41,8 @@ from server.experts.sources import CachePolicy, FetchedExperts
 from server.experts.spec import ExpertRegistration
 from server.metrics import Metrics
 from server.settings import AdapterSpec
+from server.tenants.principal import OPERATOR, SHARED, Principal
+from server.tenants.store import Limits
 
 log = logging.getLogger("loraplex.experts")
 REGISTER_TIMEOUT_S = 600  # the engine loads an adapter between steps: seconds at most, even for big ones
@@ -96,15 +98,39 @@ class Experts:
 
     # ---- registration ------------------------------------------------------------------------
 
+    # ---- who may use what (server/tenants/principal.py) ------------------------------------------
+
+    def visible(self, principal: Principal):
+        """The predicate the router and listings apply: the experts `principal` may use."""
+        return None if principal.admin else (lambda record: principal.may_use(record.owner))
+
+    def listed(self, principal: Principal) -> list[AdapterRecord]:
+        return [r for r in self.registry.all() if principal.may_use(r.owner)]
+
+    def _check_quota(self, owner: str, limits: Limits | None, nbytes: int) -> None:
+        """A tenant's max_experts and max_expert_bytes, with one more expert of `nbytes`: 429 past either."""
+        if limits is None or owner == SHARED:
+            return
+        own = [r for r in self.registry.all() if r.owner == owner]
+        if limits.max_experts is not None and len(own) + 1 > limits.max_experts:
+            raise AdmissionError(429, f"This tenant has {len(own)} experts, its limit (max_experts: "
+                                      f"{limits.max_experts}); retire one first.", "name", "insufficient_quota")
+        used = sum(r.nbytes for r in own)
+        if limits.max_expert_bytes is not None and used + nbytes > limits.max_expert_bytes:
+            raise AdmissionError(429, f"This expert ({nbytes} bytes) would take this tenant's experts to "
+                                      f"{used + nbytes} bytes, over its limit (max_expert_bytes: "
+                                      f"{limits.max_expert_bytes}).", "name", "insufficient_quota")
+
     def register(self, registration: ExpertRegistration, files: dict | None, source: str,
-                 origin: str = "") -> AdapterRecord:
+                 origin: str = "", owner: str = SHARED, limits: Limits | None = None) -> AdapterRecord:
         """Check, store, load and index a new expert, then list it. `files`: the two uploaded files
         (bytes or binary files) keyed adapter_config / adapter_model, or None to register from
         `registration.path` or `registration.mixture`. `origin`: where an adapter source's files came from
         (sources.py); such an expert may have a name of '/'-joined parts, and lives in the cache of fetched
-        experts. Blocking."""
+        experts. `owner`: the tenant it belongs to (SHARED: everyone's), within its `limits`. Blocking."""
         if registration.mixture is not None:
-            return self._register_mixture(registration)
+            return self._register_mixture(registration, owner, limits)
+        self._check_quota(owner, limits, 0)
         name = registration.name
         check_new_name(name, self._reserved_names(), nested=bool(origin))
         if not self.registry.reserve(name):
@@ -115,9 +141,10 @@ class Experts:
         classifier = self.router.classifier
         try:
             weights, registration = self._stage_and_validate(registration, files, staging)
+            self._check_quota(owner, limits, weights.nbytes)
             key = new_key(name)
             folder = self.store.commit_files(staging, key)
-            record = AdapterRecord.create(name, str(folder), source, weights, registration, key, origin)
+            record = AdapterRecord.create(name, str(folder), source, weights, registration, key, origin, owner)
             self.engine.register_adapter(key, str(folder), weights).result(REGISTER_TIMEOUT_S)
             if classifier is not None:  # indexed before it is listed: routable from the next request on
                 classifier.add(name, ExpertProfile.of(record))
@@ -137,11 +164,12 @@ class Experts:
         self.registry.add(record)
         return record
 
-    def register_trained(self, folder: Path, registration: ExpertRegistration) -> AdapterRecord:
+    def register_trained(self, folder: Path, registration: ExpertRegistration, owner: str = SHARED) -> AdapterRecord:
         """A fine-tuning run's adapter folder, through the upload's admission path (its files are copied
-        into the store like an upload's). Blocking."""
+        into the store like an upload's); it belongs to the job's tenant. Blocking."""
         with open(folder / CONFIG_FILE, "rb") as config, open(folder / WEIGHTS_FILE, "rb") as weights:
-            return self.register(registration, {"adapter_config": config, "adapter_model": weights}, "fine-tune")
+            return self.register(registration, {"adapter_config": config, "adapter_model": weights}, "fine-tune",
+                                 owner=owner)
 
     def _stage_and_validate(self, registration: ExpertRegistration, files, staging: Path):
         policy, base = self.policy, self.base
@@ -154,16 +182,21 @@ class Experts:
         weights = validate_staged(staging, base.shape, policy.max_adapter_rank, base.names, policy.base_mismatch)
         return weights, registration
 
-    def _register_mixture(self, registration: ExpertRegistration) -> AdapterRecord:
-        """A named blend of registered experts: checked as a request's mixture is, no weights of its own."""
+    def _register_mixture(self, registration: ExpertRegistration, owner: str = SHARED,
+                          limits: Limits | None = None) -> AdapterRecord:
+        """A named blend of registered experts (those its owner may use): checked as a request's mixture is,
+        no weights of its own."""
         name = registration.name
         check_new_name(name, self._reserved_names())
+        self._check_quota(owner, limits, 0)
         pairs = list(registration.mixture.items())
+        principal = Principal(tenant=owner) if owner != SHARED else OPERATOR
         for member, _ in pairs:
             record = self.registry.get(member)
-            if record is not None and record.mixture:
+            if record is not None and record.mixture and principal.may_use(record.owner):
                 raise AdmissionError(400, f"'{member}' is itself a mixture; blend its experts instead", "mixture")
-        route = self.router.mixture(pairs, "mixture", "mixture", name)  # BadMixture: 400 naming the problem
+        # BadMixture: 400 naming the problem (an expert it may not use is "not a registered expert")
+        route = self.router.mixture(pairs, "mixture", "mixture", name, self.visible(principal))
         if route.expert is None:
             raise AdmissionError(400, "a mixture needs at least one expert with a weight above 0", "mixture")
         check_token_ids(registration.stop_token_ids, self.base.vocab_size, "stop_token_ids")
@@ -183,7 +216,7 @@ class Experts:
                                negative_examples=tuple(registration.negative_examples),
                                router_margin=registration.router_margin, stop=tuple(registration.stop),
                                stop_token_ids=frozenset(registration.stop_token_ids), defaults=defaults,
-                               mixture=route.mixture or ((route.expert, 1.0),))
+                               mixture=route.mixture or ((route.expert, 1.0),), owner=owner)
         try:
             if classifier is not None:
                 classifier.add(name, ExpertProfile.of(record))
@@ -198,17 +231,26 @@ class Experts:
 
     # ---- retirement ---------------------------------------------------------------------------
 
-    def existing(self, name: str, param: str = "name") -> AdapterRecord:
-        """The registered expert `name`, else a 404 naming where the name came from."""
+    def existing(self, name: str, param: str = "name", principal: Principal = OPERATOR) -> AdapterRecord:
+        """The registered expert `name` if `principal` may use it, else a 404 naming where the name came from
+        (the same 404 whether it does not exist or belongs to another tenant)."""
         record = self.registry.get(name)
-        if record is None:
+        if record is None or not principal.may_use(record.owner):
             raise AdmissionError(404, f"No adapter named '{name}' is registered.", param, "adapter_not_found")
         return record
 
-    def retire(self, name: str) -> AdapterRecord:
+    def changeable(self, name: str, param: str, principal: Principal) -> AdapterRecord:
+        """The expert `name` if `principal` may retire or correct it: 404 as existing(); 403 for a shared one."""
+        record = self.existing(name, param, principal)
+        if not principal.may_change(record.owner):
+            raise AdmissionError(403, f"'{name}' is shared by the server's operator; only the admin key may change "
+                                      "it.", param, "permission_denied")
+        return record
+
+    def retire(self, name: str, principal: Principal = OPERATOR) -> AdapterRecord:
         """Unlist, unindex and forget an expert; its running requests finish on it, then the engine frees
         its memory and files. Blocking (the manifest is rewritten)."""
-        if self.existing(name).source == "config":
+        if self.changeable(name, "name", principal).source == "config":
             raise AdmissionError(400, f"'{name}' comes from the config file; remove it there and restart", "name")
         # checked and removed in one step: a mixture being registered meanwhile either pins it first (409
         # here) or finds it gone (its registration fails), never both succeed
@@ -235,9 +277,10 @@ class Experts:
 
     # ---- experts fetched on first use (sources.py) ----------------------------------------------
 
-    def fetch(self, name: str, param: str):
-        """A Future of `name`'s record, fetched from the adapter sources; None if no source may resolve it."""
-        return self.fetched.fetch(name, param)
+    def fetch(self, name: str, param: str, owner: str = SHARED):
+        """A Future of `name`'s record, fetched from the adapter sources (for `owner`, if this request fetches
+        it); None if no source may resolve it."""
+        return self.fetched.fetch(name, param, owner)
 
     def pinned(self, *names: str | None):
         """A request's hold on the experts it names, until the engine has it (no eviction meanwhile)."""
@@ -249,32 +292,36 @@ class Experts:
 
     # ---- router corrections -------------------------------------------------------------------
 
-    def correct(self, prompt: str, expert: str, param: str) -> Correction:
+    def correct(self, prompt: str, expert: str, param: str, principal: Principal = OPERATOR) -> Correction:
         """Fold one misroute into the experts' records: naming an expert adds `prompt` to its examples;
-        naming the base adds it to the negative examples of the expert that takes it now. Persisted,
-        re-indexed at once. Blocking (runs the encoder, rewrites the manifest)."""
-        router = self.router
+        naming the base adds it to the negative examples of the expert that takes it now (for `principal`:
+        among the experts it may use). Persisted, re-indexed at once. Blocking (runs the encoder, rewrites the
+        manifest)."""
+        router, visible = self.router, self.visible(principal)
         if expert != self.base.name:
-            self.correctable(expert, param)
+            self.correctable(expert, param, principal)
         with self._corrections:
-            before = router.by_prompt(prompt)
+            before = router.by_prompt(prompt, visible=visible)
             if expert == self.base.name:
                 if before.source != "classifier" or before.expert is None:
                     action, target = "already_falls_back", None
                 else:
-                    target = self.correctable(before.expert, param)
+                    target = self.correctable(before.expert, param, principal)
                     added = self._add_prompt(target, "negative_examples", prompt)
                     action = "negative_example_added" if added else "already_a_negative_example"
             else:
-                target = self.correctable(expert, param)
+                target = self.correctable(expert, param, principal)
                 added = self._add_prompt(target, "examples", prompt)
                 action = "example_added" if added else "already_an_example"
-            after = router.by_prompt(prompt)
+            after = router.by_prompt(prompt, visible=visible)
         return Correction(action, target.name if target else None, before, after)
 
-    def correctable(self, name: str, param: str) -> AdapterRecord:
-        """The expert `name` if its router examples may be corrected over the API (404 unknown, 400 from the config)."""
-        record = self.existing(name, param)
+    def correctable(self, name: str, param: str, principal: Principal = OPERATOR) -> AdapterRecord:
+        """The expert `name` if its router examples may be corrected over the API by `principal` (404 unknown or
+        another tenant's, 403 shared, 400 from the config)."""
+        record = self.existing(name, param, principal)
+        if record.source != "config":
+            record = self.changeable(name, param, principal)
         if record.source == "config":
             raise AdmissionError(400, f"'{name}' comes from the config file; add the example to its entry there", param)
         return record

@@ -197,7 +197,7 @@ class FetchedExperts:
 
     # ---- fetching -----------------------------------------------------------------------------
 
-    def fetch(self, name: str, param: str) -> Future | None:
+    def fetch(self, name: str, param: str, owner: str = "") -> Future | None:
         """A Future of the record of `name`, fetched from the first source that has it (a fetch already
         under way for it is shared); None when no source's patterns match `name` (a plain unknown model).
         Raises AdmissionError at once for a name no source may be asked for, or one refused recently."""
@@ -224,11 +224,11 @@ class FetchedExperts:
                 del self._refused[name]
             running = self._fetching.get(name)
             if running is None:
-                running = self._pool.submit(self._fetch, name, sources, param)
+                running = self._pool.submit(self._fetch, name, sources, param, owner)
                 self._fetching[name] = running
             return running
 
-    def _fetch(self, name: str, sources: list[AdapterSource], param: str) -> AdapterRecord:
+    def _fetch(self, name: str, sources: list[AdapterSource], param: str, owner: str = "") -> AdapterRecord:
         """In the fetch pool: each matching source in order until one has `name`."""
         try:
             tried = []
@@ -236,7 +236,7 @@ class FetchedExperts:
                 started = time.monotonic()
                 outcome = "fetched"
                 try:
-                    return self._fetch_from(source, name, param)
+                    return self._fetch_from(source, name, param, owner)
                 except SourceError as exc:
                     outcome = exc.kind
                     if exc.kind == NOT_FOUND:
@@ -277,7 +277,7 @@ class FetchedExperts:
             while len(self._refused) > MAX_REMEMBERED:
                 self._refused.popitem(last=False)
 
-    def _fetch_from(self, source: AdapterSource, name: str, param: str) -> AdapterRecord:
+    def _fetch_from(self, source: AdapterSource, name: str, param: str, owner: str = "") -> AdapterRecord:
         """Download into staging, admit and register (Experts.register), inside the cache's room."""
         staging = self.experts.store.staging_dir()
         try:
@@ -296,7 +296,7 @@ class FetchedExperts:
             try:
                 with open(staging / CONFIG_FILE, "rb") as config, open(staging / WEIGHTS_FILE, "rb") as weights:
                     record = self.experts.register(registration, {"adapter_config": config, "adapter_model": weights},
-                                                   source.name, origin=source.origin(name))
+                                                   source.name, origin=source.origin(name), owner=owner)
             except AdmissionError as exc:
                 if exc.status == 409 and self.experts.registry.get(name) is not None:
                     return self.experts.registry.get(name)  # registered by an admin meanwhile: that one serves

@@ -75,15 +75,17 @@ class FileStore:
             path.unlink(missing_ok=True)
         return len(leftovers)
 
-    def create(self, filename: str, purpose: str, incoming: Path) -> dict:
-        """Store the checked upload at `incoming` (from incoming()) as a new file object."""
+    def create(self, filename: str, purpose: str, incoming: Path, owner: str = "") -> dict:
+        """Store the checked upload at `incoming` (from incoming()) as a new file object of `owner` (a tenant;
+        "" without tenants), kept as `_owner` (the edge shows no field starting with '_')."""
         file_id = new_id("file")
         path = self.content_path(file_id)
         with open(incoming, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(incoming, path)
         record = {"id": file_id, "object": "file", "bytes": path.stat().st_size, "created_at": int(time.time()),
-                  "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
+                  "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
+                  "_owner": owner}
         write_json_atomic(self.root / f"{file_id}.json", record)
         return record
 

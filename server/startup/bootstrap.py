@@ -38,6 +38,7 @@ from server.jobs.store import FileStore
 from server.metrics import Metrics
 from server.settings import ConfigError, Settings
 from server.startup.kv_budget import graph_budget_bytes, plan_kv_blocks
+from server.tenants.store import TenantStore
 
 log = logging.getLogger("loraplex.bootstrap")
 
@@ -157,7 +158,7 @@ def _register_trained(experts: Experts, job: dict, folder: Path) -> str:
     """A finished fine-tuning job's adapter, registered as any expert is; a refusal fails the job."""
     try:
         registration = ExpertRegistration(**FineTuning.expert_of(job))
-        experts.register_trained(folder, registration)
+        experts.register_trained(folder, registration, job.get("_owner", ""))  # the job's tenant owns it
     except (AdmissionError, OSError, ValidationError) as exc:
         raise JobError(f"the trained adapter was not accepted by the registry: {exc}", code="adapter_refused",
                        param=None) from exc
@@ -256,10 +257,22 @@ def _engine(settings: Settings, metrics: Metrics, on_base_ready, on_freed, exper
         load_runner=lambda: build_runtime(settings, on_base_ready, engine.wake, on_freed, metrics, experts_of()),
         config=EngineConfig(max_batch_size=settings.max_batch_size, max_queued=settings.max_queued_requests,
                             max_step_tokens=settings.max_step_tokens, max_step_slowdown=settings.max_step_slowdown,
-                            prefix_caching=settings.prefix_caching),
+                            prefix_caching=settings.prefix_caching,
+                            max_queued_per_tenant=max(1, int(settings.max_queued_requests * settings.tenant_queue_share))
+                            if settings.tenants else None),
         metrics=metrics,
     )
     return engine
+
+
+def _tenants(settings: Settings) -> TenantStore | None:
+    """The tenants' database (tenants: true), opened before any request; None without tenants."""
+    if not settings.tenants:
+        return None
+    store = TenantStore(settings.data_dir)
+    store.start_flushing()
+    log.info("tenants: %d in %s", len(store.list_tenants()), store.path)
+    return store
 
 
 def _stores(settings: Settings) -> dict:
@@ -282,7 +295,8 @@ def create_state(settings: Settings) -> ServerState:
                      lambda: state.experts)
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=_experts(settings, registry, store, engine, metrics), **_stores(settings))
+                        experts=_experts(settings, registry, store, engine, metrics), tenants=_tenants(settings),
+                        **_stores(settings))
     return state
 
 
@@ -305,7 +319,7 @@ def create_ingress_state(settings: Settings, make_engine) -> ServerState:
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
                         experts=_experts(settings, registry, store, engine, metrics), replicas=engine,
-                        **_stores(settings))
+                        tenants=_tenants(settings), **_stores(settings))
     info = read_base_info(settings)
     _restore(state.experts, settings, info, engine.register_adapter)
     _attach_base(state, settings, info)

@@ -60,6 +60,67 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tenants(args: argparse.Namespace) -> int:
+    """Tenants and keys in the database the server reads (<data_dir>/tenants.sqlite3), also while it runs."""
+    import json
+
+    from server.tenants.store import Limits, TenantError, TenantStore
+
+    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
+    store = TenantStore(load_settings(config, {}).data_dir)
+    try:
+        limits = json.loads(args.limits) if getattr(args, "limits", None) else None
+        if args.action == "create":
+            out = store.create_tenant(args.name, Limits.parse(limits)).public()
+        elif args.action == "list":
+            out = [{**t.public(), "keys": store.list_keys(t.id)} for t in store.list_tenants()]
+        elif args.action == "limits":
+            out = store.set_limits(args.tenant, Limits.parse(limits)).public()
+        elif args.action == "issue":
+            record, key = store.issue_key(args.tenant, args.name or "")
+            out = {**record, "key": key}
+        elif args.action == "rotate":
+            record, key = store.rotate_key(args.tenant, args.key_id)
+            out = {**record, "key": key, "replaces": args.key_id}
+        elif args.action == "revoke":
+            out = store.revoke_key(args.tenant, args.key_id)
+        else:  # usage
+            out = store.usage(store.tenant(args.tenant).id if args.tenant else None)
+    except TenantError as exc:
+        print(f"loraplex tenants: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # --limits that is not JSON
+        print(f"loraplex tenants: --limits: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _tenant_commands(commands) -> None:
+    tenants = commands.add_parser("tenants", help="tenants, their keys and limits (the server's tenants: true)")
+    tenants.add_argument("--config", help="YAML settings file: its data_dir holds the database")
+    tenants.set_defaults(handler=_tenants)
+    actions = tenants.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="a new tenant")
+    create.add_argument("name")
+    create.add_argument("--limits", help='JSON, e.g. \'{"requests_per_minute": 60, "max_concurrent": 4}\'')
+    actions.add_parser("list", help="every tenant, its limits and keys (never the keys themselves)")
+    limits = actions.add_parser("limits", help="set a tenant's limits (all of them; left out: unlimited)")
+    limits.add_argument("tenant", help="tenant id or name")
+    limits.add_argument("--limits", required=True)
+    issue = actions.add_parser("issue", help="a new key for a tenant (printed once)")
+    issue.add_argument("tenant", help="tenant id or name")
+    issue.add_argument("--name", help="a label for the key")
+    for action, text in (("rotate", "a new key replacing KEY_ID (revoked at once)"), ("revoke", "revoke KEY_ID")):
+        parser = actions.add_parser(action, help=text)
+        parser.add_argument("tenant", help="tenant id or name")
+        parser.add_argument("key_id")
+    usage = actions.add_parser("usage", help="tokens per day, tenant and model")
+    usage.add_argument("tenant", nargs="?", help="tenant id or name (default: all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True)
     merge.add_argument("--base", default=EMBEDDED_BASE)
     merge.set_defaults(handler=_merge)
+    _tenant_commands(commands)
     return parser
 
 

@@ -423,7 +423,9 @@ class Ingress:
 
     def __init__(self, settings: dict, engines):
         from server.startup.bootstrap import create_ingress_state
+        from server.startup.tracing import configure_tracing
 
+        configure_tracing()  # this process serves the HTTP side: its spans, from the OTEL_* variables it inherited
         self.settings = Settings(**settings)
         self.state = create_ingress_state(
             self.settings, lambda metrics, on_freed: RemoteEngine(engines, metrics, on_freed,

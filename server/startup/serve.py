@@ -15,6 +15,7 @@ from server.api.app import create_app
 from server.settings import Settings
 from server.api.state import ServerState
 from server.startup.bootstrap import create_state
+from server.startup.tracing import configure_tracing
 
 log = logging.getLogger("loraplex.serve")
 
@@ -48,6 +49,7 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     """Blocks until the server stops; returns the process exit code."""
+    tracing = configure_tracing()  # before the app: its spans go to the exporter from the first request
     state = create_state(settings)
     app = create_app(state)
     config = uvicorn.Config(
@@ -68,6 +70,10 @@ def serve(settings: Settings) -> int:
     if state.jobs is not None:
         state.jobs.stop()  # a running job's worker is killed; the job resumes from its checkpoint at next start
     state.engine.stop(timeout=10)
+    if state.tenants is not None:
+        state.tenants.close()  # the usage counted since the last flush is written
+    if tracing is not None:
+        tracing.shutdown()  # the spans still batched are sent
     if state.router_thread is not None:
         state.router_thread.join(timeout=30)  # a few seconds at most: encoders loading, experts indexing
     if server.fatal is not None:

@@ -1,0 +1,1 @@
+"""Tenants: customers sharing one server, each with its own keys, experts, files, jobs, limits and usage."""
