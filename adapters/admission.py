@@ -26,7 +26,7 @@ from adapters.lora import (
     load_lora,
     refuse_pickled,
 )
-from adapters.names import check_adapter_name
+from adapters.names import check_adapter_name, check_source_name
 
 log = logging.getLogger("loraplex.adapters")
 
@@ -43,10 +43,11 @@ class AdmissionError(Exception):
         self.code = code
 
 
-def check_new_name(name: str, reserved: Collection[str]) -> None:
-    """A valid expert name that is not the base's nor one of the router's ("auto")."""
+def check_new_name(name: str, reserved: Collection[str], nested: bool = False) -> None:
+    """A valid expert name that is not the base's nor one of the router's ("auto"). `nested`: a name an
+    adapter source resolved, which may join parts with '/' (adapters/names.py)."""
     try:
-        check_adapter_name(name)
+        (check_source_name if nested else check_adapter_name)(name)
     except ValueError as exc:
         raise AdmissionError(400, str(exc), "name") from None
     if name in reserved:

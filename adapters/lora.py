@@ -213,11 +213,16 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _check_values(name: str, tensor: torch.Tensor) -> None:
-    """Finite, and no larger than MAX_LORA_VALUE: what reaches the model cannot overflow it by itself."""
-    if not torch.isfinite(tensor).all():
+def _check_values(name: str, tensor: torch.Tensor, scale: float = 1.0) -> None:
+    """Finite, and no larger than MAX_LORA_VALUE once multiplied by `scale`: what reaches the model cannot
+    overflow it by itself. One pass (aminmax propagates NaN and keeps +-inf), not one per property: on a
+    7B-sized adapter the checks were most of what loading it from disk costs."""
+    if not tensor.numel():
+        return
+    low, high = (float(v) for v in torch.aminmax(tensor))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise AdapterError(f"{name} holds NaN or infinite values")
-    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    largest = max(-low, high) * abs(scale)
     if largest > MAX_LORA_VALUE:
         raise AdapterError(f"{name} holds a value of magnitude {largest:.3g}, over the limit of {MAX_LORA_VALUE:g} "
                            "(a broken or mis-scaled adapter)")
@@ -289,7 +294,7 @@ def load_lora(folder: str | Path, base: BaseShape, max_rank: int | None = None) 
         alpha = float(alphas.value(module_path, default_alpha))
         scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
         _check_values(f"layer {layer} {module} lora_A", lora_a)
-        _check_values(f"layer {layer} {module} lora_B x scaling ({scaling:g})", lora_b * scaling)
+        _check_values(f"layer {layer} {module} lora_B x scaling ({scaling:g})", lora_b, scaling)
         raw_pairs[(layer, module)] = (lora_a, lora_b, scaling)
 
     rank = max(a.shape[0] for a, _, _ in raw_pairs.values())

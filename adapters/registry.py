@@ -15,7 +15,7 @@ class AdapterRecord:
     # deleted and registered again never meets the old weights still finishing a request
     key: str
     folder: str  # where the engine (re)loads the files from
-    source: str  # config | path | upload
+    source: str  # config | path | upload | mixture | fine-tune | the name of the adapter source it was fetched from
     rank: int
     target_modules: tuple[str, ...]
     nbytes: int
@@ -29,9 +29,17 @@ class AdapterRecord:
     created: int = field(default_factory=lambda: int(time.time()))
     # a registered mixture: (member expert, weight) pairs summing to 1, no weights of its own (rank 0)
     mixture: tuple[tuple[str, float], ...] = ()
+    # fetched from an adapter source on first use: where from (s3://..., hf://..., file://...). Such an expert
+    # lives in the bounded cache of fetched experts and may be evicted; one registered otherwise never is
+    origin: str = ""
+
+    @property
+    def fetched(self) -> bool:
+        return bool(self.origin)
 
     @classmethod
-    def create(cls, name: str, folder: str, source: str, weights, spec, key: str | None = None) -> "AdapterRecord":
+    def create(cls, name: str, folder: str, source: str, weights, spec, key: str | None = None,
+               origin: str = "") -> "AdapterRecord":
         """A new registration of `name` (under `key`, else a fresh one). spec: anything with description,
         examples, negative_examples, router_margin, stop, stop_token_ids and the sampling defaults
         temperature / top_p / max_tokens."""
@@ -40,7 +48,7 @@ class AdapterRecord:
                    target_modules=weights.target_modules, nbytes=weights.nbytes, description=spec.description,
                    examples=tuple(spec.examples), negative_examples=tuple(spec.negative_examples),
                    router_margin=spec.router_margin, stop=tuple(spec.stop),
-                   stop_token_ids=frozenset(spec.stop_token_ids), defaults=defaults)
+                   stop_token_ids=frozenset(spec.stop_token_ids), defaults=defaults, origin=origin)
 
     def to_manifest(self) -> dict:
         entry = asdict(self)
@@ -76,7 +84,8 @@ class UnregisteredMember(LookupError):
 
 
 def new_key(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:12]}"
+    """A registration key: also the expert's folder name in the store, so a fetched `team/x` is `team~x-...`."""
+    return f"{name.replace('/', '~')}-{uuid.uuid4().hex[:12]}"
 
 
 class AdapterRegistry:

@@ -398,7 +398,9 @@ def check_peft(model, tokenizer, names: list[str], folders: list[Path], toleranc
                         effects.append(_rel(theirs, peft_model(prompt).logits[0, -1]))
         finally:
             del peft_model, reference
-    return {"ok": max(errors) < tolerance < min(effects) / 10, "adapter_effect_min": round(min(effects), 5),
+    # within tolerance of PEFT, and the error an order of magnitude below what the adapter changes (the first
+    # GPU run asked the effect to be 10x the tolerance itself: a 24% effect with 1.7% error failed that)
+    return {"ok": max(errors) < tolerance and max(errors) < min(effects) / 10, "adapter_effect_min": round(min(effects), 5),
             "relative_error_by_row": dict(zip(
         [f"{i}:{a or 'base'}" for i, a in enumerate(layout)], errors)), "tolerance": tolerance}
 

@@ -146,6 +146,50 @@ def registry_section() -> str:
     ])
 
 
+def sources_section() -> str:
+    head = "### Experts fetched on first use\n"
+    result = _load("bench_sources.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_sources")
+    ms = lambda seconds: f"{seconds * 1000:.0f} ms"  # noqa: E731
+    lines = [
+        head,
+        f"{_provenance(result, 'python -m loadtests.bench_sources')}; the default model, adapters in an "
+        f"S3-compatible server on loopback ({result['s3_server']}) read with boto3:",
+        "",
+        "| measurement | goal | result |",
+        "| --- | --- | --- |",
+    ]
+    first, others, zipf = result.get("first_use"), result.get("others_during_fetches"), result.get("zipf")
+    if first:
+        lines.append(
+            f"| request -> first token, naming a rank-16 demo-sized adapter ({result['rank16_adapter_bytes'] / 1e6:.1f} "
+            f"MB) only the bucket holds | < 1 s on top of a normal request | p50 {ms(first['first_use_s']['p50'])}, "
+            f"p99 {ms(first['first_use_s']['p99'])} over {len(first['first_use_s']['runs'])} names; the same request "
+            f"on a fetched expert: p50 {ms(first['normal_s']['p50'])}, p99 {ms(first['normal_s']['p99'])}; "
+            f"{ms(first['extra_p50_s'])} more at p50 |")
+    if others:
+        lines.append(
+            f"| 8 streams on other experts while 10 adapters are fetched at once / the same 8 streams alone | >= 0.9x | "
+            f"{others['ratio']:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in others['ratio_per_round'])}; "
+            f"{others['tokens_per_s_with_fetches']:.1f} vs {others['tokens_per_s_alone']:.1f} tokens/s; the 10 fetches "
+            f"took {others['fetch_burst_s']:.1f} s of the streams' {others['streams_wall_s']:.1f} s) |")
+    if zipf:
+        lines.append(
+            f"| {zipf['requests']} requests over 200 names drawn from Zipf(1.1), 4 at a time, room for {zipf['room']} "
+            f"({zipf['cache_bytes_limit'] / 1e6:.1f} MB) | 0 errors | hit rate {zipf['hit_rate']:.2f} (an exact LRU of "
+            f"{zipf['room']} on the same sequence: {zipf['exact_lru_hit_rate']:.2f}); {zipf['fetches']:.0f} fetches, "
+            f"{zipf['evictions']:.0f} evictions, {zipf['errors']} errors; "
+            f"{zipf['cache_bytes_used'] / 1e6:.1f} MB held at the end |")
+    else:
+        lines.append("| 200 names drawn from Zipf(1.1), room for 20 | 0 errors | not measured in this run |")
+    if "load_average_start" in result:
+        lines += ["", f"The machine's 1-minute load average was {result['load_average_start']:.1f} when the run began "
+                      f"and {result['load_average_end']:.1f} when it ended, on {result['machine'].split(', ')[1]} shared "
+                      "with other work: the ratios are measured within the run, the absolute times are as noisy as that."]
+    return "\n".join(lines)
+
+
 def router_section() -> str:
     head = ("### Router\n\n"
             "Five hand-written labelled sets in `loadtests/data/` (each: experts registered with a description and\n"
@@ -369,18 +413,65 @@ def kv_section() -> str:
     return "\n".join(lines)
 
 
+_FINISH_ROWS = (("json_schema", "`response_format` json_schema"), ("pydantic_parse", "pydantic models, `parse()`"),
+                ("tools_required", "tools, `required`"), ("tools_named", "tools, named function"),
+                ("tools_auto", "tools, `auto`"))
+
+
+def _finish_cells(summary: dict | None) -> str:
+    if summary is None:
+        return "| - | - | - | - "
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.0f}%"
+    return (f"| {pct(summary['finish_rate'])} | {pct(summary['valid_of_finished'])} "
+            f"| {pct(summary['no_invented_keys_of_finished'])} "
+            f"| {'-' if summary['mean_tokens'] is None else round(summary['mean_tokens'])} ")
+
+
+def _finish_table(finish: dict) -> list[str]:
+    before, after = finish.get("before"), finish.get("after")
+    first = after or before
+    models = ", ".join(f"`{m}`" for m in first["models"])
+    lines = [f"Finish rate on the default server ({models}; greedy, `max_tokens` {first['max_tokens']}, the "
+             "unmodified `openai` client): answers that stopped by themselves (`stop` / `tool_calls`), how many of "
+             "those validate against the schema as the client wrote it (tools: a call of an offered function, "
+             "the named one when named), how many have no invented key (every declared object closed), and the "
+             "mean completion tokens per answer. Before: main before issue 35 (`--finish-only --url --label "
+             "before`); after: this branch.", "",
+             "| suite (answers) | before: finished | valid | no invented key | tokens | after: finished | valid "
+             "| no invented key | tokens |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [(key, label, lambda run, key=key: run["suites"][key]["all"]) for key, label in _FINISH_ROWS]
+    rows += [("structured_outputs", "**all structured outputs**", lambda run: run["structured_outputs"]),
+             ("forced_tool_calls", "**all `required` / named calls**", lambda run: run["forced_tool_calls"])]
+    for _, label, pick in rows:
+        count = pick(first)["answers"]
+        lines.append(f"| {label} ({count}) {_finish_cells(pick(before) if before else None)}"
+                     f"{_finish_cells(pick(after) if after else None)}|")
+    tools = ("tools_required", "tools_named", "tools_auto")
+    markup = [f"{label} {sum(run['suites'][key]['all']['raw_markup_in_content'] for key in tools)}"
+              for label, run in (("before", before), ("after", after)) if run is not None]
+    lines += ["", f"Answers with raw `<tool_call>` markup in `content` (all {3 * first['suites']['tools_auto']['all']['answers']} "
+              "tool answers, most of them cut by `max_tokens` mid-call): " + ", ".join(markup) + "."]
+    return lines
+
+
 def structured_section() -> str:
-    head = ("### Structured outputs: what constrained rows cost the batch\n\n"
-            "`python -m loadtests.bench_structured` runs 16 concurrent streams on the default SmolLM2: all free, against\n"
-            "8 free plus 8 constrained by a JSON schema that keeps them generating (every row 48 tokens, `ignore_eos`),\n"
-            "alternated 3 times on one server; and prepares the 22 schemas of `loadtests/data/structured_schemas.json`\n"
-            "(check, compile, first mask) in process on the same tokenizer.\n")
+    head = ("### Structured outputs: answers that finish, and what constrained rows cost the batch\n\n"
+            "`python -m loadtests.bench_structured` asks the default server (`configs/default.yaml`) for the 32\n"
+            "schemas of `loadtests/data/structured_schemas.json` (`response_format`), 7 pydantic models (`parse()`)\n"
+            "and the 12 tools of `loadtests/data/structured_tools.json` (`required`, named, `auto`), on the base and\n"
+            "two demo experts; then runs 16 concurrent streams on SmolLM2: all free, against 8 free plus 8\n"
+            "constrained by a JSON schema that keeps them generating (every row 48 tokens, `ignore_eos`),\n"
+            "alternated 3 times on one server; and prepares the schemas (check, compile, first mask) in process\n"
+            "on the same tokenizer.\n")
     result = _load("bench_structured.json")
     if result is None:
         return head + "\n" + _missing("python -m loadtests.bench_structured")
     median, ratios, comp = result["median"], result["ratios"], result["compile"]
-    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_structured')}:", "",
-             "| batch of 16 (median of rounds) | output tokens/s | free rows' inter-token p50 |", "| --- | --- | --- |"]
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_structured')}:", ""]
+    if result.get("finish"):
+        lines += _finish_table(result["finish"]) + [""]
+    lines += ["| batch of 16 (median of rounds) | output tokens/s | free rows' inter-token p50 |", "| --- | --- | --- |"]
     for name, label in (("none", "no row constrained"), ("half", "8 rows constrained")):
         lines.append(f"| {label} | {median[name]['output_tokens_per_s']:.0f} | {median[name]['free_gap_p50_ms']:.0f} ms |")
     lines += ["", f"Throughput with half the rows constrained / none: **{ratios['throughput_half_over_none']:.2f}**.",
@@ -411,13 +502,21 @@ def gpu_section() -> str:
             "per step, the Triton LoRA kernels against the torch path, CUDA-graph replays against eager steps,\n"
             "both timed). `bash loadtests/gpu_run.sh OUT_DIR` runs both and an end-to-end check of the server on\n"
             "the device image (The GPU kit, below); its `bench.tgz` unpacked into `loadtests/results/gpu/` appears here.\n")
-    result = _load("gpu/bench/summary.json")
-    if result is None:
+    runs = [(name, _load(f"gpu/{name}/summary.json")) for name in ("bench32", "bench64", "bench")]
+    runs = [(name, result) for name, result in runs if result is not None]
+    if not runs:
         return head + "\n" + ("Not measured yet: no GPU has been available to this project's sessions so far. "
                               "The script runs on CPU with `--shape tiny --device cpu` (the test suite does).")
-    meta = result["meta"]
-    return "\n".join([head, f"`{meta['command']}`, {meta['date'][:10]}, {meta['device_name']}, torch {meta['torch']}:",
-                      "", markdown(result).split("\n", 2)[2].rstrip()])
+    lines = [head]
+    for name, result in runs:
+        meta = result["meta"]
+        lines += [f"`{meta['command']}` (`loadtests/results/gpu/{name}/`), {meta['date'][:10]}, {meta['device_name']}, "
+                  f"torch {meta['torch']}:", "", markdown(result).split("\n", 2)[2].rstrip(), ""]
+    smoke_md = RESULTS / "gpu" / "smoke" / "smoke.md"
+    smoke = smoke_md.read_text().split("\n", 2)[2].rstrip() if smoke_md.is_file() else None
+    if smoke:
+        lines += ["The smoke checks of the same run (`loadtests/results/gpu/smoke/smoke.md`):", "", smoke, ""]
+    return "\n".join(lines).rstrip()
 
 
 def mixtures_section() -> str:
@@ -642,7 +741,8 @@ def moe_section() -> str:
     return "\n".join(lines)
 
 
-SECTIONS = (serving_section, scenarios_section, kv_section, structured_section, registry_section, router_section,
+SECTIONS = (serving_section, scenarios_section, kv_section, structured_section, registry_section, sources_section,
+            router_section,
             fine_tuning_section, experts_section, moe_section, demo_experts_load_section, sampled_section, mixtures_section,
             ray_section, edge_section, reliability_section, gpu_section)
 

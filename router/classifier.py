@@ -215,8 +215,7 @@ class _Index:
 
 
 class ExpertClassifier:
-    """The router's index of experts. `add`/`remove` re-encode and refit (milliseconds for a few experts,
-    ~0.1 s for a hundred): call them off the event loop. `rank` reads the current snapshot."""
+    """The router's index of experts. `add`/`remove` re-encode and refit (longer the more experts there are): call them off the event loop. `rank` reads the current snapshot."""
 
     def __init__(self, encoder, background_prompts: list[str] | None = None):
         self._encoder = encoder

@@ -74,6 +74,23 @@ class Metrics:
                                         "Requests placed on each Ray Serve engine replica; adapter: hit (the "
                                         "replica held the expert), miss (it loaded it), base",
                                         ["replica", "adapter"], registry=r)
+        # experts fetched on first use from adapter_sources: `source` is a source's name from the config, never
+        # anything a request said
+        self.adapter_fetches = Counter("loraplex_adapter_fetches_total",
+                                       "Fetches of an expert from an adapter source, by outcome", ["source", "outcome"],
+                                       registry=r)
+        self.adapter_fetch_time = Histogram("loraplex_adapter_fetch_seconds", "One fetch from an adapter source: "
+                                            "download, admission checks, registration", ["source"],
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_fetched_bytes = Counter("loraplex_adapter_fetched_bytes_total",
+                                             "Bytes downloaded from adapter sources", ["source"], registry=r)
+        self.adapter_cache_hits = Counter("loraplex_adapter_cache_hits_total",
+                                          "Requests for a fetched expert that was in the cache", registry=r)
+        self.adapter_cache_misses = Counter("loraplex_adapter_cache_misses_total",
+                                            "Requests for an unregistered name an adapter source may resolve "
+                                            "(fetched, joined a fetch, or refused)", registry=r)
+        self.adapter_cache_evictions = Counter("loraplex_adapter_cache_evictions_total",
+                                               "Fetched experts evicted from the cache to make room", registry=r)
         self.batch_size = Gauge("loraplex_batch_size", "Rows in the latest decode step", registry=r)
         self.decode_rows = Histogram("loraplex_decode_batch_rows", "Requests decoded together, per decode step",
                                      buckets=ROW_BUCKETS, registry=r)
@@ -108,6 +125,13 @@ class Metrics:
         """Drop every series labelled with a retired expert: deleted experts must not pile up in /metrics."""
         for metric, label in self._per_expert:
             metric.remove_by_labels({label: name})
+
+    def watch_adapter_cache(self, used: Callable[[], int], limit: int) -> None:
+        """The fetched-expert cache's disk use, read at scrape time."""
+        cache = Gauge("loraplex_adapter_cache_bytes", "Store bytes of experts fetched from adapter sources, and the "
+                      "limit (adapter_cache_bytes)", ["state"], registry=self.registry)
+        cache.labels(state="used").set_function(used)
+        cache.labels(state="limit").set(limit)
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
               tiers: Callable[[], dict[str, int]], kv_blocks: Callable[[], tuple[int, int]],

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -52,6 +52,81 @@ class AdapterSpec(EncodableText):
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         return stops
+
+
+# `source` values of experts that did not come from an adapter source: no source may take one of these names
+NON_SOURCE_ORIGINS = frozenset({"config", "path", "upload", "mixture", "fine-tune"})
+
+
+class _SourceSpec(EncodableText):
+    """What every entry of `adapter_sources` says: its name and the model names it may resolve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+                      description="Names this source in metrics labels and in the `source` of the experts it brings.")
+    patterns: list[str] = Field(
+        min_length=1,
+        description="Model names this source may resolve, as shell patterns ('acme/*', 'sql-*'; '*' also crosses "
+                    "'/'). A name no source's patterns match is a plain 404: nothing is asked of any source.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_registration_kind(cls, name: str) -> str:
+        if name in NON_SOURCE_ORIGINS:
+            raise ValueError(f"'{name}' is what experts registered another way are called; name the source otherwise")
+        return name
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_name_something(cls, patterns: list[str]) -> list[str]:
+        if any(not p.strip() for p in patterns):
+            raise ValueError("a pattern must not be empty")
+        return patterns
+
+
+class FolderSourceSpec(_SourceSpec):
+    kind: Literal["folder"]
+    path: str = Field(description="The folder tree: model name 'team/x' is the adapter folder <path>/team/x/.")
+
+
+class S3SourceSpec(_SourceSpec):
+    kind: Literal["s3"]
+    bucket: str = Field(min_length=1, description="The bucket: model name 'team/x' is s3://<bucket>/<prefix>team/x/.")
+    prefix: str = Field("", description="Key prefix of the adapters in the bucket.")
+    endpoint_env: str | None = Field(None, description="Name of the environment variable holding the endpoint URL "
+                                                       "(an S3-compatible server); unset: AWS's endpoint.")
+    region_env: str | None = Field(None, description="Name of the environment variable holding the region.")
+    access_key_env: str | None = Field(None, description="Name of the environment variable holding the access key "
+                                                         "id; unset: boto3's credential chain (AWS_*, ~/.aws, roles).")
+    secret_key_env: str | None = Field(None, description="Name of the environment variable holding the secret key.")
+    session_token_env: str | None = Field(None, description="Name of the environment variable holding a session "
+                                                            "token, if any.")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "path", description="'path' (bucket in the URL path) suits most S3-compatible servers; 'virtual' AWS.")
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> "S3SourceSpec":
+        if (self.access_key_env is None) != (self.secret_key_env is None):
+            raise ValueError("give access_key_env and secret_key_env together (or neither: boto3's own chain)")
+        return self
+
+
+class HubSourceSpec(_SourceSpec):
+    kind: Literal["huggingface"]
+    namespace: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$",
+                           description="The Hub user or organization: model name '<namespace>/<repo>' (or "
+                                       "'<namespace>/<repo>/<subfolder>') is read from that repository.")
+    revision: str = Field("main", min_length=1, description="Branch, tag or commit of every repository.")
+    cache_dir: str | None = Field(None, description="huggingface_hub's cache; unset: HF_HUB_CACHE (~/.cache/"
+                                                    "huggingface/hub). With HF_HUB_OFFLINE=1 only this cache is read.")
+    token_env: str | None = Field(None, description="Name of the environment variable holding a Hub token "
+                                                    "(private repositories); unset: huggingface_hub's own (HF_TOKEN).")
+    endpoint_env: str | None = Field(None, description="Name of the environment variable holding a Hub mirror's "
+                                                       "URL; unset: huggingface_hub's (HF_ENDPOINT).")
+
+
+AdapterSourceSpec = Annotated[Union[FolderSourceSpec, S3SourceSpec, HubSourceSpec], Field(discriminator="kind")]
 
 
 class Settings(EncodableText):
@@ -122,6 +197,12 @@ class Settings(EncodableText):
     max_tokens_limit: int = Field(2048, ge=1, description="Upper bound on a request's max_tokens.")
     context_window: int = Field(2048, ge=16, description="Prompt plus completion tokens per request.")
     max_request_bytes: int = Field(1_000_000, ge=1024)
+    structured_max_string_length: int = Field(
+        256, ge=0,
+        description="Constrained output (response_format, tool arguments, guided_json): a string the schema gives no "
+                    "maxLength gets at most this many characters, so a small model's answer closes instead of "
+                    "running to max_tokens; a schema's own maxLength wins. 0: no cap.",
+    )
     request_body_timeout_s: float = Field(
         30.0, gt=0, description="A request whose body sends no bytes for this long is refused (408)."
     )
@@ -158,6 +239,25 @@ class Settings(EncodableText):
     ray_address: str | None = Field(
         None, description="Ray cluster to run on ('auto', 'ray://head:10001'); none: start a local one."
     )
+    # --- experts fetched on first use (server/experts/sources.py) ---
+    adapter_sources: list[AdapterSourceSpec] = Field(
+        default_factory=list,
+        description="Where experts that are not registered are looked for, in order, when a request names one "
+                    "(kind: folder, s3 or huggingface; README, Adapter sources). A fetched expert passes the "
+                    "upload's checks, is stored and listed, and stays until the cache evicts it.")
+    adapter_cache_bytes: int = Field(
+        10_000_000_000, ge=1024,
+        description="Disk the experts fetched from adapter_sources may take in the store; past it the least "
+                    "recently used one that no request is using is evicted (and fetched again when asked for). "
+                    "Experts of the config and registered over HTTP are never evicted and not counted.")
+    adapter_fetch_timeout_s: float = Field(60.0, gt=0, description="Longest one fetch from a source may take "
+                                                                   "(connecting, and the whole download).")
+    adapter_fetch_concurrency: int = Field(
+        2, ge=1, le=64, description="Fetches running at once (others wait); requests for a name being fetched "
+                                    "share its fetch.")
+    adapter_refusal_ttl_s: float = Field(
+        30.0, ge=0, description="A name whose fetch failed (not found, invalid, too large, source down) is answered "
+                                "with that error, without asking the source, for this long.")
     max_gpu_adapters: int = Field(8, ge=1, description="Adapters resident on the compute device (LRU).")
     max_cpu_adapters: int = Field(32, ge=0, description="Evicted adapters kept in CPU memory (LRU).")
     max_adapter_rank: int = Field(64, ge=1)
@@ -200,6 +300,14 @@ class Settings(EncodableText):
         for name in adapters:
             check_adapter_name(name)
         return adapters
+
+    @field_validator("adapter_sources")
+    @classmethod
+    def _source_names_are_unique(cls, sources: list) -> list:
+        names = [source.name for source in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter_sources names must be unique: {names}")
+        return sources
 
     @field_validator("adapter_roots", "admin_key", "api_key", "auto_model_names", mode="before")
     @classmethod
@@ -292,6 +400,11 @@ def _read_yaml(path: str) -> dict[str, Any]:
     base_dir = Path(path).resolve().parent
     for spec in (data.get("adapters") or {}).values():
         if isinstance(spec, dict) and isinstance(spec.get("path"), str) and not os.path.isabs(spec["path"]):
+            spec["path"] = str(base_dir / spec["path"])
+    sources = data.get("adapter_sources")
+    for spec in sources if isinstance(sources, list) else ():
+        if isinstance(spec, dict) and spec.get("kind") == "folder" and isinstance(spec.get("path"), str) \
+                and not os.path.isabs(spec["path"]):
             spec["path"] = str(base_dir / spec["path"])
     return data
 

@@ -37,7 +37,7 @@ def test_a_gpu_run_appears_with_its_device(tmp_path, monkeypatch):
     (tmp_path / "gpu" / "bench" / "summary.json").write_text(json.dumps(summary))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     section = report.gpu_section()
-    assert "`python -m loadtests.bench_gpu out`, 2027-01-02, H200" in section
+    assert "`python -m loadtests.bench_gpu out` (`loadtests/results/gpu/bench/`), 2027-01-02, H200" in section
     assert "| 64 | mixed8 | 16.00 | 4000 | 3000 | 9.50 |" in section and "median 5.0 ms" in section
 
 

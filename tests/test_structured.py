@@ -154,7 +154,15 @@ def test_text_completions_take_response_format_too(server):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None, "not in tools"),
     ({"tool_choice": "required"}, None, "needs tools"),
     ({"tools": [WEATHER, WEATHER]}, None, "unique"),
-    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, None, "cannot both"),
+    ({"guided_regex": "[0-9]+", "response_format": {"type": "json_object"}}, None, "one constraint"),
+    ({"guided_json": {"type": "object"}, "tools": [WEATHER]}, None, "cannot both"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag", "Extra inputs"),
+    ({"guided_regex": "[a-"}, "guided_regex", "regex"),
+    ({"functions": [WEATHER["function"]], "tools": [WEATHER]}, None, "not both"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(500)}}}}},
+     "response_format", "at most 400"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "x": {"type": "string", "format": "no-such-format"}}}}}]}, "tools", "format"),
 ])
@@ -225,3 +233,147 @@ def test_tool_call_answers_are_counted_as_tool_calls(client, server):
     client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Weather in Rome?"}],
                                    tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
     assert value(scrape(server), "loraplex_requests_total", finish_reason="tool_calls") == before + 1
+
+
+# ---- answers that close (issue 35): the shapes a small model padded until max_tokens -------------
+
+OPEN_WEATHER = {"type": "function", "function": {  # as users write it: no additionalProperties, no maxLength
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"]}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_tool_call_with_open_parameters_closes_with_exactly_its_arguments(client, tool_choice):
+    reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "What's the weather in Oslo in celsius?"}],
+        tools=[OPEN_WEATHER], tool_choice=tool_choice, max_tokens=80, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    arguments = json.loads(choice.message.tool_calls[0].function.arguments)
+    assert set(arguments) == {"city", "unit"}  # the model used to copy the tool's schema into extra keys
+
+
+def test_a_schema_without_additional_properties_gets_no_invented_keys(client):
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "steps": {"type": "array", "items": {
+        "type": "object", "properties": {"n": {"type": "integer"}, "text": {"type": "string"}}, "required": ["n", "text"]},
+        "minItems": 1, "maxItems": 3}}, "required": ["title", "steps"]}
+    reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "How do I make tea? Answer in steps."}], max_tokens=200,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "howto", "schema": schema}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    answer = json.loads(choice.message.content)
+    assert set(answer) == {"title", "steps"} and all(set(step) == {"n", "text"} for step in answer["steps"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_max_tokens_says_length_and_leaves_no_markup_in_content(client, stream):
+    kwargs = dict(model=BASE, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[OPEN_WEATHER],
+                  tool_choice="required", max_tokens=22, temperature=0)  # the call opens at token 17
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        content, reason, calls = choice.message.content, choice.finish_reason, choice.message.tool_calls or []
+        arguments = [call.function.arguments for call in calls]
+    else:
+        content, reason, arguments = "", None, []
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            for part in delta.tool_calls or []:
+                if part.id:
+                    arguments.append("")
+                arguments[part.index] += part.function.arguments or ""
+            reason = chunk.choices[0].finish_reason or reason
+    assert reason == "length"
+    assert "<tool_call>" not in (content or "") and "get_weather" not in (content or "")
+    assert arguments and not arguments[0].endswith("}}")  # what was generated of the arguments, as generated
+
+
+def test_streamed_tool_calls_send_id_and_name_first_then_argument_fragments(client):
+    deltas = []
+    for chunk in client.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "What's the weather in Oslo in celsius?"}],
+            tools=[OPEN_WEATHER], tool_choice="required", max_tokens=80, temperature=0, stream=True):
+        deltas += chunk.choices[0].delta.tool_calls or []
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.type == "function" and first.function.name == "get_weather"
+    assert first.function.arguments == ""
+    assert len(rest) >= 3 and all(d.id is None and d.function.name is None for d in rest)  # fragments, as generated
+    arguments = json.loads("".join(d.function.arguments for d in rest))
+    jsonschema.validate(arguments, OPEN_WEATHER["function"]["parameters"])
+
+
+def test_response_format_and_tools_together_answer_in_the_format_or_call(client):
+    schema = {"type": "object", "properties": {"greeting": {"type": "string", "maxLength": 40}},
+              "required": ["greeting"]}
+    reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "Say hello to me."}], tools=[OPEN_WEATHER],
+        response_format={"type": "json_schema", "json_schema": {"name": "hello", "schema": schema}},
+        max_tokens=60, temperature=0)
+    choice = reply.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    else:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), {**schema, "additionalProperties": False})
+
+
+def test_vllm_guided_fields_are_enforced_on_chat_and_completions(server, client):
+    reply = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=10, temperature=0,
+        extra_body={"guided_choice": ["yes", "no"]})
+    assert reply.choices[0].message.content in ("yes", "no") and reply.choices[0].finish_reason == "stop"
+    reply = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "Name a city."}], max_tokens=40, temperature=0,
+        extra_body={"guided_json": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                                    "required": ["city"]}})
+    assert set(json.loads(reply.choices[0].message.content)) == {"city"}
+    body = httpx.post(server.base_url + "/v1/completions", timeout=60, json={
+        "model": BASE, "prompt": "The year the Moon landing happened:", "max_tokens": 10, "temperature": 0,
+        "guided_regex": "[0-9]{4}"}).json()
+    assert len(body["choices"][0]["text"]) == 4 and body["choices"][0]["text"].isdigit()
+    body = httpx.post(server.base_url + "/v1/completions", timeout=60, json={
+        "model": BASE, "prompt": "Answer:", "max_tokens": 10, "temperature": 0,
+        "guided_grammar": 'root ::= "A" | "B"'}).json()
+    assert body["choices"][0]["text"] in ("A", "B")
+
+
+def test_legacy_functions_are_served_and_answered_as_function_call(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "What's the weather in Oslo in celsius?"}],
+            "functions": [OPEN_WEATHER["function"]], "function_call": {"name": "get_weather"}, "max_tokens": 60,
+            "temperature": 0}
+    choice = post(server, body).json()["choices"][0]
+    assert choice["finish_reason"] == "function_call" and "tool_calls" not in choice["message"]
+    call = choice["message"]["function_call"]
+    assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city", "unit"}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    parts = [c["choices"][0]["delta"]["function_call"] for c in chunks if c["choices"][0]["delta"].get("function_call")]
+    assert parts[0]["name"] == "get_weather"
+    assert json.loads("".join(p.get("arguments", "") for p in parts)) == json.loads(call["arguments"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
+    history = [*body["messages"], {"role": "assistant", "content": None, "function_call": call},
+               {"role": "function", "name": "get_weather", "content": "4 degrees"}]
+    follow_up = post(server, {**body, "messages": history, "function_call": "none"}).json()
+    assert follow_up["choices"][0]["message"]["content"]
+
+
+def test_after_a_tool_result_required_calls_the_other_tool_instead_of_repeating(client):
+    """pydantic-ai's output tool: tool_choice required, the function tool and final_result; the model used to
+    call get_weather again and again."""
+    final = {"type": "function", "function": {"name": "final_result", "description": "The final response",
+                                              "parameters": {"type": "object", "properties": {
+                                                  "city": {"type": "string"}, "summary": {"type": "string"}},
+                                                  "required": ["city", "summary"]}}}
+    reply = client.chat.completions.create(model=BASE, max_tokens=120, temperature=0, tools=[OPEN_WEATHER, final],
+                                           tool_choice="required", messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "c"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls[0].function.name == "final_result"
+    assert set(json.loads(choice.message.tool_calls[0].function.arguments)) == {"city", "summary"}

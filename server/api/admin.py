@@ -32,6 +32,7 @@ def _describe(record: AdapterRecord, state: ServerState) -> dict:
         "object": "adapter",
         "created": record.created,
         "source": record.source,
+        "origin": record.origin or None,  # where a fetched expert's files came from (adapter_sources)
         "description": record.description,
         "examples": list(record.examples),
         "negative_examples": list(record.negative_examples),
@@ -115,13 +116,13 @@ async def list_adapters(request: Request):
     return {"object": "list", "data": [_describe(r, state) for r in state.registry.all()]}
 
 
-@router.get("/v1/adapters/{name}")
+@router.get("/v1/adapters/{name:path}")  # a fetched expert's name may hold '/'
 async def show_adapter(name: str, request: Request):
     state = _state(request)
     return _describe(state.experts.existing(name), state)
 
 
-@router.delete("/v1/adapters/{name}")
+@router.delete("/v1/adapters/{name:path}")
 async def delete_adapter(name: str, request: Request):
     state = _state(request)
     # new requests for it get 404 from here on; running ones finish on it, then its memory and files go

@@ -10,7 +10,7 @@ import asyncio
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -40,6 +40,9 @@ class Call:
     outputs: asyncio.Queue  # (choice index, EngineOutput), or None when the client has gone
     outcome: RequestOutcome  # what the request-outcome middleware counts and logs
     replica: str | None = None  # the engine replica of its first choice (Ray Serve); None: this process
+    members: list = field(default_factory=list)  # (record, weight) of the experts whose weights serve it
+    sources: list = field(default_factory=list)  # the records whose stops and defaults apply
+    blended: bool = False  # several experts, or one at a weight other than 1
 
     def cancel(self, engine) -> None:
         for seq in self.seqs:
@@ -107,11 +110,24 @@ def sampling_params(req: SamplingFields, prompt_len: int, state: ServerState, re
 
 async def route_request(model: str, routing_text: str, request: Request, state: ServerState,
                         top_k: int | None = None) -> Route:
+    """The route; an unregistered name that an adapter source may resolve is fetched first (a fetch of it
+    already under way is joined; one that fails raises its AdmissionError, answered as it is)."""
     router, header = state.router, request.headers.get("x-expert")
     if router.needs_classifier(model, header):
         with state.metrics.router_latency.time():
-            return await state.in_text_pool(router.by_prompt, routing_text, top_k)
-    return router.by_name(model, header)
+            route = await state.in_text_pool(router.by_prompt, routing_text, top_k)
+    else:
+        try:
+            route = router.by_name(model, header)
+        except UnknownExpert as exc:
+            fetching = state.experts.fetch(exc.name, exc.param)
+            if fetching is None:
+                raise
+            # shielded: a client that leaves stops waiting, never the fetch other requests may share
+            await asyncio.shield(asyncio.wrap_future(fetching))
+            return router.by_name(model, header)  # a miss: just fetched, the most recently used already
+    state.experts.touch(name for name, _ in route.mixture or ((route.expert, 1.0),) if name)
+    return route
 
 
 def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord, float]], list[AdapterRecord]]:
@@ -155,6 +171,29 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
     if req.n > state.settings.max_queued_requests:
         raise APIError(400, f"n ({req.n}) is more than this server ever queues at once "
                             f"({state.settings.max_queued_requests}); ask for fewer choices.", param="n")
+    # the experts it names are not evicted from the cache of fetched experts until the engine has the request
+    with state.experts.pinned(req.model, request.headers.get("x-expert")):
+        call = await _route_and_queue(req, prompt_ids, routing_text, request, state, id_prefix, default_max_tokens,
+                                      output, constraints)
+    for source in {r.name for r in call.sources if r.mixture}:
+        state.registry.count_request(source)
+    for member, _ in call.members:
+        state.registry.count_request(member.name)
+        if call.blended:
+            state.metrics.mixture_requests.labels(member.name).inc()
+    if state.replicas is not None:  # Ray Serve: the replica is named in the response headers
+        try:
+            call.replica = await state.replicas.placed(call.seqs[0])
+        except BaseException:  # the request was cancelled (its client left) while a replica was being chosen
+            call.cancel(state.engine)
+            raise
+    return call
+
+
+async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_text: str, request: Request,
+                           state: ServerState, id_prefix: str, default_max_tokens: int | None,
+                           output: OutputFormat, constraints: list) -> Call:
+    """Route the request (fetching its expert if a source has it), set its sampling, queue its choices."""
     base = state.base
     route = await route_request(req.model, routing_text, request, state, req.router_top_k)
     # a mixture a request spelled out is counted under one label, never its own string (see server/metrics.py)
@@ -199,7 +238,8 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
         for index in range(req.n)
     ]
     seqs = [spec.build(emitter(index), state.engine.device, constraints[index]) for index, spec in enumerate(specs)]
-    call = Call(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), route, params, seqs, outputs, outcome)
+    call = Call(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), route, params, seqs, outputs, outcome,
+                members=members, sources=sources, blended=blended)
     try:
         for seq in seqs:
             state.engine.submit(seq)
@@ -209,16 +249,4 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
             raise APIError(429, "Too many requests are queued; retry shortly.", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         raise APIError(503, "The server is shutting down.", code="shutting_down") from None
-    for source in {r.name for r in sources if r.mixture}:
-        state.registry.count_request(source)
-    for member, _ in members:
-        state.registry.count_request(member.name)
-        if blended:
-            state.metrics.mixture_requests.labels(member.name).inc()
-    if state.replicas is not None:  # Ray Serve: the replica is named in the response headers
-        try:
-            call.replica = await state.replicas.placed(seqs[0])
-        except BaseException:  # the request was cancelled (its client left) while a replica was being chosen
-            call.cancel(state.engine)
-            raise
     return call

@@ -37,7 +37,7 @@ async def list_models(request: Request):
     return {"object": "list", "data": data + _router_entries(state)}
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id:path}")  # a fetched expert's name may hold '/'
 async def get_model(model_id: str, request: Request):
     state = _ready(request)
     if model_id == state.base.name:

@@ -25,14 +25,16 @@ _WHY = {400: "Invalid request", 401: "Missing or wrong key", 403: "Disabled (no 
         404: "Unknown model, expert or adapter", 408: "The request body stalled", 409: "Name already registered, or an expert a mixture blends",
         413: "Request body too large", 429: "Queue full; retry after Retry-After",
         500: "This request's generation failed (the server goes on)",
-        503: "Loading, shutting down, or an adapter could not be loaded; retry after Retry-After"}
-_INFERENCE = (400, 401, 404, 408, 413, 429, 500, 503)
+        502: "The expert's adapter source failed or cannot be reached (adapter_sources)",
+        503: "Loading, shutting down, or an adapter could not be loaded; retry after Retry-After",
+        504: "Fetching the expert from its adapter source took too long (adapter_fetch_timeout_s)"}
+_INFERENCE = (400, 401, 404, 408, 413, 429, 500, 502, 503, 504)
 _ADMIN = (401, 403, 503)
 ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/metrics"): (401, 403),
     ("get", "/v1/models"): (401, 503),
     ("get", "/v1/models/{model_id}"): (401, 404, 503),
-    ("post", "/v1/route"): (400, 401, 404, 408, 413, 503),
+    ("post", "/v1/route"): (400, 401, 404, 408, 413, 502, 503, 504),
     ("post", "/v1/chat/completions"): _INFERENCE,
     ("post", "/v1/completions"): _INFERENCE,
     ("get", "/v1/adapters"): _ADMIN,

@@ -12,12 +12,12 @@ from server.api.structured import CALL_CLOSE, CALL_OPEN, tool_prompt
 def _turn_text(message: ChatMessage) -> str:
     """A turn's text; an assistant turn's tool calls follow it in the format the grammar enforces."""
     text = message.text()
-    for call in message.tool_calls or []:
+    for call in message.calls():
         try:
-            arguments = json.loads(call.function.arguments)
+            arguments = json.loads(call.arguments)
         except (ValueError, RecursionError):
-            arguments = call.function.arguments
-        text += ("\n" if text else "") + CALL_OPEN + json.dumps({"name": call.function.name, "arguments": arguments}) \
+            arguments = call.arguments
+        text += ("\n" if text else "") + CALL_OPEN + json.dumps({"name": call.name, "arguments": arguments}) \
             + CALL_CLOSE
     return text
 
@@ -72,9 +72,10 @@ class PromptEncoder:
                 return text
             return self._special_re.sub(lambda m: f"\ue000{nonce}:{self._index[m.group()]}\ue001", text)
 
-        # "developer" is OpenAI's newer name for the system role; templates only know "system".
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": mark(_turn_text(m))}
-                        for m in messages]
+        # "developer" is OpenAI's newer name for the system role, "function" the legacy name of a tool result;
+        # templates only know "system" and "tool"
+        roles = {"developer": "system", "function": "tool"}
+        conversation = [{"role": roles.get(m.role, m.role), "content": mark(_turn_text(m))} for m in messages]
         template = None if self._tokenizer.chat_template else FALLBACK_CHATML
         extra = {}
         if tools and CALL_OPEN in (self._tokenizer.chat_template or ""):

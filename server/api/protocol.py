@@ -1,15 +1,18 @@
 """OpenAI request/response shapes, validated at the HTTP edge and nowhere else."""
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema, field_validator,
+                      model_validator)
 
 from validation.schema import EncodableText
 
 
 MAX_CHOICES = 16
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 # Seeds torch.Generator can take: any signed or unsigned 64-bit integer.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # logit_bias keys: token ids written in ASCII digits (str.isdigit also says yes to "²", which int() refuses)
@@ -46,10 +49,11 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = STRICT
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    function_call: FunctionCall | None = None  # the legacy form of one call (answered by a "function" turn)
     tool_call_id: str | None = None  # tool turns: which call this answers
 
     @field_validator("content", mode="before")
@@ -63,6 +67,10 @@ class ChatMessage(BaseModel):
                     raise ValueError(f"content parts of type {kind[:40]!r} are not supported: this server takes "
                                      "text parts only")
         return content
+
+    def calls(self) -> list[FunctionCall]:
+        """The calls an assistant turn made, in either form."""
+        return [call.function for call in self.tool_calls or []] + ([self.function_call] if self.function_call else [])
 
     def text(self) -> str:
         if self.content is None:
@@ -125,6 +133,35 @@ class NamedToolChoice(BaseModel):
     function: ToolChoiceFunction
 
 
+def _schema_object(value: dict | str | None, field: str) -> dict | None:
+    """A JSON schema given as an object or as JSON text (vLLM takes both)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{field} is not valid JSON") from None
+        if not isinstance(value, (dict, bool)):
+            raise ValueError(f"{field} must be a JSON schema (an object)")
+    return value
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (its newer spelling of the guided_* fields): one constraint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # an unknown kind of constraint is a 400, never ignored
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _json_object(cls, value: dict | str | None) -> dict | None:
+        return _schema_object(value, "structured_outputs.json")
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT
 
@@ -158,6 +195,14 @@ class SamplingFields(EncodableText):
         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
     # vLLM-compatible extensions
     stop_token_ids: list[int] | None = None
+    # vLLM's constraints, enforced by the same grammar library as response_format (structured.py)
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # which library vLLM should use; here it is always llguidance
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     # loraplex: with model "auto", blend this many of the top experts (default the server's router_top_k)
     router_top_k: int | None = Field(None, ge=1, le=16)
     ignore_eos: bool = False
@@ -181,6 +226,47 @@ class SamplingFields(EncodableText):
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {value} for token {token}")
         return bias
+
+    @field_validator("guided_json")
+    @classmethod
+    def _guided_json_object(cls, value: dict | str | None) -> dict | None:
+        return _schema_object(value, "guided_json")
+
+    @field_validator("guided_whitespace_pattern")
+    @classmethod
+    def _no_whitespace_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("guided_whitespace_pattern is not supported: JSON is always generated compactly, with "
+                             "', ' and ': ' as separators")
+        return value
+
+    @model_validator(mode="after")
+    def _one_guided_constraint(self) -> "SamplingFields":
+        given = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
+        if self.structured_outputs is not None:
+            given += [f"structured_outputs.{name.rstrip('_')}" for name in StructuredOutputs.model_fields
+                      if getattr(self.structured_outputs, name) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"only one constraint per request: got {', '.join(given)}")
+        if self.structured_outputs is not None and not given:
+            raise ValueError("structured_outputs names no constraint (json, regex, choice, grammar or json_object)")
+        if given and getattr(self, "response_format", None) is not None and self.response_format.type != "text":
+            raise ValueError(f"only one constraint per request: got response_format and {given[0]}")
+        return self
+
+    def guided(self) -> tuple[str, object, str] | None:
+        """The vLLM constraint asked for: (kind, value, the field it came in), or None."""
+        for name in GUIDED_FIELDS:
+            if getattr(self, name) is not None:
+                return name.removeprefix("guided_"), getattr(self, name), name
+        outputs = self.structured_outputs
+        if outputs is None:
+            return None
+        for name in ("json_", "regex", "choice", "grammar", "json_object"):
+            value = getattr(outputs, name)
+            if value not in (None, False):
+                return name.rstrip("_"), value, "structured_outputs"
+        return None
 
     @field_validator("*")
     @classmethod
@@ -216,9 +302,29 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI's legacy function calling: served as tools, answered as `function_call`
+    functions: list[FunctionDefinition] | None = Field(None, max_length=128)
+    function_call: Literal["none", "auto"] | ToolChoiceFunction | None = None
+    _legacy_functions: bool = PrivateAttr(False)
+
+    @property
+    def legacy_functions(self) -> bool:
+        """The request used `functions`: the answer says `function_call`, as the legacy API does."""
+        return self._legacy_functions
 
     @model_validator(mode="after")
     def _tools_consistent(self) -> "ChatCompletionRequest":
+        if self.functions is not None or self.function_call is not None:
+            if self.tools is not None or self.tool_choice is not None:
+                raise ValueError("use tools / tool_choice or the legacy functions / function_call, not both")
+            if not self.functions:
+                raise ValueError("function_call needs functions")
+            self.tools = [Tool(type="function", function=function) for function in self.functions]
+            call = self.function_call
+            self.tool_choice = (NamedToolChoice(type="function", function=call)
+                                if isinstance(call, ToolChoiceFunction) else call)
+            self.parallel_tool_calls = False
+            self._legacy_functions = True
         names = [tool.function.name for tool in self.tools or []]
         if len(set(names)) != len(names):
             raise ValueError("tools: function names must be unique")
@@ -227,9 +333,10 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(f"tool_choice names function {choice.function.name!r}, which is not in tools")
         if choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs tools")
-        if names and choice != "none" and self.response_format and self.response_format.type != "text":
-            raise ValueError("response_format and tools cannot both constrain one answer; use tool_choice 'none' "
-                             "or drop one of them")
+        guided = self.guided()
+        if guided and names and choice != "none":
+            raise ValueError(f"{guided[2]} and tools cannot both constrain one answer; use response_format with "
+                             "tools (the model answers in the format or calls a tool)")
         return self
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
@@ -244,7 +351,15 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """The legacy /v1/completions: a raw prompt, continued as is (no chat template)."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # The schema states what the validator below refuses (an empty prompt, several prompts), so that
+    # a client generated from the OpenAPI document, or a fuzzer, knows before it sends one; the
+    # validator keeps its plain-words errors ("the prompt is empty") rather than pydantic's per-branch ones.
+    prompt: Annotated[str | list[int] | list[str] | list[list[int]], WithJsonSchema({"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+         "minItems": 1, "maxItems": 1}], "title": "Prompt"})]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # here: how many alternatives; 0 = the chosen token only
     response_format: ResponseFormat | None = None  # an extension (as vLLM's): the continuation in that format

@@ -177,8 +177,8 @@ class ChunkShaper:
         """The first chunk of a choice before any text (the chat role, an echoed prompt), if any."""
         return None
 
-    def piece(self, index: int, out: EngineOutput) -> dict | None:
-        """A chunk carrying a piece of a choice's text (and its logprobs); None: nothing to send yet."""
+    def piece(self, index: int, out: EngineOutput) -> dict | list[dict] | None:
+        """The chunk(s) carrying a piece of a choice's text (and its logprobs); None or []: nothing to send yet."""
         raise NotImplementedError
 
     def finish(self, index: int, reason: str) -> dict:
@@ -205,9 +205,10 @@ async def _events(call: Call, state: ServerState, shaper: ChunkShaper, include_u
                 yield sse_error(engine_failed(out))
                 break
             if out.text or out.logprobs:  # a held-back stop string can leave logprobs with no text
-                chunk = shaper.piece(index, out)
-                if chunk is not None:
-                    yield sse(chunk)
+                chunks = shaper.piece(index, out)
+                for chunk in chunks if isinstance(chunks, list) else [chunks]:
+                    if chunk is not None:
+                        yield sse(chunk)
             if out.finish_reason:
                 for chunk in shaper.finish_chunks(index, out.finish_reason):
                     yield sse(chunk)

@@ -94,7 +94,8 @@ async def text_completions(req: CompletionRequest, request: Request, state: Serv
     if isinstance(prompt, str):
         check_prompt_chars(len(prompt), "prompt", state)
     prompt_ids, prompt_text = await state.in_text_pool(_prompt, req, state.base)  # off the event loop
-    output = await state.in_text_pool(state.base.formats.for_response_format, req.response_format)
+    formats = state.base.formats
+    output = await state.in_text_pool(lambda: formats.for_guided(req) or formats.for_response_format(req.response_format))
     call = await submit(req, prompt_ids, prompt_text, request, state, "cmpl", default_max_tokens=DEFAULT_MAX_TOKENS,
                         output=output)
     echo = prompt_text if req.echo else ""

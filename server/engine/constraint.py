@@ -25,11 +25,11 @@ class TokenConstraint:
     def prepare(self) -> None:
         """Compute which tokens may come next. The engine calls it in a worker thread while the
         forward pass runs (the matcher is not touched elsewhere until the step is sampled), so a
-        slow mask (the library builds lexer states lazily: up to ~0.5 s for a new kind of string on
-        this CPU) overlaps the model instead of adding to the step.
+        slow mask (the library builds lexer states lazily, so a new kind of string can take a long
+        time once) overlaps the model instead of adding to the step.
 
         The bitmask is unpacked with plain torch ops: llguidance's own apply helper compiles a
-        kernel on first use (1.5 s on this CPU), which would stall the whole batch."""
+        kernel on first use (seconds), which would stall the whole batch."""
         self._llg.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         self._allowed = ((self._bitmask[0, :, None] >> self._bits) & 1).flatten().bool()
 
@@ -41,7 +41,7 @@ class TokenConstraint:
         return row_logits.masked_fill_(~allowed.to(row_logits.device), float("-inf"))
 
     def warm(self) -> "TokenConstraint":
-        """Compute the first mask once (the library builds its lexer lazily, ~50 ms for a schema):
+        """Compute the first mask once (the library builds its lexer lazily, on the first mask):
         called where the request is prepared, so the engine's first step with it does not pay."""
         self._llg.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         return self
@@ -50,7 +50,8 @@ class TokenConstraint:
         """Advance past the chosen token; ValueError if the format did not allow it."""
         self._allowed = None
         if not self._matcher.consume_token(token):
-            raise ValueError(f"token {token} breaks the requested output format: {self._matcher.get_error()}")
+            problem = " ".join(self._matcher.get_error().replace("<non-verbose/>", "").split())
+            raise ValueError(f"token {token} breaks the requested output format: {problem[:300]}")
 
     @property
     def complete(self) -> bool:

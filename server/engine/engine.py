@@ -150,6 +150,18 @@ class Engine(EngineHandle):
         """No new request will use it; its memory is freed once running ones are done."""
         return self.call(lambda _: self._adapters.retire(key))
 
+    def adapters_in_use(self) -> set[str]:
+        """Keys that requests running or waiting need (a snapshot, safe from any thread). Read under the queue
+        lock, which scheduling holds, so a request moving from waiting to running is seen in one of the two;
+        a copy that races a finished request leaving the batch is taken again."""
+        with self._wakeup:
+            for _ in range(5):
+                try:
+                    return self._scheduler.adapters_in_use()
+                except RuntimeError:  # mutated during the copy
+                    continue
+        raise RuntimeError("the engine's queues kept changing while they were read")
+
     def adapter_tier(self, key: str) -> str:
         """Where an adapter resides now: device, cpu or disk (a snapshot, safe from any thread)."""
         return self._adapters.tier(key)

@@ -50,6 +50,10 @@ class EngineHandle(ABC):
         """No new request will use `key`; its memory and files are freed once running requests are done."""
 
     @abstractmethod
+    def adapters_in_use(self) -> set[str]:
+        """Keys of the adapters that requests running or waiting need (a snapshot, safe from any thread)."""
+
+    @abstractmethod
     def adapter_tier(self, key: str) -> str:
         """Where the adapter resides now: device, cpu or disk."""
 

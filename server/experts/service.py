@@ -30,12 +30,14 @@ from adapters.admission import (
 )
 from adapters.lora import CONFIG_FILE, WEIGHTS_FILE, BaseShape
 from adapters.registry import AdapterRecord, AdapterRegistry, UnregisteredMember, new_key
+from adapters.sources import AdapterSource
 from adapters.store import AdapterStore
 from validation.unicode import find_unencodable, unencodable_message
 from router.classifier import ExpertClassifier, ExpertProfile
 from router.encoder import RouterEncoder
 from router.resolve import AUTO_MODEL, ExpertRouter, Route
 from server.engine.interface import EngineHandle
+from server.experts.sources import CachePolicy, FetchedExperts
 from server.experts.spec import ExpertRegistration
 from server.metrics import Metrics
 from server.settings import AdapterSpec
@@ -77,8 +79,11 @@ class Correction:
 
 class Experts:
     def __init__(self, registry: AdapterRegistry, store: AdapterStore, engine: EngineHandle, metrics: Metrics,
-                 policy: ExpertPolicy):
+                 policy: ExpertPolicy, sources: list[AdapterSource] = (), cache: CachePolicy | None = None):
         self.registry, self.store, self.engine, self.metrics, self.policy = registry, store, engine, metrics, policy
+        # experts fetched on first use from the config's adapter_sources, in a bounded cache (sources.py)
+        self.fetched = FetchedExperts(self, list(sources), cache or CachePolicy(10**10, 60.0, 1, 30.0), metrics)
+        metrics.watch_adapter_cache(self.fetched.used_bytes, self.fetched.policy.max_bytes)
         self.base: ServedBase | None = None  # set by attach(), once the base is loaded
         self.router: ExpertRouter | None = None
         self._corrections = threading.Lock()  # one read-modify-write of a record at a time
@@ -91,14 +96,17 @@ class Experts:
 
     # ---- registration ------------------------------------------------------------------------
 
-    def register(self, registration: ExpertRegistration, files: dict | None, source: str) -> AdapterRecord:
+    def register(self, registration: ExpertRegistration, files: dict | None, source: str,
+                 origin: str = "") -> AdapterRecord:
         """Check, store, load and index a new expert, then list it. `files`: the two uploaded files
         (bytes or binary files) keyed adapter_config / adapter_model, or None to register from
-        `registration.path` or `registration.mixture`. Blocking."""
+        `registration.path` or `registration.mixture`. `origin`: where an adapter source's files came from
+        (sources.py); such an expert may have a name of '/'-joined parts, and lives in the cache of fetched
+        experts. Blocking."""
         if registration.mixture is not None:
             return self._register_mixture(registration)
         name = registration.name
-        check_new_name(name, self._reserved_names())
+        check_new_name(name, self._reserved_names(), nested=bool(origin))
         if not self.registry.reserve(name):
             raise name_taken(name)
         staging = self.store.staging_dir()
@@ -109,7 +117,7 @@ class Experts:
             weights, registration = self._stage_and_validate(registration, files, staging)
             key = new_key(name)
             folder = self.store.commit_files(staging, key)
-            record = AdapterRecord.create(name, str(folder), source, weights, registration, key)
+            record = AdapterRecord.create(name, str(folder), source, weights, registration, key, origin)
             self.engine.register_adapter(key, str(folder), weights).result(REGISTER_TIMEOUT_S)
             if classifier is not None:  # indexed before it is listed: routable from the next request on
                 classifier.add(name, ExpertProfile.of(record))
@@ -210,13 +218,34 @@ class Experts:
                                  "name", "adapter_in_use")
         if record is None:  # retired by a concurrent request
             raise AdmissionError(404, f"No adapter named '{name}' is registered.", "name", "adapter_not_found")
-        self.metrics.forget_expert(name)
+        self.dismantle(record)
+        return record
+
+    def dismantle(self, record: AdapterRecord) -> None:
+        """The rest of a retirement, once the registry no longer lists `record`: its metrics series, its index
+        entry, its manifest entry, and (once running requests are done) its weights and files."""
+        if record.fetched:
+            self.fetched.forget(record.name)
+        self.metrics.forget_expert(record.name)
         if self.router.classifier is not None:
-            self.router.classifier.remove(name)
-        self.store.remove_entry(name, record.key)
+            self.router.classifier.remove(record.name)
+        self.store.remove_entry(record.name, record.key)
         if not record.mixture:  # a mixture has no weights of its own
             self.engine.retire_adapter(record.key)
-        return record
+
+    # ---- experts fetched on first use (sources.py) ----------------------------------------------
+
+    def fetch(self, name: str, param: str):
+        """A Future of `name`'s record, fetched from the adapter sources; None if no source may resolve it."""
+        return self.fetched.fetch(name, param)
+
+    def pinned(self, *names: str | None):
+        """A request's hold on the experts it names, until the engine has it (no eviction meanwhile)."""
+        return self.fetched.pinned(*names)
+
+    def touch(self, names) -> None:
+        """A request was routed to these experts (the cache's recency and hits)."""
+        self.fetched.touch(names)
 
     # ---- router corrections -------------------------------------------------------------------
 
@@ -297,6 +326,7 @@ class Experts:
         if orphans:
             log.warning("removed %d store folders no manifest entry named (an interrupted registration)",
                         len(orphans))
+        stored = []
         for name, entry in self.store.read_manifest().items():
             if name in config_adapters:
                 log.warning("adapter %s is in the config and in the store; serving the config's", name)
@@ -305,7 +335,17 @@ class Experts:
             if problem is not None:  # written by an older version that let such text in: kept on disk, not served
                 log.error("manifest entry %s is not served: %s", name, unencodable_message(problem))
                 continue
-            record = AdapterRecord.from_manifest(entry)
+            stored.append(AdapterRecord.from_manifest(entry))
+        # fetched experts beyond adapter_cache_bytes (lowered since they were fetched): the oldest go
+        dropped = self.fetched.keep(r for r in stored if r.fetched)
+        for record in dropped:
+            self.store.remove_entry(record.name, record.key)
+            self.store.delete_files(record.folder)
+            log.info("fetched expert %s dropped from the cache at start (adapter_cache_bytes)", record.name)
+        dropped_keys = {record.key for record in dropped}
+        for record in stored:
+            if record.key in dropped_keys:
+                continue
             if not record.mixture:  # a mixture has no weights of its own
                 register(record.key, record.folder, None)  # read from disk on first use
             self.registry.add(record)

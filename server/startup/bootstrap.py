@@ -21,12 +21,14 @@ from router.resolve import ExpertRouter
 from server.api.logprobs import TokenPieces
 from server.api.prompts import PromptEncoder
 from server.api.state import BaseInfo, ServerState
+from server.api.schemas import SchemaPolicy
 from server.api.structured import OutputFormats
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model_runner import ModelRunner, kv_block_bytes
 from server.engine.lora_batch import LoraBank, aligned_rank, choose_kernels
 from server.engine.residency import AdapterCache
 from server.experts.service import Experts, ExpertPolicy, ServedBase
+from server.experts.sources import CachePolicy, build_sources
 from server.experts.spec import ExpertRegistration
 from server.jobs.manager import JobError
 from server.jobs.service import FineTuning, TrainingDefaults
@@ -55,7 +57,8 @@ def describe_base(settings: Settings, folder: Path, name: str, tokenizer, config
         context_window=context_window_for(settings, config),
         vocab_size=config.vocab_size,
         shape=BaseShape.from_config(config),
-        formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids),
+        formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids,
+                              SchemaPolicy(settings.structured_max_string_length)),
     )
 
 
@@ -148,6 +151,16 @@ def _register_trained(experts: Experts, job: dict, folder: Path) -> str:
 def _policy(settings: Settings) -> ExpertPolicy:
     return ExpertPolicy(tuple(settings.adapter_roots), settings.max_adapter_bytes, settings.max_adapter_rank,
                         settings.base_mismatch)
+
+
+def _experts(settings: Settings, registry: AdapterRegistry, store: AdapterStore, engine, metrics: Metrics) -> Experts:
+    """The Experts service, with the adapter sources of the config (their environment variables read now)."""
+    cache = CachePolicy(settings.adapter_cache_bytes, settings.adapter_fetch_timeout_s,
+                        settings.adapter_fetch_concurrency, settings.adapter_refusal_ttl_s)
+    sources = build_sources(settings.adapter_sources, settings.adapter_fetch_timeout_s)
+    if sources:
+        log.info("adapter sources: %s", ", ".join(f"{s.name} ({s.kind}: {', '.join(s.patterns)})" for s in sources))
+    return Experts(registry, store, engine, metrics, _policy(settings), sources, cache)
 
 
 def _share_cores(state: ServerState, settings: Settings):
@@ -243,7 +256,7 @@ def create_state(settings: Settings) -> ServerState:
                      lambda: state.experts)
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=Experts(registry, store, engine, metrics, _policy(settings)))
+                        experts=_experts(settings, registry, store, engine, metrics))
     return state
 
 
@@ -265,7 +278,7 @@ def create_ingress_state(settings: Settings, make_engine) -> ServerState:
     engine = make_engine(metrics, _delete_later(store))
     _watch(metrics, engine, settings)
     state = ServerState(settings=settings, registry=registry, store=store, engine=engine, metrics=metrics,
-                        experts=Experts(registry, store, engine, metrics, _policy(settings)), replicas=engine)
+                        experts=_experts(settings, registry, store, engine, metrics), replicas=engine)
     info = read_base_info(settings)
     _restore(state.experts, settings, info, engine.register_adapter)
     _attach_base(state, settings, info)

@@ -275,6 +275,16 @@ class RemoteEngine(EngineHandle, Replicas):
         self._release_retired()
         return _resolved()
 
+    def adapters_in_use(self) -> set[str]:
+        """Keys that this ingress's requests in flight need (read from a fetch thread: copied, taken again
+        if a request started or ended meanwhile)."""
+        for _ in range(5):
+            try:
+                return {key for key, users in list(self._users.items()) if users > 0}
+            except RuntimeError:
+                continue
+        raise RuntimeError("the requests in flight kept changing while they were read")
+
     def adapter_tier(self, key: str) -> str:
         """"device" when some replica holds it in its multiplexing set (as last reported: a set the size
         of its device slots), else "disk" (the shared store)."""
