@@ -291,6 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server (default: start `loraplex serve` on configs/default.yaml)")
     parser.add_argument("--per-skill", type=int, default=24, help="generated held-out prompts per skill")
+    parser.add_argument("--threads", type=int, help="the server's CPU threads (OMP_NUM_THREADS); on a machine shared "
+                        "with other work, 1 avoids threads waiting at every op's barrier for a descheduled peer")
     parser.add_argument("--check-data", action="store_true", help="only check the hand-written golds")
     parser.add_argument("--out", default=str(REPO / "loadtests" / "results" / "bench_moe.json"))
     args = parser.parse_args()
@@ -300,7 +302,8 @@ def main() -> None:
     server = None
     if args.url is None:
         workdir = Path(tempfile.mkdtemp(prefix="bench-moe-"))
-        server = ServerProcess(workdir, None).start()
+        env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+        server = ServerProcess(workdir, None, env=env).start()
     try:
         result = asyncio.run(measure(args.url or server.base_url, args.per_skill))
     finally:
