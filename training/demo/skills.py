@@ -5,7 +5,8 @@ Five skills the 135M base does poorly and a rank-16 LoRA can learn from a few hu
 answered in a short, regular form (a line of working, then a marked result):
   arithmetic  one-step word problems (+, -, x)           "23 - 8 = 15. The answer is 15."
   units       unit conversions (metric, time, feet)      "... so 7 km = 7 x 1000 = 7000 m. The answer is 7000."
-  weekday     weekday arithmetic, forwards and back      "10 days is 1 week and 3 days. ... The answer is Friday."
+  weekday     weekday arithmetic, forwards and back      "Counting 3 days forward from Tuesday: Wednesday (1),
+                                                         Thursday (2), Friday (3). The answer is Friday."
   extract     name, date and amount of a sentence, as JSON in a given shape (ISO date, number)
   sql         SQLite over one fixed table (employees), checked by running it
 
@@ -208,10 +209,18 @@ def weekday(rng: random.Random, split: str) -> Item:
     end = DAYS[(start + sign * n) % 7]
     prompt = rng.choice(WEEKDAY[split][direction]).format(d=DAYS[start], n=n)
     weeks, rest = divmod(n, 7)
-    lead = f"{n} days is {weeks} week{'s' if weeks > 1 else ''} and {rest} day{'s' if rest != 1 else ''}. " if weeks \
+    # whole weeks first (a small table: n -> weeks and days), then the days left counted one by one, each the
+    # next (or previous) weekday: every step is local, which a 135M model can learn. A first version wrote
+    # "Tuesday + 5 days = Sunday" in one jump: the expert learnt the form and not the arithmetic.
+    lead = f"{n} days is {weeks} week{'s' if weeks > 1 else ''} and {rest} day{'s' if rest != 1 else ''}" if weeks \
         else ""
-    step = f"{DAYS[start]} {'+' if sign > 0 else '-'} {rest} day{'s' if rest != 1 else ''} = {end}."
-    return Item("weekday", prompt, f"{lead}{step} The answer is {end}.", end)
+    if weeks and not rest:
+        return Item("weekday", prompt, f"{lead}, so it is {DAYS[start]} again. The answer is {end}.", end)
+    steps = ", ".join(f"{DAYS[(start + sign * k) % 7]} ({k})" for k in range(1, rest + 1))
+    way = "forward" if sign > 0 else "back"
+    count = f"Counting {rest} day{'s' if rest != 1 else ''} {way} from {DAYS[start]}: {steps}."
+    text = f"{lead}; whole weeks land on {DAYS[start]} again. {count}" if weeks else count
+    return Item("weekday", prompt, f"{text} The answer is {end}.", end)
 
 
 # ---- extract ------------------------------------------------------------------------------

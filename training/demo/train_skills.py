@@ -32,7 +32,7 @@ REPO = HERE.parents[1]
 # Conversations per skill, one pass each: sized for a 2-core CPU shared with other work (a step of 8
 # extract conversations is 10 CPU-seconds; the loss is under 0.01 by step 10); the regular forms (JSON,
 # SQL) need fewer than the ones that compute (sums, weekdays).
-COUNTS = {"extract": 160, "sql": 200, "units": 320, "weekday": 400, "arithmetic": 400}
+COUNTS = {"extract": 160, "sql": 200, "units": 320, "weekday": 800, "arithmetic": 400}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "expert.json", "training.json")
 
 
