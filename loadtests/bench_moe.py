@@ -186,6 +186,13 @@ async def measure(url: str, per_skill: int) -> dict:
         if missing:
             raise SystemExit(f"the server does not serve {missing}: train them (python -m training.demo.train_skills)")
         out["base_model"] = base
+        # the server answers before its router has encoded the experts' examples; until then /v1/route and
+        # `auto` send everything to the base (a first run measured routed-right 0.00, off-topic on base 1.00)
+        deadline = time.monotonic() + 600
+        while (await http.get("/health")).json().get("router") != "ready":
+            if time.monotonic() > deadline:
+                raise SystemExit("the router is not ready after 600 s: " + (await http.get("/health")).text)
+            await asyncio.sleep(1)
         start = time.perf_counter()
 
         # routing first: cheap, and it says what `auto` will do
