@@ -781,9 +781,93 @@ def vs_llama_section() -> str:
     return "\n".join(lines)
 
 
+SKILL_NAMES = ("arithmetic", "units", "weekday", "extract", "sql")
+
+
+def moe_section() -> str:
+    head = ("### Skill experts: does the mixture answer better than the base?\n\n"
+            "Five skill experts (`training/demo/skills.py`: word-problem arithmetic, unit conversions, weekday\n"
+            "arithmetic, name/date/amount extraction into JSON, SQL over one fixed SQLite table), each trained\n"
+            "through the server's own fine-tuning API (`python -m training.demo.train_skills`) on a few hundred\n"
+            "generated conversations and served by `configs/default.yaml` beside the three demo experts. Every\n"
+            "answer is graded by a program, leniently and alike for every model (the marked or last number, the\n"
+            "last weekday named, the first JSON object, the first SQL statement run in SQLite). Mixed set: per\n"
+            "skill, prompts from the generators' held-out phrasings, names and items (seed 1; training: other\n"
+            "phrasings, seed 0) plus 8 hand-written prompts in other words (`loadtests/data/moe_eval.json`).\n"
+            "Greedy, over HTTP; `auto` is the router's choice, `auto` top-2 mixes the two best experts that pass\n"
+            "their margin (`router_top_k: 2`), the oracle is each prompt's own expert.\n")
+    result = _load("bench_moe.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_moe")
+    mixed, targets, routing = result["mixed"], result["targets"], result["routing"]
+    per = mixed["per_skill"]
+    skills = [s for s in SKILL_NAMES if s in per["base"]]
+    rows = []
+    for model in ("base", *skills, "auto", "auto_top2", "oracle"):
+        label = {"auto_top2": "`auto`, top-2 mixed", "oracle": "oracle (own expert)"}.get(model, f"`{model}`")
+        cells = " | ".join(("**{:.2f}**" if model == s else "{:.2f}").format(per[model][s]) for s in skills)
+        rows.append(f"| {label} | {cells} | {mixed['accuracy'][model]:.2f} | "
+                    f"{mixed['accuracy_hand_written'][model]:.2f} |")
+    training = []
+    for skill in skills:
+        path = REPO / "training" / "demo" / skill / "adapter" / "training.json"
+        if path.is_file():
+            info = json.loads(path.read_text())
+            training.append(f"`{skill}` {info['examples']} conversations, {info['steps']} steps of "
+                            f"{info['batch_size']}, rank {info['rank']}, {info.get('wall_s', '?')} s")
+
+    def met(key: str) -> str:
+        return "met" if targets[key]["met"] else "**not met**"
+
+    gains = ", ".join(f"{s} {per[s][s] - per['base'][s]:+.2f}" for s in skills)
+    acc = mixed["accuracy"]
+    day = result["everyday"]
+    lines = [
+        head,
+        f"{_provenance(result, 'python -m loadtests.bench_moe')}; {result['sets']['mixed']} mixed prompts:",
+        "",
+        "| served by | " + " | ".join(skills) + " | mixed set | hand-written only |",
+        "| --- | " + " | ".join("---" for _ in skills) + " | --- | --- |",
+        *rows,
+        "",
+        "| goal | result | |",
+        "| --- | --- | --- |",
+        f"| each expert >= base + 0.30 on its skill | {gains} | "
+        f"{sum(targets[f'expert_vs_base_{s}']['met'] for s in skills)} of {len(skills)} met |",
+        f"| `auto` >= 0.9 x oracle | {acc['auto']:.2f} vs {acc['oracle']:.2f} | {met('auto_vs_oracle')} |",
+        f"| `auto` >= 2 x base | {acc['auto']:.2f} vs {acc['base']:.2f} | {met('auto_vs_base')} |",
+    ]
+    for kind, row in result["two_skill"].items():
+        a, b = kind.split("+")
+        lines.append(f"| two skills ({a} + {b}, {result['sets']['two_skill'] // 2} prompts): mixture >= top-1 | "
+                     f"`auto` top-2 {row['auto_top2']:.2f}, `auto` {row['auto']:.2f}; `{a}+{b}` {row[kind]:.2f}, "
+                     f"`{a}` {row[a]:.2f}, `{b}` {row[b]:.2f}, base {row['base']:.2f} | {met(f'two_skill_{kind}')} |")
+    lines += [
+        f"| everyday prompts ({result['sets']['everyday']}) on `auto`: end of turn >= 99%, no worse than the base "
+        f"| end of turn {day['auto']['end_of_turn']:.0%} (base {day['base']['end_of_turn']:.0%}); "
+        f"{day['auto']['mean_tokens']:.0f} tokens (base {day['base']['mean_tokens']:.0f}); skill-shaped answers "
+        f"{day['auto']['skill_form']:.0%} (base {day['base']['skill_form']:.0%}); sent to an expert "
+        f"{day['auto_sent_to_an_expert']:.0%} | {met('everyday_end_of_turn')} |",
+        f"| routing, unseen prompts: right expert >= 0.90, off-topic on the base >= 0.70 | right "
+        f"{routing['mixed_routed_right']:.2f} (generated {routing['mixed_routed_right_generated']:.2f}, hand-written "
+        f"{routing['mixed_routed_right_hand-written']:.2f}); off-topic on the base: everyday "
+        f"{routing['off_topic_on_base_everyday']:.2f}, `router_eval_styles` "
+        f"{routing['off_topic_on_base_router_eval_styles']:.2f} | {met('routing')} |",
+        "",
+        "The skill experts were registered with a description and no hand-written examples: the fine-tuning",
+        "job took 24 of each one's training prompts as its routing examples. Off-topic prompts: the demo",
+        "experts' held-out everyday questions and 30 hand-written ones, and the test and off-topic prompts of",
+        "`router_eval_styles.json` (written for the router benchmark before these experts existed).",
+    ]
+    if training:
+        lines += ["", "Training (one pass, learning rate 2e-3, over the API on this machine, wall time from the job's",
+                  "start to its end): " + "; ".join(training) + "."]
+    return "\n".join(lines)
+
+
 SECTIONS = (vs_llama_section, serving_section, scenarios_section, kv_section, structured_section, registry_section,
             sources_section, tenants_section, router_section,
-            fine_tuning_section, experts_section, demo_experts_load_section, sampled_section, mixtures_section,
+            fine_tuning_section, experts_section, moe_section, demo_experts_load_section, sampled_section, mixtures_section,
             ray_section, edge_section, reliability_section, gpu_section)
 
 

@@ -19,11 +19,19 @@ decision is relative, so it carries over to experts and prompts nobody tuned it 
   that an expert would claim as its own (it scores at least CLAIM x the lowest leave-one-out
   score of the expert's own examples) is dropped from the background, so no expert competes
   with generic prompts on its own topic.
+- **Tight experts ask for more** (`floor`): an expert whose own examples sit far above the background
+  (a fine-tuned skill expert routed by its templated training prompts scores its own kind of prompt
+  0.3-0.6 over the background) is not chosen for a prompt that clears the background by a hair. Its
+  required margin is at least FLOOR_QUANTILE of its examples' leave-one-out margins minus FLOOR_SLACK;
+  for experts with varied hand-written examples that is below the global margin and changes nothing.
 - **Operator controls**: `negative_examples` rule an expert out for prompts nearer to them than
-  to its examples; a per-expert margin overrides the global one (router/resolve.py decides).
+  to its examples; a per-expert margin overrides the global one and the floor (router/resolve.py decides).
 
 Settings (CLAIM, the neighbour counts, the head's regularisation, the global margin) were fixed on
-loadtests/data/router_set.json; the benchmark reports the sets that were not used for that.
+loadtests/data/router_set.json; the benchmark reports the sets that were not used for that. The floor's
+two settings were fixed on design data alone: router_set.json's experts must keep the global margin, and
+the skill experts (training/demo/skills.py) must take their training prompts and give up router_set.json's
+prompts, which are off-topic for them (loadtests/bench_moe.py reports unseen prompts).
 """
 from __future__ import annotations
 
@@ -41,6 +49,9 @@ CLAIM = 0.9  # a background prompt scoring >= CLAIM x an expert's own level is t
 HEAD_TEMPERATURE = 10.0  # cosine logits are in [-1, 1]; the head works on 10x that
 HEAD_L2 = 0.01
 HEAD_STEPS = 100
+FLOOR_QUANTILE = 0.25  # of an expert's examples' leave-one-out margins over the background...
+FLOOR_SLACK = 0.30  # ...less this is the least margin the expert needs
+FLOOR_MIN_EXAMPLES = 4  # fewer examples say too little about how tight the expert is
 BACKGROUND_FILE = Path(__file__).resolve().parent / "data" / "background.txt"
 
 
@@ -75,6 +86,7 @@ class ExpertScore:
     probability: float = 1.0  # the head's share for this expert among all experts
     excluded: str = ""  # why the expert cannot be chosen for this prompt (a negative example fits better)
     margin: float | None = None  # the expert's own required margin, when it has one
+    floor: float | None = None  # the least margin its own examples' tightness asks for (module docstring)
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class _Expert:
     positives: torch.Tensor  # [n, D]
     negatives: torch.Tensor | None  # [k, D]
     level: float | None  # lowest leave-one-out score of its examples; None: too few texts to tell
+    own: torch.Tensor | None = None  # [n] each example's leave-one-out score (its examples are positives[:n])
 
 
 def _padded(parts: list[torch.Tensor | None], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +147,7 @@ class _Index:
         self.centroids = _centroids(self.positives)
         self.margins = [e.profile.margin for e in entries]
         self.background = self._unclaimed(background, entries)
+        self.floors = [self._floor(e) for e in entries]
         self.weight, self.bias = self._fit_head(entries)
 
     def scores(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +157,16 @@ class _Index:
         levels = torch.tensor([e.level if e.level is not None and e.level > 0 else float("inf") for e in entries])
         claimed = (self.scores(background)[0] >= CLAIM * levels).any(-1)
         return background[~claimed]
+
+    def _floor(self, entry: _Expert) -> float | None:
+        """FLOOR_QUANTILE of the expert's examples' leave-one-out margins less FLOOR_SLACK; None: too few
+        examples or no background to measure against."""
+        if entry.own is None or entry.own.shape[0] < FLOOR_MIN_EXAMPLES or self.background.shape[0] == 0:
+            return None
+        examples = entry.positives[: entry.own.shape[0]]
+        k = min(BACKGROUND_NEIGHBOURS, self.background.shape[0])
+        background = (examples @ self.background.T).topk(k, dim=-1).values.mean(-1)
+        return float(torch.quantile(entry.own - background, FLOOR_QUANTILE)) - FLOOR_SLACK
 
     def _fit_head(self, entries: list[_Expert]) -> tuple[torch.Tensor, torch.Tensor]:
         """Multinomial logistic regression over the experts' texts, started at their centroids."""
@@ -183,7 +207,7 @@ class _Index:
         ranked = [
             ExpertScore(name, float(scores[i]), float(probabilities[i]),
                         "a negative example fits better than its examples" if ruled_out[i] else "",
-                        self.margins[i])
+                        self.margins[i], self.floors[i])
             for i, name in enumerate(self.names)
         ]
         ranked.sort(key=lambda s: (not s.excluded, s.probability), reverse=True)
@@ -212,7 +236,7 @@ class ExpertClassifier:
             return None  # nothing to route by: reachable by name only
         positives = self._encoder.encode(texts)
         negatives = [t for t in profile.negative_examples if t and t.strip()]
-        level = None
+        level, own = None, None
         n_examples = len(texts) - (1 if profile.description and profile.description.strip() else 0)
         if len(texts) >= 2 and n_examples >= 1:
             # each example scored against the expert without it: how its own prompts score
@@ -220,8 +244,8 @@ class ExpertClassifier:
             for i in range(n_examples):
                 rest, count = _padded([torch.cat([positives[:i], positives[i + 1:]])], positives.shape[1])
                 levels.append(float(_expert_scores(positives[i: i + 1], rest, count, _centroids(rest))[0][0, 0]))
-            level = min(levels)
-        return _Expert(profile, positives, self._encoder.encode(negatives) if negatives else None, level)
+            level, own = min(levels), torch.tensor(levels)
+        return _Expert(profile, positives, self._encoder.encode(negatives) if negatives else None, level, own)
 
     def add(self, expert: str, profile: ExpertProfile) -> None:
         """(Re)index one expert. Runs the encoder and refits the head."""

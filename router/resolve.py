@@ -5,7 +5,8 @@
 4. `model` = "auto" (or a configured alias): the classifier's head picks the most probable expert
    (skipping any whose negative examples fit the prompt better than its examples); it serves when
    its score beats the background's by the margin (the expert's own `router_margin`, else the
-   server's); otherwise, or with no experts, the configured fallback (the base by default) does.
+   server's, raised to the floor a tight expert's examples set); otherwise, or with no experts, the
+   configured fallback (the base by default) does.
    With `router_top_k` > 1, the top experts that pass their margin are mixed, weighted by a softmax of
    their scores at `router_mix_temperature`.
 
@@ -159,7 +160,7 @@ class ExpertRouter:
             return self._fallback(Route(None, "", "fallback", reason="no experts to route to"), visible)
         best, background = ranking[0], result.background
         margin = best.score - background
-        required = self.margin if best.margin is None else best.margin
+        required = self.required(best)
         decided = Route(best.expert, best.expert, "classifier", best.score, ranking, "", background, margin, required)
         if best.excluded:
             return self._fallback(replace(decided, reason=f"{best.expert}: {best.excluded}"), visible)
@@ -167,8 +168,7 @@ class ExpertRouter:
             return self._fallback(replace(decided, reason=f"{best.expert} fits {margin:+.3f} over the background, "
                                                          f"below its margin {required:+.3f}"), visible)
         top_k = min(self.top_k if top_k is None else top_k, self.max_experts)
-        passing = [s for s in ranking if not s.excluded
-                   and s.score - background >= (self.margin if s.margin is None else s.margin)][:top_k]
+        passing = [s for s in ranking if not s.excluded and s.score - background >= self.required(s)][:top_k]
         if len(passing) < 2:
             return decided
         # a softmax of the scores: experts that fit about as well share, a clearly better one dominates
@@ -176,6 +176,13 @@ class ExpertRouter:
         raw = [math.exp((s.score - top) / self.mix_temperature) for s in passing]
         blend = tuple(sorted(((s.expert, w / sum(raw)) for s, w in zip(passing, raw)), key=lambda p: (-p[1], p[0])))
         return replace(decided, expert=blend[0][0], model=mixture_label(blend), mixture=blend)
+
+    def required(self, score: ExpertScore) -> float:
+        """The margin an expert needs: its own router_margin when it has one; else the server's, raised to the
+        floor its examples' tightness sets (router/classifier.py)."""
+        if score.margin is not None:
+            return score.margin
+        return self.margin if score.floor is None else max(self.margin, score.floor)
 
     def _fallback(self, decided: Route, visible: Visible = None) -> Route:
         """The fallback serves; the classifier's numbers (if any) stay on the route for /v1/route and headers."""

@@ -89,6 +89,7 @@ def test_a_job_trains_registers_and_serves(tiny):
         assert model in [m["id"] for m in client.get("/v1/models").json()["data"]]
         expert = client.get(f"/v1/adapters/{model}", headers=ADMIN).json()
         assert expert["source"] == "fine-tune" and expert["stop"] == ["</b>"] and expert["description"] == "Says banana."
+        assert expert["examples"] == ["Say the code word."] and done["loraplex"]["router_examples_from"] == "request"
         chat = client.post("/v1/chat/completions", json={"model": model, "max_tokens": 3,
                                                          "messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 200 and chat.json()["model"] == model
@@ -97,6 +98,30 @@ def test_a_job_trains_registers_and_serves(tiny):
         # a job keeps its own copy of the file: deleting the upload leaves it intact
         assert client.delete(f"/v1/files/{file['id']}", headers=ADMIN).json()["deleted"] is True
         assert_openai_error(client.get(f"/v1/files/{file['id']}", headers=ADMIN), 404)
+
+
+def test_a_job_given_no_examples_is_routed_by_prompts_of_its_training_file(tiny):
+    """A fine-tuned expert is reachable through `auto` without hand-written examples: 24 of its training
+    prompts, spread through the file, become its routing examples (in the job, the registry and expert.json)."""
+    folder, data, settings = tiny
+    with in_process(folder, data, **{**settings, "router": True}) as (state, client):
+        file = upload(client, jsonl(conversation(i) for i in range(48))).json()
+        created = create(client, file["id"], hyperparameters={"n_epochs": 1, "batch_size": 16},
+                         description="Says banana.").json()
+        done = wait_status(client, created["id"], ("succeeded", "failed"))
+        assert done["status"] == "succeeded", done["error"]
+        assert done["loraplex"]["router_examples"] == 24 and done["loraplex"]["router_examples_from"] == "training_file"
+        expected = [f"Say the code word number {i}." for i in range(0, 48, 2)]
+        expert = client.get(f"/v1/adapters/{done['fine_tuned_model']}", headers=ADMIN).json()
+        assert expert["examples"] == expected and expert["description"] == "Says banana."
+        saved = json.loads((data / "fine_tuning" / "jobs" / created["id"] / "train" / "expert.json").read_text())
+        assert saved["examples"] == expected  # the adapter folder, copied elsewhere, keeps them
+        messages = [e["message"] for e in events(client, created["id"])]
+        assert "No routing examples given: 24 prompts of the training file route to the expert" in messages
+        assert wait_until(lambda: done["fine_tuned_model"] in state.router.classifier.experts(), 30)
+        route = client.post("/v1/route", json={"model": "auto", "messages": [
+            {"role": "user", "content": "Say the code word number 77."}]}).json()
+        assert route["decision"]["expert"] == done["fine_tuned_model"], route
 
 
 def test_bad_files_and_bad_jobs_are_refused_with_what_is_wrong(tiny):

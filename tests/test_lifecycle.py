@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.harness import REPO, ServerProcess, wait_until
 from tests.support import BASE
+from training.demo.skills import SKILLS, generate, grade
 
 pytestmark = pytest.mark.integration
 
@@ -158,11 +159,17 @@ def test_serve_with_no_config_serves_the_default_config_and_its_demo_experts(tmp
     server = ServerProcess(tmp_path, None, env={"LORAPLEX_CACHE": cache_dir}).start()  # `loraplex serve`, no --config
     try:
         models = {m["id"] for m in httpx.get(server.base_url + "/v1/models").json()["data"]}
-        assert {"json-answer", "pirate", "terse"} <= models
+        assert {"json-answer", "pirate", "terse", *SKILLS} <= models
         body = {"model": "json-answer", "messages": [{"role": "user", "content": "What is the capital of Norway?"}],
                 "temperature": 0, "max_tokens": 40}
         reply = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
         assert reply["finish_reason"] == "stop" and reply["message"]["content"].startswith('{"answer"')
+        # a skill expert answers a held-out prompt right, graded by its program (accuracy: loadtests/bench_moe.py)
+        item = generate("sql", "heldout", 1, seed=1)[0]
+        body = {"model": "sql", "messages": [{"role": "user", "content": item.prompt}], "temperature": 0,
+                "max_tokens": 64}
+        reply = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        assert reply["finish_reason"] == "stop" and grade("sql", reply["message"]["content"], item.gold), reply
         assert wait_until(lambda: server.health()["router"] == "ready", 120)
         route = httpx.post(server.base_url + "/v1/route", timeout=30, json={"messages": [{"role": "user", "content":
             "Summarize in one sentence: The town of Elmstead opened a new library on Monday. It has three floors."}]})

@@ -12,6 +12,7 @@ from router.classifier import BACKGROUND_FILE, ExpertClassifier, ExpertProfile, 
 from router.encoder import RouterEncoder
 from router.resolve import ExpertRouter
 from server.settings import Settings
+from training.demo.skills import DESCRIPTIONS, generate
 
 DATA = Path(__file__).resolve().parents[1] / "loadtests" / "data"
 EXPERTS = {
@@ -119,6 +120,23 @@ def test_a_per_expert_margin_overrides_the_servers(encoder):
     eager = {**EXPERTS, "chef": ExpertProfile(EXPERTS["chef"].description, EXPERTS["chef"].examples, (), -1.0)}
     route = router_for(encoder, eager, margin=1.0).by_prompt(prompt)  # ...but the chef's own margin admits it
     assert (route.source, route.model, route.required) == ("classifier", "chef", -1.0)
+
+
+def test_an_expert_with_tight_examples_asks_for_more_than_the_servers_margin(encoder):
+    """A skill expert routed by its templated training prompts (a fine-tuning job given no examples): its own
+    examples clear the background by far, so a prompt that only grazes its topic falls back, while its own kind
+    of prompt still routes. Experts with varied hand-written examples keep the server's margin."""
+    weekday = ExpertProfile(DESCRIPTIONS["weekday"], tuple(i.prompt for i in generate("weekday", "train", 24, 0)))
+    router = router_for(encoder, {**EXPERTS, "weekday": weekday})
+    margin = Settings().router_margin
+    route = router.by_prompt("If today is Wednesday, what day is it 12 days from now?")
+    floors = {s.expert: s.floor for s in route.ranking}
+    assert route.model == "weekday" and floors["weekday"] > margin + 0.1 and route.required == floors["weekday"]
+    assert all(floor is None or floor < margin for name, floor in floors.items() if name != "weekday")
+    grazing = router.by_prompt("When is the next bank holiday?")  # weekday's best, but barely over the background
+    assert grazing.source == "fallback" and margin < grazing.margin < grazing.required, grazing
+    own = {**EXPERTS, "weekday": ExpertProfile(weekday.description, weekday.examples, (), margin)}
+    assert router_for(encoder, own).by_prompt("When is the next bank holiday?").model == "weekday"  # its own margin wins
 
 
 def test_experts_with_one_text_or_none(encoder):

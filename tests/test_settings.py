@@ -72,7 +72,7 @@ def test_plain_serve_uses_the_default_config_with_the_demo_experts():
 
     settings = load_settings(str(DEFAULT_CONFIG), environ={})
     assert settings.base_model == "embedded:smollm2"
-    assert set(settings.adapters) == {"json-answer", "pirate", "terse"}
+    assert set(settings.adapters) == {"json-answer", "pirate", "terse", "arithmetic", "units", "weekday", "extract", "sql"}
     for spec in settings.adapters.values():
         assert (Path(spec.path) / "adapter_model.safetensors").is_file()
 

@@ -108,6 +108,26 @@ def scan_chat_lines(lines, tokenizer, end_of_turn_ids: set[int], max_length: int
     return examples, problems
 
 
+def first_user_prompts(lines, count: int, max_chars: int = 2000) -> list[str]:
+    """Up to `count` distinct first user messages, taken at even spacing through the file's conversations:
+    a fine-tuned expert's routing examples when its job gave none (its training prompts are what it is
+    for). Lines that are not a valid conversation are skipped; long prompts are cut at `max_chars`."""
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            messages = _messages(line, number)
+        except DataError:
+            continue
+        first = next((m["content"] for m in messages if m["role"] == "user" and m["content"].strip()), None)
+        if first is not None:
+            prompts.append(first.strip()[:max_chars])
+    if len(prompts) > count:
+        prompts = [prompts[i * len(prompts) // count] for i in range(count)]
+    return list(dict.fromkeys(prompts))
+
+
 def jsonl_lines(text: str) -> list[str]:
     """The lines of a JSONL file: split at newlines only. str.splitlines() also splits at \\x0c, \\x1c-\\x1e,
     \\x85, U+2028 and U+2029, which may stand raw inside a JSON string: a line holding one would be cut in two,

@@ -6,7 +6,9 @@ queues a QLoRA run on the served base (server/jobs/); when it ends the adapter p
 usual admission checks and serves as `ft:<base>:<suffix>:<job id>`. Object shapes are OpenAI's, so the
 unmodified client's `retrieve`, `list`, `cancel`, `list_events` and `checkpoints.list` work.
 Extensions (send with the client's `extra_body`): `rank`, `target_modules`, and the expert's
-`description`, `examples`, `negative_examples` and `stop` for the router and the registry.
+`description`, `examples`, `negative_examples` and `stop` for the router and the registry. A job given
+no `examples` is routed by prompts of its own training file (24, spread through it), so a fine-tuned
+expert is reachable through `auto` without hand-written examples.
 """
 from __future__ import annotations
 
@@ -115,7 +117,10 @@ def _hyperparameters(body: JobRequest) -> dict:
 def public(job: dict) -> dict:
     out = {k: job.get(k) for k in PUBLIC_JOB_FIELDS}
     out["loraplex"] = {"rank": job["_rank"], "target_modules": job["_targets"], "steps_done": job.get("_steps_done", 0),
-                       "total_steps": job.get("_total_steps"), "examples": job.get("_examples")}
+                       "total_steps": job.get("_total_steps"), "examples": job.get("_examples"),
+                       "router_examples": len(job.get("_examples_for_router") or ()),
+                       "router_examples_from": "training_file" if job.get("_examples_from_training_file")
+                       else "request"}
     return out
 
 

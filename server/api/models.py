@@ -66,6 +66,6 @@ async def route(body: RouteRequest, request: Request):
                      "mixture": [{"expert": name, "weight": weight} for name, weight in decision.mixture] or None},
         "router_margin": state.router.margin,
         "ranking": [{"expert": s.expert, "score": s.score, "probability": s.probability,
-                     "excluded": s.excluded or None, "router_margin": s.margin}
+                     "excluded": s.excluded or None, "router_margin": s.margin, "margin_floor": s.floor}
                     for s in decision.ranking[: body.top_k]],
     }

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from training.chat_data import jsonl_lines, scan_chat_lines
+from training.chat_data import first_user_prompts, jsonl_lines, scan_chat_lines
+
+ROUTER_EXAMPLES = 24  # training prompts kept as a job's routing examples when it gives none
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class FileScan:
     conversations: int
     tokens: int  # of all conversations, one epoch
     problems: list[str]  # the first few, each naming its line; [] when the file is good
+    prompts: tuple[str, ...] = ()  # up to ROUTER_EXAMPLES first user messages, spread through the file
 
 
 def scan_file(path: str, tokenizer, end_of_turn_ids: set[int], max_length: int, max_problems: int) -> FileScan:
@@ -37,8 +40,10 @@ def scan_file(path: str, tokenizer, end_of_turn_ids: set[int], max_length: int, 
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         return FileScan(0, 0, [f"the file is not UTF-8 text (byte {exc.start})"])
-    examples, problems = scan_chat_lines(jsonl_lines(text), tokenizer, end_of_turn_ids, max_length, max_problems)
-    return FileScan(len(examples), sum(len(e.input_ids) for e in examples), problems)
+    lines = jsonl_lines(text)
+    examples, problems = scan_chat_lines(lines, tokenizer, end_of_turn_ids, max_length, max_problems)
+    prompts = () if problems else tuple(first_user_prompts(lines, ROUTER_EXAMPLES))
+    return FileScan(len(examples), sum(len(e.input_ids) for e in examples), problems, prompts)
 
 
 def _lowest_priority() -> None:

@@ -45,6 +45,7 @@ class JobError(Exception):
 class Validated:
     examples: int
     tokens: int  # tokens of all conversations, one epoch
+    prompts: tuple[str, ...] = ()  # training prompts: the expert's routing examples when the job gives none
 
 
 @dataclass
@@ -157,9 +158,16 @@ class JobManager:
         with self._lock:
             if self.jobs.get(job["id"])["status"] != "validating_files":
                 return  # cancelled meanwhile
-            self.jobs.update(job["id"], status="queued", _examples=validated.examples, _tokens=validated.tokens)
+            # no routing examples given: the expert is routed by prompts like those it was trained on
+            derived = {} if job.get("_examples_for_router") or not validated.prompts else {
+                "_examples_for_router": list(validated.prompts), "_examples_from_training_file": True}
+            self.jobs.update(job["id"], status="queued", _examples=validated.examples, _tokens=validated.tokens,
+                             **derived)
         self.jobs.add_event(job["id"], f"Files validated: {validated.examples} conversations, "
                                        f"{validated.tokens} tokens; the job is queued")
+        if derived:
+            self.jobs.add_event(job["id"], f"No routing examples given: {len(validated.prompts)} prompts of the "
+                                           "training file route to the expert")
 
     def _launch(self, job: dict) -> None:
         folder = self.jobs.folder(job["id"])

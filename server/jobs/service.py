@@ -74,7 +74,7 @@ class FineTuning:
             problems = self.checker.scan(folder / "validation.jsonl").problems
             if problems:
                 raise JobError("The validation file has problems: " + "; ".join(problems), param="validation_file")
-        return Validated(scan.conversations, scan.tokens)
+        return Validated(scan.conversations, scan.tokens, scan.prompts)
 
     @staticmethod
     def expert_of(job: dict) -> dict:
