@@ -351,10 +351,11 @@ def test_tenant_administration_answers_in_openai_shape(world):
     assert_openai_error(world.call("POST", f"/v1/tenants/{tenant}/keys", "admin-checks"), 403)
 
 
-def _batch_file(world, who: str, model: str) -> str:
-    line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}}
-    made = world.call("POST", "/v1/files", who, files={"file": ("in.jsonl", json.dumps(line).encode())},
+def _batch_file(world, who: str, model: str, lines: int = 1) -> str:
+    text = "".join(json.dumps({"custom_id": f"line-{n}", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}})
+                   + "\n" for n in range(lines))
+    made = world.call("POST", "/v1/files", who, files={"file": ("in.jsonl", text.encode())},
                       data={"purpose": "batch"})
     assert made.status_code == 200, made.text
     return made.json()["id"]
@@ -419,3 +420,20 @@ def test_batch_files_batches_and_stored_responses_are_their_tenants(world):
     assert finished["request_counts"] == {"total": 1, "completed": 0, "failed": 1}, finished
     line = json.loads(world.call("GET", f"/v1/files/{finished['error_file_id']}/content", "b").text)
     assert line["response"]["status_code"] == 404 and "a-cook" in line["response"]["body"]["error"]["message"], line
+
+
+def test_a_batchs_lines_count_against_its_tenants_limits_and_usage(world):
+    """A batch line is one of its creator's requests: it spends the tenant's requests per minute and is
+    recorded in its usage, so a batch is no way around a tenant's limits."""
+    world.add_tenant("batcher", {"requests_per_minute": 2})
+    batch = world.call("POST", "/v1/batches", "batcher", json={
+        "input_file_id": _batch_file(world, "batcher", "shared-alpha", lines=2), "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"})
+    assert batch.status_code == 200, batch.text
+    done = _finished_batch(world, "batcher", batch.json()["id"])
+    assert done["request_counts"] == {"total": 2, "completed": 2, "failed": 0}, done
+    usage = {row["model"]: row for row in world.call("GET", "/v1/usage", "batcher").json()["data"]}
+    assert usage["shared-alpha"]["requests"] == 2 and usage["shared-alpha"]["completion_tokens"] > 0, usage
+    # the two lines spent the minute's two requests: an interactive one now waits for the refill
+    refused = world.chat("batcher", "shared-alpha")
+    assert assert_openai_error(refused, 429)["code"] == "rate_limit_exceeded"

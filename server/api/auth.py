@@ -36,8 +36,21 @@ TRAINING_AREA = "Training files and fine-tuning jobs"
 USER_PATHS = ("/tokenize", "/detokenize")  # vLLM's, outside /v1: guarded like inference
 TENANTS_PREFIX = "/v1/tenants"  # creating tenants and keys: the admin's alone
 # what a tenant's rate and concurrency limits count: the requests that generate (a batch's lines are charged
-# when the batch runs them, not here: see batches.py)
+# when the batch runs them, not here: see BatchRunner._call)
 LIMITED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+
+def settle(limiter: TenantLimiter, store: TenantStore, metrics, tenant: Tenant, outcome) -> None:
+    """A tenant's generation request has ended (an HTTP request here, a batch line in batches.py): its
+    concurrency slot back, its tokens charged to the token limit, its usage recorded by the model it ran on."""
+    limiter.release(tenant.id)
+    prompt, completion = outcome.prompt_tokens or 0, outcome.completion_tokens or 0
+    limiter.charge_tokens(tenant.id, tenant.limits, prompt + completion)
+    if outcome.model is not None:
+        store.add_usage(tenant.id, outcome.model, prompt, completion)
+    if metrics is not None:
+        metrics.tenant_tokens.labels(tenant.name, "prompt").inc(prompt)
+        metrics.tenant_tokens.labels(tenant.name, "completion").inc(completion)
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:
@@ -200,15 +213,7 @@ class AuthMiddleware:
         try:
             await self.app(scope, receive, send_with_limits)
         finally:
-            self.limiter.release(tenant.id)
-            outcome = outcome_of(scope)
-            prompt, completion = outcome.prompt_tokens or 0, outcome.completion_tokens or 0
-            self.limiter.charge_tokens(tenant.id, tenant.limits, prompt + completion)
-            if outcome.model is not None:
-                self.tenants.store.add_usage(tenant.id, outcome.model, prompt, completion)
-            if self.metrics is not None:
-                self.metrics.tenant_tokens.labels(tenant.name, "prompt").inc(prompt)
-                self.metrics.tenant_tokens.labels(tenant.name, "completion").inc(completion)
+            settle(self.limiter, self.tenants.store, self.metrics, tenant, outcome_of(scope))
 
     @staticmethod
     async def _refuse(send, refused):

@@ -32,8 +32,10 @@ from pydantic import ConfigDict, Field, ValidationError
 from adapters.admission import AdmissionError
 from router.resolve import BadMixture, UnknownExpert
 from server.api.chat_completions import chat_completions
+from server.api.auth import settle
 from server.api.errors import APIError, error_body, validation_message
 from server.api.listing import list_page
+from server.api.middleware import RequestOutcome
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.protocol_responses import ResponsesRequest
 from server.api.responses_api import create_response
@@ -66,7 +68,12 @@ class _Stopping(Exception):
 
 
 class _Retry(Exception):
-    pass
+    """The line is not refused, only not now: a full queue, a model still loading, or the creator's tenant
+    over its rate or concurrency limit (then for the Retry-After the limiter gave)."""
+
+    def __init__(self, after_s: float = RETRY_S):
+        super().__init__()
+        self.after_s = after_s
 
 
 def _never_disconnects():
@@ -228,8 +235,8 @@ class BatchRunner:
             try:
                 status, body = await self._call(line["url"], line["body"], request_id, _creator(self.live.get(batch_id)))
                 break
-            except _Retry:
-                await asyncio.sleep(RETRY_S)
+            except _Retry as wait:
+                await asyncio.sleep(wait.after_s)
             except (_Stopping, asyncio.CancelledError):
                 raise
             except Exception:  # a fault of this line's request: its error line, and the batch goes on
@@ -242,9 +249,26 @@ class BatchRunner:
     async def _call(self, url: str, body: dict, request_id: str, principal: Principal) -> tuple[int, dict]:
         """(status, body) of one line, through the endpoint's own code, as the batch's creator: a line uses
         only the experts its creator may use (another tenant's answers the absent expert's 404)."""
+        tenants = self.state.tenants
+        tenant = tenants.get_tenant(principal.tenant) if tenants is not None and principal.tenant else None
+        if tenant is None:
+            return await self._endpoint(url, body, request_id, principal)
+        # a line is one of its tenant's requests: the same rate, token and concurrency limits, the same usage
+        verdict = self.state.limiter.admit(tenant.id, tenant.limits)
+        if verdict.refused is not None:
+            raise _Retry(max(RETRY_S, verdict.retry_after))
+        outcome = RequestOutcome()
+        try:
+            return await self._endpoint(url, body, request_id, principal, outcome)
+        finally:
+            settle(self.state.limiter, tenants, self.state.metrics, tenant, outcome)
+
+    async def _endpoint(self, url: str, body: dict, request_id: str, principal: Principal,
+                   outcome: RequestOutcome | None = None) -> tuple[int, dict]:
         model, endpoint = _ENDPOINTS[url]
         scope = {"type": "http", "method": "POST", "path": url, "headers": [], "query_string": b"",
-                 "app": self.app, "state": {"request_id": request_id, "principal": principal}}
+                 "app": self.app, "state": {"request_id": request_id, "principal": principal,
+                                            "outcome": outcome or RequestOutcome()}}
         request = Request(scope, _never_disconnects())
         try:
             req = model.model_validate(body)
