@@ -114,12 +114,22 @@ def _folder_bytes(folder: str) -> int:
     return total
 
 
-def _one_torch_thread() -> None:
+FETCH_NICE = 10  # weight 110 against the engine's 1024: fetches take what the engine leaves, never stop
+
+
+def _background_fetch_thread() -> None:
     """A fetch thread reads and checks weights with torch on one core (OpenMP counts threads per calling
-    thread, so the engine keeps its own)."""
+    thread, so the engine keeps its own), and at a lower scheduling priority than the engine: on Linux a
+    thread's nice value is its own (setpriority on its thread id), so streams keep their cores while a
+    fetch's read-and-check takes the time they leave. The check releases the GIL (torch, hashing), so a
+    lowered thread rarely holds what the engine waits for; elsewhere the call is skipped."""
     import torch
 
     torch.set_num_threads(1)
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FETCH_NICE)
+    except (AttributeError, OSError):  # not Linux, or refused: fetches still run, at the engine's priority
+        pass
 
 
 class FetchedExperts:
@@ -132,7 +142,7 @@ class FetchedExperts:
         self._fetching: dict[str, Future] = {}
         self._refused: OrderedDict[str, tuple[float, AdmissionError]] = OrderedDict()
         self._pool = ThreadPoolExecutor(policy.concurrency, thread_name_prefix="loraplex-fetch",
-                                        initializer=_one_torch_thread)
+                                        initializer=_background_fetch_thread)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
