@@ -817,6 +817,8 @@ def moe_section() -> str:
                             f"{info['batch_size']}, rank {info['rank']}, {info.get('wall_s', '?')} s")
 
     def met(key: str) -> str:
+        if targets[key].get("answered") is False:
+            return "**not shown**: no model answers these"
         return "met" if targets[key]["met"] else "**not met**"
 
     gains = ", ".join(f"{s} {per[s][s] - per['base'][s]:+.2f}" for s in skills)
