@@ -76,7 +76,7 @@ class Metrics:
                                          "Decode rows whose logits held NaN/inf (masked before sampling)",
                                          ["adapter"], registry=r)
         self.request_failures = Counter("loraplex_request_failures_total",
-                                        "Requests the engine ended with an error, by kind (fault, adapter, shutdown)",
+                                        "Requests the engine ended with an error, by kind (fault, adapter, shutdown, format, replica)",
                                         ["adapter", "kind"], registry=r)
         self.replica_requests = Counter("loraplex_replica_requests_total",
                                         "Requests placed on each Ray Serve engine replica; adapter: hit (the "

@@ -46,9 +46,9 @@ def _ask(client, item, stream: bool) -> tuple[str, str]:
 
 
 def test_every_answer_that_stops_validates_against_its_schema(client):
-    results = {}
-    for index, item in enumerate(SCHEMAS):  # half streamed, half not
-        results[item["name"]] = _ask(client, item, stream=bool(index % 2))
+    with ThreadPoolExecutor(8) as pool:  # at once, as clients send them: the engine batches the constrained rows
+        answers = pool.map(lambda pair: _ask(client, pair[1], stream=bool(pair[0] % 2)), enumerate(SCHEMAS))
+        results = {item["name"]: answer for item, answer in zip(SCHEMAS, answers)}  # half streamed, half not
     stopped = {name: text for name, (text, reason) in results.items() if reason == "stop"}
     for item in SCHEMAS:
         if item["name"] in stopped:
@@ -159,6 +159,10 @@ def test_text_completions_take_response_format_too(server):
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
     ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag", "Extra inputs"),
     ({"guided_regex": "[a-"}, "guided_regex", "regex"),
+    # compiles, but the grammar library refuses the one token its own mask allows first (found by the fuzz
+    # test): the format cannot be followed with this vocabulary, a 400, not a server fault
+    ({"guided_regex": "\U00093394]\xca\x8c\x08\xcd\xd4\x8e\xe7\U00077f03\U0008c4bb\U00032d9a\xdd7\xc3\x9br\x14"},
+     None, "cannot be continued"),
     ({"functions": [WEATHER["function"]], "tools": [WEATHER]}, None, "not both"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(500)}}}}},

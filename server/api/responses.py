@@ -87,8 +87,9 @@ def route_headers(route: Route, replica: str | None = None) -> dict[str, str]:
 # an engine error's kind -> (status, code): a server stopping or an adapter that cannot load is
 # "try again later" (503); a request whose generation broke is the server's fault (500)
 # an engine replica lost with the request on it (Ray Serve) is 503 too: a retry lands on another
+# a format the grammar library cannot follow with the model's tokens (server/engine/constraint.py) is 400
 _ENGINE_ERRORS = {"shutdown": (503, "shutting_down"), "adapter": (503, "adapter_unavailable"),
-                  "replica": (503, "replica_unavailable")}
+                  "replica": (503, "replica_unavailable"), "format": (400, "format_unsatisfiable")}
 
 
 def engine_failed(out: EngineOutput) -> APIError:

@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 
+class FormatDeadEnd(ValueError):
+    """The grammar refused a token its own mask allowed. Seen with regexes over unusual characters (C1
+    controls, lone bytes of multi-byte characters) where the library's byte-level tokens and its forced
+    bytes disagree: the request's format cannot be followed with this vocabulary, so the request ends with
+    a 400 naming the format (server/api/responses.py), not a server fault."""
+
+
 class TokenConstraint:
     def __init__(self, matcher, vocab_size: int, grammar: str | None = None):
         import llguidance.torch as llg_torch
@@ -47,11 +54,12 @@ class TokenConstraint:
         return self
 
     def accept(self, token: int) -> None:
-        """Advance past the chosen token; ValueError if the format did not allow it."""
+        """Advance past the chosen token; FormatDeadEnd if the format did not allow it."""
         self._allowed = None
         if not self._matcher.consume_token(token):
             problem = " ".join(self._matcher.get_error().replace("<non-verbose/>", "").split())
-            raise ValueError(f"token {token} breaks the requested output format: {problem[:300]}")
+            raise FormatDeadEnd(f"The requested output format cannot be continued with this model's tokens "
+                                f"(token {token}: {problem[:300]}).")
 
     @property
     def complete(self) -> bool:

@@ -25,6 +25,7 @@ import torch
 from server.engine.detokenizer import OutputText
 from server.engine.interface import EngineHandle
 from server.engine.block_manager import BlockManager
+from server.engine.constraint import FormatDeadEnd
 from server.engine.model_runner import ModelRunner, StepItem
 from server.engine.residency import AdapterCache, AdapterUnavailable
 from server.engine.sampling import TokenLogprob, new_token_counts, sample_batch
@@ -395,6 +396,10 @@ class Engine(EngineHandle):
             if error is None:
                 try:
                     self._accept_token(seq, sampled.tokens[row], sampled.logprobs[row])
+                    continue
+                except FormatDeadEnd as exc:  # the request's format, not the server, ends it
+                    log.warning("request %s: %s", seq.request_id, exc)
+                    self._fail(seq, str(exc), kind="format")
                     continue
                 except Exception as exc:  # detokenizing or emitting this request broke
                     log.exception("request %s failed after sampling", seq.request_id)
