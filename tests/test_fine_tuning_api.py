@@ -91,7 +91,7 @@ def test_a_server_restart_mid_job_resumes_it_and_a_queued_job_waits_its_turn(tmp
     the job from its last checkpoint, not from step 0, and the job queued behind it runs after it (graceful
     stops: tests/test_fine_tuning.py)."""
     env = {"LORAPLEX_CACHE": cache_dir, "LORAPLEX_ADMIN_KEY": "admin", "LORAPLEX_DATA_DIR": str(tmp_path / "data")}
-    settings = {"max_batch_size": 4, "fine_tune_threads": 2, "fine_tune_checkpoint_every": 4}
+    settings = {"max_batch_size": 4, "fine_tune_threads": 2, "fine_tune_checkpoint_every": 2}
     lines = "\n".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]})
                       for q in QUESTIONS[:16])
     server = ServerProcess(tmp_path, settings, env=env).start()
@@ -100,10 +100,10 @@ def test_a_server_restart_mid_job_resumes_it_and_a_queued_job_waits_its_turn(tmp
         base = client.models.list().data[0].id
         file = client.files.create(file=("w.jsonl", io.BytesIO(lines.encode())), purpose="fine-tune")
         first = client.fine_tuning.jobs.create(model=base, training_file=file.id,
-                                               hyperparameters={"n_epochs": 6, "batch_size": 8})
+                                               hyperparameters={"n_epochs": 3, "batch_size": 8})
         second = client.fine_tuning.jobs.create(model=base, training_file=file.id,
                                                 hyperparameters={"n_epochs": 1, "batch_size": 8})
-        assert wait_until(lambda: any(e.message == "Checkpoint created at step 4"
+        assert wait_until(lambda: any(e.message == "Checkpoint created at step 2"
                                       for e in client.fine_tuning.jobs.list_events(first.id, limit=100).data),
                           300, interval=0.5)
         assert client.fine_tuning.jobs.retrieve(second.id).status == "queued"
@@ -123,7 +123,7 @@ def test_a_server_restart_mid_job_resumes_it_and_a_queued_job_waits_its_turn(tmp
         messages = [e.message for e in reversed(client.fine_tuning.jobs.list_events(first.id, limit=100).data)]
         resumed = messages.index("Fine-tuning job started (resuming from its last checkpoint)")
         steps = [int(m.split()[1].split("/")[0]) for m in messages[resumed:] if m.startswith("Step ")]
-        assert steps[0] > 4 and steps[-1] == 12  # continued after its checkpoint, to the planned end
+        assert steps[0] > 2 and steps[-1] == 6  # continued after its checkpoint, to the planned end
         served = {m.id for m in client.models.list().data}
         assert {first.fine_tuned_model, second.fine_tuned_model} <= served
     finally:
