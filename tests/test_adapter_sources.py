@@ -138,9 +138,11 @@ def listed(live) -> dict[str, dict]:
 
 
 def store_state(live) -> tuple[list[str], dict]:
-    """(the store's folders, the manifest's entries)."""
-    folders = sorted(p.name for p in (live.workdir / "data" / "store").iterdir())
-    return folders, json.loads((live.workdir / "data" / "manifest.json").read_text())["adapters"]
+    """(the store's folders, the manifest's entries; none before the first registration writes it: the tests
+    run in a random order)."""
+    store, manifest = live.workdir / "data" / "store", live.workdir / "data" / "manifest.json"
+    folders = sorted(p.name for p in store.iterdir()) if store.is_dir() else []
+    return folders, json.loads(manifest.read_text())["adapters"] if manifest.is_file() else {}
 
 
 # ---- first use --------------------------------------------------------------------------------------
