@@ -40,6 +40,20 @@ def workers_of(job_id: str) -> list[int]:
     return pids
 
 
+def helpers_of(data_dir: Path) -> list[int]:
+    """Pids of live processes a server with that data_dir started (its environment names the folder):
+    fine-tuning workers, the training-file checker."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environment = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and f"LORAPLEX_DATA_DIR={data_dir}".encode() in environment.split(b"\0"):
+            pids.append(int(proc.name))
+    return pids
+
+
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("fine-tune")
@@ -110,6 +124,8 @@ def test_a_server_restart_mid_job_resumes_it_and_a_queued_job_waits_its_turn(tmp
         server.signal(signal.SIGKILL)  # no graceful stop: nothing kills the training worker but itself
         server.proc.wait(30)
         assert wait_until(lambda: not workers_of(first.id), 10), "the worker outlived its server"
+        # and so did nothing else it started (the file checker of the upload above: issue found in a suite run)
+        assert wait_until(lambda: not helpers_of(tmp_path / "data"), 10), helpers_of(tmp_path / "data")
     finally:
         server.stop()
     server = ServerProcess(tmp_path, settings, env=env).start()

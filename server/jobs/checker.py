@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from server.jobs.parent_watch import watch_parent
 from training.chat_data import first_user_prompts, jsonl_lines, scan_chat_lines
 
 ROUTER_EXAMPLES = 24  # training prompts kept as a job's routing examples when it gives none
@@ -46,8 +47,10 @@ def scan_file(path: str, tokenizer, end_of_turn_ids: set[int], max_length: int, 
     return FileScan(len(examples), sum(len(e.input_ids) for e in examples), problems, prompts)
 
 
-def _lowest_priority() -> None:
+def _checker_process() -> None:
+    """The checker runs at the lowest priority, and ends with the server (server/jobs/parent_watch.py)."""
     os.nice(19)
+    watch_parent()
 
 
 class FileChecker:
@@ -68,7 +71,7 @@ class FileChecker:
         replaced on the next call; this call raises."""
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_lowest_priority)
+                self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_checker_process)
             pool = self._pool
             self._busy += 1
         try:

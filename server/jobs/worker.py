@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
+
+from server.jobs.parent_watch import watch_parent
 
 USER_ERROR = 3
 
@@ -49,16 +50,6 @@ def _gpu_shortfall(config) -> str | None:
     return None
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker never outlives the server that started it: a server killed before it could stop its
-    worker (SIGKILL, OOM) would leave it training on, and the restarted server would start a second
-    worker on the same job folder. The job stays "running" and resumes at the next start."""
-    while True:
-        if os.getppid() != parent:
-            os._exit(1)
-        time.sleep(1.0)
-
-
 def _hold_job_lock(folder: Path):
     """One worker per job folder, whatever happened before: wait for a previous one to be gone."""
     import fcntl
@@ -71,8 +62,8 @@ def _hold_job_lock(folder: Path):
 def main(argv: list[str]) -> int:
     folder = Path(argv[0])
     parent = os.environ.get("LORAPLEX_JOB_PARENT")
-    if parent:
-        threading.Thread(target=_exit_with_parent, args=(int(parent),), name="parent-watch", daemon=True).start()
+    if parent:  # the job stays "running" and resumes at the next start (server/jobs/parent_watch.py)
+        watch_parent(int(parent))
     lock = _hold_job_lock(folder)  # noqa: F841 (held until the process ends)
     plan = json.loads((folder / "plan.json").read_text())
     threads = int(plan.pop("threads", 1))
