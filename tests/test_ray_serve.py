@@ -6,6 +6,7 @@ names the replica), put a new expert on the replica with fewer, spill to the oth
 an expert registered after they started with the same greedy tokens on both, refuse a retired one at
 once, cancel on the replica when a client leaves, and fail only the requests of a replica that dies."""
 import json
+import os
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ import torch
 
 from tests.support.harness import free_port, wait_until
 from tests.support import Q_PROJ_KEY, assert_openai_error, upload_files, write_lora
+from tests.support.otlp import OtlpReceiver
 
 ADMIN = {"Authorization": "Bearer k"}
 HEADER = "x-loraplex-replica"
@@ -41,11 +43,24 @@ def cluster(tiny_folder, tmp_path_factory):
     for name in ("x", "y", "z", "w", "s", "p", "m"):
         write_lora(root / "roots" / name, width=128, tensors={Q_PROJ_KEY.format("A"): torch.randn(8, 128) * 0.3,
                                                               Q_PROJ_KEY.format("B"): torch.randn(128, 8) * 0.3})
-    ray_serve.start(settings, local_cpus=6)
+    # the local cluster's processes (ingress, replicas) inherit the variables set while it starts: traces to
+    # a receiver here, and Serve's wait for the replica holding a model (1-2 s by default) at 0.25-0.5 s, so
+    # the spill tests need bursts of a second or so, not of several, to see a request placed on the other one
+    receiver = OtlpReceiver()
+    environment = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
+                   "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "0.25"}
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
-        yield f"http://127.0.0.1:{port}", root / "roots"
+        ray_serve.start(settings, local_cpus=6)
+    finally:
+        for name, old in saved.items():
+            os.environ.pop(name) if old is None else os.environ.__setitem__(name, old)
+    try:
+        yield f"http://127.0.0.1:{port}", root / "roots", receiver
     finally:
         ray_serve.shutdown()
+        receiver.close()
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +222,8 @@ def test_a_client_that_leaves_cancels_its_request_on_the_replica(cluster, http):
     # the next request on w is placed on the same replica, which reports the request it dropped
     assert wait_until(lambda: chat(http, "w").headers[HEADER] == replica
                       and http.get("/health").json()["replicas"][replica]["cancelled"] == 1, 20)
-    assert http.get("/health").json()["replicas"][replica]["running"] == 0
+    # (the replica reports every 0.1 s: the last chat's own row may still be counted for a moment)
+    assert wait_until(lambda: http.get("/health").json()["replicas"][replica]["running"] == 0, 10)
 
 
 def test_a_replica_killed_mid_stream_fails_only_its_request(cluster, http):
@@ -261,3 +277,31 @@ def test_the_ingress_restores_exactly_the_registered_experts_without_loading_the
     assert state.base.context_window == 256 and state.engine.adapter_tier(record.key) == "disk"
     state.engine.retire_adapter(record.key)  # no request of this ingress uses it: its files go at once
     assert freed == [record.folder]
+
+
+def test_a_requests_trace_crosses_to_the_engine_replica(cluster, http):
+    """The caller's W3C trace context reaches the replica that generates: its "engine replica" span is in the
+    caller's trace, under the ingress's request span, and counts the tokens it made."""
+    receiver = cluster[2]
+    trace_id, parent = os.urandom(16).hex(), os.urandom(8).hex()
+    answer = http.post("/v1/chat/completions", headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+                       json={"model": http.get("/v1/models").json()["data"][0]["id"], "max_tokens": 6,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200, answer.text
+
+    def names():
+        return {s.name for s in receiver.in_trace(trace_id)}
+
+    assert wait_until(lambda: {"engine replica", "POST /v1/chat/completions"} <= names(), 30), sorted(names())
+    spans = receiver.in_trace(trace_id)
+    by_id = {s.span_id: s for s in spans}
+    [request] = [s for s in spans if s.parent_span_id.hex() == parent]  # the ingress's span of the request
+    [replica] = [s for s in spans if s.name == "engine replica"]
+    chain, span = [], replica
+    while span.parent_span_id in by_id:
+        span = by_id[span.parent_span_id]
+        chain.append(span.span_id)
+    assert request.span_id in chain, [by_id[i].name for i in chain]
+    attributes = {a.key: a.value for a in replica.attributes}
+    assert attributes["loraplex.replica"].string_value == answer.headers[HEADER]
+    assert attributes["gen_ai.usage.output_tokens"].int_value == answer.json()["usage"]["completion_tokens"]

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
@@ -19,40 +18,13 @@ import pytest
 from tests.conftest import ROUTING
 from tests.support import assert_openai_error, scrape, upload_files, value
 from tests.support.harness import REPO, ServerProcess, wait_until
+from tests.support.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.integration
 ADMIN_KEY = "tenants-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 LINES = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
                                            {"role": "assistant", "content": "An answer."}]}) for i in range(8))
-
-
-class OtlpReceiver:
-    """An OTLP/HTTP trace receiver on loopback: what the server's exporter sends, decoded with the protocol's
-    own protobuf messages (opentelemetry-proto)."""
-
-    def __init__(self):
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        received = self.spans = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                request = ExportTraceServiceRequest.FromString(body)
-                received.extend(span for resource in request.resource_spans for scope in resource.scope_spans
-                                for span in scope.spans)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
 class World:

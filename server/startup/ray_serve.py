@@ -33,10 +33,12 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from opentelemetry import propagate, trace
 
+from server.api.tracing import TRACER_NAME
 from server.engine.engine import EngineStopped, QueueFull, record_token_time
 from server.engine.interface import EngineHandle, Replicas
 from server.engine.sequence import EngineOutput, Sequence, SequenceSpec
@@ -66,6 +68,7 @@ class RemoteRequest:
 
     spec: SequenceSpec
     folders: dict[str, str]  # registration key -> folder on the shared store, for every adapter it needs
+    trace: dict[str, str] = field(default_factory=dict)  # the request's W3C trace context (traceparent...)
 
 
 @dataclass
@@ -103,8 +106,11 @@ class EngineReplica:
     def __init__(self, settings: dict, threads: int | None = None):
         from server.startup.bootstrap import create_replica_engine
 
+        from server.startup.tracing import configure_tracing
+
         if threads:
             torch.set_num_threads(threads)
+        configure_tracing()  # this replica's spans, from the OTEL_* variables its worker inherited (or off)
         self.settings = Settings(**settings)
         self.engine, base = create_replica_engine(self.settings)  # an engine, no HTTP side, no experts
         self._fatal: BaseException | None = None
@@ -143,6 +149,22 @@ class EngineReplica:
         engine, spec = self.engine, request.spec
         keys = [key for key, _ in spec.adapter_mix] or ([spec.adapter_key] if spec.adapter_key else [])
         hit = all(key in self._resident for key in keys) if keys else None
+        # the replica's part of the caller's trace: a child of the ingress's request span (W3C context in the
+        # request), from the adapter load to the last output
+        span = trace.get_tracer(TRACER_NAME).start_span(
+            "engine replica", context=propagate.extract(request.trace), kind=trace.SpanKind.SERVER,
+            attributes={"loraplex.replica": self.replica, "loraplex.adapter_hit": str(hit).lower(),
+                        "loraplex.adapters": len(keys)})
+        try:
+            async for item in self._generate(request, keys, hit):
+                if isinstance(item, EngineOutput) and (item.finish_reason or item.error):
+                    span.set_attribute("gen_ai.usage.output_tokens", item.completion_tokens or 0)
+                yield item
+        finally:
+            span.end()
+
+    async def _generate(self, request: RemoteRequest, keys: list[str], hit: bool | None):
+        engine, spec = self.engine, request.spec
         self._folders.update(request.folders)
         for key in keys:
             await self._load(key)  # through Serve's multiplexing wrapper (engine_deployment puts it in place)
@@ -212,6 +234,7 @@ class _Flight:
     placed: asyncio.Future  # -> the replica's id, or None when the request failed before it was placed
     task: asyncio.Task | None = None
     replica: str | None = None
+    trace: dict[str, str] = field(default_factory=dict)
 
 
 class RemoteEngine(EngineHandle, Replicas):
@@ -249,6 +272,7 @@ class RemoteEngine(EngineHandle, Replicas):
             raise QueueFull()
         loop = asyncio.get_running_loop()
         flight = _Flight(seq, loop.create_future())
+        propagate.inject(flight.trace)  # the request's span, current here, is the parent of the replica's work
         self._flights[id(seq)] = flight
         for key in seq.adapter_keys:
             self._users[key] += 1
@@ -350,7 +374,7 @@ class RemoteEngine(EngineHandle, Replicas):
         stream = None
         finished = False
         try:
-            request = RemoteRequest(seq.spec, {key: self._folders[key] for key in seq.adapter_keys})
+            request = RemoteRequest(seq.spec, {key: self._folders[key] for key in seq.adapter_keys}, flight.trace)
             options = {"stream": True}
             if seq.adapter_key is not None:
                 options["multiplexed_model_id"] = seq.adapter_key  # the lead expert: the replica that holds it
