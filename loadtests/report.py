@@ -183,6 +183,12 @@ def sources_section() -> str:
             f"{zipf['cache_bytes_used'] / 1e6:.1f} MB held at the end |")
     else:
         lines.append("| 200 names drawn from Zipf(1.1), room for 20 | 0 errors | not measured in this run |")
+    shared = _load("bench_sources_bucket_nice0.json")
+    if shared and shared.get("others_during_fetches"):
+        lines += ["", "The bucket stands for S3 on other machines, so it runs at a lower priority than the server: "
+                      "with the bucket sharing the 2 cores equally (`--bucket-nice 0`, "
+                      f"{shared['date'][:10]}) the 8 streams ran at {shared['others_during_fetches']['ratio']:.2f}x, "
+                      "most of the difference being moto serving 100 MB over HTTP in Python."]
     if "load_average_start" in result:
         lines += ["", f"The machine's 1-minute load average was {result['load_average_start']:.1f} when the run began "
                       f"and {result['load_average_end']:.1f} when it ended, on {result['machine'].split(', ')[1]} shared "
@@ -388,6 +394,35 @@ def reliability_section() -> str:
              f"| 8 streams' inter-token p50 / p99 | alone {alone['p50_ms']:.0f} / {alone['p99_ms']:.0f} ms; while a "
              f"{streams['upload']['bytes'] / 1e6:.0f} MB training file is checked {checking['p50_ms']:.0f} / "
              f"{checking['p99_ms']:.0f} ms (p99 {streams['p99_ratio']:.2f}x) |"]
+    return "\n".join(lines)
+
+
+def batches_section() -> str:
+    head = ("### Batch API and Responses API\n\n"
+            "`python -m loadtests.bench_batches` starts the default server (`make serve`'s configuration). Batch: 8\n"
+            "interactive clients each stream 3 chat completions of 128 tokens, alone and while a 2,000-line batch\n"
+            "(64-token chat lines over the base and two demo experts, run at `batch_priority`) is in progress,\n"
+            "alternated; the batch's own rate is read from its `request_counts`. Responses: the same streamed\n"
+            "request (greedy, 64 tokens) over `/v1/chat/completions` and `/v1/responses`, alternated; medians.\n")
+    result = _load("bench_batches.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_batches")
+    batch, over = result["batch_interference"], result["responses_overhead"]
+
+    def goal(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_batches')}:", "",
+             "| goal | result | |", "| --- | --- | --- |",
+             f"| interactive streams beside a batch >= 0.9x their speed alone | "
+             f"{batch['stream_tokens_per_s_with_batch']:.1f} vs {batch['stream_tokens_per_s_alone']:.1f} tokens/s per "
+             f"stream ({batch['stream_ratio_with_batch']:.2f}x); TTFT {batch['ttft_s_with_batch'] * 1000:.0f} vs "
+             f"{batch['ttft_s_alone'] * 1000:.0f} ms | {goal(batch['stream_ratio_with_batch'] >= 0.9)} |",
+             f"| Responses API overhead <= 1.05x chat's | total {over['total_ratio']:.3f}x, first token "
+             f"{over['ttft_ratio']:.3f}x ({over['responses']['total_s_median'] * 1000:.0f} vs "
+             f"{over['chat']['total_s_median'] * 1000:.0f} ms) | {goal(over['total_ratio'] <= 1.05)} |",
+             "", f"The batch itself decodes {batch['batch_alone_tokens_per_s']:.0f} tokens/s alone and "
+             f"{batch['batch_with_streams_tokens_per_s']:.0f} tokens/s in the rows the streams leave."]
     return "\n".join(lines)
 
 
@@ -868,7 +903,7 @@ def moe_section() -> str:
 
 
 SECTIONS = (vs_llama_section, serving_section, scenarios_section, kv_section, structured_section, registry_section,
-            sources_section, tenants_section, router_section,
+            sources_section, tenants_section, batches_section, router_section,
             fine_tuning_section, experts_section, moe_section, demo_experts_load_section, sampled_section, mixtures_section,
             ray_section, edge_section, reliability_section, gpu_section)
 
