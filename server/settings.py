@@ -185,6 +185,13 @@ class Settings(EncodableText):
         description="While streams decode, a prompt chunk is sized (from measured step times) so that a step "
                     "takes at most about this many times a decode-only step; 0 or 1: chunks fill max_step_tokens.",
     )
+    background_slowdown: float = Field(
+        1.1, ge=0,
+        description="While requests of the best priority decode, lower-priority ones (batch lines) get only the rows "
+                    "and prompt tokens that keep a step under about this many times those requests' own step "
+                    "(what a row costs is measured as the engine runs: on a GPU extra rows are nearly free, on a "
+                    "small CPU they are not). 0 or 1: lower-priority work fills every free row.",
+    )
     prefix_caching: bool = Field(True, description="Reuse the KV of prompt prefixes already computed (same adapter).")
     batch_invariant: bool = Field(
         True,

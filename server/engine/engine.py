@@ -66,6 +66,7 @@ class EngineConfig:
     max_queued: int = 256  # waiting requests past which submit refuses
     max_step_tokens: int = 512  # tokens per forward pass: decode rows plus prefill chunks
     max_step_slowdown: float = 2.0  # while streams decode, a prompt chunk keeps a step under this x a decode step
+    background_slowdown: float = 1.1  # lower-priority work keeps best-priority steps under this x their own
     prefix_caching: bool = True
     max_queued_per_tenant: int | None = None  # one tenant's waiting requests past which submit refuses it
 
@@ -86,7 +87,7 @@ class Engine(EngineHandle):
         self.load_error: BaseException | None = None
         self._on_fatal: Callable[[BaseException], None] | None = None
         self._scheduler = Scheduler(config.max_batch_size, config.max_step_tokens)
-        self._step_cost = StepCost(config.max_step_tokens, config.max_step_slowdown)
+        self._step_cost = StepCost(config.max_step_tokens, config.max_step_slowdown, config.background_slowdown)
         self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="loraplex-grammar")
         self._tasks: collections.deque[tuple[Callable[[ModelRunner], object], Future]] = collections.deque()
         self._wakeup = threading.Condition()
@@ -298,7 +299,8 @@ class Engine(EngineHandle):
         queried, hits = stats.queried_tokens, stats.hit_tokens
         self._stage_adapters()
         with self._wakeup:
-            step = self._scheduler.schedule(self._adapters.acquire, self._step_cost.prompt_budget)
+            step = self._scheduler.schedule(self._adapters.acquire, self._step_cost.prompt_budget,
+                                            self._step_cost.background_slack)
         self.metrics.prefix_queried_tokens.inc(stats.queried_tokens - queried)
         self.metrics.prefix_hit_tokens.inc(stats.hit_tokens - hits)
         for seq, message, kind in step.failed:

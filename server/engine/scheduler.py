@@ -29,6 +29,7 @@ from typing import Callable
 from server.engine.block_manager import BlockManager
 from server.engine.residency import AdapterUnavailable
 from server.engine.sequence import Sequence
+from server.engine.step_cost import Slack
 
 
 @dataclass
@@ -54,18 +55,28 @@ class Scheduler:
         return {key for seq in (*self.running, *self.waiting) for key in seq.adapter_keys}
 
     def schedule(self, acquire: Callable[[str, set[str]], bool],
-                 prompt_budget: Callable[[int], int] | None = None) -> Step:
+                 prompt_budget: Callable[[int], int] | None = None,
+                 background: Callable[[int], Slack | None] | None = None) -> Step:
         """Plan the next step. `acquire(adapter, in_use)` says whether an adapter is on the device
         (False: still loading; the request keeps its place; AdapterUnavailable: it cannot run).
         `prompt_budget(decode rows)`: prompt tokens the step may add to its decode rows (default:
-        what max_step_tokens leaves)."""
+        what max_step_tokens leaves). `background(best-priority decode rows)`: what lower-priority
+        requests may add to the step (step_cost.Slack; None: no limit); a lower-priority request that does
+        not fit keeps its row and KV blocks and waits a step (paused, not preempted)."""
         step = Step()
         # 0. a waiting request takes the row of a running one it outranks (vLLM's priority preemption)
         self._make_room(step)
-        # 1. every running request that has its prompt computed decodes one token
+        best = min((seq.priority for seq in self.running), default=0)
+        foreground = [seq for seq in self.running if seq.priority == best and seq.uncomputed == 1]
+        slack = background(len(foreground)) if background is not None and len(foreground) < len(self.running) \
+            else None
+        # 1. every running request that has its prompt computed decodes one token (lower-priority ones
+        # while the slack pays for their row)
         for seq in list(self.running):
             if not seq.running or seq.uncomputed != 1:
                 continue
+            if slack is not None and seq.priority > best and not slack.take_row():
+                continue  # paused this step: its row and blocks are kept
             while not self.blocks.append_slot(seq):
                 victim = self._last_in_line()
                 self._preempt(victim, step)
@@ -82,10 +93,12 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.uncomputed > 1:
-                count = self._chunk(seq, budget)
+                count = self._chunk(seq, self._allowed(seq, budget, best, slack))
                 if count:
                     step.work.append((seq, count))
                     budget -= count
+                    if slack is not None and seq.priority > best:
+                        slack.take_tokens(count)
         # 3. new arrivals, by priority then in turns over tenants within one priority (_fair_order), while a row, the budget and KV blocks allow
         if self.waiting and any(seq.tenant != self.waiting[0].tenant for seq in self.waiting):
             self.waiting = self._fair_order()
@@ -95,6 +108,9 @@ class Scheduler:
             seq = self.waiting.popleft()
             if seq.cancelled:
                 continue
+            if slack is not None and seq.priority > best and slack.tokens() < self.blocks.block_size:
+                self.waiting.appendleft(seq)  # lower-priority work joins when the slack pays for its prompt
+                break
             try:
                 needed = in_use | set(seq.adapter_keys)  # a mixture needs all of its adapters at once
                 ready = all([acquire(key, needed) for key in seq.adapter_keys])  # a list: every load starts
@@ -120,12 +136,20 @@ class Scheduler:
             self.running.append(seq)
             in_use.update(seq.adapter_keys)
             step.admitted.append(seq)
-            count = self._chunk(seq, budget)
+            count = self._chunk(seq, self._allowed(seq, budget, best, slack))
             if count:
                 step.work.append((seq, count))
                 budget -= count
+                if slack is not None and seq.priority > best:
+                    slack.take_tokens(count)
         self.waiting.extendleft(reversed(kept))
         return step
+
+    @staticmethod
+    def _allowed(seq: Sequence, budget: int, best: int, slack: Slack | None) -> int:
+        """Prompt tokens seq may compute in this step: the budget, and for lower-priority work what the
+        slack still pays for."""
+        return budget if slack is None or seq.priority <= best else min(budget, slack.tokens())
 
     def _fair_order(self) -> collections.deque[Sequence]:
         """The waiting requests by priority first (lower number first, as `add` keeps them), then within one

@@ -257,6 +257,7 @@ def _engine(settings: Settings, metrics: Metrics, on_base_ready, on_freed, exper
         load_runner=lambda: build_runtime(settings, on_base_ready, engine.wake, on_freed, metrics, experts_of()),
         config=EngineConfig(max_batch_size=settings.max_batch_size, max_queued=settings.max_queued_requests,
                             max_step_tokens=settings.max_step_tokens, max_step_slowdown=settings.max_step_slowdown,
+                            background_slowdown=settings.background_slowdown,
                             prefix_caching=settings.prefix_caching,
                             max_queued_per_tenant=max(1, int(settings.max_queued_requests * settings.tenant_queue_share))
                             if settings.tenants else None),

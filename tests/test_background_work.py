@@ -1,0 +1,80 @@
+"""Lower-priority work (batch lines) beside interactive requests takes only the step time it is given:
+the cost model (server/engine/step_cost.py) and the scheduler's pausing of rows it cannot pay for, on the
+engine thread with a tiny model."""
+import pytest
+
+from server.engine.step_cost import Slack, StepCost
+from tests.test_engine import PROMPTS, make_engine, make_seq, tiny_model  # noqa: F401 (fixture)
+from tests.support.harness import wait_until
+
+
+def _cost(points: dict[int, float], token_s: float | None = 0.001, slowdown: float = 1.1) -> StepCost:
+    cost = StepCost(512, 2.0, slowdown)
+    for rows, seconds in points.items():
+        cost.observe(rows, 0, seconds)
+    cost.token_s = token_s
+    return cost
+
+
+def test_where_every_row_costs_its_share_lower_priority_work_gets_a_tenth_of_the_step():
+    cost = _cost({4: 0.040, 8: 0.080})  # a small CPU: 10 ms a row, nothing fixed
+    assert cost.row_cost() == pytest.approx((0.0, 0.010))
+    slack = cost.background_slack(8)
+    assert slack.seconds == pytest.approx(0.008)  # a tenth of the 8 rows' own 80 ms
+    assert not slack.take_row()  # a row (10 ms) would cost more than that
+    assert slack.tokens() == 8  # 1 ms a prompt token
+    assert cost.background_slack(80 // 10 * 2).take_row()  # at 16 rows a tenth pays for one more
+
+
+def test_where_rows_are_nearly_free_lower_priority_work_fills_the_batch():
+    cost = _cost({4: 0.01000, 8: 0.01001})  # a GPU: the step is its fixed cost
+    slack = cost.background_slack(8)
+    assert sum(slack.take_row() for _ in range(64)) == 64
+
+
+def test_no_limit_without_best_priority_rows_or_when_switched_off():
+    assert _cost({4: 0.04, 8: 0.08}).background_slack(0) is None
+    assert _cost({4: 0.04, 8: 0.08}, slowdown=0).background_slack(8) is None
+    # before a fit: every row is assumed to cost its share of the step seen, and no prompt tokens
+    early = StepCost(512, 2.0, 1.1)
+    early.observe(4, 0, 0.04)
+    slack = early.background_slack(4)
+    assert not slack.take_row() and slack.tokens() == 0
+
+
+def test_rows_the_slack_cannot_pay_for_wait_with_their_blocks_and_end_with_their_solo_answer(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer, max_batch=4)
+    try:
+        solo, done = make_seq(PROMPTS[2], max_tokens=20)
+        engine.submit(solo)
+        assert done.done.wait(60)
+        engine._step_cost.background_slack = lambda rows: Slack(0.0, 1.0, None)  # no room at all
+        interactive = [make_seq(prompt, max_tokens=40) for prompt in PROMPTS[:2]]
+        for seq, _ in interactive:
+            engine.submit(seq)
+        assert wait_until(lambda: all(seq.generated >= 2 for seq, _ in interactive), 30, interval=0.001)
+        low, low_out = make_seq(PROMPTS[2], max_tokens=20)
+        low.priority = 10
+        engine.submit(low)
+        # while the interactive rows decode, the batch line is not even admitted (its prompt is not paid for)
+        assert wait_until(lambda: all(out.done.is_set() for _, out in interactive), 60, interval=0.001)
+        assert low.generated <= 1 and low.preemptions == 0
+        assert low_out.done.wait(60) and low_out.text == done.text  # then it runs alone, to the same answer
+    finally:
+        engine.stop()
+
+
+def test_without_a_limit_lower_priority_rows_share_every_step(tiny_model, tokenizer):
+    engine = make_engine(tiny_model, tokenizer, max_batch=4, background_slowdown=0)
+    try:
+        interactive, out = make_seq(PROMPTS[0], max_tokens=60)
+        engine.submit(interactive)
+        assert wait_until(lambda: interactive.generated >= 2, 30, interval=0.001)
+        low, low_out = make_seq(PROMPTS[2], max_tokens=20)
+        low.priority = 10
+        engine.submit(low)
+        assert low_out.done.wait(60)
+        assert not out.done.is_set()  # it ran beside the interactive one, in the same steps
+        assert out.done.wait(60)
+    finally:
+        engine.stop()
