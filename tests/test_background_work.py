@@ -78,3 +78,13 @@ def test_without_a_limit_lower_priority_rows_share_every_step(tiny_model, tokeni
         assert out.done.wait(60)
     finally:
         engine.stop()
+
+
+def test_lower_priority_rows_that_cost_more_than_priced_get_less_room():
+    cost = _cost({4: 0.040, 8: 0.080})  # 10 ms a row, 1 ms a prompt token
+    assert cost.background_slack(16).take_row()  # 16 ms of slack pays for one 10 ms row
+    for _ in range(30):  # steps of 16 best-priority rows and one lower-priority row took 190 ms, not 170
+        cost.observe(17, 0, 0.190, background=(16, 0, 1, 0))
+    assert cost.background_factor == pytest.approx(3.0, rel=0.05)
+    assert not cost.background_slack(16).take_row()  # that row costs 30 ms: no longer within the slack
+    assert cost.decode_by_rows == {4: 0.040, 8: 0.080}  # and those steps do not count as best-priority ones

@@ -334,7 +334,7 @@ class Engine(EngineHandle):
                 sampled.append(seq)
         self._sample_and_accept(sampled, logits)  # reads the logits: on CUDA the step has finished here
         prompt_tokens = sum(count for _, count in step.work) - decode_rows
-        self._step_cost.observe(decode_rows, prompt_tokens, time.perf_counter() - started)
+        self._step_cost.observe(decode_rows, prompt_tokens, time.perf_counter() - started, step.background)
         return True
 
     def _stage_adapters(self) -> None:

@@ -41,6 +41,9 @@ class Step:
     preempted: list[Sequence] = field(default_factory=list)
     failed: list[tuple[Sequence, str, str]] = field(default_factory=list)  # cannot run: why, and the kind
     decode_rows: int = 0  # the first rows of `work`: one token each, for requests past their prompt
+    # when lower-priority work was sized against a slack: (best-priority decode rows, best-priority prompt
+    # tokens, lower-priority decode rows, lower-priority prompt tokens), for the cost model to check its price
+    background: tuple[int, int, int, int] | None = None
 
 
 class Scheduler:
@@ -143,6 +146,11 @@ class Scheduler:
                 if slack is not None and seq.priority > best:
                     slack.take_tokens(count)
         self.waiting.extendleft(reversed(kept))
+        if slack is not None:
+            split = [0, 0, 0, 0]
+            for index, (seq, count) in enumerate(step.work):
+                split[(2 if seq.priority > best else 0) + (index >= step.decode_rows)] += count
+            step.background = tuple(split)
         return step
 
     @staticmethod

@@ -58,8 +58,17 @@ class StepCost:
         self.decode_s: float | None = None  # a step of decode rows only
         self.token_s: float | None = None  # one prompt token added to a step
         self.decode_by_rows: dict[int, float] = {}  # decode-only step time by its number of rows
+        # what lower-priority work really added to steps / what the fitted prices said it would: its rows
+        # differ from the best-priority ones (other experts, other lengths), so a row of it may cost more
+        self.background_factor = 1.0
 
-    def observe(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
+    def observe(self, decode_rows: int, prompt_tokens: int, seconds: float,
+                background: tuple[int, int, int, int] | None = None) -> None:
+        """A step's time. `background`: the step's split (scheduler.Step.background) when lower-priority
+        work was sized into it."""
+        if background is not None and (background[2] or background[3]):
+            self._observe_background(background, seconds)
+            return
         if prompt_tokens == 0:
             if decode_rows:
                 self.decode_s = _blend(self.decode_s, seconds)
@@ -109,4 +118,18 @@ class StepCost:
             fixed, row_s = fit
             if alone is None:
                 alone = fixed + row_s * foreground_rows
-        return Slack((self.background_slowdown - 1) * alone, row_s, self.token_s)
+        factor = self.background_factor
+        return Slack((self.background_slowdown - 1) * alone, row_s * factor,
+                     None if self.token_s is None else self.token_s * factor)
+
+    def _observe_background(self, split: tuple[int, int, int, int], seconds: float) -> None:
+        fg_rows, fg_tokens, bg_rows, bg_tokens = split
+        fit = self.row_cost()
+        if fit is None or self.token_s is None:
+            return
+        fixed, row_s = fit
+        alone = self.decode_by_rows.get(fg_rows, fixed + row_s * fg_rows) + fg_tokens * self.token_s
+        priced = bg_rows * row_s + bg_tokens * self.token_s
+        if priced > 0:
+            ratio = min(max((seconds - alone) / priced, 0.5), 20.0)
+            self.background_factor += SMOOTHING * (ratio - self.background_factor)
