@@ -23,7 +23,10 @@ def test_where_every_row_costs_its_share_lower_priority_work_gets_a_tenth_of_the
     assert slack.seconds == pytest.approx(0.008)  # a tenth of the 8 rows' own 80 ms
     assert not slack.take_row()  # a row (10 ms) would cost more than that
     assert slack.tokens() == 8  # 1 ms a prompt token
-    assert cost.background_slack(80 // 10 * 2).take_row()  # at 16 rows a tenth pays for one more
+    assert cost.background_slack(8).take_row()  # the next step has the 8 ms saved and 8 more: a row
+    assert cost.background_slack(8).seconds == pytest.approx(0.014)  # then what was left and 8 more
+    fresh = _cost({4: 0.040, 8: 0.080})
+    assert fresh.background_slack(16).take_row()  # at 16 rows a tenth pays for one more at once
 
 
 def test_where_rows_are_nearly_free_lower_priority_work_fills_the_batch():
@@ -82,9 +85,19 @@ def test_without_a_limit_lower_priority_rows_share_every_step(tiny_model, tokeni
 
 def test_lower_priority_rows_that_cost_more_than_priced_get_less_room():
     cost = _cost({4: 0.040, 8: 0.080})  # 10 ms a row, 1 ms a prompt token
-    assert cost.background_slack(16).take_row()  # 16 ms of slack pays for one 10 ms row
+    assert _cost({4: 0.040, 8: 0.080}).background_slack(16).take_row()  # 16 ms of slack pays for one 10 ms row
     for _ in range(30):  # steps of 16 best-priority rows and one lower-priority row took 190 ms, not 170
         cost.observe(17, 0, 0.190, background=(16, 0, 1, 0))
     assert cost.background_factor == pytest.approx(3.0, rel=0.05)
-    assert not cost.background_slack(16).take_row()  # that row costs 30 ms: no longer within the slack
+    assert not cost.background_slack(16).take_row()  # that row costs 30 ms: no longer within a step's slack
+    assert cost.background_slack(16).take_row()  # but two steps' saved slack pay for it
     assert cost.decode_by_rows == {4: 0.040, 8: 0.080}  # and those steps do not count as best-priority ones
+
+
+def test_saved_slack_is_bounded_and_forgotten_when_nothing_of_the_best_priority_decodes():
+    cost = _cost({4: 0.040, 8: 0.080})
+    for _ in range(100):
+        slack = cost.background_slack(8)  # nothing spent
+    assert slack.seconds == pytest.approx(16 * 0.008)
+    assert cost.background_slack(0) is None
+    assert cost.background_slack(8).seconds == pytest.approx(0.008)

@@ -9,7 +9,9 @@ usual inter-token gap while a long prompt is being read, whatever the model, dev
 small CPU than on a GPU). With nothing decoding, nobody waits, and a chunk is the whole step budget.
 
 Lower-priority work (batch lines) beside requests of the best priority is sized the same way: its decode
-rows and prompt tokens take at most `background_slowdown - 1` of the best-priority rows' own step time.
+rows and prompt tokens take at most `background_slowdown - 1` of the best-priority rows' own step time, on
+average: slack a step does not spend is saved (up to CREDIT_STEPS steps' worth), so where one lower-priority
+row costs more than a step's slack it still runs every few steps instead of never.
 What a row costs is fitted from decode-only steps of different sizes: on a GPU a row is nearly free and
 batch lines fill every free row; on a small CPU, where each row costs about as much as the next, they take
 only what keeps interactive streams within the bound.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 INITIAL_CHUNK = 64  # tokens, until both estimates exist
 SMOOTHING = 0.2  # weight of the newest measurement
+CREDIT_STEPS = 16  # steps of unspent slack lower-priority work may save up for a row or a prompt block
 
 
 @dataclass
@@ -61,6 +64,7 @@ class StepCost:
         # what lower-priority work really added to steps / what the fitted prices said it would: its rows
         # differ from the best-priority ones (other experts, other lengths), so a row of it may cost more
         self.background_factor = 1.0
+        self._credit: Slack | None = None  # the last slack handed out: what the scheduler left of it is saved
 
     def observe(self, decode_rows: int, prompt_tokens: int, seconds: float,
                 background: tuple[int, int, int, int] | None = None) -> None:
@@ -105,6 +109,7 @@ class StepCost:
         """What lower-priority work may add to a step whose best-priority requests decode `foreground_rows`
         rows; None: no limit (sizing off, or nothing of the best priority is decoding)."""
         if self.background_slowdown <= 1 or foreground_rows == 0:
+            self._credit = None
             return None
         fit = self.row_cost()
         alone = self.decode_by_rows.get(foreground_rows)
@@ -119,8 +124,11 @@ class StepCost:
             if alone is None:
                 alone = fixed + row_s * foreground_rows
         factor = self.background_factor
-        return Slack((self.background_slowdown - 1) * alone, row_s * factor,
-                     None if self.token_s is None else self.token_s * factor)
+        per_step = (self.background_slowdown - 1) * alone
+        saved = 0.0 if self._credit is None else max(self._credit.seconds, 0.0)
+        self._credit = Slack(min(saved + per_step, CREDIT_STEPS * per_step), row_s * factor,
+                             None if self.token_s is None else self.token_s * factor)
+        return self._credit
 
     def _observe_background(self, split: tuple[int, int, int, int], seconds: float) -> None:
         fg_rows, fg_tokens, bg_rows, bg_tokens = split
