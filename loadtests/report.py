@@ -422,7 +422,15 @@ def batches_section() -> str:
              f"{over['ttft_ratio']:.3f}x ({over['responses']['total_s_median'] * 1000:.0f} vs "
              f"{over['chat']['total_s_median'] * 1000:.0f} ms) | {goal(over['total_ratio'] <= 1.05)} |",
              "", f"The batch itself decodes {batch['batch_alone_tokens_per_s']:.0f} tokens/s alone and "
-             f"{batch['batch_with_streams_tokens_per_s']:.0f} tokens/s in the rows the streams leave."]
+             f"{batch['batch_with_streams_tokens_per_s']:.0f} tokens/s beside the streams (`background_slowdown` "
+             "1.1: on these 2 cores every added row lengthens the step, so the lines run in the slack "
+             "the streams' steps leave, saved up over steps)."]
+    before = _load("bench_batches_unsized.json")
+    if before is not None:
+        old = before["batch_interference"]
+        lines.append(f"Before that sizing (lines filled every free row, {before['date'][:10]}): streams "
+                     f"{old['stream_ratio_with_batch']:.2f}x, the batch {old['batch_with_streams_tokens_per_s']:.0f} "
+                     "tokens/s beside them.")
     return "\n".join(lines)
 
 
