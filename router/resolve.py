@@ -44,6 +44,15 @@ class BadMixture(ValueError):
         self.param = param
 
 
+class UnknownMember(BadMixture):
+    """A mixture naming an expert that is not registered (an adapter source may still have it: the edge
+    fetches it and asks again)."""
+
+    def __init__(self, name: str, param: str):
+        super().__init__(f"'{name}' in the mixture is not a registered expert nor the base", param)
+        self.name = name
+
+
 Mixture = tuple[tuple[str, float], ...]  # (expert, weight), heaviest first
 # which registered experts the caller may use (a tenant: its own and the shared ones); None: all. An expert it
 # may not use is treated exactly as one that is not registered, in every answer below
@@ -127,7 +136,7 @@ class ExpertRouter:
             if not name:
                 raise BadMixture("a mixture has an empty expert name", param)
             if not self._known(name, visible):
-                raise BadMixture(f"'{name}' in the mixture is not a registered expert nor the base", param)
+                raise UnknownMember(name, param)
         if len(set(names)) != len(names):
             raise BadMixture("a mixture names an expert twice", param)
         if not all(math.isfinite(weight) for _, weight in pairs):

@@ -59,7 +59,7 @@ def places(tmp_path_factory):
     s3.bucket("adapters")
     for name, folder in (("pirate", PIRATE), ("crowd", TERSE), ("evict-a", PIRATE), ("evict-b", TERSE),
                          ("evict-c", JSON_ANSWER), ("held", PIRATE), ("filler-1", TERSE), ("filler-2", JSON_ANSWER),
-                         ("kept", TERSE)):
+                         ("kept", TERSE), ("mix-a", PIRATE), ("mix-b", TERSE)):
         s3.put_adapter("adapters", f"loras/acme/{name}", folder)
     bad = root / "bad"
     write_lora(bad / "nan", tensors={Q_PROJ_KEY.format("A"): torch.full((8, 576), float("nan")),
@@ -202,6 +202,20 @@ def test_concurrent_first_use_shares_one_fetch(live):
     fetched = metric(live, "loraplex_adapter_fetched_bytes_total", source="bucket") - fetched_bytes
     assert fetched == sum(f.stat().st_size for f in TERSE.iterdir()
                           if f.name in ("adapter_config.json", "adapter_model.safetensors", "expert.json"))
+
+
+def test_a_mixture_of_experts_only_the_bucket_holds_fetches_each_member(live):
+    before = fetches(live, "bucket")
+    response = chat(live, "acme/mix-a+acme/mix-b")
+    assert response.status_code == 200, response.text
+    assert fetches(live, "bucket") == before + 2
+    assert {"acme/mix-a", "acme/mix-b"} <= set(listed(live))
+    # the header's weighted form, now from the cache
+    weighted = chat(live, "anything", headers={"X-Expert": "acme/mix-a:0.7,acme/mix-b:0.3"})
+    assert weighted.status_code == 200 and fetches(live, "bucket") == before + 2, weighted.text
+    # a member no source has: the mixture's 404 names it
+    error = assert_openai_error(chat(live, "acme/mix-a+acme/nowhere-else"), 404, "model")
+    assert "acme/nowhere-else" in error["message"]
 
 
 # ---- the cache ------------------------------------------------------------------------------------

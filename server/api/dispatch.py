@@ -16,7 +16,7 @@ from fastapi import Request
 
 from adapters.admission import check_token_ids
 from adapters.registry import AdapterRecord
-from router.resolve import Route, UnknownExpert
+from router.resolve import Route, UnknownExpert, UnknownMember
 from server.api.errors import APIError
 from server.api.middleware import RequestOutcome, outcome_of
 from server.api.protocol import SamplingFields
@@ -123,18 +123,21 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
             with state.metrics.router_latency.time():
                 route = await state.in_text_pool(router.by_prompt, routing_text, top_k, visible)
         else:
-            try:
-                route = router.by_name(model, header, visible)
-            except UnknownExpert as exc:
-                if state.registry.get(exc.name) is not None:  # another tenant's: as if absent, and never fetched
-                    raise
-                fetching = state.experts.fetch(exc.name, exc.param, principal.owner)
-                if fetching is None:
-                    raise
-                with tracer().start_as_current_span("adapter fetch", attributes={"loraplex.expert": exc.name}):
-                    # shielded: a client that leaves stops waiting, never the fetch other requests may share
-                    await asyncio.shield(asyncio.wrap_future(fetching))
-                route = router.by_name(model, header, visible)  # a miss: just fetched, the most recently used
+            fetched: set[str] = set()
+            while True:  # a mixture's members are fetched one after another, each at most once
+                try:
+                    route = router.by_name(model, header, visible)  # after a miss: just fetched, most recently used
+                    break
+                except (UnknownExpert, UnknownMember) as exc:
+                    if exc.name in fetched or state.registry.get(exc.name) is not None:
+                        raise  # fetched and gone again, or another tenant's: as if absent, and never fetched
+                    fetching = state.experts.fetch(exc.name, exc.param, principal.owner)
+                    if fetching is None:
+                        raise
+                    fetched.add(exc.name)
+                    with tracer().start_as_current_span("adapter fetch", attributes={"loraplex.expert": exc.name}):
+                        # shielded: a client that leaves stops waiting, never the fetch other requests may share
+                        await asyncio.shield(asyncio.wrap_future(fetching))
         if span.is_recording():
             span.set_attributes({"loraplex.expert": route.model, "loraplex.router.source": route.source,
                                  **({"loraplex.router.score": route.score} if route.score is not None else {}),
