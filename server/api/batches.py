@@ -249,26 +249,24 @@ class BatchRunner:
     async def _call(self, url: str, body: dict, request_id: str, principal: Principal) -> tuple[int, dict]:
         """(status, body) of one line, through the endpoint's own code, as the batch's creator: a line uses
         only the experts its creator may use (another tenant's answers the absent expert's 404)."""
-        tenants = self.state.tenants
+        tenants, outcome = self.state.tenants, RequestOutcome()
         tenant = tenants.get_tenant(principal.tenant) if tenants is not None and principal.tenant else None
         if tenant is None:
-            return await self._endpoint(url, body, request_id, principal)
+            return await self._endpoint(url, body, request_id, principal, outcome)
         # a line is one of its tenant's requests: the same rate, token and concurrency limits, the same usage
         verdict = self.state.limiter.admit(tenant.id, tenant.limits)
         if verdict.refused is not None:
             raise _Retry(max(RETRY_S, verdict.retry_after))
-        outcome = RequestOutcome()
         try:
             return await self._endpoint(url, body, request_id, principal, outcome)
         finally:
             settle(self.state.limiter, tenants, self.state.metrics, tenant, outcome)
 
     async def _endpoint(self, url: str, body: dict, request_id: str, principal: Principal,
-                   outcome: RequestOutcome | None = None) -> tuple[int, dict]:
+                        outcome: RequestOutcome) -> tuple[int, dict]:
         model, endpoint = _ENDPOINTS[url]
         scope = {"type": "http", "method": "POST", "path": url, "headers": [], "query_string": b"",
-                 "app": self.app, "state": {"request_id": request_id, "principal": principal,
-                                            "outcome": outcome or RequestOutcome()}}
+                 "app": self.app, "state": {"request_id": request_id, "principal": principal, "outcome": outcome}}
         request = Request(scope, _never_disconnects())
         try:
             req = model.model_validate(body)

@@ -15,7 +15,9 @@ that comes last in priority order (the lowest priority, then the newest) is pree
 and it goes back to the head of its priority in the queue, to be computed again (cheaply, from the prefix
 cache when its blocks survived). A waiting request that finds every row (or the blocks it needs) taken by
 requests of a lower priority preempts them in the same step, so low-priority work fills the rows
-interactive requests leave free and never holds one up for a row.
+interactive requests leave free and never holds one up for a row. While requests of the best priority
+decode, lower-priority ones also get only the step time they can spare (step_cost.py's Slack): a row
+it does not pay for keeps its blocks and waits a step.
 
 Not thread-safe by itself: the engine calls `schedule` under its queue lock and the rest on its
 own thread. Nothing here touches the model: the engine does what these decisions say.
@@ -70,9 +72,8 @@ class Scheduler:
         # 0. a waiting request takes the row of a running one it outranks (vLLM's priority preemption)
         self._make_room(step)
         best = min((seq.priority for seq in self.running), default=0)
-        foreground = [seq for seq in self.running if seq.priority == best and seq.uncomputed == 1]
-        slack = background(len(foreground)) if background is not None and len(foreground) < len(self.running) \
-            else None
+        foreground = sum(1 for seq in self.running if seq.priority == best and seq.uncomputed == 1)
+        slack = background(foreground) if background is not None and foreground < len(self.running) else None
         # 1. every running request that has its prompt computed decodes one token (lower-priority ones
         # while the slack pays for their row)
         for seq in list(self.running):
@@ -96,12 +97,10 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.uncomputed > 1:
-                count = self._chunk(seq, self._allowed(seq, budget, best, slack))
+                count = self._prompt_chunk(seq, budget, best, slack)
                 if count:
                     step.work.append((seq, count))
                     budget -= count
-                    if slack is not None and seq.priority > best:
-                        slack.take_tokens(count)
         # 3. new arrivals, by priority then in turns over tenants within one priority (_fair_order), while a row, the budget and KV blocks allow
         if self.waiting and any(seq.tenant != self.waiting[0].tenant for seq in self.waiting):
             self.waiting = self._fair_order()
@@ -139,12 +138,10 @@ class Scheduler:
             self.running.append(seq)
             in_use.update(seq.adapter_keys)
             step.admitted.append(seq)
-            count = self._chunk(seq, self._allowed(seq, budget, best, slack))
+            count = self._prompt_chunk(seq, budget, best, slack)
             if count:
                 step.work.append((seq, count))
                 budget -= count
-                if slack is not None and seq.priority > best:
-                    slack.take_tokens(count)
         self.waiting.extendleft(reversed(kept))
         if slack is not None:
             split = [0, 0, 0, 0]
@@ -153,11 +150,14 @@ class Scheduler:
             step.background = tuple(split)
         return step
 
-    @staticmethod
-    def _allowed(seq: Sequence, budget: int, best: int, slack: Slack | None) -> int:
-        """Prompt tokens seq may compute in this step: the budget, and for lower-priority work what the
-        slack still pays for."""
-        return budget if slack is None or seq.priority <= best else min(budget, slack.tokens())
+    def _prompt_chunk(self, seq: Sequence, budget: int, best: int, slack: Slack | None) -> int:
+        """Prompt tokens seq computes in this step: a chunk within the budget, and for lower-priority work
+        within what the slack still pays for (charged to it)."""
+        if slack is None or seq.priority <= best:
+            return self._chunk(seq, budget)
+        count = self._chunk(seq, min(budget, slack.tokens()))
+        slack.take_tokens(count)
+        return count
 
     def _fair_order(self) -> collections.deque[Sequence]:
         """The waiting requests by priority first (lower number first, as `add` keeps them), then within one
