@@ -45,10 +45,15 @@ def cluster(tiny_folder, tmp_path_factory):
                                                               Q_PROJ_KEY.format("B"): torch.randn(128, 8) * 0.3})
     # the local cluster's processes (ingress, replicas) inherit the variables set while it starts: traces to
     # a receiver here, and Serve's wait for the replica holding a model (1-2 s by default) at 0.25-0.5 s, so
-    # the spill tests need bursts of a second or so, not of several, to see a request placed on the other one
+    # the spill tests need bursts of a second or so, not of several, to see a request placed on the other one.
+    # Within that wait Serve asks the chosen replica for its queue length and gives up on it after 0.1 s (the
+    # default), then after 0.2 s...; on a busy 2-core machine an idle replica can miss that, and a new expert
+    # then lands on the busy one: 0.5 s lets the probe answer whenever the replica is alive.
     receiver = OtlpReceiver()
     environment = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
-                   "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "0.25"}
+                   "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "0.25",
+                   "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "0.5",
+                   "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2.0"}
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:
