@@ -156,10 +156,12 @@ def test_under_load_requests_spill_to_the_other_replica(cluster, http):
 
     def one():
         raw = client.chat.completions.with_raw_response.create(
-            model="s", messages=[{"role": "user", "content": "go"}], max_tokens=60, extra_body={"ignore_eos": True})
+            model="s", messages=[{"role": "user", "content": "go"}], max_tokens=180, extra_body={"ignore_eos": True})
         assert raw.parse().choices[0].finish_reason == "length"
         seen.append(raw.headers[HEADER])
 
+    # each request runs for a second or more (the tiny model's 180 tokens), well past Serve's wait for the
+    # holding replica (0.25-0.5 s here): the requests beyond its batch find it still full, and spill
     threads = [threading.Thread(target=one) for _ in range(3 * BATCH)]
     for thread in threads:
         thread.start()

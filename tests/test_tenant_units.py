@@ -110,6 +110,35 @@ def test_a_flood_from_one_tenant_does_not_hold_every_batch_row():
     assert [s.request_id for s in plain.schedule(lambda key, in_use: True).admitted] == ["0", "1"]
 
 
+def _run(scheduler: Scheduler, step) -> dict[str, int]:
+    """What the engine does with a step: its tokens computed, a token sampled where a prompt ended."""
+    for seq, count in step.work:
+        seq.num_computed += count
+        scheduler.blocks.commit(seq)
+        if seq.num_computed == len(seq.tokens):
+            seq.tokens.append(0)
+    return {seq.request_id: count for seq, count in step.work}
+
+
+def test_a_tenant_with_fewer_rows_has_its_prompt_read_alone():
+    """While a's requests are being read and decoded, b's new request takes the next step's prompt tokens by
+    itself: a's decode rows run, a's next prompt (and the rest of a part-read one) waits that one step."""
+    scheduler = Scheduler(max_batch_size=4, max_step_tokens=16, blocks=BlockManager(64, 4))
+    long_a = _seq("a", 0)
+    long_a.tokens = long_a.prompt_ids = list(range(1, 41))  # 40 tokens: read 16 a step
+    scheduler.waiting.extend([_seq("a", 9), long_a])
+    assert _run(scheduler, scheduler.schedule(lambda key, in_use: True)) == {"a9": 3, "a0": 12}
+    scheduler.waiting.extend([_seq("a", 1), _seq("b", 0)])
+    # a holds two rows, b none: only b's prompt is read; a9 decodes, a0 and a1 wait
+    assert _run(scheduler, scheduler.schedule(lambda key, in_use: True)) == {"a9": 1, "b0": 3}
+    # b's prompt is in: a's turn again (a0 goes on up to a block boundary within the budget; a1 next step)
+    assert _run(scheduler, scheduler.schedule(lambda key, in_use: True)) == {"a9": 1, "b0": 1, "a0": 12}
+    # one tenant alone is never held: its prompts share steps as before
+    plain = Scheduler(max_batch_size=4, max_step_tokens=16, blocks=BlockManager(64, 4))
+    plain.waiting.extend([_seq("", 0), _seq("", 1)])
+    assert _run(plain, plain.schedule(lambda key, in_use: True)) == {"0": 3, "1": 3}
+
+
 def test_priority_comes_first_and_tenants_take_turns_within_one_priority():
     """vLLM's priority (lower first) orders admission; tenant turns only reorder requests of equal priority."""
     scheduler = Scheduler(max_batch_size=5, max_step_tokens=512, blocks=BlockManager(64, 4))

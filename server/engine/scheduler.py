@@ -1,23 +1,24 @@
 """Scheduling decisions, apart from the thread that carries them out: which requests run in the
 next engine step, with how many of their tokens, and who gives up KV blocks when they run out.
 
-One step mixes decode rows (one token each) and prefill chunks under a token budget
-(`max_step_tokens`, and while streams decode, what step_cost.py says keeps their steps short), so
-a long prompt is prefilled a chunk per step while running streams keep getting a token every step
-(chunked prefill). Requests are admitted in order of `priority` (vLLM's: lower runs first; 0 by default, batch
-lines run at a higher number), and within one priority in arrival order or, with several tenants waiting,
-in turns over the tenants (fewest rows in the batch first, each tenant's own requests in their order), when
-a batch row and KV blocks for their whole prompt are free. Priority always comes first: a tenant's turn
-never lets a lower-priority request pass a higher one, and turns only reorder requests of equal priority,
-so one tenant's flood of arrivals cannot hold every batch row while another's request of the same
-priority waits behind it. When a running request needs a new block and none is free, the running request
+One step mixes decode rows (one token each) and prefill chunks under a token budget (`max_step_tokens`, and
+while streams decode, what step_cost.py says keeps their steps short), so a long prompt is prefilled a chunk
+per step while running streams keep getting a token every step (chunked prefill). Requests are admitted in
+order of `priority` (vLLM's: lower runs first; 0 by default, batch lines run at a higher number), and within
+one priority in arrival order or, with several tenants waiting, in turns over the tenants (fewest rows in the
+batch first, each tenant's own requests in their order), when a batch row and KV blocks for their whole prompt
+are free; and while several tenants have prompt tokens to compute, a step computes only those of the tenants
+with the fewest rows (their decode rows all run). Priority always comes first: a tenant's turn never lets a
+lower-priority request pass a higher one, and turns only reorder requests of equal priority, so one tenant's
+flood of arrivals cannot hold every batch row, or every step's prompt tokens, while another's request of the
+same priority waits behind it. When a running request needs a new block and none is free, the running request
 that comes last in priority order (the lowest priority, then the newest) is preempted: its blocks are freed
 and it goes back to the head of its priority in the queue, to be computed again (cheaply, from the prefix
 cache when its blocks survived). A waiting request that finds every row (or the blocks it needs) taken by
-requests of a lower priority preempts them in the same step, so low-priority work fills the rows
-interactive requests leave free and never holds one up for a row. While requests of the best priority
-decode, lower-priority ones also get only the step time they can spare (step_cost.py's Slack): a row
-it does not pay for keeps its blocks and waits a step.
+requests of a lower priority preempts them in the same step, so low-priority work fills the rows interactive
+requests leave free and never holds one up for a row. While requests of the best priority decode,
+lower-priority ones also get only the step time they can spare (step_cost.py's Slack): a row it does not pay
+for keeps its blocks and waits a step.
 
 Not thread-safe by itself: the engine calls `schedule` under its queue lock and the rest on its
 own thread. Nothing here touches the model: the engine does what these decisions say.
@@ -73,7 +74,10 @@ class Scheduler:
         self._make_room(step)
         best = min((seq.priority for seq in self.running), default=0)
         foreground = sum(1 for seq in self.running if seq.priority == best and seq.uncomputed == 1)
-        slack = background(foreground) if background is not None and foreground < len(self.running) else None
+        # best-priority rows decode beside lower-priority work running, or waiting to join (its first prompt is
+        # paid for too; `waiting` is in priority order, so its last request is the lowest)
+        lower = foreground and (foreground < len(self.running) or (self.waiting and self.waiting[-1].priority > best))
+        slack = background(foreground) if background is not None and lower else None
         # 1. every running request that has its prompt computed decodes one token (lower-priority ones
         # while the slack pays for their row)
         for seq in list(self.running):
@@ -92,16 +96,18 @@ class Scheduler:
         budget = prompt_budget(decode_rows) if prompt_budget else self.max_step_tokens - decode_rows
         # prefill always progresses, even when the decode rows alone fill the budget
         budget = max(budget, self.blocks.block_size)
+        turn = self._prompt_turn()
         # 2. requests part-way through their prompt continue, oldest first
         for seq in self.running:
             if budget <= 0:
                 break
-            if seq.uncomputed > 1:
+            if seq.uncomputed > 1 and turn(seq):
                 count = self._prompt_chunk(seq, budget, best, slack)
                 if count:
                     step.work.append((seq, count))
                     budget -= count
-        # 3. new arrivals, by priority then in turns over tenants within one priority (_fair_order), while a row, the budget and KV blocks allow
+        # 3. new arrivals, by priority then in turns over tenants within one priority (_fair_order), while a
+        # row, the budget and KV blocks allow
         if self.waiting and any(seq.tenant != self.waiting[0].tenant for seq in self.waiting):
             self.waiting = self._fair_order()
         in_use = {key for seq in self.running for key in seq.adapter_keys}
@@ -113,6 +119,9 @@ class Scheduler:
             if slack is not None and seq.priority > best and slack.tokens() < self.blocks.block_size:
                 self.waiting.appendleft(seq)  # lower-priority work joins when the slack pays for its prompt
                 break
+            if not turn(seq):
+                kept.append(seq)  # keeps its place; its tenant's turn comes when the others' prompts are in
+                continue
             try:
                 needed = in_use | set(seq.adapter_keys)  # a mixture needs all of its adapters at once
                 ready = all([acquire(key, needed) for key in seq.adapter_keys])  # a list: every load starts
@@ -158,6 +167,24 @@ class Scheduler:
         count = self._chunk(seq, min(budget, slack.tokens()))
         slack.take_tokens(count)
         return count
+
+    def _prompt_turn(self) -> Callable[[Sequence], bool]:
+        """Whose prompt tokens the step may compute: within one priority, when several tenants have prompt
+        tokens to compute, only the tenants with the fewest running rows among them. A prompt is the
+        expensive part of a step on a small device (each token costs about what a decode row does), so a
+        tenant whose new request arrives while another's are being read would otherwise share that step
+        with them and wait about twice as long for its first token; the tenant with more rows loses one
+        step for its next prompt, and its decode rows never wait. Without tenants (or one) nothing is held."""
+        pending: dict[int, set[str]] = {}
+        for seq in (*self.running, *self.waiting):
+            if (seq.uncomputed > 1 or not seq.running) and not seq.cancelled:
+                pending.setdefault(seq.priority, set()).add(seq.tenant)
+        if all(len(tenants) < 2 for tenants in pending.values()):
+            return lambda seq: True
+        rows = collections.Counter(seq.tenant for seq in self.running)
+        allowed = {priority: {t for t in tenants if rows[t] == min(rows[u] for u in tenants)}
+                   for priority, tenants in pending.items()}
+        return lambda seq: seq.tenant in allowed.get(seq.priority, (seq.tenant,))
 
     def _fair_order(self) -> collections.deque[Sequence]:
         """The waiting requests by priority first (lower number first, as `add` keeps them), then within one
