@@ -253,9 +253,21 @@ def test_a_replica_killed_mid_stream_fails_only_its_request(cluster, http):
     assert wait_until(lambda: http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4}
                                         ).status_code == 200, 60)
     assert http.get("/health").json()["status"] == "ok"
-    # Serve replaces the killed replica (and the ingress's router learns of it) before the next test
-    assert wait_until(lambda: len(ray_serve.replica_ids() - {victim}) == 2, 120), ray_serve.replica_ids()
+    # Serve replaces the killed replica (and the ingress's router learns of it) before the next test: its actor
+    # is named as soon as it is created, and RUNNING only once it has loaded the model (a test that needs two
+    # replicas failed with every request on one while the new one was still loading)
+    assert wait_until(lambda: len(ray_serve.replica_ids() - {victim}) == 2 and running_replicas() == 2, 120), \
+        ray_serve.replica_ids()
     time.sleep(LEARN_S)
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    from server.startup.ray_serve import APP_NAME
+
+    deployment = serve.status().applications[APP_NAME].deployments["EngineReplica"]
+    return deployment.replica_states.get("RUNNING", 0)
 
 
 def test_the_ingress_restores_exactly_the_registered_experts_without_loading_the_model(tiny_folder, tmp_path):
