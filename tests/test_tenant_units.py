@@ -120,20 +120,22 @@ def _run(scheduler: Scheduler, step) -> dict[str, int]:
     return {seq.request_id: count for seq, count in step.work}
 
 
-def test_a_tenant_with_fewer_rows_has_its_prompt_read_alone():
-    """While a's requests are being read and decoded, b's new request takes the next step's prompt tokens by
-    itself: a's decode rows run, a's next prompt (and the rest of a part-read one) waits that one step."""
+def test_a_tenant_with_fewer_rows_joins_a_step_before_another_tenants_next_request():
+    """While a's requests run, b's new request joins the next step without a's next one (which would share its
+    prefill step); a's running requests all go on, a prompt part-way through included."""
     scheduler = Scheduler(max_batch_size=4, max_step_tokens=16, blocks=BlockManager(64, 4))
     long_a = _seq("a", 0)
-    long_a.tokens = long_a.prompt_ids = list(range(1, 41))  # 40 tokens: read 16 a step
+    long_a.tokens = long_a.prompt_ids = list(range(1, 41))  # 40 tokens: read 12 or so a step
     scheduler.waiting.extend([_seq("a", 9), long_a])
     assert _run(scheduler, scheduler.schedule(lambda key, in_use: True)) == {"a9": 3, "a0": 12}
     scheduler.waiting.extend([_seq("a", 1), _seq("b", 0)])
-    # a holds two rows, b none: only b's prompt is read; a9 decodes, a0 and a1 wait
-    assert _run(scheduler, scheduler.schedule(lambda key, in_use: True)) == {"a9": 1, "b0": 3}
-    # b's prompt is in: a's turn again (a0 goes on up to a block boundary within the budget; a1 next step)
-    assert _run(scheduler, scheduler.schedule(lambda key, in_use: True)) == {"a9": 1, "b0": 1, "a0": 12}
-    # one tenant alone is never held: its prompts share steps as before
+    # a holds two rows, b none: b joins, a1 waits; a9 decodes and a0 goes on reading its prompt
+    assert _run(scheduler, scheduler.schedule(lambda key, in_use: True)) == {"a9": 1, "a0": 12, "b0": 3}
+    assert [seq.request_id for seq in scheduler.waiting] == ["a1"]
+    # b has nothing waiting: a's turn
+    step = scheduler.schedule(lambda key, in_use: True)
+    assert [seq.request_id for seq in step.admitted] == ["a1"]
+    # one tenant alone is never held: its requests join together as before
     plain = Scheduler(max_batch_size=4, max_step_tokens=16, blocks=BlockManager(64, 4))
     plain.waiting.extend([_seq("", 0), _seq("", 1)])
     assert _run(plain, plain.schedule(lambda key, in_use: True)) == {"0": 3, "1": 3}

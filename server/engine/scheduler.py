@@ -7,18 +7,18 @@ per step while running streams keep getting a token every step (chunked prefill)
 order of `priority` (vLLM's: lower runs first; 0 by default, batch lines run at a higher number), and within
 one priority in arrival order or, with several tenants waiting, in turns over the tenants (fewest rows in the
 batch first, each tenant's own requests in their order), when a batch row and KV blocks for their whole prompt
-are free; and while several tenants have prompt tokens to compute, a step computes only those of the tenants
-with the fewest rows (their decode rows all run). Priority always comes first: a tenant's turn never lets a
+are free; and while several tenants have requests waiting, only those of the tenants with the fewest rows join
+a step (running requests are never held). Priority always comes first: a tenant's turn never lets a
 lower-priority request pass a higher one, and turns only reorder requests of equal priority, so one tenant's
-flood of arrivals cannot hold every batch row, or every step's prompt tokens, while another's request of the
-same priority waits behind it. When a running request needs a new block and none is free, the running request
-that comes last in priority order (the lowest priority, then the newest) is preempted: its blocks are freed
-and it goes back to the head of its priority in the queue, to be computed again (cheaply, from the prefix
-cache when its blocks survived). A waiting request that finds every row (or the blocks it needs) taken by
-requests of a lower priority preempts them in the same step, so low-priority work fills the rows interactive
-requests leave free and never holds one up for a row. While requests of the best priority decode,
-lower-priority ones also get only the step time they can spare (step_cost.py's Slack): a row it does not pay
-for keeps its blocks and waits a step.
+flood of arrivals cannot hold every batch row, or share every new request's prefill step, while another's
+request of the same priority waits behind it. When a running request needs a new block and none is free, the
+running request that comes last in priority order (the lowest priority, then the newest) is preempted: its
+blocks are freed and it goes back to the head of its priority in the queue, to be computed again (cheaply,
+from the prefix cache when its blocks survived). A waiting request that finds every row (or the blocks it
+needs) taken by requests of a lower priority preempts them in the same step, so low-priority work fills the
+rows interactive requests leave free and never holds one up for a row. While requests of the best priority
+decode, lower-priority ones also get only the step time they can spare (step_cost.py's Slack): a row it does
+not pay for keeps its blocks and waits a step.
 
 Not thread-safe by itself: the engine calls `schedule` under its queue lock and the rest on its
 own thread. Nothing here touches the model: the engine does what these decisions say.
@@ -101,7 +101,7 @@ class Scheduler:
         for seq in self.running:
             if budget <= 0:
                 break
-            if seq.uncomputed > 1 and turn(seq):
+            if seq.uncomputed > 1:
                 count = self._prompt_chunk(seq, budget, best, slack)
                 if count:
                     step.work.append((seq, count))
@@ -120,7 +120,7 @@ class Scheduler:
                 self.waiting.appendleft(seq)  # lower-priority work joins when the slack pays for its prompt
                 break
             if not turn(seq):
-                kept.append(seq)  # keeps its place; its tenant's turn comes when the others' prompts are in
+                kept.append(seq)  # keeps its place: its tenant's turn comes once the others' requests are in
                 continue
             try:
                 needed = in_use | set(seq.adapter_keys)  # a mixture needs all of its adapters at once
@@ -169,15 +169,17 @@ class Scheduler:
         return count
 
     def _prompt_turn(self) -> Callable[[Sequence], bool]:
-        """Whose prompt tokens the step may compute: within one priority, when several tenants have prompt
-        tokens to compute, only the tenants with the fewest running rows among them. A prompt is the
-        expensive part of a step on a small device (each token costs about what a decode row does), so a
-        tenant whose new request arrives while another's are being read would otherwise share that step
-        with them and wait about twice as long for its first token; the tenant with more rows loses one
-        step for its next prompt, and its decode rows never wait. Without tenants (or one) nothing is held."""
+        """Whose waiting requests may join this step: within one priority, when several tenants have requests
+        waiting, only the tenants with the fewest running rows among them. A new prompt is the expensive
+        part of a step on a small device (each token costs about what a decode row does), so a tenant whose
+        request arrives beside another's would otherwise share its prefill step with them and wait about
+        twice as long for its first token; the tenant with more rows waits one step for its next request.
+        Only admission is held, never a running request (a prompt part-way through keeps going): a held
+        request holds no row and no KV block, so holding it can never keep the others from running. Without
+        tenants (or one) nothing is held."""
         pending: dict[int, set[str]] = {}
-        for seq in (*self.running, *self.waiting):
-            if (seq.uncomputed > 1 or not seq.running) and not seq.cancelled:
+        for seq in self.waiting:
+            if not seq.cancelled:
                 pending.setdefault(seq.priority, set()).add(seq.tenant)
         if all(len(tenants) < 2 for tenants in pending.values()):
             return lambda seq: True
