@@ -123,6 +123,11 @@ def bench_fairness(rounds: int) -> dict:
                                     headers=admin).json()["key"]
         questions = ["Tell me about the sea.", "What is a ship?", "Describe a storm.", "Who was Blackbeard?"]
         b = httpx.Client(base_url=server.base_url, timeout=300)
+        # the router's encoders load and index the experts on a thread after /health answers ok: measured
+        # beside that, the idle run's slowest requests were the build's, not the server's at rest
+        deadline = time.monotonic() + 300
+        while "loading" in str(b.get("/health").json().get("router")) and time.monotonic() < deadline:
+            time.sleep(0.5)
         for question in questions:  # warm-up: the adapter loaded, the first compilations done
             _ttft(b, keys["b"], question)
         idle = [_ttft(b, keys["b"], questions[i % 4]) for i in range(rounds)]
