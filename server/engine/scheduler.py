@@ -96,7 +96,6 @@ class Scheduler:
         budget = prompt_budget(decode_rows) if prompt_budget else self.max_step_tokens - decode_rows
         # prefill always progresses, even when the decode rows alone fill the budget
         budget = max(budget, self.blocks.block_size)
-        turn = self._prompt_turn()
         # 2. requests part-way through their prompt continue, oldest first
         for seq in self.running:
             if budget <= 0:
@@ -108,8 +107,9 @@ class Scheduler:
                     budget -= count
         # 3. new arrivals, by priority then in turns over tenants within one priority (_fair_order), while a
         # row, the budget and KV blocks allow
+        turn = None
         if self.waiting and any(seq.tenant != self.waiting[0].tenant for seq in self.waiting):
-            self.waiting = self._fair_order()
+            self.waiting, turn = self._fair_order()
         in_use = {key for seq in self.running for key in seq.adapter_keys}
         kept: collections.deque[Sequence] = collections.deque()
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
@@ -119,7 +119,7 @@ class Scheduler:
             if slack is not None and seq.priority > best and slack.tokens() < self.blocks.block_size:
                 self.waiting.appendleft(seq)  # lower-priority work joins when the slack pays for its prompt
                 break
-            if not turn(seq):
+            if turn is not None and not turn(seq):
                 kept.append(seq)  # keeps its place: its tenant's turn comes once the others' requests are in
                 continue
             try:
@@ -168,43 +168,35 @@ class Scheduler:
         slack.take_tokens(count)
         return count
 
-    def _prompt_turn(self) -> Callable[[Sequence], bool]:
-        """Whose waiting requests may join this step: within one priority, when several tenants have requests
-        waiting, only the tenants with the fewest running rows among them. A new prompt is the expensive
-        part of a step on a small device (each token costs about what a decode row does), so a tenant whose
-        request arrives beside another's would otherwise share its prefill step with them and wait about
-        twice as long for its first token; the tenant with more rows waits one step for its next request.
-        Only admission is held, never a running request (a prompt part-way through keeps going): a held
-        request holds no row and no KV block, so holding it can never keep the others from running. Without
-        tenants (or one) nothing is held."""
-        pending: dict[int, set[str]] = {}
-        for seq in self.waiting:
-            if not seq.cancelled:
-                pending.setdefault(seq.priority, set()).add(seq.tenant)
-        if all(len(tenants) < 2 for tenants in pending.values()):
-            return lambda seq: True
-        rows = collections.Counter(seq.tenant for seq in self.running)
-        allowed = {priority: {t for t in tenants if rows[t] == min(rows[u] for u in tenants)}
-                   for priority, tenants in pending.items()}
-        return lambda seq: seq.tenant in allowed.get(seq.priority, (seq.tenant,))
-
-    def _fair_order(self) -> collections.deque[Sequence]:
+    def _fair_order(self) -> tuple[collections.deque[Sequence], Callable[[Sequence], bool]]:
         """The waiting requests by priority first (lower number first, as `add` keeps them), then within one
         priority in turns over their tenants: the tenant with the fewest running rows first (then the one
         whose request has waited longest), one request each per turn, each tenant's in order. Turns never
         move a request across priorities, so a tenant cannot jump a higher-priority request by taking
-        its turn, and priority cannot be used to skip another tenant's turn except by a lower number."""
+        its turn, and priority cannot be used to skip another tenant's turn except by a lower number.
+
+        And whose requests may join this step: within one priority, only the tenants with the fewest running
+        rows among those waiting. A new prompt is the expensive part of a step on a small device (each token
+        costs about what a decode row does), so a tenant whose request arrives beside another's would
+        otherwise share its prefill step with them and wait about twice as long for its first token; the
+        tenant with more rows waits one step for its next request. Only admission is held, never a running
+        request (a prompt part-way through keeps going): a held request holds no row and no KV block, so
+        holding it can never keep the others from running."""
         rows = collections.Counter(seq.tenant for seq in self.running)
         levels: dict[int, dict[str, list[Sequence]]] = {}
         for seq in self.waiting:
             levels.setdefault(seq.priority, {}).setdefault(seq.tenant, []).append(seq)
         order: collections.deque[Sequence] = collections.deque()
+        allowed: dict[int, set[str]] = {}
         for priority in sorted(levels):
             queues = levels[priority]
             tenants = sorted(queues, key=lambda t: rows[t])  # stable: ties keep the order of their first request
             for turn in range(max(len(q) for q in queues.values())):
                 order.extend(queues[t][turn] for t in tenants if turn < len(queues[t]))
-        return order
+            # a tenant whose waiting requests were all cancelled has none to take its turn
+            waiting = [t for t in tenants if not all(seq.cancelled for seq in queues[t])]
+            allowed[priority] = {t for t in waiting if rows[t] == rows[waiting[0]]} if waiting else set()
+        return order, lambda seq: seq.tenant in allowed[seq.priority]
 
     def add(self, seq: Sequence) -> None:
         """Queue an arrival: behind every waiting request of its priority or a higher one (lower number)."""
