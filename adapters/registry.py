@@ -6,6 +6,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,17 @@ class AdapterRecord:
     @property
     def fetched(self) -> bool:
         return bool(self.origin)
+
+    @property
+    def ref(self) -> str:
+        """What the registry, the router's index, the store and metrics know it by: its name when shared,
+        `name@tenant` when a tenant's (ref_of)."""
+        return ref_of(self.name, self.owner)
+
+    def shown_to(self, tenant: str | None) -> str:
+        """How an answer to `tenant` names it: by its name (the tenant's own or a shared expert), else (an
+        admin looking at another tenant's) by its ref."""
+        return shown(self.ref, tenant)
 
     @classmethod
     def create(cls, name: str, folder: str, source: str, weights, spec, key: str | None = None,
@@ -87,13 +99,36 @@ class UnregisteredMember(LookupError):
         self.names = names
 
 
+def ref_of(name: str, owner: str) -> str:
+    """Each tenant has its own namespace of expert names: tenant A's `pirate` and tenant B's `pirate` are two
+    experts, `pirate@A` and `pirate@B` here, and neither tenant can learn (by a 409, say) that the other
+    has one. A shared expert's ref is its name. '@' is in no expert's name and no tenant's id, so refs never
+    collide with names."""
+    return f"{name}@{owner}" if owner else name
+
+
+def shown(ref: str, tenant: str | None) -> str:
+    """The name an answer to `tenant` gives the expert `ref`: a tenant's own and shared ones by name."""
+    name, _, owner = ref.partition("@")
+    return name if not owner or owner == tenant else ref
+
+
+class Viewer(Protocol):
+    """Who looks a name up (server/tenants/principal.py's Principal): its namespace, and whose experts it may use."""
+
+    tenant: str | None
+
+    def may_use(self, owner: str) -> bool: ...
+
+
 def new_key(name: str) -> str:
     """A registration key: also the expert's folder name in the store, so a fetched `team/x` is `team~x-...`."""
     return f"{name.replace('/', '~')}-{uuid.uuid4().hex[:12]}"
 
 
 class AdapterRegistry:
-    """Read from the HTTP side, written when experts are added or retired."""
+    """Read from the HTTP side, written when experts are added or retired. Keyed by ref (ref_of): names as
+    clients write them are resolved by lookup()."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -104,7 +139,7 @@ class AdapterRegistry:
 
     def _blending(self, name: str) -> list[str]:
         """Mixtures, registered or being registered, that blend `name` (under the lock)."""
-        registered = [r.name for r in self._records.values() if any(m == name for m, _ in r.mixture)]
+        registered = [r.ref for r in self._records.values() if any(m == name for m, _ in r.mixture)]
         pending = [other for other, members in self._reserved.items() if name in members]
         return sorted(registered + pending)
 
@@ -114,7 +149,7 @@ class AdapterRegistry:
             return self._blending(name)
 
     def reserve(self, name: str, members: tuple[str, ...] = ()) -> bool:
-        """Claim a name for a registration in progress; False if taken or being registered.
+        """Claim a ref for a registration in progress; False if taken or being registered.
 
         A mixture names its `members`: they must be registered now (UnregisteredMember otherwise), and
         from here until add() or release() none of them can be retired (retire() refuses), so a
@@ -145,17 +180,17 @@ class AdapterRegistry:
 
     def add(self, record: AdapterRecord) -> None:
         with self._lock:
-            self._reserved.pop(record.name, None)
-            self._records[record.name] = record
+            self._reserved.pop(record.ref, None)
+            self._records[record.ref] = record
 
     def update(self, record: AdapterRecord) -> bool:
-        """Replace the record of `record.name` if it is still the same registration (same key);
+        """Replace the record of `record.ref` if it is still the same registration (same key);
         False when that registration was retired meanwhile (the update must not bring it back)."""
         with self._lock:
-            current = self._records.get(record.name)
+            current = self._records.get(record.ref)
             if current is None or current.key != record.key:
                 return False
-            self._records[record.name] = record
+            self._records[record.ref] = record
             return True
 
     def remove(self, name: str) -> AdapterRecord | None:
@@ -163,9 +198,20 @@ class AdapterRegistry:
             self._requests.pop(name, None)
             return self._records.pop(name, None)
 
-    def get(self, name: str) -> AdapterRecord | None:
+    def get(self, ref: str) -> AdapterRecord | None:
         with self._lock:
-            return self._records.get(name)
+            return self._records.get(ref)
+
+    def lookup(self, name: str, viewer: Viewer | None = None) -> AdapterRecord | None:
+        """The expert a client means by `name`: in a tenant's namespace its own expert of that name, else the
+        shared one; None when there is none it may use (another tenant's answers exactly as a name nobody
+        registered). viewer None: everything, by ref (the server itself, an admin)."""
+        with self._lock:
+            tenant = getattr(viewer, "tenant", None)
+            record = self._records.get(ref_of(name, tenant)) if tenant else None
+            if record is None:
+                record = self._records.get(name)
+        return record if record is not None and (viewer is None or viewer.may_use(record.owner)) else None
 
     def all(self) -> list[AdapterRecord]:
         with self._lock:

@@ -75,6 +75,14 @@ class AdapterStore:
             self._write_manifest(entries)
             return True
 
+    def rename_entry(self, old: str, new: str) -> None:
+        """Key `old`'s entry as `new` (unless `new` is taken)."""
+        with self._lock:
+            entries = self.read_manifest()
+            if old in entries and new not in entries:
+                entries[new] = entries.pop(old)
+                self._write_manifest(entries)
+
     def remove_entry(self, name: str, key: str) -> dict | None:
         """Drop `name` if it is still registration `key` (a newer one of that name stays)."""
         with self._lock:

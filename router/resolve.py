@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
-
-from adapters.registry import AdapterRecord, AdapterRegistry
+from adapters.registry import AdapterRecord, AdapterRegistry, Viewer, shown
 from router.classifier import ExpertClassifier, ExpertScore, Ranking
 
 AUTO_MODEL = "auto"
@@ -53,10 +51,11 @@ class UnknownMember(BadMixture):
         self.name = name
 
 
-Mixture = tuple[tuple[str, float], ...]  # (expert, weight), heaviest first
-# which registered experts the caller may use (a tenant: its own and the shared ones); None: all. An expert it
-# may not use is treated exactly as one that is not registered, in every answer below
-Visible = Callable[[AdapterRecord], bool] | None
+Mixture = tuple[tuple[str, float], ...]  # (expert's ref, weight), heaviest first
+# who asks (server/tenants/principal.py's Principal): names are looked up in its namespace, among the experts it
+# may use (a tenant: its own and the shared ones); None: all, by ref. An expert it may not use is treated exactly
+# as one that is not registered, in every answer below
+Visible = Viewer | None
 
 
 def mixture_label(mixture: Mixture) -> str:
@@ -66,8 +65,8 @@ def mixture_label(mixture: Mixture) -> str:
 
 @dataclass(frozen=True)
 class Route:
-    expert: str | None  # the registered expert that serves it; None: the base model, no LoRA
-    model: str  # who serves it by name (the expert's or the base's): response `model`, X-Expert, metrics label
+    expert: str | None  # the registered expert that serves it (its ref: adapters/registry.py); None: the base model
+    model: str  # who serves it, as the caller names it (the expert's or the base's): response `model`, X-Expert
     source: str  # header | model | base | classifier | fallback
     score: float | None = None  # the classifier's score for the chosen (or best, when it fell back) expert
     ranking: tuple[ExpertScore, ...] = ()
@@ -76,6 +75,7 @@ class Route:
     margin: float | None = None  # score - background: what the decision compared with `required`
     required: float | None = None  # the margin the expert needed
     mixture: Mixture = ()  # several experts blended; `expert` is then the heaviest (its defaults apply)
+    named: Mixture = ()  # the mixture with its experts as the caller names them (X-Expert, /v1/route)
 
 
 class ExpertRouter:
@@ -96,8 +96,19 @@ class ExpertRouter:
         return not expert_header and model in self.auto_names
 
     def _record(self, name: str, visible: Visible) -> AdapterRecord | None:
-        record = self.registry.get(name)
-        return record if record is not None and (visible is None or visible(record)) else None
+        """The expert the caller means by `name` (in its namespace), if it may use it."""
+        return self.registry.lookup(name, visible)
+
+    def _indexed(self, ref: str, visible: Visible) -> AdapterRecord | None:
+        """The expert the classifier knows as `ref`, if the caller may use it."""
+        record = self.registry.get(ref)
+        return record if record is not None and (visible is None or visible.may_use(record.owner)) else None
+
+    @staticmethod
+    def shown(ref: str, visible: Visible) -> str:
+        """How an answer to the caller names the expert `ref` (its own and shared ones by name)."""
+        return shown(ref, getattr(visible, "tenant", None))
+
 
     def by_name(self, model: str, expert_header: str | None, visible: Visible = None) -> Route:
         if expert_header:
@@ -132,12 +143,16 @@ class ExpertRouter:
             raise BadMixture(f"a mixture may blend at most {self.max_experts} experts (max_experts_per_request, "
                              f"and no more than max_gpu_adapters); got {len(pairs)}", param)
         names = [name for name, _ in pairs]
+        refs = {self.base_name: self.base_name}
         for name in names:
             if not name:
                 raise BadMixture("a mixture has an empty expert name", param)
-            if not self._known(name, visible):
-                raise UnknownMember(name, param)
-        if len(set(names)) != len(names):
+            if name != self.base_name:
+                record = self._record(name, visible)
+                if record is None:
+                    raise UnknownMember(name, param)
+                refs[name] = record.ref
+        if len({refs[name] for name in names}) != len(names):
             raise BadMixture("a mixture names an expert twice", param)
         if not all(math.isfinite(weight) for _, weight in pairs):
             raise BadMixture("mixture weights must be finite numbers", param)
@@ -146,13 +161,14 @@ class ExpertRouter:
         total = sum(weight for _, weight in pairs)
         if not total > 0:
             raise BadMixture(f"mixture weights must sum to a positive number; they sum to {total:g}", param)
-        blend = tuple(sorted(((name, weight) for name, weight in pairs
-                              if name != self.base_name and weight != 0), key=lambda p: (-p[1], p[0])))
-        if not blend:
+        asked = sorted(((name, weight) for name, weight in pairs if name != self.base_name and weight != 0),
+                       key=lambda p: (-p[1], p[0]))
+        if not asked:
             return Route(None, self.base_name, "base")
+        blend = tuple((refs[name], weight) for name, weight in asked)
         if len(blend) == 1 and blend[0][1] == 1.0:
-            return Route(blend[0][0], blend[0][0], source)  # a mixture of one is that expert, bit for bit
-        return Route(blend[0][0], label or mixture_label(blend), source, mixture=blend)
+            return Route(blend[0][0], asked[0][0], source)  # a mixture of one is that expert, bit for bit
+        return Route(blend[0][0], label or mixture_label(tuple(asked)), source, mixture=blend, named=tuple(asked))
 
     def by_prompt(self, prompt: str, top_k: int | None = None, visible: Visible = None) -> Route:
         """The classifier's choice among the experts the caller may use, or the fallback. Runs the encoder:
@@ -164,17 +180,18 @@ class ExpertRouter:
     def decide(self, result: Ranking | None, top_k: int | None = None, visible: Visible = None) -> Route:
         """The route for the classifier's ranking of a prompt (None: no expert indexed)."""
         ranking = () if result is None else tuple(s for s in result.experts
-                                                  if self._record(s.expert, visible) is not None)
+                                                  if self._indexed(s.expert, visible) is not None)
         if not ranking:
             return self._fallback(Route(None, "", "fallback", reason="no experts to route to"), visible)
         best, background = ranking[0], result.background
         margin = best.score - background
         required = self.required(best)
-        decided = Route(best.expert, best.expert, "classifier", best.score, ranking, "", background, margin, required)
+        best_name = self.shown(best.expert, visible)
+        decided = Route(best.expert, best_name, "classifier", best.score, ranking, "", background, margin, required)
         if best.excluded:
-            return self._fallback(replace(decided, reason=f"{best.expert}: {best.excluded}"), visible)
+            return self._fallback(replace(decided, reason=f"{best_name}: {best.excluded}"), visible)
         if margin < required:
-            return self._fallback(replace(decided, reason=f"{best.expert} fits {margin:+.3f} over the background, "
+            return self._fallback(replace(decided, reason=f"{best_name} fits {margin:+.3f} over the background, "
                                                          f"below its margin {required:+.3f}"), visible)
         top_k = min(self.top_k if top_k is None else top_k, self.max_experts)
         passing = [s for s in ranking if not s.excluded and s.score - background >= self.required(s)][:top_k]
@@ -184,7 +201,8 @@ class ExpertRouter:
         top = max(s.score for s in passing)
         raw = [math.exp((s.score - top) / self.mix_temperature) for s in passing]
         blend = tuple(sorted(((s.expert, w / sum(raw)) for s, w in zip(passing, raw)), key=lambda p: (-p[1], p[0])))
-        return replace(decided, expert=blend[0][0], model=mixture_label(blend), mixture=blend)
+        named = tuple((self.shown(ref, visible), weight) for ref, weight in blend)
+        return replace(decided, expert=blend[0][0], model=mixture_label(named), mixture=blend, named=named)
 
     def required(self, score: ExpertScore) -> float:
         """The margin an expert needs: its own router_margin when it has one; else the server's, raised to the
@@ -195,13 +213,15 @@ class ExpertRouter:
 
     def _fallback(self, decided: Route, visible: Visible = None) -> Route:
         """The fallback serves; the classifier's numbers (if any) stay on the route for /v1/route and headers."""
-        if self.fallback and self._record(self.fallback, visible) is not None:
-            return replace(decided, expert=self.fallback, model=self.fallback, source="fallback")
+        fallback = self._record(self.fallback, visible) if self.fallback else None
+        if fallback is not None:
+            return replace(decided, expert=fallback.ref, model=self.fallback, source="fallback")
         return replace(decided, expert=None, model=self.base_name, source="fallback")
 
     def _named(self, name: str, source: str, param: str, visible: Visible = None) -> Route:
         if name == self.base_name:
             return Route(None, self.base_name, "base")
-        if self._record(name, visible) is not None:
-            return Route(name, name, source)
+        record = self._record(name, visible)
+        if record is not None:
+            return Route(record.ref, name, source)
         raise UnknownExpert(name, param)

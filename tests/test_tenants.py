@@ -7,6 +7,7 @@ caller's trace. One server for the module (restarted by one test)."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -69,9 +70,12 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, smollm_adapters, cache_dir):
     workdir = tmp_path_factory.mktemp("tenants")
+    shutil.copytree(smollm_adapters["alpha"], workdir / "shelf" / "shelf" / "cook")  # model 'shelf/cook'
     settings = {"quantization": "nf4", "compute_dtype": "float32", "max_batch_size": 4, "context_window": 512,
                 "default_max_tokens": 8, "tenants": True, "admin_key": [ADMIN_KEY],
-                "adapters": {"shared-alpha": {"path": str(smollm_adapters["alpha"]), **ROUTING["alpha"]}}}
+                "adapters": {"shared-alpha": {"path": str(smollm_adapters["alpha"]), **ROUTING["alpha"]}},
+                "adapter_sources": [{"name": "shelf", "kind": "folder", "path": str(workdir / "shelf"),
+                                     "patterns": ["shelf/*"]}]}
     receiver = OtlpReceiver()
     env = {"LORAPLEX_CACHE": cache_dir, "LORAPLEX_DATA_DIR": str(workdir / "data"),
            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
@@ -124,6 +128,7 @@ def test_another_tenants_objects_answer_as_if_absent_on_every_endpoint(world):
             ("POST", "/v1/route", {"json": {"model": name, "messages": chat_body["messages"]}}),
             ("POST", "/v1/router/corrections", {"json": {"corrections": [{"prompt": "x", "expert": name}]}}),
             ("POST", "/v1/adapters", {"json": {"name": "b-mix", "mixture": {name: 1.0}}}),
+            ("POST", "/tokenize", {"json": {"model": name, "prompt": "hi"}}),
         ]
         for method, path, kwargs in probes:
             real = world.call(method, path, "b", **kwargs)
@@ -153,7 +158,10 @@ def test_another_tenants_objects_answer_as_if_absent_on_every_endpoint(world):
     assert file in a_files and not a_files & b_files
     assert world.call("GET", "/v1/fine_tuning/jobs", "b").json()["data"] == []
     assert "_owner" not in world.call("GET", f"/v1/files/{file}", "a").json()
-    assert {r["id"] for r in world.call("GET", "/v1/adapters", "admin").json()["data"]} >= {"a-cook", "shared-alpha"}
+    # an admin sees every tenant's experts, another tenant's by ref: name@tenant
+    a_id = world.tenants["a"]["id"]
+    assert {r["id"] for r in world.call("GET", "/v1/adapters", "admin").json()["data"]} >= {f"a-cook@{a_id}",
+                                                                                           "shared-alpha"}
 
 
 def test_shared_experts_serve_every_tenant_and_the_owner_serves_its_own(world):
@@ -167,6 +175,66 @@ def test_shared_experts_serve_every_tenant_and_the_owner_serves_its_own(world):
         client.chat.completions.create(model="a-cook", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     # a shared expert is used, not changed, by a tenant
     assert_openai_error(world.call("DELETE", "/v1/adapters/shared-alpha", "b"), 403)
+
+
+def _first_logprobs(world, who: str, model: str) -> list[float]:
+    answer = world.chat(who, model, max_tokens=6, logprobs=True)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-expert"] == model
+    return [item["logprob"] for item in answer.json()["choices"][0]["logprobs"]["content"]]
+
+
+def test_each_tenant_names_its_own_experts(world, smollm_adapters):
+    """Names are per tenant: B registers an expert named like A's (no 409: that would tell B that A has
+    one), each tenant's name serves its own weights, and retiring B's leaves A's."""
+    made = world.call("POST", "/v1/adapters", "b", files=upload_files(smollm_adapters["alpha"]),
+                      data={"name": "a-cook", "description": "B's own expert, with the shared one's weights"})
+    assert made.status_code == 201, made.text
+    assert made.json()["id"] == "a-cook" and made.json()["rank"] == 8
+    try:
+        assert world.call("GET", "/v1/adapters/a-cook", "b").json()["rank"] == 8  # B's: alpha's weights
+        assert world.call("GET", "/v1/adapters/a-cook", "a").json()["rank"] == 16  # A's: beta's
+        # B's a-cook answers with alpha's weights exactly as the shared expert does; A's with beta's
+        alpha = _first_logprobs(world, "b", "shared-alpha")
+        assert _first_logprobs(world, "b", "a-cook") == pytest.approx(alpha, abs=1e-5)
+        assert _first_logprobs(world, "a", "a-cook") != pytest.approx(alpha, abs=1e-4)
+        # in B's namespace, a mixture and a mixture request name B's own
+        assert world.chat("b", "a-cook+shared-alpha").status_code == 200
+        mixed = world.call("POST", "/v1/adapters", "b", json={"name": "b-blend", "mixture": {"a-cook": 1.0,
+                                                                                            "shared-alpha": 0.5}})
+        assert mixed.status_code == 201 and mixed.json()["mixture"] == {"a-cook": 1.0, "shared-alpha": 0.5}
+        assert world.call("DELETE", "/v1/adapters/b-blend", "b").status_code == 200
+        # a shared expert's name is taken for every tenant (they all see it: this tells nothing)
+        taken = world.call("POST", "/v1/adapters", "b", files=upload_files(smollm_adapters["alpha"]),
+                           data={"name": "shared-alpha"})
+        assert_openai_error(taken, 409)
+        admin = {r["id"] for r in world.call("GET", "/v1/adapters", "admin").json()["data"]}
+        assert {f"a-cook@{world.tenants['a']['id']}", f"a-cook@{world.tenants['b']['id']}"} <= admin
+        assert [m["id"] for m in world.call("GET", "/v1/models", "b").json()["data"]].count("a-cook") == 1
+        # the admin names a tenant's expert by its ref
+        as_admin = world.chat("admin", f"a-cook@{world.tenants['b']['id']}", max_tokens=6, logprobs=True)
+        assert as_admin.status_code == 200, as_admin.text
+        assert [i["logprob"] for i in as_admin.json()["choices"][0]["logprobs"]["content"]] == pytest.approx(alpha,
+                                                                                                        abs=1e-5)
+    finally:
+        assert world.call("DELETE", "/v1/adapters/a-cook", "b").status_code == 200
+    assert world.chat("a", "a-cook").status_code == 200
+    assert_openai_error(world.chat("b", "a-cook"), 404)
+
+
+def test_each_tenant_fetches_its_own_copy_from_an_adapter_source(world):
+    """A fetched expert belongs to the tenant whose request fetched it: another tenant asking for the same
+    name fetches its own (never learning the first exists), and retiring one copy leaves the other."""
+    for who in ("a", "b"):
+        answer = world.chat(who, "shelf/cook")
+        assert answer.status_code == 200 and answer.headers["x-expert"] == "shelf/cook", answer.text
+        assert [m["id"] for m in world.call("GET", "/v1/models", who).json()["data"]].count("shelf/cook") == 1
+    admin = {r["id"] for r in world.call("GET", "/v1/adapters", "admin").json()["data"]}
+    assert {f"shelf/cook@{world.tenants[who]['id']}" for who in ("a", "b")} <= admin
+    assert world.call("DELETE", "/v1/adapters/shelf/cook", "a").status_code == 200
+    assert world.chat("b", "shelf/cook").status_code == 200
+    assert "shelf/cook" not in [m["id"] for m in world.call("GET", "/v1/models", "a").json()["data"]]
+    assert world.call("DELETE", "/v1/adapters/shelf/cook", "b").status_code == 200
 
 
 def test_auto_routes_only_among_the_experts_the_caller_may_use(world):

@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 
-from adapters.registry import AdapterRecord
+from adapters.registry import AdapterRecord, shown
 from validation.schema import EncodableText
 from server.api.errors import APIError, validation_message
 from server.api.state import ServerState
@@ -29,9 +29,11 @@ def _state(request: Request) -> ServerState:
     return state
 
 
-def _describe(record: AdapterRecord, state: ServerState) -> dict:
+def _describe(record: AdapterRecord, state: ServerState, tenant: str | None) -> dict:
+    """An expert as `tenant` sees it: its own and shared experts by name, another tenant's (an admin looking)
+    by ref."""
     return {
-        "id": record.name,
+        "id": record.shown_to(tenant),
         "object": "adapter",
         "created": record.created,
         "source": record.source,
@@ -47,8 +49,8 @@ def _describe(record: AdapterRecord, state: ServerState) -> dict:
         "target_modules": list(record.target_modules),
         "size_bytes": record.nbytes,
         "tier": "mixture" if record.mixture else state.engine.adapter_tier(record.key),
-        "mixture": dict(record.mixture) if record.mixture else None,
-        "requests": state.registry.request_count(record.name),
+        "mixture": {shown(ref, tenant): weight for ref, weight in record.mixture} if record.mixture else None,
+        "requests": state.registry.request_count(record.ref),
     }
 
 
@@ -112,19 +114,21 @@ async def register_adapter(request: Request):
     record = await asyncio.to_thread(state.experts.register, registration, files,
                                      "upload" if files else "mixture" if registration.mixture else "path", "",
                                      principal.owner, state.limits_of(principal))
-    return _describe(record, state)
+    return _describe(record, state, principal.tenant)
 
 
 @router.get("/v1/adapters")
 async def list_adapters(request: Request):
     state = _state(request)
-    return {"object": "list", "data": [_describe(r, state) for r in state.experts.listed(principal_of(request.scope))]}
+    principal = principal_of(request.scope)
+    return {"object": "list", "data": [_describe(r, state, principal.tenant) for r in state.experts.listed(principal)]}
 
 
 @router.get("/v1/adapters/{name:path}")  # a fetched expert's name may hold '/'
 async def show_adapter(name: str, request: Request):
     state = _state(request)
-    return _describe(state.experts.existing(name, "name", principal_of(request.scope)), state)
+    principal = principal_of(request.scope)
+    return _describe(state.experts.existing(name, "name", principal), state, principal.tenant)
 
 
 @router.delete("/v1/adapters/{name:path}")

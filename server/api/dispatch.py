@@ -130,7 +130,7 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
                     break
                 except (UnknownExpert, UnknownMember) as exc:
                     if exc.name in fetched or state.registry.get(exc.name) is not None:
-                        raise  # fetched and gone again, or another tenant's: as if absent, and never fetched
+                        raise  # fetched and gone again, or another tenant's ref: as if absent, and never fetched
                     fetching = state.experts.fetch(exc.name, exc.param, principal.owner)
                     if fetching is None:
                         raise
@@ -159,7 +159,7 @@ def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord
     for name, weight in pairs:
         record = state.registry.get(name)
         if record is None:
-            raise UnknownExpert(name, "model")
+            raise UnknownExpert(route.model, "model")
         named.append(record)
         for member, share in record.mixture or ((name, 1.0),):
             weights[member] = weights.get(member, 0.0) + weight * share
@@ -167,7 +167,8 @@ def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord
     for name, weight in sorted(weights.items(), key=lambda p: (-p[1], p[0])):
         record = state.registry.get(name)
         if record is None:
-            raise APIError(404, f"The mixture '{route.model}' blends '{name}', which is no longer registered.",
+            raise APIError(404, f"The mixture '{route.model}' blends '{name.partition('@')[0]}', which is no longer "
+                                "registered.",
                            param="model", code="model_not_found")
         members.append((record, weight))
     # a registered mixture's own stops and defaults first, then its members'
@@ -188,15 +189,15 @@ async def submit(req: SamplingFields, prompt_ids: list[int], routing_text: str, 
         raise APIError(400, f"n ({req.n}) is more than this server ever queues at once "
                             f"({state.settings.max_queued_requests}); ask for fewer choices.", param="n")
     # the experts it names are not evicted from the cache of fetched experts until the engine has the request
-    with state.experts.pinned(req.model, request.headers.get("x-expert")):
+    with state.experts.pinned(req.model, request.headers.get("x-expert"), owner=principal_of(request.scope).owner):
         call = await _route_and_queue(req, prompt_ids, routing_text, request, state, id_prefix, default_max_tokens,
                                       output, constraints)
-    for source in {r.name for r in call.sources if r.mixture}:
+    for source in {r.ref for r in call.sources if r.mixture}:
         state.registry.count_request(source)
     for member, _ in call.members:
-        state.registry.count_request(member.name)
+        state.registry.count_request(member.ref)
         if call.blended:
-            state.metrics.mixture_requests.labels(member.name).inc()
+            state.metrics.mixture_requests.labels(member.ref).inc()
     if state.replicas is not None:  # Ray Serve: the replica is named in the response headers
         try:
             call.replica = await state.replicas.placed(call.seqs[0])
@@ -213,7 +214,8 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
     base = state.base
     route = await route_request(req.model, routing_text, request, state, req.router_top_k)
     # a mixture a request spelled out is counted under one label, never its own string (see server/metrics.py)
-    label = state.metrics.label(MIXTURE_LABEL if route.mixture else route.model)
+    # (an expert by its ref: two tenants' experts of one name are two series)
+    label = state.metrics.label(MIXTURE_LABEL if route.mixture else route.expert or route.model)
     state.metrics.router_decisions.labels(route.source, label).inc()
     outcome = outcome_of(request.scope)
     outcome.model, outcome.label, outcome.source = route.model, label, route.source

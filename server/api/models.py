@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from adapters.registry import shown
 from server.api.chat_completions import last_user_text
 from server.api.dispatch import route_request
 from server.api.errors import APIError
@@ -34,8 +35,9 @@ async def list_models(request: Request):
     state = _ready(request)
     base = state.base.name
     data = [_model_entry(base, state.started_at)]
-    data += [_model_entry(r.name, state.started_at, parent=base)
-             for r in state.experts.listed(principal_of(request.scope))]
+    principal = principal_of(request.scope)
+    data += [_model_entry(r.shown_to(principal.tenant), state.started_at, parent=base)
+             for r in state.experts.listed(principal)]
     return {"object": "list", "data": data + _router_entries(state)}
 
 
@@ -44,8 +46,7 @@ async def get_model(model_id: str, request: Request):
     state = _ready(request)
     if model_id == state.base.name:
         return _model_entry(model_id, state.started_at)
-    record = state.registry.get(model_id)
-    if record is not None and principal_of(request.scope).may_use(record.owner):
+    if state.experts.lookup(model_id, principal_of(request.scope)) is not None:
         return _model_entry(model_id, state.started_at, parent=state.base.name)
     for entry in _router_entries(state):
         if entry["id"] == model_id:
@@ -58,14 +59,16 @@ async def route(body: RouteRequest, request: Request):
     """The router's decision and ranking for these messages, without generating."""
     state = _ready(request)
     decision = await route_request(body.model, last_user_text(body.messages), request, state, body.router_top_k)
+    tenant = principal_of(request.scope).tenant
     return {
         "object": "route",
-        "decision": {"expert": decision.model, "adapter": decision.expert, "source": decision.source,
+        "decision": {"expert": decision.model, "adapter": decision.expert and shown(decision.expert, tenant),
+                     "source": decision.source,
                      "score": decision.score, "background": decision.background, "margin": decision.margin,
                      "required_margin": decision.required, "reason": decision.reason,
-                     "mixture": [{"expert": name, "weight": weight} for name, weight in decision.mixture] or None},
+                     "mixture": [{"expert": name, "weight": weight} for name, weight in decision.named] or None},
         "router_margin": state.router.margin,
-        "ranking": [{"expert": s.expert, "score": s.score, "probability": s.probability,
+        "ranking": [{"expert": shown(s.expert, tenant), "score": s.score, "probability": s.probability,
                      "excluded": s.excluded or None, "router_margin": s.margin, "margin_floor": s.floor}
                     for s in decision.ranking[: body.top_k]],
     }

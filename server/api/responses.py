@@ -71,7 +71,7 @@ REPLICA_HEADER = "X-Loraplex-Replica"
 
 def route_headers(route: Route, replica: str | None = None) -> dict[str, str]:
     """The router's decision (and, on Ray Serve, the engine replica that served the request)."""
-    headers = {"X-Expert": mixture_label(route.mixture) if route.mixture else route.model,
+    headers = {"X-Expert": mixture_label(route.named) if route.mixture else route.model,
                "X-Router-Source": route.source}
     if route.score is not None:
         headers["X-Router-Score"] = f"{route.score:.4f}"

@@ -13,6 +13,7 @@ from server.api.dispatch import check_prompt_chars
 from server.api.errors import APIError
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
 from server.api.state import ServerState
+from server.tenants.principal import principal_of
 
 router = APIRouter()
 
@@ -20,7 +21,8 @@ router = APIRouter()
 def _ready(request: Request, model: str | None) -> ServerState:
     state = request.app.state.loraplex
     state.require_ready()
-    if model is not None and model != state.base.name and state.registry.get(model) is None \
+    if model is not None and model != state.base.name \
+            and state.experts.lookup(model, principal_of(request.scope)) is None \
             and model not in state.router.auto_names:
         raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
     return state

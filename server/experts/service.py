@@ -29,7 +29,7 @@ from adapters.admission import (
     validate_staged,
 )
 from adapters.lora import CONFIG_FILE, WEIGHTS_FILE, BaseShape
-from adapters.registry import AdapterRecord, AdapterRegistry, UnregisteredMember, new_key
+from adapters.registry import AdapterRecord, AdapterRegistry, UnregisteredMember, new_key, ref_of, shown
 from adapters.sources import AdapterSource
 from adapters.store import AdapterStore
 from validation.unicode import find_unencodable, unencodable_message
@@ -100,9 +100,14 @@ class Experts:
 
     # ---- who may use what (server/tenants/principal.py) ------------------------------------------
 
-    def visible(self, principal: Principal):
-        """The predicate the router and listings apply: the experts `principal` may use."""
-        return None if principal.admin else (lambda record: principal.may_use(record.owner))
+    def visible(self, principal: Principal) -> Principal | None:
+        """Who the router looks names up for: `principal`'s namespace, the experts it may use; None for an
+        admin (everything, by ref)."""
+        return None if principal.admin else principal
+
+    def lookup(self, name: str, principal: Principal) -> AdapterRecord | None:
+        """The expert `principal` means by `name` (its namespace: adapters/registry.py), if it may use it."""
+        return self.registry.lookup(name, self.visible(principal))
 
     def listed(self, principal: Principal) -> list[AdapterRecord]:
         return [r for r in self.registry.all() if principal.may_use(r.owner)]
@@ -133,8 +138,7 @@ class Experts:
         self._check_quota(owner, limits, 0)
         name = registration.name
         check_new_name(name, self._reserved_names(), nested=bool(origin))
-        if not self.registry.reserve(name):
-            raise name_taken(name)
+        ref = self._claim(name, owner)
         staging = self.store.staging_dir()
         folder = None
         record = None
@@ -147,22 +151,31 @@ class Experts:
             record = AdapterRecord.create(name, str(folder), source, weights, registration, key, origin, owner)
             self.engine.register_adapter(key, str(folder), weights).result(REGISTER_TIMEOUT_S)
             if classifier is not None:  # indexed before it is listed: routable from the next request on
-                classifier.add(name, ExpertProfile.of(record))
+                classifier.add(ref, ExpertProfile.of(record))
             # the manifest is written last: once it names the expert, the registration has happened
-            self.store.add_entry(name, record.to_manifest())
+            self.store.add_entry(ref, record.to_manifest())
         except BaseException:
             # leave nothing behind: no staging files, no store folder, no engine entry, no index entry, no name
             shutil.rmtree(staging, ignore_errors=True)
             if classifier is not None:
-                classifier.remove(name)
+                classifier.remove(ref)
             if record is not None:
                 self.engine.retire_adapter(record.key)
             elif folder is not None:
                 self.store.delete_files(folder)
-            self.registry.release(name)
+            self.registry.release(ref)
             raise
         self.registry.add(record)
         return record
+
+    def _claim(self, name: str, owner: str, members: tuple[str, ...] = ()) -> str:
+        """Reserve `name` in `owner`'s namespace (ref_of); 409 when taken there. A tenant's name may not be a
+        shared expert's either (it could no longer reach that one by name), which tells it nothing it cannot
+        list; another tenant's experts of that name never stand in its way."""
+        ref = ref_of(name, owner)
+        if (owner != SHARED and self.registry.get(name) is not None) or not self.registry.reserve(ref, members):
+            raise name_taken(name)
+        return ref
 
     def register_trained(self, folder: Path, registration: ExpertRegistration, owner: str = SHARED) -> AdapterRecord:
         """A fine-tuning run's adapter folder, through the upload's admission path (its files are copied
@@ -192,8 +205,8 @@ class Experts:
         pairs = list(registration.mixture.items())
         principal = Principal(tenant=owner) if owner != SHARED else OPERATOR
         for member, _ in pairs:
-            record = self.registry.get(member)
-            if record is not None and record.mixture and principal.may_use(record.owner):
+            record = self.registry.lookup(member, self.visible(principal))
+            if record is not None and record.mixture:
                 raise AdmissionError(400, f"'{member}' is itself a mixture; blend its experts instead", "mixture")
         # BadMixture: 400 naming the problem (an expert it may not use is "not a registered expert")
         route = self.router.mixture(pairs, "mixture", "mixture", name, self.visible(principal))
@@ -202,8 +215,7 @@ class Experts:
         check_token_ids(registration.stop_token_ids, self.base.vocab_size, "stop_token_ids")
         members = tuple(member for member, _ in route.mixture or ((route.expert, 1.0),))
         try:  # the members are pinned from here: retiring one now is refused until this ends
-            if not self.registry.reserve(name, members):
-                raise name_taken(name)
+            ref = self._claim(name, owner, members)
         except UnregisteredMember as exc:  # retired since the check above
             raise AdmissionError(400, f"'{exc.names[0]}' in the mixture is not a registered expert",
                                  "mixture") from None
@@ -219,12 +231,12 @@ class Experts:
                                mixture=route.mixture or ((route.expert, 1.0),), owner=owner)
         try:
             if classifier is not None:
-                classifier.add(name, ExpertProfile.of(record))
-            self.store.add_entry(name, record.to_manifest())
+                classifier.add(ref, ExpertProfile.of(record))
+            self.store.add_entry(ref, record.to_manifest())
         except BaseException:
             if classifier is not None:
-                classifier.remove(name)
-            self.registry.release(name)
+                classifier.remove(ref)
+            self.registry.release(ref)
             raise
         self.registry.add(record)
         return record
@@ -234,8 +246,8 @@ class Experts:
     def existing(self, name: str, param: str = "name", principal: Principal = OPERATOR) -> AdapterRecord:
         """The registered expert `name` if `principal` may use it, else a 404 naming where the name came from
         (the same 404 whether it does not exist or belongs to another tenant)."""
-        record = self.registry.get(name)
-        if record is None or not principal.may_use(record.owner):
+        record = self.registry.lookup(name, self.visible(principal))
+        if record is None:
             raise AdmissionError(404, f"No adapter named '{name}' is registered.", param, "adapter_not_found")
         return record
 
@@ -250,13 +262,17 @@ class Experts:
     def retire(self, name: str, principal: Principal = OPERATOR) -> AdapterRecord:
         """Unlist, unindex and forget an expert; its running requests finish on it, then the engine frees
         its memory and files. Blocking (the manifest is rewritten)."""
-        if self.changeable(name, "name", principal).source == "config":
+        found = self.changeable(name, "name", principal)
+        if found.source == "config":
             raise AdmissionError(400, f"'{name}' comes from the config file; remove it there and restart", "name")
         # checked and removed in one step: a mixture being registered meanwhile either pins it first (409
         # here) or finds it gone (its registration fails), never both succeed
-        record, users = self.registry.retire(name)
+        record, users = self.registry.retire(found.ref)
         if users:
-            raise AdmissionError(409, f"'{name}' is blended by the mixture(s) {', '.join(users)}; retire those first",
+            # only mixtures its owner (or an admin) may see can blend it: a tenant's mixtures blend its own
+            # and shared experts, and a shared expert is only retired by an admin
+            blends = ", ".join(shown(user, principal.tenant) for user in users)
+            raise AdmissionError(409, f"'{name}' is blended by the mixture(s) {blends}; retire those first",
                                  "name", "adapter_in_use")
         if record is None:  # retired by a concurrent request
             raise AdmissionError(404, f"No adapter named '{name}' is registered.", "name", "adapter_not_found")
@@ -267,11 +283,11 @@ class Experts:
         """The rest of a retirement, once the registry no longer lists `record`: its metrics series, its index
         entry, its manifest entry, and (once running requests are done) its weights and files."""
         if record.fetched:
-            self.fetched.forget(record.name)
-        self.metrics.forget_expert(record.name)
+            self.fetched.forget(record.ref)
+        self.metrics.forget_expert(record.ref)
         if self.router.classifier is not None:
-            self.router.classifier.remove(record.name)
-        self.store.remove_entry(record.name, record.key)
+            self.router.classifier.remove(record.ref)
+        self.store.remove_entry(record.ref, record.key)
         if not record.mixture:  # a mixture has no weights of its own
             self.engine.retire_adapter(record.key)
 
@@ -282,9 +298,9 @@ class Experts:
         it); None if no source may resolve it."""
         return self.fetched.fetch(name, param, owner)
 
-    def pinned(self, *names: str | None):
-        """A request's hold on the experts it names, until the engine has it (no eviction meanwhile)."""
-        return self.fetched.pinned(*names)
+    def pinned(self, *names: str | None, owner: str = SHARED):
+        """A request's hold on the experts it names (for `owner`), until the engine has it (no eviction meanwhile)."""
+        return self.fetched.pinned(*names, owner=owner)
 
     def touch(self, names) -> None:
         """A request was routed to these experts (the cache's recency and hits)."""
@@ -314,7 +330,7 @@ class Experts:
                 added = self._add_prompt(target, "examples", prompt)
                 action = "example_added" if added else "already_an_example"
             after = router.by_prompt(prompt, visible=visible)
-        return Correction(action, target.name if target else None, before, after)
+        return Correction(action, target.shown_to(principal.tenant) if target else None, before, after)
 
     def correctable(self, name: str, param: str, principal: Principal = OPERATOR) -> AdapterRecord:
         """The expert `name` if its router examples may be corrected over the API by `principal` (404 unknown or
@@ -337,14 +353,14 @@ class Experts:
                                       "remove some by registering it again", "corrections")
         updated = replace(record, **{field: (*current, prompt)})
         gone = AdmissionError(404, f"'{record.name}' was retired meanwhile.", "corrections", "adapter_not_found")
-        if not self.store.update_entry(record.name, updated.to_manifest()):
+        if not self.store.update_entry(record.ref, updated.to_manifest()):
             raise gone
         if not self.registry.update(updated):
             raise gone
         classifier = self.router.classifier
-        classifier.add(record.name, ExpertProfile.of(updated))
-        if self.registry.get(record.name) is None:  # retired while re-indexing: not routable
-            classifier.remove(record.name)
+        classifier.add(record.ref, ExpertProfile.of(updated))
+        if self.registry.get(record.ref) is None:  # retired while re-indexing: not routable
+            classifier.remove(record.ref)
         return True
 
     # ---- start -------------------------------------------------------------------------------
@@ -375,18 +391,21 @@ class Experts:
                         len(orphans))
         stored = []
         for name, entry in self.store.read_manifest().items():
-            if name in config_adapters:
-                log.warning("adapter %s is in the config and in the store; serving the config's", name)
-                continue
             problem = find_unencodable(entry)
             if problem is not None:  # written by an older version that let such text in: kept on disk, not served
                 log.error("manifest entry %s is not served: %s", name, unencodable_message(problem))
                 continue
-            stored.append(AdapterRecord.from_manifest(entry))
+            record = AdapterRecord.from_manifest(entry)
+            if record.ref in config_adapters:
+                log.warning("adapter %s is in the config and in the store; serving the config's", name)
+                continue
+            if name != record.ref:  # written before each tenant had its own namespace: keyed by name
+                self.store.rename_entry(name, record.ref)
+            stored.append(record)
         # fetched experts beyond adapter_cache_bytes (lowered since they were fetched): the oldest go
         dropped = self.fetched.keep(r for r in stored if r.fetched)
         for record in dropped:
-            self.store.remove_entry(record.name, record.key)
+            self.store.remove_entry(record.ref, record.key)
             self.store.delete_files(record.folder)
             log.info("fetched expert %s dropped from the cache at start (adapter_cache_bytes)", record.name)
         dropped_keys = {record.key for record in dropped}
@@ -396,13 +415,29 @@ class Experts:
             if not record.mixture:  # a mixture has no weights of its own
                 register(record.key, record.folder, None)  # read from disk on first use
             self.registry.add(record)
-        for record in self.registry.all():  # written before retirement was atomic with mixtures: kept, not served
+        for record in self.registry.all():
+            if record.mixture and record.owner != SHARED and not all(self.registry.get(m) for m, _ in record.mixture):
+                record = self._rename_members(record)
+            # written before retirement was atomic with mixtures: kept, not served
             missing = [member for member, _ in record.mixture if self.registry.get(member) is None]
             if missing:
-                self.registry.retire(record.name)
+                self.registry.retire(record.ref)
                 log.error("mixture %s is not served: it blends %s, which %s not registered", record.name,
                           ", ".join(missing), "is" if len(missing) == 1 else "are")
         log.info("%d experts registered", len(self.registry.all()))
+
+    def _rename_members(self, record: AdapterRecord) -> AdapterRecord:
+        """A tenant's mixture written before each tenant had its own namespace names its members by name:
+        they are looked up in its namespace as then, and written back by ref."""
+        viewer = Principal(tenant=record.owner)
+        members = []
+        for member, weight in record.mixture:
+            found = self.registry.lookup(member, viewer)
+            members.append((found.ref if found is not None else member, weight))
+        updated = replace(record, mixture=tuple(members))
+        if updated != record and self.registry.update(updated):
+            self.store.update_entry(updated.ref, updated.to_manifest())
+        return updated
 
     def build_index(self) -> None:
         """Load the router's sentence encoders and index every expert, beside the engine (its own thread);
@@ -420,7 +455,7 @@ class Experts:
             return
         _index(classifier, self.registry.all())
         router.classifier = classifier
-        _index(classifier, [r for r in self.registry.all() if r.name not in classifier.experts()])
+        _index(classifier, [r for r in self.registry.all() if r.ref not in classifier.experts()])
         for name in classifier.experts():
             if self.registry.get(name) is None:
                 classifier.remove(name)
@@ -433,12 +468,12 @@ def _index(classifier: ExpertClassifier, records) -> None:
     """Index the experts in one refit; if that fails, one by one, so one bad expert stays reachable by
     name only and the rest are indexed."""
     try:
-        classifier.add_many({record.name: ExpertProfile.of(record) for record in records})
+        classifier.add_many({record.ref: ExpertProfile.of(record) for record in records})
         return
     except Exception:
         log.exception("indexing the experts together failed; indexing them one by one")
     for record in records:
         try:
-            classifier.add(record.name, ExpertProfile.of(record))
+            classifier.add(record.ref, ExpertProfile.of(record))
         except Exception:
             log.exception("expert %s cannot be routed to: indexing its description/examples failed", record.name)

@@ -36,12 +36,13 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from adapters.admission import AdmissionError, fill_from_folder
 from adapters.lora import CONFIG_FILE, WEIGHTS_FILE
 from adapters.names import check_source_name
-from adapters.registry import AdapterRecord
+from adapters.registry import AdapterRecord, ref_of
 from adapters.sources import (INVALID, NOT_FOUND, TIMEOUT, TOO_LARGE, UNREACHABLE, AdapterSource, FetchLimits,
                               FolderSource, HubSource, S3Access, S3Source, SourceError)
 from server.experts.spec import ExpertRegistration
 from server.metrics import Metrics
 from server.settings import AdapterSourceSpec, ConfigError, FolderSourceSpec, HubSourceSpec, S3SourceSpec
+from server.tenants.principal import Principal
 
 if TYPE_CHECKING:
     from server.experts.service import Experts
@@ -172,19 +173,20 @@ class FetchedExperts:
             kept.append((record, size))
         with self._lock:
             for record, size in reversed(kept):  # oldest first: the least recently used end
-                self._entries[record.name] = size
+                self._entries[record.ref] = size
         return dropped
 
-    def forget(self, name: str) -> None:
-        """`name` was retired (an admin's DELETE): no longer in the cache."""
+    def forget(self, ref: str) -> None:
+        """`ref` was retired (an admin's DELETE): no longer in the cache."""
         with self._lock:
-            self._entries.pop(name, None)
+            self._entries.pop(ref, None)
 
     @contextmanager
-    def pinned(self, *names: str | None):
-        """While inside, an expert with one of these names is not evicted: held by a request from before it is
-        routed until the engine has it queued (where adapters_in_use sees it)."""
-        names = [name for name in names if name]
+    def pinned(self, *names: str | None, owner: str = ""):
+        """While inside, an expert with one of these names (for `owner`: its own or a shared one) is not
+        evicted: held by a request from before it is routed until the engine has it queued (where
+        adapters_in_use sees it)."""
+        names = list({ref for name in names if name for ref in (name, ref_of(name, owner))})
         with self._lock:
             self._pins.update(names)
         try:
@@ -210,7 +212,8 @@ class FetchedExperts:
     def fetch(self, name: str, param: str, owner: str = "") -> Future | None:
         """A Future of the record of `name`, fetched from the first source that has it (a fetch already
         under way for it is shared); None when no source's patterns match `name` (a plain unknown model).
-        Raises AdmissionError at once for a name no source may be asked for, or one refused recently."""
+        Raises AdmissionError at once for a name no source may be asked for, or one refused recently. Each
+        tenant fetches into its own namespace (adapters/registry.py ref_of): its own copy, its own refusals."""
         sources = [source for source in self.sources if source.matches(name)]
         if not sources:
             return None
@@ -219,23 +222,24 @@ class FetchedExperts:
         except ValueError as exc:
             raise AdmissionError(400, f"{exc}; such a name is never looked up in an adapter source", param,
                                  "invalid_model_name") from None
+        ref = ref_of(name, owner)
         with self._lock:
-            record = self.experts.registry.get(name)
+            record = self.experts.registry.lookup(name, Principal(tenant=owner or None))
             if record is not None:  # registered since the request was routed
                 done: Future = Future()
                 done.set_result(record)
                 return done
             self.metrics.adapter_cache_misses.inc()
-            refused = self._refused.get(name)
+            refused = self._refused.get(ref)
             if refused is not None:
                 expires, error = refused
                 if time.monotonic() < expires:
                     raise AdmissionError(error.status, error.message, param, error.code)
-                del self._refused[name]
-            running = self._fetching.get(name)
+                del self._refused[ref]
+            running = self._fetching.get(ref)
             if running is None:
                 running = self._pool.submit(self._fetch, name, sources, param, owner)
-                self._fetching[name] = running
+                self._fetching[ref] = running
             return running
 
     def _fetch(self, name: str, sources: list[AdapterSource], param: str, owner: str = "") -> AdapterRecord:
@@ -271,12 +275,12 @@ class FetchedExperts:
                                          f"{', '.join(repr(s) for s in tried)}).", param, code)
         except AdmissionError as exc:
             if exc.code != ANSWERS[CACHE_FULL][1]:  # a full cache empties as requests end: not remembered
-                self._remember(name, exc)
+                self._remember(ref_of(name, owner), exc)
             log.info("fetch of %s refused: %s", name, exc.message)
             raise
         finally:
             with self._lock:
-                self._fetching.pop(name, None)
+                self._fetching.pop(ref_of(name, owner), None)
 
     def _remember(self, name: str, error: AdmissionError) -> None:
         if self.policy.refusal_ttl_s <= 0:
@@ -308,15 +312,16 @@ class FetchedExperts:
                     record = self.experts.register(registration, {"adapter_config": config, "adapter_model": weights},
                                                    source.name, origin=source.origin(name), owner=owner)
             except AdmissionError as exc:
-                if exc.status == 409 and self.experts.registry.get(name) is not None:
-                    return self.experts.registry.get(name)  # registered by an admin meanwhile: that one serves
+                registered = self.experts.registry.lookup(name, Principal(tenant=owner or None))
+                if exc.status == 409 and registered is not None:
+                    return registered  # registered meanwhile (by an admin, or this tenant): that one serves
                 kind = TOO_LARGE if exc.status == 413 else INVALID
                 raise SourceError(kind, exc.message) from None
             finally:
                 with self._lock:
                     self._reserved -= size
             with self._lock:
-                self._entries[name] = _folder_bytes(record.folder)
+                self._entries[record.ref] = _folder_bytes(record.folder)
             log.info("fetched %s from source %s (%s, %d bytes)", name, source.name, record.origin, fetched)
             return record
         finally:
