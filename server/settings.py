@@ -226,6 +226,12 @@ class Settings(EncodableText):
                     "maxLength gets at most this many characters, so a small model's answer closes instead of "
                     "running to max_tokens; a schema's own maxLength wins. 0: no cap.",
     )
+    structured_max_decimals: int = Field(
+        8, ge=0, le=15,
+        description="Constrained output: a number the schema gives no multipleOf has at most this many digits after "
+                    "the decimal point (a small model otherwise writes 1.1111... until max_tokens); the schema's own "
+                    "multipleOf wins. 0: no cap.",
+    )
     request_body_timeout_s: float = Field(
         30.0, gt=0, description="A request whose body sends no bytes for this long is refused (408)."
     )

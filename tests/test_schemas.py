@@ -110,6 +110,17 @@ def test_numbers_without_bounds_get_at_most_15_digits_and_a_bound_in_the_schema_
     formats.for_response_format(schema_format(many))  # bounded integers stay cheap to compile
 
 
+def test_numbers_get_at_most_8_decimals_unless_the_schema_says_its_own_multipleof(formats, tokenizer):
+    output = formats.for_response_format(schema_format({"type": "object", "properties": {"x": {"type": "number"}}}))
+    assert allows(formats, tokenizer, output, '{"x": 3.14159265}') and allows(formats, tokenizer, output, '{"x": -0.5}')
+    assert not allows(formats, tokenizer, output, '{"x": 3.141592653}')
+    assert not allows(formats, tokenizer, output, '{"x": 1.' + "1" * 40 + "}")
+    halves = formats.for_response_format(schema_format({"type": "number", "multipleOf": 0.5}))
+    assert allows(formats, tokenizer, halves, "2.5") and not allows(formats, tokenizer, halves, "2.25")
+    free = OutputFormats(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}), SchemaPolicy(CAP, 0))
+    assert allows(free, tokenizer, free.for_response_format(schema_format({"type": "number"})), "1." + "1" * 20)
+
+
 def test_tool_arguments_follow_the_same_rules_and_strict_false_opens_them(formats, tokenizer):
     required = formats.for_chat(chat(tools=[WEATHER], tool_choice="required"))
     call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}</tool_call>'

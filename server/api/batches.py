@@ -36,7 +36,7 @@ from server.api.auth import settle
 from server.api.errors import APIError, error_body, validation_message
 from server.api.listing import list_page
 from server.api.middleware import RequestOutcome
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, PageLimit
 from server.api.protocol_responses import ResponsesRequest
 from server.api.responses_api import create_response
 from server.api.state import ServerState
@@ -380,7 +380,7 @@ async def create_batch(body: BatchRequest, request: Request):
 
 
 @router.get("/v1/batches")
-async def list_batches(request: Request, after: str | None = None, limit: int = 20):
+async def list_batches(request: Request, after: str | None = None, limit: PageLimit = 20):
     runner = _runner(request)
     principal = principal_of(request.scope)
     batches = [public(runner.live.get(b["id"], b)) for b in await asyncio.to_thread(runner.store.list)

@@ -59,13 +59,17 @@ async def send_error(send, status: int, message: str, param: str | None = None, 
     await error_response(status, message, param, code, headers)({"type": "http"}, None, send)
 
 
+_WHERE = ("body", "query", "path", "header", "cookie")  # FastAPI's first location part: where, not which
+
+
 def validation_message(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
     """(message, param) from the first problem pydantic found; the location names the field."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # a parameter as OpenAI names it: `limit`, not `query.limit` (nor `body.model`)
+    loc = [str(part) for i, part in enumerate(first.get("loc", ())) if not (i == 0 and part in _WHERE)]
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     param = ".".join(loc) or None

@@ -22,6 +22,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from adapters.lora import LINEAR_MODULES
 from validation.schema import EncodableText
 from server.api.errors import APIError, validation_message
+from server.api.protocol import PageLimit
 from server.api.state import ServerState
 from server.experts.spec import ExpertRegistration
 from server.jobs.store import new_id
@@ -185,7 +186,7 @@ async def create_job(body: JobRequest, request: Request):
 
 
 @router.get("/v1/fine_tuning/jobs")
-async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
+async def list_jobs(request: Request, after: str | None = None, limit: PageLimit = 20):
     state = fine_tuning_state(request)
     principal = principal_of(request.scope)
     page = _page([job for job in state.jobs.store.list() if principal.owns(job.get("_owner", ""))], after, limit)
@@ -215,14 +216,14 @@ async def cancel_job(job_id: str, request: Request):
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
-async def list_events(job_id: str, request: Request, after: str | None = None, limit: int = 20):
+async def list_events(job_id: str, request: Request, after: str | None = None, limit: PageLimit = 20):
     state = fine_tuning_state(request)
     _job_or_404(state, job_id, principal_of(request.scope))
     return _page(list(reversed(state.jobs.store.events(job_id))), after, limit)  # newest first, as OpenAI
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-async def list_checkpoints(job_id: str, request: Request, after: str | None = None, limit: int = 10):
+async def list_checkpoints(job_id: str, request: Request, after: str | None = None, limit: PageLimit = 10):
     state = fine_tuning_state(request)
     job = _job_or_404(state, job_id, principal_of(request.scope))
     checkpoints = [{

@@ -5,10 +5,21 @@ import json
 import re
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema,
+                      field_validator, model_validator)
 
 from validation.schema import EncodableText
+
+
+def _whole_number(value: object) -> object:
+    """A list's `limit` as a query writes it: digits ("20"), never "20.0" or "2e1", which pydantic's lax int
+    would take as 20 (a fuzzer's type-violating request must get its 400)."""
+    if isinstance(value, str) and not re.fullmatch(r"[+-]?[0-9]{1,9}", value):
+        raise ValueError("must be a whole number")
+    return value
+
+
+PageLimit = Annotated[int, BeforeValidator(_whole_number)]  # `limit` on the list endpoints
 
 
 MAX_CHOICES = 16

@@ -33,7 +33,7 @@ from server.api.chat_completions import last_user_text
 from server.api.dispatch import Call, check_prompt_chars, submit
 from server.api.errors import APIError, validation_message
 from server.api.listing import list_page
-from server.api.protocol import ChatCompletionRequest
+from server.api.protocol import ChatCompletionRequest, PageLimit
 from server.api.protocol_responses import ItemError, ResponsesRequest
 from server.api.responses import collect, engine_failed, route_headers, stream
 from server.api.state import ServerState
@@ -344,7 +344,7 @@ async def get_response(response_id: str, request: Request):
 
 
 @router.get("/v1/responses/{response_id}/input_items")
-async def get_input_items(response_id: str, request: Request, order: str = "desc", limit: int = 20):
+async def get_input_items(response_id: str, request: Request, order: str = "desc", limit: PageLimit = 20):
     """The conversation the response answered, as input items (the chain of earlier responses included)."""
     state = _ready(request)
     document = _stored(state, response_id, await asyncio.to_thread(state.responses.get, response_id),

@@ -21,8 +21,12 @@ the schema is rewritten before it is compiled:
   gets ±(10^15 - 1): at most 15 digits before any decimal point (SmolLM2 wrote 0000... and
   9999... until max_tokens). Not 2^53: a range that is not a power of ten costs the library ~20x
   the lexer work of a plain integer, enough to push a schema of a few hundred integer properties
-  over its compile budget; 10^15 - 1 is just "at most 15 digits". Decimals stay unbounded, and so
-  do numbers in values of any type (a bound there would also rule out exponents).
+  over its compile budget; 10^15 - 1 is just "at most 15 digits". A number without `multipleOf` gets
+  `multipleOf: 10^-max_decimals` (8 by default): at most that many digits after the decimal point, which
+  the library follows digit by digit (SmolLM2 also wrote 1.1111... and 100.0000... until max_tokens;
+  the bounds above already rule out exponents). The client validates against its own schema, where
+  this `multipleOf` is not. Numbers in values of any type stay unbounded (a bound there would also rule
+  out exponents).
 - bounded: the library refuses, while generating, a point where more than 2,000 parser items
   are open at once (an object with ~500 optional keys): those schemas are refused here, with a
   400 naming the limit, before any token is generated.
@@ -57,6 +61,7 @@ class SchemaPolicy:
     """How schemas are tightened (server settings): see the module docstring."""
 
     max_string_length: int = 256  # 0: no cap
+    max_decimals: int = 8  # digits after a number's decimal point; 0: no cap
 
 
 def _types(schema: dict) -> set[str]:
@@ -204,6 +209,9 @@ class _Preparer:
                 schema["minimum"] = -MAX_NUMBER
             if "maximum" not in schema and "exclusiveMaximum" not in schema:
                 schema["maximum"] = MAX_NUMBER
+        decimals = self.policy.max_decimals
+        if "number" in types and decimals and "multipleOf" not in schema:
+            schema["multipleOf"] = 10.0 ** -decimals
         cap = self.policy.max_string_length
         if "string" in types and cap and "maxLength" not in schema:
             schema["maxLength"] = max(cap, schema.get("minLength", 0) if isinstance(schema.get("minLength"), int)

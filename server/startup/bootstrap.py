@@ -62,7 +62,7 @@ def describe_base(settings: Settings, folder: Path, name: str, tokenizer, config
         vocab_size=config.vocab_size,
         shape=BaseShape.from_config(config),
         formats=OutputFormats(tokenizer, config.vocab_size, stop_token_ids,
-                              SchemaPolicy(settings.structured_max_string_length)),
+                              SchemaPolicy(settings.structured_max_string_length, settings.structured_max_decimals)),
     )
 
 
