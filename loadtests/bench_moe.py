@@ -253,16 +253,47 @@ async def measure(url: str, per_skill: int) -> dict:
                   flush=True)
         out["two_skill"] = two_out
 
-        base_day = await _run(client, gate, base, everyday, EVERYDAY_TOKENS)
-        auto_day = await _run(client, gate, "auto", everyday, EVERYDAY_TOKENS)
-        out["everyday"] = {"base": everyday_stats(base_day), "auto": everyday_stats(auto_day),
-                           "auto_sent_to_an_expert": served_share(auto_day, base),
-                           "auto_served_by": _counts(auto_day),
-                           "same_text_as_base": statistics.fmean(a["text"] == b["text"]
-                                                                 for a, b in zip(auto_day, base_day))}
-        print(f"everyday: base {out['everyday']['base']}, auto {out['everyday']['auto']}", flush=True)
+        out["everyday"] = await _everyday(client, http, gate, base, everyday)
         out["wall_s"] = time.perf_counter() - start
     return out
+
+
+async def _loop_stops(http: httpx.AsyncClient) -> float:
+    """Answers the server ended as loops so far (loraplex_loop_stops_total, every expert)."""
+    text = (await http.get("/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("loraplex_loop_stops_total{"))
+
+
+async def _everyday(client, http, gate, base: str, everyday: list[str]) -> dict:
+    """The everyday set on the base, then on `auto`; each answer that ended counted as ended by the model or
+    as a loop (server/engine/loops.py: the server's loop_stops counter read around each run)."""
+    before = await _loop_stops(http)
+    base_day = await _run(client, gate, base, everyday, EVERYDAY_TOKENS)
+    middle = await _loop_stops(http)
+    auto_day = await _run(client, gate, "auto", everyday, EVERYDAY_TOKENS)
+    after = await _loop_stops(http)
+    day = {"base": {**everyday_stats(base_day), "ended_as_loop": (middle - before) / len(everyday)},
+           "auto": {**everyday_stats(auto_day), "ended_as_loop": (after - middle) / len(everyday)},
+           "auto_sent_to_an_expert": served_share(auto_day, base), "auto_served_by": _counts(auto_day),
+           "same_text_as_base": statistics.fmean(a["text"] == b["text"] for a, b in zip(auto_day, base_day))}
+    print(f"everyday: base {day['base']}, auto {day['auto']}", flush=True)
+    return day
+
+
+async def measure_everyday(url: str) -> dict:
+    """The everyday part alone (--everyday-only), for a change that touches only how answers end."""
+    gate = asyncio.Semaphore(CONCURRENCY)
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=1200) as client, \
+            httpx.AsyncClient(base_url=url, timeout=120) as http:
+        models = [m.id for m in (await client.models.list()).data]
+        base = next(m for m in models if m not in SKILLS and m not in ("json-answer", "pirate", "terse", "auto"))
+        deadline = time.monotonic() + 600
+        while (await http.get("/health")).json().get("router") != "ready":
+            if time.monotonic() > deadline:
+                raise SystemExit("the router is not ready after 600 s")
+            await asyncio.sleep(1)
+        return await _everyday(client, http, gate, base, everyday_set())
 
 
 def _counts(answers: list[dict]) -> dict[str, int]:
@@ -303,6 +334,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="the server's CPU threads (OMP_NUM_THREADS); on a machine shared "
                         "with other work, 1 avoids threads waiting at every op's barrier for a descheduled peer")
     parser.add_argument("--check-data", action="store_true", help="only check the hand-written golds")
+    parser.add_argument("--everyday-only", action="store_true", help="only the everyday set (base and auto), "
+                        "written over the everyday part of --out; the rest of that file stays as it was measured")
     parser.add_argument("--out", default=str(REPO / "loadtests" / "results" / "bench_moe.json"))
     args = parser.parse_args()
     check_data()
@@ -314,11 +347,18 @@ def main() -> None:
         env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
         server = ServerProcess(workdir, None, env=env).start()
     try:
-        result = asyncio.run(measure(args.url or server.base_url, args.per_skill))
+        if args.everyday_only:
+            everyday = asyncio.run(measure_everyday(args.url or server.base_url))
+        else:
+            result = asyncio.run(measure(args.url or server.base_url, args.per_skill))
     finally:
         if server is not None:
             server.stop()
-    result = {**stamp("loadtests.bench_moe"), **result}
+    if args.everyday_only:
+        result = json.loads(Path(args.out).read_text())
+        result["everyday"] = {**everyday, "run": stamp("loadtests.bench_moe")}
+    else:
+        result = {**stamp("loadtests.bench_moe"), **result}
     result["targets"] = targets(result)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for name, row in result["targets"].items():

@@ -497,6 +497,17 @@ _FINISH_ROWS = (("json_schema", "`response_format` json_schema"), ("pydantic_par
                 ("tools_auto", "tools, `auto`"))
 
 
+def _loop_share(day: dict) -> str:
+    """How many of the everyday answers the server's loop watch ended, and when that run was made."""
+    if "ended_as_loop" not in day["auto"]:
+        return ""
+    run = day.get("run", {})
+    auto, base = day["auto"], day["base"]
+    return (f": by the model {auto['end_of_turn'] - auto['ended_as_loop']:.0%}, as a loop (`loop_stop_tokens`) "
+            f"{auto['ended_as_loop']:.0%} (base {base['end_of_turn'] - base['ended_as_loop']:.0%} and "
+            f"{base['ended_as_loop']:.0%}; this row: `{run.get('command', '')}`, {run.get('date', '')[:10]})")
+
+
 def _finish_cells(summary: dict | None) -> str:
     if summary is None:
         return "| - | - | - | - "
@@ -897,7 +908,8 @@ def moe_section() -> str:
                      f"`{a}` {row[a]:.2f}, `{b}` {row[b]:.2f}, base {row['base']:.2f} | {met(f'two_skill_{kind}')} |")
     lines += [
         f"| everyday prompts ({result['sets']['everyday']}) on `auto`: end of turn >= 99%, no worse than the base "
-        f"| end of turn {day['auto']['end_of_turn']:.0%} (base {day['base']['end_of_turn']:.0%}); "
+        f"| end of turn {day['auto']['end_of_turn']:.0%} (base {day['base']['end_of_turn']:.0%})"
+        f"{_loop_share(day)}; "
         f"{day['auto']['mean_tokens']:.0f} tokens (base {day['base']['mean_tokens']:.0f}); skill-shaped answers "
         f"{day['auto']['skill_form']:.0%} (base {day['base']['skill_form']:.0%}); sent to an expert "
         f"{day['auto_sent_to_an_expert']:.0%} | {met('everyday_end_of_turn')} |",

@@ -78,6 +78,9 @@ class Metrics:
         self.request_failures = Counter("loraplex_request_failures_total",
                                         "Requests the engine ended with an error, by kind (fault, adapter, shutdown, format, replica)",
                                         ["adapter", "kind"], registry=r)
+        self.loop_stops = Counter("loraplex_loop_stops_total",
+                                  "Answers ended because their free text repeated one block over and over "
+                                  "(loop_stop_tokens)", ["adapter"], registry=r)
         self.replica_requests = Counter("loraplex_replica_requests_total",
                                         "Requests placed on each Ray Serve engine replica; adapter: hit (the "
                                         "replica held the expert), miss (it loaded it), base",
@@ -116,7 +119,7 @@ class Metrics:
                             (self.generation_tokens, "adapter"), (self.ttft, "adapter"),
                             (self.inter_token, "adapter"), (self.e2e, "adapter"), (self.queue_wait, "adapter"),
                             (self.non_finite_logits, "adapter"), (self.request_failures, "adapter"),
-                            (self.router_decisions, "expert"), (self.mixture_requests, "expert")]
+                            (self.loop_stops, "adapter"), (self.router_decisions, "expert"), (self.mixture_requests, "expert")]
 
     def label_names_from(self, registered: Callable[[str], bool]) -> None:
         """Expert labels are limited to names for which `registered(name)` holds (the base, registered

@@ -226,6 +226,12 @@ class Settings(EncodableText):
                     "maxLength gets at most this many characters, so a small model's answer closes instead of "
                     "running to max_tokens; a schema's own maxLength wins. 0: no cap.",
     )
+    loop_stop_tokens: int = Field(
+        64, ge=0,
+        description="Free text ends (finish_reason stop) once its last this-many tokens or more repeat one block of "
+                    "at most 64 tokens, four times or more: a small model that does not end its turn repeats itself "
+                    "until max_tokens. Not for constrained answers, nor with ignore_eos. 0: never.",
+    )
     structured_max_decimals: int = Field(
         8, ge=0, le=15,
         description="Constrained output: a number the schema gives no multipleOf has at most this many digits after "

@@ -461,3 +461,25 @@ def test_copying_an_adapter_onto_the_device_never_holds_up_submit(tiny_model, to
         assert other_out.done.wait(30) and other_out.final.completion_tokens == 4
     finally:
         engine.stop()
+
+
+def test_an_answer_that_repeats_itself_ends_with_stop_and_one_without_the_watch_runs_on(tiny_model, tokenizer):
+    """A random tiny model falls into a loop; the loop watch (loops.py) ends it where its last tokens are one
+    block repeated, and the same request with the watch off runs to max_tokens."""
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        free, runs_on = make_seq(PROMPTS[0], max_tokens=200)
+        engine.submit(free)
+        watched, ends = make_seq(PROMPTS[0], max_tokens=200, loop_tokens=24)
+        engine.submit(watched)
+        assert runs_on.done.wait(60) and ends.done.wait(60)
+        assert runs_on.final.finish_reason == "length" and runs_on.final.completion_tokens == 200
+        assert ends.final.finish_reason == "stop" and ends.final.completion_tokens < 200
+        answer = watched.tokens[len(PROMPTS[0]):]
+        assert answer == free.tokens[len(PROMPTS[0]):][:len(answer)]  # the same answer, ended early
+        tail = answer[-24:]
+        assert any(tail[p:] == tail[:-p] for p in range(1, 7)), tail  # periodic: a block said 4+ times
+        counted = sum(s.value for m in engine.metrics.loop_stops.collect() for s in m.samples if s.name.endswith("_total"))
+        assert counted == 1
+    finally:
+        engine.stop()

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from server.engine.detokenizer import OutputText
+from server.engine.loops import LoopWatch
 from server.engine.interface import EngineHandle
 from server.engine.block_manager import BlockManager
 from server.engine.constraint import FormatDeadEnd
@@ -376,6 +377,7 @@ class Engine(EngineHandle):
                 seq.admitted, seq.admitted_time = True, now
                 self.metrics.queue_wait.labels(self.metrics.label(seq.model)).observe(now - seq.arrival_time)
                 seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
+                seq.loops = LoopWatch(seq.params.loop_tokens) if seq.params.loop_tokens else None
 
     def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
         """Sample a token for every row and hand each to its request; a row's fault ends that request only."""
@@ -432,6 +434,10 @@ class Engine(EngineHandle):
         text, stopped = seq.output.push(token)
         if not stopped and seq.constraint is not None and seq.constraint.complete:
             tail, _ = seq.output.finish()  # the format is complete: nothing may follow
+            self._finish(seq, "stop", text + tail)
+        elif not stopped and seq.loops is not None and seq.loops.push(seq.tokens, seq.generated):
+            tail, _ = seq.output.finish()  # repeating itself: nothing new can follow (loops.py)
+            self.metrics.loop_stops.labels(self.metrics.label(seq.model)).inc()
             self._finish(seq, "stop", text + tail)
         elif not stopped and seq.generated >= seq.params.max_tokens:
             tail, stopped = seq.output.finish()

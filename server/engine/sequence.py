@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from server.engine.detokenizer import OutputText
+from server.engine.loops import LoopWatch
 from server.engine.sampling import SamplingParams, TokenLogprob, make_generator
 
 
@@ -91,6 +92,7 @@ class Sequence:
     token_counts: torch.Tensor | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
     constraint: object | None = None  # the output format (constraint.TokenConstraint); None: free text
+    loops: LoopWatch | None = None  # built at admission when params.loop_tokens (loops.py)
     spec: SequenceSpec | None = None  # what it was built from (a Ray Serve ingress forwards it)
     tenant: str = ""  # whose request: arrivals are admitted round-robin over tenants (scheduler.py)
     priority: int = 0  # lower runs first (scheduler.py)

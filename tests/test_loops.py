@@ -1,0 +1,40 @@
+"""The loop watch (server/engine/loops.py) on token lists: what ends an answer and what does not."""
+import random
+
+from server.engine.loops import MIN_REPEATS, LoopWatch
+
+PROMPT = [7] * 40  # a prompt that repeats itself: never counted
+
+
+def first_stop(answer: list[int], min_span: int = 64) -> int | None:
+    """The answer's length when the watch ended it, or None."""
+    watch, tokens = LoopWatch(min_span), list(PROMPT)
+    for generated, token in enumerate(answer, 1):
+        tokens.append(token)
+        if watch.push(tokens, generated):
+            return generated
+    return None
+
+
+def test_a_block_said_over_and_over_ends_once_it_covers_the_span_and_four_copies():
+    sentence = list(range(100, 112))  # 12 tokens
+    answer = list(range(200, 230)) + sentence * 20
+    # the loop starts at token 31; it ends where 64 tokens (more than 4 copies) repeat one block
+    assert first_stop(answer) == 30 + 64
+    long_block = list(range(300, 340))  # 40 tokens: 4 copies (160) are needed, not 64
+    assert first_stop(long_block * 6) == 4 * 40
+    assert first_stop([5] * 100) == 64  # one token over and over
+
+
+def test_text_that_changes_never_ends_and_few_copies_are_not_a_loop():
+    rng = random.Random(0)
+    assert first_stop([rng.randrange(1000) for _ in range(2000)]) is None
+    counting = [t for n in range(300) for t in (10 + n % 97, 1, 2)]  # "1. 2. 3." numbers change
+    assert first_stop(counting) is None
+    refrain = list(range(100, 130))
+    assert first_stop(refrain * (MIN_REPEATS - 1) + list(range(500, 600))) is None
+    assert first_stop(list(range(100, 200)) * 3, min_span=64) is None  # a block longer than the watch's periods
+
+
+def test_the_prompt_is_not_part_of_the_loop():
+    assert first_stop([7] * 30) is None  # 40 prompt tokens of 7 then 30 more: the answer alone is 30
