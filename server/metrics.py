@@ -81,6 +81,9 @@ class Metrics:
         self.loop_stops = Counter("loraplex_loop_stops_total",
                                   "Answers ended because their free text repeated one block over and over "
                                   "(loop_stop_tokens)", ["adapter"], registry=r)
+        self.loop_nudges = Counter("loraplex_loop_nudges_total",
+                                   "Constrained answers steered off a loop (the token continuing it ruled out for "
+                                   "one step)", ["adapter"], registry=r)
         self.replica_requests = Counter("loraplex_replica_requests_total",
                                         "Requests placed on each Ray Serve engine replica; adapter: hit (the "
                                         "replica held the expert), miss (it loaded it), base",
@@ -119,7 +122,8 @@ class Metrics:
                             (self.generation_tokens, "adapter"), (self.ttft, "adapter"),
                             (self.inter_token, "adapter"), (self.e2e, "adapter"), (self.queue_wait, "adapter"),
                             (self.non_finite_logits, "adapter"), (self.request_failures, "adapter"),
-                            (self.loop_stops, "adapter"), (self.router_decisions, "expert"), (self.mixture_requests, "expert")]
+                            (self.loop_stops, "adapter"), (self.loop_nudges, "adapter"),
+                            (self.router_decisions, "expert"), (self.mixture_requests, "expert")]
 
     def label_names_from(self, registered: Callable[[str], bool]) -> None:
         """Expert labels are limited to names for which `registered(name)` holds (the base, registered

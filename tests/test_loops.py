@@ -38,3 +38,22 @@ def test_text_that_changes_never_ends_and_few_copies_are_not_a_loop():
 
 def test_the_prompt_is_not_part_of_the_loop():
     assert first_stop([7] * 30) is None  # 40 prompt tokens of 7 then 30 more: the answer alone is 30
+
+
+def test_the_watch_says_the_loops_period_and_steering_rules_out_its_next_token_unless_nothing_else_is_allowed():
+    import torch
+
+    from server.engine.loops import NUDGE_SPAN, steer_off
+
+    watch, tokens, period = LoopWatch(NUDGE_SPAN), list(PROMPT), 0
+    for generated, token in enumerate([1, 2] * 20, 1):
+        tokens.append(token)
+        period = watch.push(tokens, generated)
+        if period:
+            break
+    assert period == 2 and len(tokens) - len(PROMPT) == NUDGE_SPAN and tokens[-period] == 1  # next would be 1
+    allow_all = lambda values: values  # noqa: E731  (a format that allows every token)
+    steered = steer_off(allow_all, 1, torch.zeros(5))
+    assert steered[1] == float("-inf") and torch.isfinite(steered[[0, 2, 3, 4]]).all()
+    only_one = lambda values: torch.where(torch.arange(5) == 1, values, float("-inf"))  # noqa: E731
+    assert steer_off(only_one, 1, torch.zeros(5))[1] == 0  # the format allows nothing else: kept

@@ -224,7 +224,7 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
     mixtures = [r for r in sources if r.mixture and r.defaults]
     lead = mixtures[0] if mixtures else members[0][0] if members else None
     params = sampling_params(req, len(prompt_ids), state, lead, default_max_tokens)
-    if output.grammar is None and not params.ignore_eos:  # free text: a loop ends it (server/engine/loops.py)
+    if not params.ignore_eos:  # free text in a loop ends; a constrained answer is steered off (server/engine/loops.py)
         params.loop_tokens = state.settings.loop_stop_tokens
     for other in sources:  # a mixture stops where any of its experts would
         params.stop += [text for text in other.stop if text not in params.stop]

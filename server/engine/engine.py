@@ -18,12 +18,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 
 from server.engine.detokenizer import OutputText
-from server.engine.loops import LoopWatch
+from server.engine.loops import NUDGE_SPAN, LoopWatch, steer_off
 from server.engine.interface import EngineHandle
 from server.engine.block_manager import BlockManager
 from server.engine.constraint import FormatDeadEnd
@@ -377,7 +378,8 @@ class Engine(EngineHandle):
                 seq.admitted, seq.admitted_time = True, now
                 self.metrics.queue_wait.labels(self.metrics.label(seq.model)).observe(now - seq.arrival_time)
                 seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
-                seq.loops = LoopWatch(seq.params.loop_tokens) if seq.params.loop_tokens else None
+                span = seq.params.loop_tokens if seq.constraint is None else min(seq.params.loop_tokens, NUDGE_SPAN)
+                seq.loops = LoopWatch(span) if span else None
 
     def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
         """Sample a token for every row and hand each to its request; a row's fault ends that request only."""
@@ -386,7 +388,7 @@ class Engine(EngineHandle):
                 if seq.params.penalizes and seq.token_counts is None:
                     seq.token_counts = new_token_counts(logits)
             sampled = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                   [s.token_counts for s in seqs], [s.constraint for s in seqs])
+                                   [s.token_counts for s in seqs], [self._constraint_of(s) for s in seqs])
         except Exception as exc:  # nothing of this step can be trusted; the requests end, the engine goes on
             log.exception("sampling failed for a whole step of %d requests", len(seqs))
             for seq in seqs:
@@ -432,10 +434,14 @@ class Engine(EngineHandle):
             self._finish(seq, "stop", text)
             return
         text, stopped = seq.output.push(token)
+        period = seq.loops.push(seq.tokens, seq.generated) if seq.loops is not None and not stopped else 0
+        if period and seq.constraint is not None:  # steered off its loop, never cut (loops.py)
+            seq.loop_ban, period = seq.tokens[len(seq.tokens) - period], 0
+            self.metrics.loop_nudges.labels(self.metrics.label(seq.model)).inc()
         if not stopped and seq.constraint is not None and seq.constraint.complete:
             tail, _ = seq.output.finish()  # the format is complete: nothing may follow
             self._finish(seq, "stop", text + tail)
-        elif not stopped and seq.loops is not None and seq.loops.push(seq.tokens, seq.generated):
+        elif period:
             tail, _ = seq.output.finish()  # repeating itself: nothing new can follow (loops.py)
             self.metrics.loop_stops.labels(self.metrics.label(seq.model)).inc()
             self._finish(seq, "stop", text + tail)
@@ -446,6 +452,13 @@ class Engine(EngineHandle):
             self._finish(seq, "stop", text)
         elif text:
             seq.emit(EngineOutput(text, logprobs=seq.take_logprobs()))
+
+    @staticmethod
+    def _constraint_of(seq: Sequence):
+        """What masks the row's logits this step: its format, and the token its loop would take next ruled out
+        for this one step when it was caught in one."""
+        ban, seq.loop_ban = seq.loop_ban, None
+        return seq.constraint if ban is None or seq.constraint is None else partial(steer_off, seq.constraint, ban)
 
     def _finish(self, seq: Sequence, reason: str, text: str) -> None:
         seq.finish_time = time.monotonic()

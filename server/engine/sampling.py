@@ -53,8 +53,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
-    # free text ends once its last this-many tokens or more repeat one block (loops.py); 0: never. Set at
-    # the edge from the `loop_stop_tokens` setting, 0 for constrained answers and ignore_eos
+    # free text ends once its last this-many tokens or more repeat one block, a constrained answer is steered
+    # off (loops.py); 0: never. Set at the edge from the `loop_stop_tokens` setting, 0 with ignore_eos
     loop_tokens: int = 0
 
     @property
