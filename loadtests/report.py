@@ -218,10 +218,13 @@ def tenants_section() -> str:
             f"{fair['rounds']} requests each; A: {fair['a_served']} streams served, {fair['a_refused']} refused with "
             f"429) | "
             f"{_provenance(fair, 'python -m loadtests.bench_tenants --fairness')} |")
-        lines.append("\nThe p99 of 100 requests is noisy here: two runs of this command minutes apart (after the wait for "
-                     "the router, which the idle run used to overlap) read 5.13x (370 vs 72 ms) and 1.57x, so the goal "
-                     "is not reliably met. Where the loaded tail comes from is not known yet (A's clients retry every 50 "
-                     "ms after a 429, ignoring Retry-After, and run on the same 2 cores).")
+        lines.append("\nThe p99 of 100 requests is noisy here: three runs of this command (after the wait for the router, "
+                     "which the idle run used to overlap) read 5.13x (370 vs 72 ms), 1.57x and, the run above, 2.51x, so "
+                     "the goal is not reliably met. In the last run B's median rose as much as its p99 (39 -> 111 ms), "
+                     "which suggests (not verified) that B's prompt pays for sharing its steps with A's running rows "
+                     "on the same 2 cores more than for waiting. What would go at that: a tenant with no running rows "
+                     "gets its prompt in a step of its own (prefill first), at the cost of one decode step for the "
+                     "others; not built yet.")
     else:
         lines.append("| tenant B's time to first token p99 while tenant A sends 4x its concurrent limit / idle | <= 2x | "
                      "not measured yet: `python -m loadtests.bench_tenants --fairness` | |")
