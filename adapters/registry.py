@@ -202,16 +202,18 @@ class AdapterRegistry:
         with self._lock:
             return self._records.get(ref)
 
+    def usable(self, ref: str, viewer: Viewer | None = None) -> AdapterRecord | None:
+        """The expert `ref` if `viewer` may use it (None: anyone), else None."""
+        record = self.get(ref)
+        return record if record is not None and (viewer is None or viewer.may_use(record.owner)) else None
+
     def lookup(self, name: str, viewer: Viewer | None = None) -> AdapterRecord | None:
         """The expert a client means by `name`: in a tenant's namespace its own expert of that name, else the
         shared one; None when there is none it may use (another tenant's answers exactly as a name nobody
         registered). viewer None: everything, by ref (the server itself, an admin)."""
-        with self._lock:
-            tenant = getattr(viewer, "tenant", None)
-            record = self._records.get(ref_of(name, tenant)) if tenant else None
-            if record is None:
-                record = self._records.get(name)
-        return record if record is not None and (viewer is None or viewer.may_use(record.owner)) else None
+        tenant = getattr(viewer, "tenant", None)
+        own = self.get(ref_of(name, tenant)) if tenant else None
+        return own if own is not None else self.usable(name, viewer)
 
     def all(self) -> list[AdapterRecord]:
         with self._lock:

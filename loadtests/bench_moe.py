@@ -173,6 +173,23 @@ def served_share(answers: list[dict], base: str) -> float:
     return statistics.fmean(a["served_by"] != base for a in answers)
 
 
+async def _base_when_ready(client, http: httpx.AsyncClient) -> str:
+    """The base's name, once the server serves every skill expert and its router is ready."""
+    models = [m.id for m in (await client.models.list()).data]
+    base = next(m for m in models if m not in SKILLS and m not in ("json-answer", "pirate", "terse", "auto"))
+    missing = [s for s in SKILLS if s not in models]
+    if missing:
+        raise SystemExit(f"the server does not serve {missing}: train them (python -m training.demo.train_skills)")
+    # the server answers before its router has encoded the experts' examples; until then /v1/route and
+    # `auto` send everything to the base (a first run measured routed-right 0.00, off-topic on base 1.00)
+    deadline = time.monotonic() + 600
+    while (await http.get("/health")).json().get("router") != "ready":
+        if time.monotonic() > deadline:
+            raise SystemExit("the router is not ready after 600 s: " + (await http.get("/health")).text)
+        await asyncio.sleep(1)
+    return base
+
+
 async def measure(url: str, per_skill: int) -> dict:
     mixed, two, everyday, off_topic = mixed_set(per_skill), two_skill_set(), everyday_set(), off_topic_set()
     gate = asyncio.Semaphore(CONCURRENCY)
@@ -180,19 +197,7 @@ async def measure(url: str, per_skill: int) -> dict:
                           **{f"off_topic_{k}": len(v) for k, v in off_topic.items()}}}
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=1200) as client, \
             httpx.AsyncClient(base_url=url, timeout=120) as http:
-        models = [m.id for m in (await client.models.list()).data]
-        base = next(m for m in models if m not in SKILLS and m not in ("json-answer", "pirate", "terse", "auto"))
-        missing = [s for s in SKILLS if s not in models]
-        if missing:
-            raise SystemExit(f"the server does not serve {missing}: train them (python -m training.demo.train_skills)")
-        out["base_model"] = base
-        # the server answers before its router has encoded the experts' examples; until then /v1/route and
-        # `auto` send everything to the base (a first run measured routed-right 0.00, off-topic on base 1.00)
-        deadline = time.monotonic() + 600
-        while (await http.get("/health")).json().get("router") != "ready":
-            if time.monotonic() > deadline:
-                raise SystemExit("the router is not ready after 600 s: " + (await http.get("/health")).text)
-            await asyncio.sleep(1)
+        out["base_model"] = base = await _base_when_ready(client, http)
         start = time.perf_counter()
 
         # routing first: cheap, and it says what `auto` will do
@@ -286,14 +291,7 @@ async def measure_everyday(url: str) -> dict:
     gate = asyncio.Semaphore(CONCURRENCY)
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=1200) as client, \
             httpx.AsyncClient(base_url=url, timeout=120) as http:
-        models = [m.id for m in (await client.models.list()).data]
-        base = next(m for m in models if m not in SKILLS and m not in ("json-answer", "pirate", "terse", "auto"))
-        deadline = time.monotonic() + 600
-        while (await http.get("/health")).json().get("router") != "ready":
-            if time.monotonic() > deadline:
-                raise SystemExit("the router is not ready after 600 s")
-            await asyncio.sleep(1)
-        return await _everyday(client, http, gate, base, everyday_set())
+        return await _everyday(client, http, gate, await _base_when_ready(client, http), everyday_set())
 
 
 def _counts(answers: list[dict]) -> dict[str, int]:

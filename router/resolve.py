@@ -99,11 +99,6 @@ class ExpertRouter:
         """The expert the caller means by `name` (in its namespace), if it may use it."""
         return self.registry.lookup(name, visible)
 
-    def _indexed(self, ref: str, visible: Visible) -> AdapterRecord | None:
-        """The expert the classifier knows as `ref`, if the caller may use it."""
-        record = self.registry.get(ref)
-        return record if record is not None and (visible is None or visible.may_use(record.owner)) else None
-
     @staticmethod
     def shown(ref: str, visible: Visible) -> str:
         """How an answer to the caller names the expert `ref` (its own and shared ones by name)."""
@@ -180,7 +175,7 @@ class ExpertRouter:
     def decide(self, result: Ranking | None, top_k: int | None = None, visible: Visible = None) -> Route:
         """The route for the classifier's ranking of a prompt (None: no expert indexed)."""
         ranking = () if result is None else tuple(s for s in result.experts
-                                                  if self._indexed(s.expert, visible) is not None)
+                                                  if self.registry.usable(s.expert, visible) is not None)
         if not ranking:
             return self._fallback(Route(None, "", "fallback", reason="no experts to route to"), visible)
         best, background = ranking[0], result.background

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from adapters.admission import check_token_ids
-from adapters.registry import AdapterRecord
+from adapters.registry import AdapterRecord, shown
 from router.resolve import Route, UnknownExpert, UnknownMember
 from server.api.errors import APIError
 from server.api.middleware import RequestOutcome, outcome_of
@@ -146,7 +146,8 @@ async def route_request(model: str, routing_text: str, request: Request, state: 
     return route
 
 
-def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord, float]], list[AdapterRecord]]:
+def _members(route: Route, state: ServerState,
+             tenant: str | None) -> tuple[list[tuple[AdapterRecord, float]], list[AdapterRecord]]:
     """(the experts whose weights serve, with their weights, heaviest first; the records whose stops and
     defaults apply, the first one's defaults). A registered mixture stands for its members and brings its
     own stops and defaults. UnknownExpert / 404 if an expert was retired between routing and here."""
@@ -167,7 +168,7 @@ def _members(route: Route, state: ServerState) -> tuple[list[tuple[AdapterRecord
     for name, weight in sorted(weights.items(), key=lambda p: (-p[1], p[0])):
         record = state.registry.get(name)
         if record is None:
-            raise APIError(404, f"The mixture '{route.model}' blends '{name.partition('@')[0]}', which is no longer "
+            raise APIError(404, f"The mixture '{route.model}' blends '{shown(name, tenant)}', which is no longer "
                                 "registered.",
                            param="model", code="model_not_found")
         members.append((record, weight))
@@ -219,7 +220,7 @@ async def _route_and_queue(req: SamplingFields, prompt_ids: list[int], routing_t
     state.metrics.router_decisions.labels(route.source, label).inc()
     outcome = outcome_of(request.scope)
     outcome.model, outcome.label, outcome.source = route.model, label, route.source
-    members, sources = _members(route, state)
+    members, sources = _members(route, state, principal_of(request.scope).tenant)
     # the lead's sampling defaults apply: a registered mixture's own, else the heaviest expert's
     mixtures = [r for r in sources if r.mixture and r.defaults]
     lead = mixtures[0] if mixtures else members[0][0] if members else None

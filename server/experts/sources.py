@@ -224,7 +224,7 @@ class FetchedExperts:
                                  "invalid_model_name") from None
         ref = ref_of(name, owner)
         with self._lock:
-            record = self.experts.registry.lookup(name, Principal(tenant=owner or None))
+            record = self._registered(name, owner)
             if record is not None:  # registered since the request was routed
                 done: Future = Future()
                 done.set_result(record)
@@ -242,8 +242,13 @@ class FetchedExperts:
                 self._fetching[ref] = running
             return running
 
+    def _registered(self, name: str, owner: str) -> AdapterRecord | None:
+        """The expert a request of `owner` means by `name` (its own, else a shared one), if one is registered."""
+        return self.experts.registry.lookup(name, Principal(tenant=owner or None))
+
     def _fetch(self, name: str, sources: list[AdapterSource], param: str, owner: str = "") -> AdapterRecord:
         """In the fetch pool: each matching source in order until one has `name`."""
+        ref = ref_of(name, owner)
         try:
             tried = []
             for source in sources:
@@ -275,12 +280,12 @@ class FetchedExperts:
                                          f"{', '.join(repr(s) for s in tried)}).", param, code)
         except AdmissionError as exc:
             if exc.code != ANSWERS[CACHE_FULL][1]:  # a full cache empties as requests end: not remembered
-                self._remember(ref_of(name, owner), exc)
+                self._remember(ref, exc)
             log.info("fetch of %s refused: %s", name, exc.message)
             raise
         finally:
             with self._lock:
-                self._fetching.pop(ref_of(name, owner), None)
+                self._fetching.pop(ref, None)
 
     def _remember(self, name: str, error: AdmissionError) -> None:
         if self.policy.refusal_ttl_s <= 0:
@@ -312,7 +317,7 @@ class FetchedExperts:
                     record = self.experts.register(registration, {"adapter_config": config, "adapter_model": weights},
                                                    source.name, origin=source.origin(name), owner=owner)
             except AdmissionError as exc:
-                registered = self.experts.registry.lookup(name, Principal(tenant=owner or None))
+                registered = self._registered(name, owner)
                 if exc.status == 409 and registered is not None:
                     return registered  # registered meanwhile (by an admin, or this tenant): that one serves
                 kind = TOO_LARGE if exc.status == 413 else INVALID
