@@ -1,4 +1,5 @@
 """The engine thread on a tiny model: continuous batching, cancellation, budgets, queue limits."""
+import re
 import threading
 import time
 
@@ -481,5 +482,40 @@ def test_an_answer_that_repeats_itself_ends_with_stop_and_one_without_the_watch_
         assert any(tail[p:] == tail[:-p] for p in range(1, 7)), tail  # periodic: a block said 4+ times
         counted = sum(s.value for m in engine.metrics.loop_stops.collect() for s in m.samples if s.name.endswith("_total"))
         assert counted == 1
+    finally:
+        engine.stop()
+
+
+def test_a_constrained_answer_never_runs_more_digits_than_the_watch_allows_unless_its_format_asks_for_them(
+        tiny_model, tokenizer):
+    """A format that allows digits or letters, and a bias that makes the tiny model want digits: with the
+    loop watch on, a run of DIGIT_RUN digits is followed by a letter (loops.py); with it off, digits run on;
+    a format that allows only digits keeps them all."""
+    from server.api.protocol import CompletionRequest
+    from server.api.schemas import SchemaPolicy
+    from server.api.structured import OutputFormats
+    from server.engine.loops import DIGIT_RUN, digit_widths
+
+    formats = OutputFormats(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}), SchemaPolicy(16))
+    bias = {token: 30.0 for token in digit_widths(tokenizer)}
+
+    def run(regex: str, loop_tokens: int) -> str:
+        output = formats.for_guided(CompletionRequest.model_validate({"model": "m", "prompt": "x",
+                                                                      "guided_regex": regex}))
+        seq, out = make_seq(PROMPTS[1], max_tokens=70, logit_bias=bias, loop_tokens=loop_tokens)
+        seq.constraint = formats.constraints(output, 1)[0]
+        engine.submit(seq)
+        assert out.done.wait(60) and out.final.finish_reason == "stop", out.final
+        return out.text
+
+    engine = make_engine(tiny_model, tokenizer)
+    try:
+        steered = run("[0-9a-z]{60}", 64)
+        runs = [len(r) for r in re.findall("[0-9]+", steered)]
+        assert len(steered) == 60 and max(runs) == DIGIT_RUN, steered
+        assert run("[0-9a-z]{60}", 0).isdigit()  # the watch off: 60 digits
+        assert run("[0-9]{40}", 64).isdigit()  # only digits allowed: kept
+        nudges = sum(s.value for m in engine.metrics.loop_nudges.collect() for s in m.samples if s.name.endswith("_total"))
+        assert nudges >= 1
     finally:
         engine.stop()

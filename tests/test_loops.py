@@ -57,3 +57,32 @@ def test_the_watch_says_the_loops_period_and_steering_rules_out_its_next_token_u
     assert steered[1] == float("-inf") and torch.isfinite(steered[[0, 2, 3, 4]]).all()
     only_one = lambda values: torch.where(torch.arange(5) == 1, values, float("-inf"))  # noqa: E731
     assert steer_off(only_one, 1, torch.zeros(5))[1] == 0  # the format allows nothing else: kept
+
+
+def test_a_constrained_answers_run_of_digits_is_counted_in_digits_and_steered_off_as_one_class(tokenizer):
+    """digit_widths reads the served tokenizer (SmolLM2 writes one digit a token); the watch counts a run in
+    digits and resets on anything else; steering rules out every digit token at once, unless the format
+    allows only digits."""
+    import torch
+
+    from server.engine.loops import DIGIT_RUN, digit_widths, steer_off
+
+    widths = digit_widths(tokenizer)
+    assert sorted(tokenizer.convert_ids_to_tokens(list(widths))) == list("0123456789")
+    assert set(widths.values()) == {1}
+    digits = tokenizer.encode("1234567890" * 5, add_special_tokens=False)
+    letter = tokenizer.encode("x", add_special_tokens=False)
+    watch, tokens = LoopWatch(64, digits=widths), list(PROMPT)
+    for generated, token in enumerate(digits[:DIGIT_RUN - 1] + letter + digits[:DIGIT_RUN - 1], 1):
+        tokens.append(token)
+        watch.push(tokens, generated)
+        assert not watch.runaway_digits  # 31 digits, a letter, 31 again: never a run of 32
+    tokens.append(digits[0])
+    watch.push(tokens, len(tokens) - len(PROMPT))
+    assert watch.runaway_digits
+    assert not LoopWatch(64).runaway_digits  # free text: digits are not counted
+    ids = torch.tensor(sorted(widths))
+    steered = steer_off(lambda values: values, ids, torch.zeros(len(tokenizer)))
+    assert torch.isinf(steered[ids]).all() and torch.isfinite(steered).sum() == len(tokenizer) - 10
+    only_digits = lambda values: torch.where(torch.isin(torch.arange(len(values)), ids), values, float("-inf"))  # noqa: E731
+    assert torch.isfinite(steer_off(only_digits, ids, torch.zeros(len(tokenizer)))[ids]).all()

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from server.engine.detokenizer import OutputText
-from server.engine.loops import NUDGE_SPAN, LoopWatch, steer_off
+from server.engine.loops import NUDGE_SPAN, LoopWatch, digit_widths, steer_off
 from server.engine.interface import EngineHandle
 from server.engine.block_manager import BlockManager
 from server.engine.constraint import FormatDeadEnd
@@ -85,6 +85,8 @@ class Engine(EngineHandle):
         self._runner: ModelRunner | None = None
         self._adapters: AdapterCache | None = None
         self._blocks: BlockManager | None = None
+        self._digits: dict[int, int] = {}  # digit tokens' widths, for constrained answers' digit runs (loops.py)
+        self._digit_ids: torch.Tensor | None = None  # the same tokens, ruled out at once when a run is too long
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._on_fatal: Callable[[BaseException], None] | None = None
@@ -248,6 +250,8 @@ class Engine(EngineHandle):
             self._runner, self._adapters = self._load_runner()
             self._blocks = BlockManager(self._runner.num_blocks, self._runner.block_size, self.config.prefix_caching)
             self._scheduler.blocks = self._blocks
+            self._digits = digit_widths(self._runner.tokenizer)
+            self._digit_ids = torch.tensor(sorted(self._digits), dtype=torch.long)
         except BaseException as exc:  # reported to the server, which exits non-zero
             self.load_error = exc
             log.error("model load failed: %s", exc)
@@ -379,7 +383,8 @@ class Engine(EngineHandle):
                 self.metrics.queue_wait.labels(self.metrics.label(seq.model)).observe(now - seq.arrival_time)
                 seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
                 span = seq.params.loop_tokens if seq.constraint is None else min(seq.params.loop_tokens, NUDGE_SPAN)
-                seq.loops = LoopWatch(span) if span else None
+                seq.loops = (LoopWatch(span, digits=self._digits if seq.constraint is not None else None)
+                             if span else None)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
         """Sample a token for every row and hand each to its request; a row's fault ends that request only."""
@@ -435,8 +440,11 @@ class Engine(EngineHandle):
             return
         text, stopped = seq.output.push(token)
         period = seq.loops.push(seq.tokens, seq.generated) if seq.loops is not None and not stopped else 0
-        if period and seq.constraint is not None:  # steered off its loop, never cut (loops.py)
-            seq.loop_ban, period = seq.tokens[len(seq.tokens) - period], 0
+        if seq.constraint is not None and (period or (seq.loops is not None and seq.loops.runaway_digits)):
+            # steered off its loop or its run of digits (every digit, the loop's next one among them), never
+            # cut (loops.py)
+            seq.loop_ban = self._digit_ids if seq.loops.runaway_digits else seq.tokens[len(seq.tokens) - period]
+            period = 0
             self.metrics.loop_nudges.labels(self.metrics.label(seq.model)).inc()
         if not stopped and seq.constraint is not None and seq.constraint.complete:
             tail, _ = seq.output.finish()  # the format is complete: nothing may follow
@@ -455,8 +463,8 @@ class Engine(EngineHandle):
 
     @staticmethod
     def _constraint_of(seq: Sequence):
-        """What masks the row's logits this step: its format, and the token its loop would take next ruled out
-        for this one step when it was caught in one."""
+        """What masks the row's logits this step: its format, and the token its loop would take next (or every
+        digit, after a run of them) ruled out for this one step when it was caught in one."""
         ban, seq.loop_ban = seq.loop_ban, None
         return seq.constraint if ban is None or seq.constraint is None else partial(steer_off, seq.constraint, ban)
 

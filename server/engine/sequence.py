@@ -93,7 +93,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not sent yet
     constraint: object | None = None  # the output format (constraint.TokenConstraint); None: free text
     loops: LoopWatch | None = None  # built at admission when params.loop_tokens (loops.py)
-    loop_ban: int | None = None  # a constrained answer's token that would continue its loop: ruled out next step
+    loop_ban: int | torch.Tensor | None = None  # its loop's next token (or every digit token): ruled out next step
     spec: SequenceSpec | None = None  # what it was built from (a Ray Serve ingress forwards it)
     tenant: str = ""  # whose request: arrivals are admitted round-robin over tenants (scheduler.py)
     priority: int = 0  # lower runs first (scheduler.py)
