@@ -229,9 +229,10 @@ class Settings(EncodableText):
     loop_stop_tokens: int = Field(
         64, ge=0,
         description="Free text ends (finish_reason stop) once its last this-many tokens or more repeat one block of "
-                    "at most 64 tokens, four times or more: a small model that does not end its turn repeats itself "
-                    "until max_tokens. A constrained answer is never cut: it is steered off a loop (the token "
-                    "continuing it ruled out for one step). Never with ignore_eos. 0: neither.",
+                    "at most 64 tokens three times or more in a row, compared as words (whitespace aside): a small "
+                    "model that does not end its turn repeats itself until max_tokens. A constrained answer is never "
+                    "cut: it is steered off a loop or a run of 32 digits (the token continuing it ruled out for one "
+                    "step). Never with ignore_eos. 0: neither.",
     )
     structured_max_decimals: int = Field(
         8, ge=0, le=15,

@@ -86,3 +86,38 @@ def test_a_constrained_answers_run_of_digits_is_counted_in_digits_and_steered_of
     assert torch.isinf(steered[ids]).all() and torch.isfinite(steered).sum() == len(tokenizer) - 10
     only_digits = lambda values: torch.where(torch.isin(torch.arange(len(values)), ids), values, float("-inf"))  # noqa: E731
     assert torch.isfinite(steer_off(only_digits, ids, torch.zeros(len(tokenizer)))[ids]).all()
+
+
+def text_stop(tokenizer, keys, answer: str) -> str | None:
+    """Free text as the engine watches it: the answer's text up to where the watch ended it, or None."""
+    from server.engine.loops import TEXT_REPEATS
+
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    watch, tokens = LoopWatch(64, keys=keys, repeats=TEXT_REPEATS), list(PROMPT)
+    for generated, token in enumerate(ids, 1):
+        tokens.append(token)
+        if watch.push(tokens, generated):
+            return tokenizer.decode(ids[:generated])
+    return None
+
+
+def test_free_text_is_watched_as_words_and_a_long_sentence_said_three_times_ends_it(tokenizer):
+    """The same sentence after " " and after a blank line is one loop (exact tokens differ: "ĠThe" / "The");
+    three copies of a sentence of 22+ words end it, two do not; lists and tables whose words change, code,
+    and text of multi-byte characters (whose byte tokens all decode alone to U+FFFD) never end."""
+    from server.engine.loops import text_keys
+
+    keys = text_keys(tokenizer)
+    sentence = "The leaves are changing, and this is a natural process that helps to keep the balance in the whole of the forest."
+    assert len(tokenizer.encode(sentence, add_special_tokens=False)) >= 22
+    looping = f"Leaves fall in autumn. {sentence} {sentence}\n\n{sentence} {sentence}"
+    ended = text_stop(tokenizer, keys, looping)
+    assert ended is not None and ended.count("The leaves are changing") == 3
+    assert text_stop(tokenizer, keys, f"Leaves fall. {sentence}\n\n{sentence} Then winter comes, and snow.") is None
+    days = "\n".join(f"- {day}: people often {act} with friends after a long and busy week of work at the office."
+                     for day, act in zip(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"],
+                                         ["run", "swim", "cook", "read", "dance"]))
+    assert text_stop(tokenizer, keys, days) is None
+    code = "\n".join(f"    def get_{f}(self):\n        return self._{f}\n" for f in ("name", "age", "email", "phone"))
+    assert text_stop(tokenizer, keys, code) is None
+    assert text_stop(tokenizer, keys, "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 2 + "白日依山尽，黄河入海流。") is None

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from server.engine.detokenizer import OutputText
-from server.engine.loops import NUDGE_SPAN, LoopWatch, digit_widths, steer_off
+from server.engine.loops import NUDGE_SPAN, TEXT_REPEATS, LoopWatch, digit_widths, steer_off, text_keys
 from server.engine.interface import EngineHandle
 from server.engine.block_manager import BlockManager
 from server.engine.constraint import FormatDeadEnd
@@ -87,6 +87,7 @@ class Engine(EngineHandle):
         self._blocks: BlockManager | None = None
         self._digits: dict[int, int] = {}  # digit tokens' widths, for constrained answers' digit runs (loops.py)
         self._digit_ids: torch.Tensor | None = None  # the same tokens, ruled out at once when a run is too long
+        self._text_keys: list[int] = []  # tokens as words, what free text's loops are compared by (loops.py)
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._on_fatal: Callable[[BaseException], None] | None = None
@@ -252,6 +253,7 @@ class Engine(EngineHandle):
             self._scheduler.blocks = self._blocks
             self._digits = digit_widths(self._runner.tokenizer)
             self._digit_ids = torch.tensor(sorted(self._digits), dtype=torch.long)
+            self._text_keys = text_keys(self._runner.tokenizer)
         except BaseException as exc:  # reported to the server, which exits non-zero
             self.load_error = exc
             log.error("model load failed: %s", exc)
@@ -382,9 +384,13 @@ class Engine(EngineHandle):
                 seq.admitted, seq.admitted_time = True, now
                 self.metrics.queue_wait.labels(self.metrics.label(seq.model)).observe(now - seq.arrival_time)
                 seq.output = OutputText(self._runner.tokenizer, seq.params.stop)
-                span = seq.params.loop_tokens if seq.constraint is None else min(seq.params.loop_tokens, NUDGE_SPAN)
-                seq.loops = (LoopWatch(span, digits=self._digits if seq.constraint is not None else None)
-                             if span else None)
+                span = seq.params.loop_tokens
+                if not span:
+                    seq.loops = None
+                elif seq.constraint is None:  # free text: compared as words, ended after three copies
+                    seq.loops = LoopWatch(span, keys=self._text_keys, repeats=TEXT_REPEATS)
+                else:  # a format: exact tokens and digit runs, steered off sooner
+                    seq.loops = LoopWatch(min(span, NUDGE_SPAN), digits=self._digits)
 
     def _sample_and_accept(self, seqs: list[Sequence], logits) -> None:
         """Sample a token for every row and hand each to its request; a row's fault ends that request only."""

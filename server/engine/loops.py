@@ -3,15 +3,25 @@
 A small model that does not end its turn rarely wanders: it repeats. SmolLM2 writes "You can call mom in
 20 minutes.\n\n" again and again, or "0000...", until `max_tokens`, and the client pays for every copy
 and waits for it. Once an answer's last `min_span` tokens or more are one block of at most
-`max_period` tokens said at least `MIN_REPEATS` times over, nothing new can come of it: the answer
+`max_period` tokens said at least `TEXT_REPEATS` times over, nothing new can come of it: the answer
 ends there, as if the model had ended its turn (finish_reason `stop`, `stop_reason` "loop").
+
+Free text is compared as words, not tokens (`text_keys`): whitespace-only tokens are skipped and a token
+counts as its text without surrounding whitespace, because the same sentence comes back after " ", then
+after "\n\n" ("ĠThe" and "The" are different tokens), which an exact comparison never sees as a loop.
+Three copies are enough when the block is long (with `min_span` 64 a block of 21 tokens or fewer still
+needs 64 tokens of repetition, so 4 copies and more): a sentence said three times in a row, whitespace
+aside, is not a refrain or a list's pattern (those change words), and code repeats itself with
+different names. Measured before the change on answers written for other prompts than the ones it is
+reported on, songs, poems with refrains and code included: every answer it ended earlier was a sentence
+going round.
 
 A constrained answer (a JSON schema, a tool call) cut short would not parse, so it is never ended this
 way: a loop inside it (`".A.A.A.A`, `com.com.com`, a string or an array repeating itself) is steered
-off instead, sooner (`NUDGE_SPAN` tokens): for one step the token that would continue the loop is ruled
-out, unless the format allows nothing else (`steer_off`), so the model writes something else there, often
-the string's or the array's end. `ignore_eos` (run to max_tokens whatever comes) turns the watch off, as
-the benchmarks that use it need.
+off instead, sooner (`NUDGE_SPAN` tokens, exact tokens, `MIN_REPEATS` copies): for one step the token that
+would continue the loop is ruled out, unless the format allows nothing else (`steer_off`), so the model
+writes something else there, often the string's or the array's end. `ignore_eos` (run to max_tokens
+whatever comes) turns the watch off, as the benchmarks that use it need.
 
 A constrained answer's run of digits is watched too: a small model asked for an id or a list of codes can
 write digits without end ("1234567890123456789...", "6789013456789014..."), never one block repeated
@@ -28,7 +38,8 @@ from __future__ import annotations
 import torch
 
 NUDGE_SPAN = 16  # a constrained answer is steered off a loop this long (4 copies of a block of at most 4 tokens)
-MIN_REPEATS = 4  # a block said 4 times over: twice or three times can be a refrain, a list's pattern
+MIN_REPEATS = 4  # a constrained answer's block said 4 times over (exact tokens: a short block may be a list's pattern)
+TEXT_REPEATS = 3  # free text: a block said 3 times in a row, whitespace aside, over at least min_span tokens
 MAX_PERIOD = 64  # the longest block watched: a sentence or two
 DIGIT_RUN = 32  # digits in a row a constrained answer may write before a non-digit is due (see above)
 
@@ -42,15 +53,33 @@ def digit_widths(tokenizer) -> dict[int, int]:
             if piece and piece.isascii() and piece.isdigit()}
 
 
-class LoopWatch:
-    __slots__ = ("runs", "min_span", "max_period", "digits", "digit_run")
+def text_keys(tokenizer) -> list[int]:
+    """Per token, its text without surrounding whitespace as a number (equal texts, equal numbers), -1 for a
+    token that is only whitespace: what free text is compared by (see above). A token that is part of a
+    character (byte-level pieces of CJK text or emoji decode alone to U+FFFD) keeps a number of its own:
+    all of them would otherwise read as one and the same."""
+    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
+    numbers: dict[str, int] = {}
+    keys = []
+    for token, text in enumerate(texts):
+        word = text.strip()
+        keys.append(-1 if not word else numbers.setdefault(f"\0{token}" if "\ufffd" in word else word, len(numbers)))
+    return keys
 
-    def __init__(self, min_span: int, max_period: int = MAX_PERIOD, digits: dict[int, int] | None = None):
+
+class LoopWatch:
+    __slots__ = ("runs", "min_span", "max_period", "repeats", "digits", "digit_run", "keys", "words")
+
+    def __init__(self, min_span: int, max_period: int = MAX_PERIOD, digits: dict[int, int] | None = None,
+                 keys: list[int] | None = None, repeats: int = MIN_REPEATS):
         self.min_span = min_span
         self.max_period = max_period
+        self.repeats = repeats
         self.runs = [0] * (max_period + 1)  # runs[p]: tokens in a row equal to the token p before them
         self.digits = digits  # digit_widths(), for a constrained answer; None: digits are not counted
         self.digit_run = 0  # digits the answer now ends with
+        self.keys = keys  # text_keys(), for free text; None: exact tokens are compared
+        self.words: list[int] = []  # free text: the answer's keys, whitespace skipped
 
     @property
     def runaway_digits(self) -> bool:
@@ -59,18 +88,25 @@ class LoopWatch:
 
     def push(self, tokens: list[int], generated: int) -> int:
         """After `tokens[-1]`, the `generated`-th token of the answer (tokens: prompt and answer): the loop's
-        period when the answer now ends in a loop (the loop's next token is `tokens[-period]`), else 0. Only
-        answer tokens are compared (a prompt may repeat itself)."""
-        last = len(tokens) - 1
-        token, runs = tokens[last], self.runs
+        period when the answer now ends in a loop (compared as tokens, the loop's next token is
+        `tokens[-period]`; as words, a period in words), else 0. Only answer tokens are compared (a prompt
+        may repeat itself)."""
+        token, runs = tokens[-1], self.runs
         if self.digits is not None:
             width = self.digits.get(token, 0)
             self.digit_run = self.digit_run + width if width else 0
+        if self.keys is not None:  # free text: compared as words (see above)
+            key = self.keys[token] if token < len(self.keys) else token + len(self.keys)
+            if key < 0:
+                return 0
+            self.words.append(key)
+            tokens, token, generated = self.words, key, len(self.words)
+        last = len(tokens) - 1
         for period in range(1, min(self.max_period, generated - 1) + 1):
             if tokens[last - period] == token:
                 runs[period] += 1
                 span = runs[period] + period
-                if span >= self.min_span and span >= MIN_REPEATS * period:
+                if span >= self.min_span and span >= self.repeats * period:
                     return period
             else:
                 runs[period] = 0
