@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -88,10 +89,16 @@ def bench_auth(calls: int, tenants: int = 1000, keys: int = 10_000, measured_key
             "max_ms": max(timings) * 1000, "first_check_p50_ms": statistics.median(first) * 1000}
 
 
-def _ttft(client: httpx.Client, key: str, question: str, whole: bool = False) -> float | str | None:
+class Refused(NamedTuple):
+    """A 429, with the seconds its Retry-After asks for (1 when it gives none or an HTTP date)."""
+
+    retry_after: float
+
+
+def _ttft(client: httpx.Client, key: str, question: str, whole: bool = False) -> float | Refused | None:
     """Seconds to the first token of a streamed request: the first chunk with text (the opening chunk, sent
-    before the engine has computed anything, carries an empty one); when refused, the Retry-After header
-    (None without one). `whole`: read the
+    before the engine has computed anything, carries an empty one; None for a stream without text); Refused
+    when refused. `whole`: read the
     stream to its end (a flooding client), else leave after the first token. Each client keeps its
     connection, as the OpenAI SDK's does: a new connection per request costs the client here (in the
     server's 2 cores) an order of magnitude more than the server's refusal."""
@@ -102,7 +109,8 @@ def _ttft(client: httpx.Client, key: str, question: str, whole: bool = False) ->
     with client.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) \
             as response:
         if response.status_code != 200:
-            return response.headers.get("retry-after")
+            retry = response.headers.get("retry-after", "")
+            return Refused(float(retry) if retry.isdigit() else 1.0)
         for line in response.iter_lines():
             if first is None and line.startswith("data: {") and any(
                     choice["delta"].get("content") for choice in json.loads(line[6:])["choices"]):
@@ -141,9 +149,9 @@ def bench_fairness(rounds: int, retry: str = "sdk") -> dict:
             with httpx.Client(base_url=server.base_url, timeout=300) as a:
                 while not stop.is_set():
                     answer = _ttft(a, keys["a"], "Write a long story about a pirate ship.", whole=True)
-                    if not isinstance(answer, float):  # refused: 429
+                    if isinstance(answer, Refused):
                         refused[0] += 1
-                        time.sleep(float(answer or 1) if retry == "sdk" else 0.05)
+                        time.sleep(answer.retry_after if retry == "sdk" else 0.05)
                     else:
                         served[0] += 1
 

@@ -82,8 +82,8 @@ class Metrics:
                                   "Answers ended because their free text repeated one block over and over "
                                   "(loop_stop_tokens)", ["adapter"], registry=r)
         self.loop_nudges = Counter("loraplex_loop_nudges_total",
-                                   "Constrained answers steered off a loop or a run of digits (the token continuing "
-                                   "it, or every digit, ruled out for one step)", ["adapter"], registry=r)
+                                   "Steps where a constrained answer was steered off a loop or a run of digits (the "
+                                   "token continuing it, or every digit, ruled out)", ["adapter"], registry=r)
         self.replica_requests = Counter("loraplex_replica_requests_total",
                                         "Requests placed on each Ray Serve engine replica; adapter: hit (the "
                                         "replica held the expert), miss (it loaded it), base",

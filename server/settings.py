@@ -231,8 +231,8 @@ class Settings(EncodableText):
         description="Free text ends (finish_reason stop) once its last this-many tokens or more repeat one block of "
                     "at most 64 tokens three times or more in a row, compared as words (whitespace aside): a small "
                     "model that does not end its turn repeats itself until max_tokens. A constrained answer is never "
-                    "cut: it is steered off a loop or a run of 32 digits (the token continuing it ruled out for one "
-                    "step). Never with ignore_eos. 0: neither.",
+                    "cut: it is steered off a loop (the token continuing it ruled out for one step) or a run of 32 "
+                    "digits (every digit ruled out for one step). Never with ignore_eos. 0: none of these.",
     )
     structured_max_decimals: int = Field(
         8, ge=0, le=15,

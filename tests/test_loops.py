@@ -80,12 +80,17 @@ def test_a_constrained_answers_run_of_digits_is_counted_in_digits_and_steered_of
     tokens.append(digits[0])
     watch.push(tokens, len(tokens) - len(PROMPT))
     assert watch.runaway_digits
-    assert not LoopWatch(64).runaway_digits  # free text: digits are not counted
+    for free in (LoopWatch(64), LoopWatch(64, keys=list(range(len(tokenizer))))):  # free text: digits not counted
+        for generated, token in enumerate(digits, 1):
+            free.push(list(PROMPT) + digits[:generated], generated)
+        assert not free.runaway_digits and free.digit_run == 0
     ids = torch.tensor(sorted(widths))
-    steered = steer_off(lambda values: values, ids, torch.zeros(len(tokenizer)))
+    nudges = []
+    steered = steer_off(lambda values: values, ids, torch.zeros(len(tokenizer)), nudged=lambda: nudges.append(1))
     assert torch.isinf(steered[ids]).all() and torch.isfinite(steered).sum() == len(tokenizer) - 10
     only_digits = lambda values: torch.where(torch.isin(torch.arange(len(values)), ids), values, float("-inf"))  # noqa: E731
-    assert torch.isfinite(steer_off(only_digits, ids, torch.zeros(len(tokenizer)))[ids]).all()
+    kept = steer_off(only_digits, ids, torch.zeros(len(tokenizer)), nudged=lambda: nudges.append(1))
+    assert torch.isfinite(kept[ids]).all() and nudges == [1]  # nothing ruled out: not counted
 
 
 def text_stop(tokenizer, keys, answer: str) -> str | None:

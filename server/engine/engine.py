@@ -446,12 +446,12 @@ class Engine(EngineHandle):
             return
         text, stopped = seq.output.push(token)
         period = seq.loops.push(seq.tokens, seq.generated) if seq.loops is not None and not stopped else 0
-        if seq.constraint is not None and (period or (seq.loops is not None and seq.loops.runaway_digits)):
+        if seq.constraint is not None and (period or (seq.loops is not None and not stopped
+                                                      and seq.loops.runaway_digits)):
             # steered off its loop or its run of digits (every digit, the loop's next one among them), never
-            # cut (loops.py)
+            # cut (loops.py); counted where a token was really ruled out (_constraint_of)
             seq.loop_ban = self._digit_ids if seq.loops.runaway_digits else seq.tokens[len(seq.tokens) - period]
             period = 0
-            self.metrics.loop_nudges.labels(self.metrics.label(seq.model)).inc()
         if not stopped and seq.constraint is not None and seq.constraint.complete:
             tail, _ = seq.output.finish()  # the format is complete: nothing may follow
             self._finish(seq, "stop", text + tail)
@@ -467,12 +467,14 @@ class Engine(EngineHandle):
         elif text:
             seq.emit(EngineOutput(text, logprobs=seq.take_logprobs()))
 
-    @staticmethod
-    def _constraint_of(seq: Sequence):
+    def _constraint_of(self, seq: Sequence):
         """What masks the row's logits this step: its format, and the token its loop would take next (or every
         digit, after a run of them) ruled out for this one step when it was caught in one."""
         ban, seq.loop_ban = seq.loop_ban, None
-        return seq.constraint if ban is None or seq.constraint is None else partial(steer_off, seq.constraint, ban)
+        if ban is None or seq.constraint is None:
+            return seq.constraint
+        nudged = self.metrics.loop_nudges.labels(self.metrics.label(seq.model)).inc
+        return partial(steer_off, seq.constraint, ban, nudged=nudged)
 
     def _finish(self, seq: Sequence, reason: str, text: str) -> None:
         seq.finish_time = time.monotonic()

@@ -9,10 +9,10 @@ ends there, as if the model had ended its turn (finish_reason `stop`, `stop_reas
 Free text is compared as words, not tokens (`text_keys`): whitespace-only tokens are skipped and a token
 counts as its text without surrounding whitespace, because the same sentence comes back after " ", then
 after "\n\n" ("ĠThe" and "The" are different tokens), which an exact comparison never sees as a loop.
-Three copies are enough when the block is long (with `min_span` 64 a block of 21 tokens or fewer still
-needs 64 tokens of repetition, so 4 copies and more): a sentence said three times in a row, whitespace
-aside, is not a refrain or a list's pattern (those change words), and code repeats itself with
-different names. Measured before the change on answers written for other prompts than the ones it is
+Three copies are enough when the block is long (22 words or more, a word being a token that is not only
+whitespace; with `min_span` 64 a block of 17-21 words needs 64 words of repetition, and one of 16 or
+fewer 4 copies and more): a sentence said three times in a row, whitespace aside, is not a refrain or a
+list's pattern (those change words), and code repeats itself with different names. Measured before the change on answers written for other prompts than the ones it is
 reported on, songs, poems with refrains and code included: every answer it ended earlier was a sentence
 going round.
 
@@ -34,6 +34,8 @@ comparisons per token: for every period p it keeps how many tokens in a row have
 before them (a suffix is periodic with period p exactly when that run covers all but its first p tokens).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -113,12 +115,17 @@ class LoopWatch:
         return 0
 
 
-def steer_off(constraint, ban: int | torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def steer_off(constraint, ban: int | torch.Tensor, values: torch.Tensor,
+              nudged: Callable[[], object] | None = None) -> torch.Tensor:
     """`constraint`'s mask on a row's logits, and `ban` (the token continuing a loop, or every digit token)
-    ruled out too, unless the format allows nothing else."""
+    ruled out too, unless the format allows nothing else; `nudged()` is called when it was ruled out (the
+    metric counts steering that happened, not a format that only allows digits)."""
     values = constraint(values)
     allowed = torch.isfinite(values)
     ban = torch.as_tensor(ban, device=values.device)
-    if int(allowed[ban].sum()) and int(allowed.sum()) > int(allowed[ban].sum()):
+    banned, total = int(allowed[ban].sum()), int(allowed.sum())
+    if banned and total > banned:
         values[ban] = float("-inf")
+        if nudged is not None:
+            nudged()
     return values
