@@ -18,7 +18,8 @@ from the prefix cache when its blocks survived). A waiting request that finds ev
 needs) taken by requests of a lower priority preempts them in the same step, so low-priority work fills the
 rows interactive requests leave free and never holds one up for a row. While requests of the best priority
 decode, lower-priority ones also get only the step time they can spare (step_cost.py's Slack): a row it does
-not pay for keeps its blocks and waits a step.
+not pay for keeps its blocks and waits a step. A step's decode rows run grouped by adapter (the LoRA step then
+needs no gather when the adapters have as many rows each); a row's result never depends on its place.
 
 Not thread-safe by itself: the engine calls `schedule` under its queue lock and the rest on its
 own thread. Nothing here touches the model: the engine does what these decisions say.
@@ -92,6 +93,10 @@ class Scheduler:
                     break
             if seq.running:
                 step.work.append((seq, 1))
+        # decode rows grouped by adapter, in name order (mixtures last): when the adapters have as many rows
+        # each, the LoRA step then needs no gather or scatter (lora_batch.LoraBank.prepare, whose fresh
+        # step stack is in name order too); a row's result does not depend on its place in the batch
+        step.work.sort(key=lambda item: (bool(item[0].adapter_mix), item[0].adapter_key or ""))
         decode_rows = step.decode_rows = len(step.work)
         budget = prompt_budget(decode_rows) if prompt_budget else self.max_step_tokens - decode_rows
         # prefill always progresses, even when the decode rows alone fill the budget
