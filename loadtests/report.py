@@ -42,11 +42,14 @@ def serving_section() -> str:
             "concurrent streaming requests of exactly 64 new tokens spread over 4 random rank-16 all-linear\n"
             "adapters; the same load on the base; the naive loop most people write first (PEFT model,\n"
             "`set_adapter` + `generate()`, one request at a time, same model and adapters); and a single request\n"
-            "through loraplex against raw `model.generate()`. Default model, NF4, float32 compute. Each run\n"
-            "alternates the mixed and the no-adapter load three times and keeps each one's median, because\n"
-            "these machines drift by several percent within a minute. Runs made on earlier engines are kept in\n"
-            "`loadtests/results/archive/` (runs 1-6 before the paged KV cache; runs 7-8, 2026-11-29: 0.83 / 0.81\n"
-            "mixed / no adapter).\n")
+            "through loraplex against raw `model.generate()`. Default model and settings (on a CPU the base's\n"
+            "linears are int4, models/cpu_int4.py), float32 compute; the naive loop and raw `generate()` run\n"
+            "transformers with bitsandbytes NF4, as most people would. Each run alternates the mixed and the\n"
+            "no-adapter load three times and keeps each one's median, because these machines drift by several\n"
+            "percent within a minute. Runs made on earlier engines are kept in `loadtests/results/archive/`\n"
+            "(runs 1-6 before the paged KV cache; runs 7-8, 2026-11-29: 0.83 / 0.81 mixed / no adapter; runs 9-10,\n"
+            "2026-11-30, NF4 base: 0.88 / 0.91; run 11, 2026-12-05, int4 base before a step's decode rows were\n"
+            "grouped by adapter: 0.79, the base having got faster and the LoRA work not).\n")
     if not runs:
         return head + "\n" + _missing("make bench")
 
