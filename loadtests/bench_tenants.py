@@ -120,7 +120,7 @@ def _ttft(client: httpx.Client, key: str, question: str, whole: bool = False) ->
     return first
 
 
-def bench_fairness(rounds: int, retry: str = "sdk") -> dict:
+def bench_fairness(rounds: int, flood: str = "sdk") -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-tenants-"))
     # configs/default.yaml (the demo experts), with tenants on
     env = {"LORAPLEX_DATA_DIR": str(workdir / "data"), "LORAPLEX_TENANTS": "true", "LORAPLEX_ADMIN_KEY": ADMIN_KEY,
@@ -145,17 +145,17 @@ def bench_fairness(rounds: int, retry: str = "sdk") -> dict:
         idle = [_ttft(b, keys["b"], questions[i % 4]) for i in range(rounds)]
         stop, refused, served = threading.Event(), [0], [0]
 
-        def flood():
+        def flood_client():
             with httpx.Client(base_url=server.base_url, timeout=300) as a:
                 while not stop.is_set():
                     answer = _ttft(a, keys["a"], "Write a long story about a pirate ship.", whole=True)
                     if isinstance(answer, Refused):
                         refused[0] += 1
-                        time.sleep(answer.retry_after if retry == "sdk" else 0.05)
+                        time.sleep(answer.retry_after if flood == "sdk" else 0.05)
                     else:
                         served[0] += 1
 
-        flooders = [threading.Thread(target=flood) for _ in range(8)]  # 4x tenant a's max_concurrent of 2
+        flooders = [threading.Thread(target=flood_client) for _ in range(8)]  # 4x tenant a's max_concurrent of 2
         for thread in flooders:
             thread.start()
         time.sleep(5)
@@ -166,7 +166,7 @@ def bench_fairness(rounds: int, retry: str = "sdk") -> dict:
     finally:
         server.stop()
     idle_ok, loaded_ok = [t for t in idle if isinstance(t, float)], [t for t in loaded if isinstance(t, float)]
-    return {"rounds": rounds, "flood": retry, "idle_ttft_p50_s": statistics.median(idle_ok), "idle_ttft_p99_s": _pct(idle_ok, 0.99),
+    return {"rounds": rounds, "flood": flood, "idle_ttft_p50_s": statistics.median(idle_ok), "idle_ttft_p99_s": _pct(idle_ok, 0.99),
             "loaded_ttft_p50_s": statistics.median(loaded_ok), "loaded_ttft_p99_s": _pct(loaded_ok, 0.99),
             "ratio_p99": _pct(loaded_ok, 0.99) / _pct(idle_ok, 0.99), "b_refused": rounds - len(loaded_ok),
             "a_served": served[0], "a_refused": refused[0]}

@@ -209,7 +209,8 @@ def fairness_note(sdk: dict | None, hammer: dict | None) -> str:
             "answered on the same 2 cores that run the model (the clients too, as here): earlier runs of 100 "
             f"requests read 5.13x, 1.57x, 2.51x and 1.79x, the latest {latest(hammer)}. With clients that wait the "
             "Retry-After the server sends (1 s), as the openai SDK does, A has as many streams served; earlier runs "
-            f"of 100 requests read 1.52x and 1.90x, the latest {latest(sdk)}. Tried and dropped: B's first prompt "
+            f"of 100 requests read 1.52x (clients waiting a fixed 1 s, before --flood) and 1.90x, the latest "
+            f"{latest(sdk)}. Tried and dropped: B's first prompt "
             "read whole rather than in the chunks that keep A's inter-token gaps short (2.52x with hammering "
             "clients, no change: B's prompts here fit one chunk).")
 
