@@ -1,14 +1,14 @@
 """One decode step of the model runner, timed: where the mixed-adapter cost of a batch goes.
 
     python -m loadtests.bench_decode_step [--batch 16] [--adapters 4] [--min-rows 4] [--profile interleaved]
-                                          [--rank 16] [--single-thread-rows 4]
+                                          [--rank 16] [--single-thread-rows 4] [--wide-extra-rows 32]
     python -m loadtests.bench_decode_step --breakdown 1,16 [--adapters 3 --rank 8] [--out docs/decode-profile.json]
 
 On the default model (NF4, float32 compute), with random rank-16 all-linear adapters, it
 prefills --batch rows and times ModelRunner.decode (median of 30 steps, three alternated
-rounds) for three layouts of the rows: no adapter; rows grouped by adapter (the LoRA step
-needs no gather); adapters interleaved row by row (gather/scatter, segments padded to
---min-rows, 4 = the CPU batch-invariance padding; 1 = none). --profile LAYOUT prints the
+rounds) for three layouts of the rows: no adapter; rows grouped by adapter; adapters interleaved
+row by row (on the gather path: segments padded to --min-rows, 4 = the CPU batch-invariance
+padding; 1 = none). --wide-extra-rows sets when a step takes the wide LoRA path (lora_batch). --profile LAYOUT prints the
 torch profiler's op table for that layout. Last, the megabytes of weights a step reads: the base's and
 each adapter's (what bounds a memory-bound step).
 
@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=RANK, help="the adapters' rank (the demo experts: 8)")
     parser.add_argument("--single-thread-rows", type=int, default=None,
                         help="lora_batch.SINGLE_THREAD_ROWS (0: LoRA matmuls always on every thread)")
+    parser.add_argument("--wide-extra-rows", type=int, default=None,
+                        help="lora_batch.WIDE_EXTRA_ROWS (-1: the gather path for every step without a mixture)")
     parser.add_argument("--breakdown", default=None, help="comma-separated batch sizes: time per category")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 on a machine busier than its cores: every op "
@@ -174,6 +176,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.single_thread_rows is not None:
         lora_batch.SINGLE_THREAD_ROWS = args.single_thread_rows
+    if args.wide_extra_rows is not None:
+        lora_batch.WIDE_EXTRA_ROWS = args.wide_extra_rows
     if args.breakdown:
         args.threads = 1  # see --breakdown
     if args.threads:

@@ -369,19 +369,30 @@ def test_a_row_that_cannot_be_sampled_fails_alone(tiny_model, tokenizer):
 
 
 def test_an_adapter_that_makes_logits_nan_fails_its_requests_only(tiny_model, tokenizer):
-    """Weights that admission would refuse, put straight into the engine: the sampler never sees NaN."""
+    """Weights that admission would refuse (finite, but far over its magnitude limit), put straight into
+    the engine beside a base request: the adapter's row overflows to inf/NaN and fails alone, the sampler
+    never sees NaN, and the base row (in the same wide LoRA step, where it is multiplied by the adapter's
+    weights and zeroed) is untouched. Non-finite weights the engine refuses at load (they would reach
+    every row of such a step: 0 * NaN is NaN)."""
     from adapters.lora import LoraWeights
 
     shape = BaseShape.from_config(tiny_model.config)
     inp, out = shape.linear_features["q_proj"]
-    weights = LoraWeights(16, {(0, "q_proj"): (torch.ones(inp, 16), torch.full((16, out), float("nan")))},
-                          ("q_proj",), None)
+    weights = LoraWeights(16, {(0, "q_proj"): (torch.ones(inp, 16), torch.full((16, out), 1e38))}, ("q_proj",), None)
+    nan = LoraWeights(16, {(0, "q_proj"): (torch.ones(inp, 16), torch.full((16, out), float("nan")))}, ("q_proj",),
+                      None)
     metrics = Metrics()
     engine = Engine(lambda: tiny_runtime(tiny_model, tokenizer, 4), EngineConfig(max_batch_size=4, max_queued=16),
                     metrics)
     engine.start()
     assert engine.ready.wait(60)
     try:
+        engine.register_adapter("nan-weights", "/nonexistent", nan).result(10)
+        refused, refused_out = make_seq(PROMPTS[1], max_tokens=16)
+        refused.adapter_key, refused.model = "nan-weights", "nan-weights"
+        engine.submit(refused)
+        assert refused_out.done.wait(30)
+        assert refused_out.final.finish_reason == "error" and "NaN or infinite" in refused_out.final.error
         engine.register_adapter("nan-key", "/nonexistent", weights).result(10)
         good, good_out = make_seq(PROMPTS[0], max_tokens=16)
         bad, bad_out = make_seq(PROMPTS[1], max_tokens=16, temperature=1.0)

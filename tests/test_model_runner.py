@@ -189,3 +189,55 @@ def test_adapter_memory_is_fixed_whatever_the_combinations(tiny_fp32, tokenizer,
     bank.remove("e7")
     bank.add("late", weights["e1"])  # into the freed slot
     assert torch.equal(driver.prefill({0: (PROMPTS[0], "late")})[0], reference["e1"])
+
+
+def test_the_wide_and_segmented_lora_paths_give_a_row_the_same_bits(tiny_fp32, tokenizer, tmp_path, monkeypatch):
+    """Which LoRA path a step takes depends on who shares it (lora_batch.WIDE_EXTRA_ROWS), so a row's
+    result must not: three adapters of three ranks and the base, rows interleaved, every row bit for bit the
+    same whether the step runs every row against every adapter (wide) or gathers rows into segments. A
+    step with a mixture row is segmented, so the row's adapters' deltas are summed alike whoever shares it
+    (on the wide path they would be summed inside a GEMM whose shape changes with the company)."""
+    from server.engine import lora_batch
+
+    driver = RunnerDriver.build(tiny_fp32, tokenizer)
+    shape = BaseShape.from_config(tiny_fp32.config)
+    for i, (name, rank) in enumerate((("a", 4), ("b", 8), ("c", 16))):
+        driver.runner.lora.add(name, load_lora(make_peft_adapter(tiny_fp32, tmp_path / name, seed=40 + i, rank=rank,
+                                                                 b_std=0.2), shape))
+    adapters = ["a", "b", None, "c", "a", "b", "c", "a", None]
+    batch = {row: (PROMPTS[row % 3], adapter) for row, adapter in enumerate(adapters)}
+    paths = {}
+    for path, threshold in (("wide", 10**6), ("segmented", -1)):
+        monkeypatch.setattr(lora_batch, "WIDE_EXTRA_ROWS", threshold)
+        plan = driver.runner.lora.prepare([adapter for _, adapter in batch.values()])
+        assert (plan.segment_rows == 0) == (path == "wide") and (plan.gather is not None) == (path == "segmented")
+        paths[path] = driver.prefill(batch)
+    assert torch.equal(paths["wide"], paths["segmented"])
+    mix = (("a", 0.5), ("c", 0.5))
+    monkeypatch.setattr(lora_batch, "WIDE_EXTRA_ROWS", 10**6)
+    assert all(driver.runner.lora.prepare(rows).gather is not None for rows in ([mix, "b"], [mix]))
+
+
+def test_in_float16_an_adapter_that_overflows_leaves_the_other_rows_of_a_wide_step_alone():
+    """The wide path multiplies every row by every adapter's A and zeroes what a row does not use; in
+    float16 a large admitted adapter can overflow there (inf * 0 is NaN), so the zeroing is a select."""
+    from adapters.lora import LoraWeights
+    from server.engine.lora_batch import LoraBank
+
+    shape = BaseShape(num_layers=1, linear_features={"q_proj": (64, 64), "k_proj": (64, 64), "v_proj": (64, 64),
+                                                     "o_proj": (64, 64), "gate_proj": (64, 128),
+                                                     "up_proj": (64, 128), "down_proj": (128, 64)})
+    bank = LoraBank(torch.device("cpu"), torch.float16, shape, slots=2, max_rank=8)
+    assert bank.overflow_guard
+    bank.add("huge", LoraWeights(8, {(0, "o_proj"): (torch.full((64, 8), 1000.0), torch.ones(8, 64))}, ("o_proj",),
+                                 None))
+    bank.add("calm", LoraWeights(8, {(0, "o_proj"): (torch.full((64, 8), 0.01), torch.ones(8, 64))}, ("o_proj",),
+                                 None))
+    x = torch.full((4, 64), 2.0, dtype=torch.float16)  # huge: x @ A = 128,000, over float16's 65,504
+    y = torch.zeros(4, 64, dtype=torch.float16)
+    plan = bank.prepare(["huge", "calm", None, "calm"])
+    assert plan.segment_rows == 0 and plan.keep is not None
+    plan.apply(0, "o", x, (y,))
+    assert torch.isinf(y[0]).all()  # its own row overflows
+    assert torch.isfinite(y[1:]).all() and not y[2].any()  # the others do not see it
+    torch.testing.assert_close(y[1], torch.full((64,), 10.24, dtype=torch.float16), rtol=1e-2, atol=1e-2)

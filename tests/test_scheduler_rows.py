@@ -37,8 +37,9 @@ def test_decode_rows_are_grouped_by_adapter_whatever_their_arrival_order():
 
 
 def test_grouped_rows_of_equal_segments_need_no_gather(tiny_folder):
-    """What the grouping buys: the rows of two adapters, two each, in the scheduler's order are their own
-    segment layout; interleaved, the LoRA step gathers and scatters them."""
+    """What the grouping buys: the rows of two adapters, four each, in the scheduler's order are their own
+    segment layout (each row against its own adapter only, no gather); interleaved, the LoRA step must
+    either gather and scatter them or (a decode step this small) run every row against both adapters."""
     from transformers import AutoConfig
 
     from adapters.lora import LINEAR_MODULES, BaseShape, LoraWeights
@@ -53,6 +54,6 @@ def test_grouped_rows_of_equal_segments_need_no_gather(tiny_folder):
     scheduler = Scheduler(max_batch_size=8, max_step_tokens=512, blocks=BlockManager(64, 4))
     step = _decode_step(scheduler, [_seq(n, "ab"[n % 2]) for n in range(8)])
     grouped = bank.prepare([seq.row_adapter for seq, _ in step.work])
-    assert grouped.gather is None and grouped.scatter is None
+    assert (grouped.segment_rows, grouped.gather, grouped.scatter, grouped.mask) == (4, None, None, None)
     interleaved = bank.prepare([seq.row_adapter for seq in scheduler.running])
-    assert interleaved.gather is not None
+    assert interleaved.segment_rows == 0 and interleaved.mask.shape == (8, 2, 1)  # wide: 2x the LoRA FLOPs

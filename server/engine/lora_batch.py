@@ -8,20 +8,24 @@ is updated in place when the set of active adapters changes, one adapter copied 
 joins or moves, and costs nothing on the many steps where the set stays the same. Its memory is
 fixed too (at most `slots` positions): no cache grows with the number of adapter combinations.
 
-Per step, rows are grouped by stack position (a gather), each group is padded to the same number of
-rows, and one `torch.bmm` over the stacked A matrices plus one per module over the stacked B matrices
-compute every row's delta with no wasted FLOPs; an `index_add_` puts the deltas back on their rows
-(when the engine has already grouped the rows, the batch is its own layout and both are skipped).
-Linears that read the same input (q/k/v, gate/up) share the gather and the A matmul. So a step costs
-a fixed handful of ops per layer whatever the adapter mix, instead of one PEFT pass per adapter (what
-punica/LoRAX call segmented gather MV). Why a stack and not a gather from the pool every step: on a
-CPU, copying the active adapters' weights each step would cost as much memory traffic as the LoRA
+A step's LoRA work takes one of two paths (`StepLora`), a fixed handful of ops per layer whatever
+the adapter mix, instead of one PEFT pass per adapter. **Wide**, a decode step's: x times every active
+adapter's A side by side in one matmul (the stack keeps positions interleaved so that this is one
+strided matrix), the hidden columns of the adapters a row does not use multiplied by 0, and one addmm
+per linear over the stacked Bs: no gather, scatter or segment padding, at u times the (small) LoRA
+FLOPs. **Segmented** (punica/LoRAX's segmented gather MV), a long prefill's over several adapters, or a
+step with a mixture row: rows grouped by stack position, each group padded to the same number of rows,
+one `torch.bmm` over the stacked As plus one per linear over the stacked Bs, and an `index_add_`
+putting the deltas back: only the rows' own adapters' FLOPs, at a few more ops (none when the rows
+already sit in equal segments, as the scheduler groups decode rows). Linears that read the same input
+(q/k/v, gate/up) share the A matmul either way. Why a stack and not a gather from the pool every step:
+on a CPU, copying the active adapters' weights each step would cost as much memory traffic as the LoRA
 math itself; a per-row gather (bgmv) far more.
 
-**Mixtures**: a row may carry several (adapter, weight) pairs. It then sits in several segments, and
-each of its deltas is scaled by its weight before the scatter adds them up: Σ wᵢ·Bᵢ(Aᵢx) in the same
-batched step, no merged copy of any adapter. A weight of 1 multiplies exactly, so a one-adapter
-mixture is bit-identical to that adapter.
+**Mixtures**: a row may carry several (adapter, weight) pairs. It then sits in several segments (a step
+with a mixture row takes the gather path), and each of its deltas is scaled by its weight before the
+scatter adds them up: Σ wᵢ·Bᵢ(Aᵢx) in the same batched step, no merged copy of any adapter. A weight of
+1 multiplies exactly, so a one-adapter mixture is bit-identical to that adapter.
 
 On a GPU the Triton kernels of `lora_kernels` (`KernelStepLora`) replace the step stack and the
 segment padding: rows read their adapter from the pool by slot index, so nothing is copied when the
@@ -33,7 +37,11 @@ builds also split at 5-7 and 9-11 rows), or when A is narrower than MIN_A_COLUMN
 columns; zero-padding the reduction of h @ B (rank 8 computed as 16) does not change a bit. We pad
 segments to a multiple of MIN_GEMM_ROWS rows, ranks to RANK_ALIGN and every group's A to at least
 MIN_A_COLUMNS columns, so a row's result is bit-identical whichever requests share its batch (zero
-padding adds exact zeros), including adapters of higher rank that widen the step stack. This matters
+padding adds exact zeros), including adapters of higher rank that widen the step stack. The two paths
+give a single-adapter row the same bits (the wide path's other adapters add exact zeros, and MKL's
+result for a row does not change with the number of columns of A or the zero rows of B: checked
+on every LoRA shape of the default model, 1-8 adapters, 4-64 rows; tests/test_model_runner.py checks
+it on the tiny model), so which path a step takes does not change an answer. This matters
 more than it seems: bitsandbytes' CPU kernel rounds its input to bf16, which turns a 1e-7 drift into a
 different token now and then.
 """
@@ -61,6 +69,11 @@ MIN_GEMM_ROWS = 4
 # every thread. MKL gives the same bits on one thread as on two for these shapes (checked when this was
 # written: every LoRA shape of the default model, 1-8 segments of 4-64 rows), so invariance holds.
 SINGLE_THREAD_ROWS = 4
+# A step takes the wide path (StepLora) when it wastes at most this many row-adapter products on rows
+# that do not use an adapter (rows x adapters, less what the gather path computes): below it, the
+# gather path's extra ops per linear (a gather, a cat, an index_add per module) cost more than the
+# wasted FLOPs. A decode step of 16 rows over 3 or 4 experts is wide; a long prefill over several is not.
+WIDE_EXTRA_ROWS = 32
 
 # Linears grouped by the input they read; a group shares one A matmul.
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -130,20 +143,69 @@ class _Resident:
     modules: frozenset  # (layer, module) it has weights in
 
 
+class _StackLayout:
+    """Where the step stack keeps each linear's A and B: position-interleaved, so that the first u
+    positions of a group's A are one matrix and every active adapter is one matmul away.
+
+    Per (layer, group): A as [in, capacity, modules, a_rank] (`_Layout.a_rank`): its first u positions,
+    [in, u * modules * a_rank], are a strided matrix BLAS reads in place. Per (layer, module): B as
+    [capacity, rank, out]: the first u positions stacked, [u * rank, out], are contiguous. The same
+    memory also reads as one [u, in, modules * a_rank] / [u, rank, out] batch per position (the gather
+    path's bmm)."""
+
+    def __init__(self, shape: BaseShape, rank: int, capacity: int):
+        self.rank, self.capacity = rank, capacity
+        self.columns = _Layout(shape, rank)  # a_rank per group width; sizes per position
+        self.a: dict[tuple[int, str], tuple[int, int, int, int]] = {}  # -> (offset, in, modules, a_rank)
+        self.b: dict[tuple[int, str], tuple[int, int]] = {}  # (layer, module) -> (offset, out)
+        offset = 0
+        for key, (_, in_features, modules) in self.columns.a.items():
+            a_rank = self.columns.a_rank(modules)
+            self.a[key] = (offset, in_features, modules, a_rank)
+            offset += in_features * capacity * modules * a_rank
+            for module in GROUPS[key[1]]:
+                out = self.columns.b[(key[0], module)][1]
+                self.b[(key[0], module)] = (offset, out)
+                offset += capacity * rank * out
+        self.size = offset  # = capacity * _Layout(shape, rank).size
+
+    def a_full(self, flat: torch.Tensor, key) -> torch.Tensor:
+        offset, in_features, modules, a_rank = self.a[key]
+        return flat[offset : offset + in_features * self.capacity * modules * a_rank].view(
+            in_features, self.capacity, modules, a_rank)
+
+    def b_full(self, flat: torch.Tensor, key) -> torch.Tensor:
+        offset, out = self.b[key]
+        return flat[offset : offset + self.capacity * self.rank * out].view(self.capacity, self.rank, out)
+
+
 @dataclass
 class _GroupWeights:
-    a: torch.Tensor  # [positions, in, len(modules) * rank]: each adapter's A for the modules side by side
+    a: torch.Tensor  # [in, positions * modules * a_rank]: every position's A for the modules side by side (strided)
+    a_rank: int  # columns per module of A
     bs: tuple[torch.Tensor | None, ...]  # per module [positions, rank, out]; None when no member targets it
+
+    @property
+    def positions(self) -> int:
+        return self.bs_any.shape[0]
+
+    @property
+    def bs_any(self) -> torch.Tensor:
+        return next(b for b in self.bs if b is not None)
+
+    def batched_a(self) -> torch.Tensor:
+        """A as [positions, in, modules * a_rank] (a strided view): the gather path's bmm operand."""
+        return self.a.unflatten(1, (self.positions, -1)).transpose(0, 1)
 
 
 class _StepStack:
-    """The step's adapters packed densely, position 0..u-1, at one rank, in fixed memory."""
+    """The step's adapters packed densely, position 0..u-1, at one rank, in fixed memory (`_StackLayout`)."""
 
     def __init__(self, shape: BaseShape, capacity: int, device: torch.device, dtype: torch.dtype):
         self.shape, self.capacity, self.device, self.dtype = shape, capacity, device, dtype
         self.members: list[str] = []  # position -> adapter
         self.rank = 0
-        self.layout: _Layout | None = None
+        self.layout: _StackLayout | None = None
         self.flat: torch.Tensor | None = None
         self.groups: dict[tuple[int, str], _GroupWeights] = {}
 
@@ -181,15 +243,24 @@ class _StepStack:
         self.members = list(order)
         positions = {name: i for i, name in enumerate(self.members)}
         for name in moved:
-            pool.copy_slot(residents[name].slot, self.flat[positions[name]], self.layout)
+            self._copy_in(positions[name], pool.pool[residents[name].slot], pool.layout)
         self._refresh_groups(residents)
         return positions
 
     def _allocate(self, rank: int) -> None:
         self.rank = rank
-        self.layout = _Layout(self.shape, rank)
+        self.layout = _StackLayout(self.shape, rank, self.capacity)
         self.flat = None  # free the old stack before the new one is allocated
-        self.flat = torch.empty(self.capacity, self.layout.size, device=self.device, dtype=self.dtype)
+        self.flat = torch.empty(self.layout.size, device=self.device, dtype=self.dtype)
+
+    def _copy_in(self, position: int, source: torch.Tensor, source_layout: _Layout) -> None:
+        """A slot's parameters (`source`, laid out as `source_layout`, a rank >= the stack's) into `position`:
+        a strided copy per group's A and per linear's B (a narrower stack takes the first columns/rows)."""
+        layout, rank = self.layout, self.layout.rank
+        for key, (_, _, _, a_rank) in layout.a.items():
+            layout.a_full(self.flat, key)[:, position].copy_(source_layout.a_view(source, key)[..., :a_rank])
+        for key in layout.b:
+            layout.b_full(self.flat, key)[position].copy_(source_layout.b_view(source, key)[:rank])
 
     def _refresh_groups(self, residents: dict[str, _Resident]) -> None:
         """Views for the step: groups and modules no member has weights in are skipped."""
@@ -198,55 +269,89 @@ class _StepStack:
         count, layout = len(self.members), self.layout
         self.groups = {}
         for key in sorted(used_groups):
-            a = layout.a_view(self.flat[:count], key)  # [u, in, modules, rank]: contiguous per position
-            a = a.flatten(-2)  # [u, in, modules * rank]
-            bs = tuple(layout.b_view(self.flat[:count], (key[0], module)) if (key[0], module) in used_modules else None
-                       for module in GROUPS[key[1]])
-            self.groups[key] = _GroupWeights(a, bs)
+            a = layout.a_full(self.flat, key)[:, :count].flatten(1)  # [in, u * modules * a_rank], rows strided
+            bs = tuple(layout.b_full(self.flat, (key[0], module))[:count] if (key[0], module) in used_modules
+                       else None for module in GROUPS[key[1]])
+            self.groups[key] = _GroupWeights(a, layout.a[key][3], bs)
 
 
 @dataclass
 class StepLora:
-    """LoRA work plan for one forward pass: which rows go to which adapter's segment."""
+    """LoRA work plan for one forward pass, on one of two paths that give the same bits (module docstring).
+
+    **Wide** (`mask` set, or a lone adapter): every row against every active adapter, x @ [A₀|A₁|…] in
+    one matmul, the hidden columns of the adapters a row does not use multiplied by 0, and per linear
+    one addmm over the stacked Bs. No gather, scatter or padding to
+    the longest segment: the fewest ops, at u times the LoRA FLOPs, which is what a decode step wants.
+    **Segmented** (`segment_rows` set): rows grouped by adapter into padded segments (`gather`), one bmm
+    per stage, the deltas added back with `index_add_`: the FLOPs of the rows' own adapters only, for
+    large prefills over many adapters. When the rows already sit in equal segments in stack order (the
+    scheduler groups a step's decode rows by adapter), the batch is its own layout: no gather, no scatter,
+    no waste, the cheapest of all."""
 
     groups: dict[tuple[int, str], _GroupWeights]
     rank: int
-    gather: torch.Tensor | None  # [u * m] rows of x (len(x) = an appended zero row); None: x as is
-    scatter: torch.Tensor | None  # [u * m] rows of y (padding adds exact zeros to row 0); None: y as is
-    segment_rows: int  # m: rows per adapter segment, padded
-    pads: bool  # whether `gather` refers to the appended zero row
+    # wide: [rows (padded), u, 1], 1 where a row uses a position's adapter, else 0; None: every row on the
+    # one active adapter
+    mask: torch.Tensor | None = None
+    # segmented (gather or equal segments): m, rows per adapter segment, padded; 0: the wide path
+    segment_rows: int = 0
+    # gather: [u * m] rows of x (len(x) = an appended zero row); None: x is already u segments of m rows
+    gather: torch.Tensor | None = None
+    scatter: torch.Tensor | None = None  # [u * m] rows of y (padding adds exact zeros to row 0)
+    pads: bool = False  # whether `gather` refers to the appended zero row
     scale: torch.Tensor | None = None  # [u * m, 1]: a gathered row's mixture weight; None: all 1
-    # every row on one adapter, fewer rows than a segment: x is padded with this many zero rows and
-    # the deltas of the real rows added back in place (what the gather and scatter would do, in fewer
-    # ops: the single-stream case)
+    # wide: x is padded with this many zero rows to a multiple of MIN_GEMM_ROWS (batch invariance), and
+    # the deltas of the real rows added back
     pad_rows: int = 0
     # a CPU step with this little LoRA work runs its matmuls on one thread (see SINGLE_THREAD_ROWS)
     single_thread: bool = False
+    # wide, float16: mask != 0; the hidden columns a row does not use are selected away, not multiplied by 0
+    # (an overflow to inf there would make NaN: LoraBank.overflow_guard)
+    keep: torch.Tensor | None = None
 
     def apply(self, layer: int, group: str, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
         """Add the LoRA deltas of `group` at `layer` to the base outputs, in place."""
         weights = self.groups.get((layer, group))
         if weights is None:
             return
+        run = self._segmented if self.segment_rows else self._wide
         if not self.single_thread:
-            self._apply(weights, x, outputs)
+            run(weights, x, outputs)
             return
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            self._apply(weights, x, outputs)
+            run(weights, x, outputs)
         finally:
             torch.set_num_threads(threads)
 
-    def _apply(self, weights: _GroupWeights, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
-        segments, rows = weights.a.shape[0], self.segment_rows
+    def _wide(self, weights: _GroupWeights, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
+        if self.pad_rows:
+            x = torch.nn.functional.pad(x, (0, 0, 0, self.pad_rows))
+        rows = x.shape[0]
+        hidden = torch.mm(x, weights.a).view(rows, weights.positions, len(outputs), weights.a_rank)
+        for j, (y, b) in enumerate(zip(outputs, weights.bs)):
+            if b is None:
+                continue
+            h = hidden[:, :, j, : self.rank]
+            if self.keep is not None:
+                h = torch.where(self.keep, h * self.mask, 0)
+            elif self.mask is not None:
+                h = h * self.mask  # also makes it contiguous: [rows, u, rank]
+            h, b = h.reshape(rows, -1), b.view(-1, b.shape[-1])  # [rows, u * rank] @ [u * rank, out]
+            if self.pad_rows:
+                y.add_(torch.mm(h, b)[: y.shape[0]])
+            else:
+                y.addmm_(h, b)
+
+    def _segmented(self, weights: _GroupWeights, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
+        segments, rows = weights.positions, self.segment_rows
         if self.gather is not None:
             source = torch.cat((x, x.new_zeros(1, x.shape[1]))) if self.pads else x
             x = source.index_select(0, self.gather)
-        elif self.pad_rows:
-            x = torch.nn.functional.pad(x, (0, 0, 0, self.pad_rows))
-        hidden = torch.bmm(x.view(segments, rows, -1), weights.a)
-        rank, width = self.rank, weights.a.shape[-1] // len(outputs)  # width: a module's A columns (>= rank)
+        hidden = torch.bmm(x.view(segments, rows, -1), weights.batched_a())
+        rank, width = self.rank, weights.a_rank
         for j, (y, b) in enumerate(zip(outputs, weights.bs)):
             if b is None:
                 continue
@@ -254,7 +359,7 @@ class StepLora:
             if self.scale is not None:
                 delta.mul_(self.scale)
             if self.scatter is None:
-                y.add_(delta[: y.shape[0]] if self.pad_rows else delta)
+                y.add_(delta)
             else:
                 y.index_add_(0, self.scatter, delta)
 
@@ -338,6 +443,12 @@ class LoraBank:
         # the row padding only buys batch invariance from CPU BLAS; on a GPU it is wasted work, and an
         # operator may trade it for speed (batch_invariant: false): a lone row then costs a quarter
         self.min_rows = MIN_GEMM_ROWS if device.type == "cpu" and batch_invariant else 1
+        # The wide path multiplies every row by every active adapter and zeroes what a row does not use:
+        # a row stays clear of another adapter only while that adapter's weights are finite (refused
+        # otherwise in `add`) and x @ A cannot overflow for it (inf * 0 is NaN). Admission bounds weights
+        # to 1,000, which float32 and bfloat16 cannot overflow on any base; float16 (max 65,504) can, so
+        # there the zeroing is a select, not a multiply.
+        self.overflow_guard = dtype == torch.float16
         self.max_rank = aligned_rank(max_rank)
         self.kernels, self.kernels_module = choose_kernels(kernels, device, dtype, shape, self.max_rank)
         # On a CPU (torch kernels) the slots start at the smallest rank and grow to the highest rank registered
@@ -388,6 +499,8 @@ class LoraBank:
         by nothing), so a load writes the adapter's bytes, not the slot's (a rank-16 adapter in rank-64 slots:
         a quarter), plus zeros where the slot's previous adapter reached further."""
         self.remove(name)
+        if not all(bool(torch.isfinite(matrix).all()) for pair in weights.pairs.values() for matrix in pair):
+            raise ValueError(f"adapter {name} holds NaN or infinite values")  # see `wide`
         if weights.rank > self.max_rank:
             raise ValueError(f"adapter {name} has rank {weights.rank}; the slots hold rank {self.max_rank} at most")
         if aligned_rank(weights.rank) > self.layout.rank:
@@ -522,18 +635,6 @@ class LoraBank:
             if name in self._stack.members:
                 self._stack.clear()  # its stack copy must never serve again: rebuilt at the next step
 
-    def copy_slot(self, slot: int, out: torch.Tensor, layout: _Layout) -> None:
-        """A slot's parameters into `out`, laid out as `layout` (a rank <= the pool's): one copy when the
-        ranks agree, one per linear when the step stack is narrower than the pool."""
-        if layout.rank == self.layout.rank:
-            out.copy_(self.pool[slot])
-            return
-        source, rank = self.pool[slot], layout.rank
-        for key, (_, _, modules) in self.layout.a.items():
-            layout.a_view(out, key).copy_(self.layout.a_view(source, key)[..., : layout.a_rank(modules)])
-        for key in self.layout.b:
-            layout.b_view(out, key).copy_(self.layout.b_view(source, key)[:rank])
-
     def prepare(self, row_adapters: list[RowAdapter]) -> StepLora | KernelStepLora | None:
         """Plan the step's LoRA work; None when no row uses an adapter (zero LoRA cost)."""
         members: list[tuple[int, str, float]] = []  # (row, adapter, weight)
@@ -558,16 +659,26 @@ class LoraBank:
             rows_of[name].append((row, weight))
         longest = max(len(rows) for rows in rows_of.values())
         segment_rows = -(-longest // self.min_rows) * self.min_rows
-        single = self.device.type == "cpu" and len(order) * segment_rows <= SINGLE_THREAD_ROWS
-        stack = self._stack
+        padded = -(-len(row_adapters) // self.min_rows) * self.min_rows
+        stack, count = self._stack, len(order)
         mixed = any(weight != 1.0 for _, _, weight in members)
-        if not mixed and row_adapters == [name for name in order for _ in range(segment_rows)]:
-            # rows already sit in equal segments in stack order (the engine keeps arrivals grouped by
-            # adapter): the batch is its own segment layout, no gather or scatter needed
-            return StepLora(stack.groups, stack.rank, None, None, segment_rows, False, single_thread=single)
-        if not mixed and len(order) == 1 and all(entry == order[0] for entry in row_adapters):
-            return StepLora(stack.groups, stack.rank, None, None, segment_rows, False,
-                            pad_rows=segment_rows - len(row_adapters), single_thread=single)
+        single = self.device.type == "cpu" and count * segment_rows <= SINGLE_THREAD_ROWS
+        if not mixed and count > 1 and row_adapters == [name for name in order for _ in range(segment_rows)]:
+            return StepLora(stack.groups, stack.rank, segment_rows=segment_rows, single_thread=single)
+        # A step with a mixture row gathers: there each of the row's adapters has its own delta, added in
+        # stack order; on the wide path they would be summed inside one GEMM whose blocking changes with
+        # the number of adapters in the step, so the row's bits would depend on who shares its batch.
+        if not mixed and (padded - segment_rows) * count <= WIDE_EXTRA_ROWS:
+            single = self.device.type == "cpu" and padded * count <= SINGLE_THREAD_ROWS
+            lone = count == 1 and all(entry == order[0] for entry in row_adapters)
+            if lone:
+                return StepLora(stack.groups, stack.rank, pad_rows=padded - len(row_adapters), single_thread=single)
+            mask = [0.0] * (padded * count)
+            for row, name, _ in members:
+                mask[row * count + positions[name]] = 1.0
+            weights = to_device(mask, self.device, self.dtype).view(padded, count, 1)
+            return StepLora(stack.groups, stack.rank, weights, pad_rows=padded - len(row_adapters),
+                            single_thread=single, keep=weights != 0 if self.overflow_guard else None)
         zero_row = len(row_adapters)
         gather, scatter, scale = [], [], []
         for name in order:
@@ -575,11 +686,10 @@ class LoraBank:
             gather += [row for row, _ in rows_of[name]] + [zero_row] * pad
             scatter += [row for row, _ in rows_of[name]] + [0] * pad
             scale += [weight for _, weight in rows_of[name]] + [0.0] * pad
-        pads = zero_row in gather
-        weights = to_device(scale, self.device, self.dtype)[:, None] if mixed else None
         gather_tensor, scatter_tensor = to_device([gather, scatter], self.device).unbind()
-        return StepLora(stack.groups, stack.rank, gather_tensor, scatter_tensor, segment_rows, pads, weights,
-                        single_thread=single)
+        return StepLora(stack.groups, stack.rank, gather=gather_tensor, scatter=scatter_tensor,
+                        segment_rows=segment_rows, pads=zero_row in gather, single_thread=single,
+                        scale=to_device(scale, self.device, self.dtype)[:, None] if mixed else None)
 
     def slot_rows(self, row_adapters: list[RowAdapter]):
         """(rows by pool slot, each slot's rank) for a captured step (`decode_graphs`), every row on one

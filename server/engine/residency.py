@@ -71,7 +71,10 @@ class AdapterCache:
                 return False
         if not self._make_room(in_use):
             return False  # every device slot serves a running request: wait for one to finish
-        self.bank.add(key, weights)
+        try:
+            self.bank.add(key, weights)
+        except ValueError as exc:  # what the bank refuses (non-finite weights that bypassed admission)
+            raise AdapterUnavailable(f"adapter {key} cannot be served: {exc}") from exc
         self._device[key] = None
         return True
 
