@@ -1,17 +1,20 @@
 """How free text's loop rule (server/engine/loops.py) would end answers written for other prompts than the
-ones it is reported on: the check made before the rule was set, kept so anyone can rerun it.
+ones it is reported on: the check made before each change of the rule, kept so anyone can rerun it.
 
     LORAPLEX_LOOP_STOP_TOKENS=0 loraplex serve --config configs/default.yaml --port 18003   # the watch off
-    python -m loadtests.bench_loop_rule --url http://127.0.0.1:18003
+    python -m loadtests.bench_loop_rule --url http://127.0.0.1:18003 [--answers FILE] [--compare words|tokens]
 
 92 prompts on `auto`, greedy, 512 tokens, written with the server's own loop watch off: the test and
 off-topic prompts of `loadtests/data/router_eval_styles.json` (every off-topic prompt, every fourth test
 prompt) and 20 prompts written to be risky for a loop rule (songs with a chorus, refrains, getters, HTML,
 JSON, SQL, YAML, a countdown, "repeat after me three times"). Each answer's tokens are then watched offline
-by the old rule (exact tokens, four copies) and by today's (words, three copies of a long block), both
-with `loop_stop_tokens` 64. Printed, and written to loadtests/results/bench_loop_rule.json: how many
-answers each rule ends, and every answer today's rule ends earlier than the old one, with the text it keeps
-and the text it drops, to be read: a song, a list or code among them would be a wrong cut.
+by an earlier rule and by today's, both with `loop_stop_tokens` 64. `--compare tokens` (2026-12-05, first
+run): exact tokens and four copies vs words and three copies of a long block; `--compare words` (the
+default): words, exact blocks only vs today's, which also ends a block coming back with a word changed
+here and there (`NEAR_MATCH`). Printed, and written to loadtests/results/bench_loop_rule[_tokens].json: how
+many answers each rule ends, and every answer today's rule ends earlier than the earlier one, with the
+text it keeps and the text it drops, to be read: a song, a list or code among them would be a wrong cut.
+`--answers FILE` keeps the written answers there and reads them back on a later run (no server needed).
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ from transformers import AutoTokenizer
 
 from loadtests.provenance import stamp
 from models.base_model import EMBEDDED_BASE, resolve_base_folder
-from server.engine.loops import MIN_REPEATS, TEXT_REPEATS, LoopWatch, text_keys
+from server.engine.loops import MIN_REPEATS, TEXT_MAX_PERIOD, TEXT_REPEATS, LoopWatch, text_keys
 
-RESULT = Path(__file__).parent / "results" / "bench_loop_rule.json"
+RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / "data"
 SPAN, TOKENS = 64, 512
 RISKY = [
@@ -86,27 +89,43 @@ async def answers(url: str, cases: list[tuple[str, str]]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", required=True, help="a server started with LORAPLEX_LOOP_STOP_TOKENS=0")
+    parser.add_argument("--url", help="a server started with LORAPLEX_LOOP_STOP_TOKENS=0")
+    parser.add_argument("--answers", type=Path, default=None,
+                        help="keep the answers here; read them from here when the file exists")
+    parser.add_argument("--compare", choices=("words", "tokens"), default="words",
+                        help="the earlier rule: words with exact blocks only (default), or exact tokens")
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_folder(EMBEDDED_BASE)[0])
     keys = text_keys(tokenizer)
-    written = asyncio.run(answers(args.url, prompts()))
+    if args.answers is not None and args.answers.is_file():
+        written = json.loads(args.answers.read_text())
+    else:
+        if not args.url:
+            parser.error("--url is needed to write the answers")
+        written = asyncio.run(answers(args.url, prompts()))
+        if args.answers is not None:
+            args.answers.write_text(json.dumps(written, indent=1, ensure_ascii=False) + "\n")
     old_ends = new_ends = 0
     earlier = []
     for answer in written:
         ids = tokenizer.encode(answer["text"], add_special_tokens=False)
-        old = ends_at(ids, LoopWatch(SPAN, repeats=MIN_REPEATS))
-        new = ends_at(ids, LoopWatch(SPAN, keys=keys, repeats=TEXT_REPEATS))
+        if args.compare == "tokens":
+            old = ends_at(ids, LoopWatch(SPAN, repeats=MIN_REPEATS))
+        else:
+            old = ends_at(ids, LoopWatch(SPAN, keys=keys, repeats=TEXT_REPEATS, near_match=None))
+        new = ends_at(ids, LoopWatch(SPAN, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS))
         old_ends, new_ends = old_ends + (old is not None), new_ends + (new is not None)
         if new is not None and (old is None or new < old):
             earlier.append({"kind": answer["kind"], "prompt": answer["prompt"], "tokens": len(ids), "old": old,
                             "new": new, "kept_tail": tokenizer.decode(ids[:new])[-250:],
                             "dropped": tokenizer.decode(ids[new:])[:250]})
-    result = {**stamp("loadtests.bench_loop_rule", argv), "answers": len(written), "max_tokens": TOKENS,
+    result = {**stamp("loadtests.bench_loop_rule", argv), "compare": args.compare, "answers": len(written),
+              "max_tokens": TOKENS,
               "ended_by_old_rule": old_ends, "ended_by_new_rule": new_ends,
               "ended_earlier_by_new_rule": len(earlier),
               "ended_earlier_risky": sum(e["kind"] == "risky" for e in earlier), "earlier": earlier}
-    RESULT.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    out = RESULTS / ("bench_loop_rule_tokens.json" if args.compare == "tokens" else "bench_loop_rule.json")
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     for cut in earlier:
         print(f"--- [{cut['kind']}] {cut['prompt'][:70]!r}: at {cut['new']} of {cut['tokens']} (old rule: {cut['old']})")
         print("    kept:   ", repr(cut["kept_tail"][-160:]))

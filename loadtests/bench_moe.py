@@ -281,7 +281,10 @@ async def _everyday(client, http, gate, base: str, everyday: list[str]) -> dict:
     day = {"base": {**everyday_stats(base_day), "ended_as_loop": (middle - before) / len(everyday)},
            "auto": {**everyday_stats(auto_day), "ended_as_loop": (after - middle) / len(everyday)},
            "auto_sent_to_an_expert": served_share(auto_day, base), "auto_served_by": _counts(auto_day),
-           "same_text_as_base": statistics.fmean(a["text"] == b["text"] for a, b in zip(auto_day, base_day))}
+           "same_text_as_base": statistics.fmean(a["text"] == b["text"] for a, b in zip(auto_day, base_day)),
+           # what did not end, to be read: the answer's last words show whether it was going round
+           "auto_ran_to_length": [{"prompt": prompt, "served_by": a["served_by"], "tail": a["text"][-300:]}
+                                  for prompt, a in zip(everyday, auto_day) if a["finish"] != "stop"]}
     print(f"everyday: base {day['base']}, auto {day['auto']}", flush=True)
     return day
 

@@ -391,13 +391,17 @@ def main() -> None:
     try:
         if not args.skip_speed:
             result["speed"] = speed(args.rounds, args.tokens, binary, gguf, loras, workdir)
-            result["tokens"] = args.tokens
-            result["rounds"] = args.rounds
         if not args.skip_accuracy:
             result["accuracy"] = accuracy(args.prompts, binary, gguf, hf_folder, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["load_average_end"] = load_average()
+    for part in ("speed", "accuracy"):  # which run, llama-server and machine load each part comes from
+        if part in result:
+            result[part]["run"] = {key: result[key] for key in ("date", "command", "llama_cpp", "load_average_start",
+                                                                 "load_average_end")}
+    if "speed" in result:
+        result["speed"]["run"].update(tokens=args.tokens, rounds=args.rounds)
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     for part in ("speed", "accuracy"):  # a partial run keeps the other part of the last one
         if part not in result and part in previous:

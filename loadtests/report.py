@@ -845,14 +845,18 @@ def vs_llama_section() -> str:
     def gb(side: dict) -> str:
         return f"{side['memory']['after_start_bytes'] / 1e9:.2f} GB (after the runs {side['memory']['after_runs_bytes'] / 1e9:.2f})"
 
-    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_vs_llama')}; {result.get('llama_cpp', '')}; "
-             f"{result['rounds']} rounds of {result['tokens']} tokens; load average {result['load_average_start'][0]} "
-             f"at the start, {result['load_average_end'][0]} at the end (2 cores: "
-             + ("figures from a busy machine)" if result["load_average_start"][0] > 1.5 else "a quiet machine)")
+    def run_of(part: dict) -> dict:  # the run a part was measured in (a partial run keeps the other part)
+        return {**result, **part.get("run", {})}
+
+    run = run_of(speed)
+    lines = [head, f"{_provenance(run, 'python -m loadtests.bench_vs_llama')}; {run.get('llama_cpp', '')}; "
+             f"{run['rounds']} rounds of {run['tokens']} tokens; load average {run['load_average_start'][0]} "
+             f"at the start, {run['load_average_end'][0]} at the end (2 cores: "
+             + ("figures from a busy machine)" if run["load_average_start"][0] > 1.5 else "a quiet machine)")
              + (f". {result['note']}" if result.get("note") else "") + ":", "",
              "| work | loraplex | llama-server | ratio | target |", "| --- | --- | --- | --- | --- |"]
     targets = {"one_stream": ">= 0.6", "concurrent_base": ">= 1.2", "concurrent_experts": ">= 2.5"}
-    names = {"one_stream": f"one stream, {result['tokens']} tokens", "concurrent_base": "16 concurrent, base",
+    names = {"one_stream": f"one stream, {run['tokens']} tokens", "concurrent_base": "16 concurrent, base",
              "concurrent_experts": "16 concurrent over the three demo experts"}
     for work, name in names.items():
         lines.append(f"| {name} | {cell(ours, work)} | {cell(theirs, work)} | **{ratios[work]:.2f}x** | "
@@ -867,6 +871,9 @@ def vs_llama_section() -> str:
                      "| <= 1.5 |")
         lines.append(f"| greedy first token = the reference's | {a['top1_agreement']:.0%} | {b['top1_agreement']:.0%} | "
                      "| as often |")
+    if accuracy and "run" in accuracy and accuracy["run"] != speed.get("run"):
+        other = run_of(accuracy)
+        lines += ["", f"The accuracy rows: {_provenance(other, '')}; {other['llama_cpp']}."]
     lines += ["", "Where a decode step's time goes, before and after this engine work: [docs/decode-profile.md]"
                   "(docs/decode-profile.md)."]
     return "\n".join(lines)
@@ -937,11 +944,14 @@ def moe_section() -> str:
                      f"`{a}` {row[a]:.2f}, `{b}` {row[b]:.2f}, base {row['base']:.2f} | {met(f'two_skill_{kind}')} |")
     lines += [
         f"| everyday prompts ({result['sets']['everyday']}) on `auto`: end of turn >= 99%, no worse than the base "
-        f"| end of turn {day['auto']['end_of_turn']:.0%} (base {day['base']['end_of_turn']:.0%})"
+        f"| end of turn {day['auto']['end_of_turn']:.1%} (base {day['base']['end_of_turn']:.1%})"
         f"{_loop_share(day)}; "
         f"{day['auto']['mean_tokens']:.0f} tokens (base {day['base']['mean_tokens']:.0f}); skill-shaped answers "
         f"{day['auto']['skill_form']:.0%} (base {day['base']['skill_form']:.0%}); sent to an expert "
-        f"{day['auto_sent_to_an_expert']:.0%} | {met('everyday_end_of_turn')} |",
+        f"{day['auto_sent_to_an_expert']:.0%}"
+        + ("; ran to 512 tokens: " + ", ".join(f"\"{a['prompt']}\" ({a['served_by']})" for a in day["auto_ran_to_length"])
+           if day.get("auto_ran_to_length") else "")
+        + f" | {met('everyday_end_of_turn')} |",
         f"| routing, unseen prompts: right expert >= 0.90, off-topic on the base >= 0.70 | right "
         f"{routing['mixed_routed_right']:.2f} (generated {routing['mixed_routed_right_generated']:.2f}, hand-written "
         f"{routing['mixed_routed_right_hand-written']:.2f}); off-topic on the base: everyday "

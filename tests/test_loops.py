@@ -95,10 +95,10 @@ def test_a_constrained_answers_run_of_digits_is_counted_in_digits_and_steered_of
 
 def text_stop(tokenizer, keys, answer: str) -> str | None:
     """Free text as the engine watches it: the answer's text up to where the watch ended it, or None."""
-    from server.engine.loops import TEXT_REPEATS
+    from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS
 
     ids = tokenizer.encode(answer, add_special_tokens=False)
-    watch, tokens = LoopWatch(64, keys=keys, repeats=TEXT_REPEATS), list(PROMPT)
+    watch, tokens = LoopWatch(64, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS), list(PROMPT)
     for generated, token in enumerate(ids, 1):
         tokens.append(token)
         if watch.push(tokens, generated):
@@ -126,3 +126,50 @@ def test_free_text_is_watched_as_words_and_a_long_sentence_said_three_times_ends
     code = "\n".join(f"    def get_{f}(self):\n        return self._{f}\n" for f in ("name", "age", "email", "phone"))
     assert text_stop(tokenizer, keys, code) is None
     assert text_stop(tokenizer, keys, "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 2 + "白日依山尽，黄河入海流。") is None
+
+
+def test_a_sentence_coming_back_with_a_word_changed_ends_after_four_copies_and_a_list_does_not(tokenizer):
+    """Nine words in ten the same as a block before, over four copies: going round with a changing number
+    or name, which the exact check never sees as one block. A list whose lines share a template but change
+    their item, its detail and their length, and a song's verses around a chorus, are not."""
+    from server.engine.loops import text_keys
+
+    keys = text_keys(tokenizer)
+    going_round = " ".join(f"You can call your mom in {n} minutes and tell her that you love her very much and that "
+                           f"you will visit her soon." for n in (10, 15, 20, 25, 30, 35, 40, 45, 50))
+    ended = text_stop(tokenizer, keys, going_round)
+    assert ended is not None and 4 <= ended.count("You can call your mom") <= 6
+    steps = "\n".join(f"{i}. {step}" for i, step in enumerate([
+        "Preheat the oven to 180 degrees and grease a round cake tin with a little butter.",
+        "Mix the flour, the sugar and a pinch of salt in a large bowl until they are well combined.",
+        "Beat the eggs with the milk and the melted butter in a jug, then pour them into the bowl.",
+        "Stir the batter gently until it is smooth, and scrape it into the tin with a spatula.",
+        "Bake the cake for about forty minutes, until a skewer pushed into the middle comes out clean.",
+        "Let the cake cool in the tin for ten minutes, then turn it out onto a wire rack to cool."], 1))
+    assert text_stop(tokenizer, keys, steps) is None
+    chorus = "Oh the sea, the sea, the deep blue sea, it calls me home to thee."
+    verses = ["The waves roll in upon the sand, the gulls cry out above the land.",
+              "A sailor stands upon the deck and watches stars without a speck.",
+              "The harbor lights are burning bright, the boats come back into the night.",
+              "My heart belongs to ocean spray and to the tide that ebbs away."]
+    assert text_stop(tokenizer, keys, "\n\n".join(f"{verse}\n{chorus}" for verse in verses)) is None
+
+
+def test_two_paragraphs_taking_turns_are_one_block_of_over_64_words(tokenizer):
+    """A paragraph said again with one phrase taking turns ("technology" / "the internet": one word and
+    two, so no single paragraph is a period) repeats as a block of two paragraphs, longer than 64 words;
+    free text is watched for blocks of up to TEXT_MAX_PERIOD words, and this one ends with its third copy."""
+    from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS, text_keys
+
+    keys = text_keys(tokenizer)
+    paragraph = ("In the context of {}, it's a versatile tool that can be used to enhance various aspects of our "
+                 "lives, from communication to entertainment and to the way that we learn new things.")
+    answer = "\n\n".join(paragraph.format(topic) for topic in ["technology", "the internet"] * 5)
+    block = len([t for t in tokenizer.encode("\n\n".join(paragraph.format(t) for t in ["technology", "the internet"]),
+                                             add_special_tokens=False) if keys[t] >= 0])
+    assert 64 < block <= TEXT_MAX_PERIOD
+    ended = text_stop(tokenizer, keys, answer)
+    assert ended is not None and ended.count("In the context of") == 2 * TEXT_REPEATS
+    short = LoopWatch(64, keys=keys, repeats=TEXT_REPEATS, near_match=None)  # blocks of at most 64 words
+    tokens, ids = list(PROMPT), tokenizer.encode(answer, add_special_tokens=False)
+    assert not any(short.push(tokens := tokens + [token], n) for n, token in enumerate(ids, 1))

@@ -3,8 +3,9 @@
 A small model that does not end its turn rarely wanders: it repeats. SmolLM2 writes "You can call mom in
 20 minutes.\n\n" again and again, or "0000...", until `max_tokens`, and the client pays for every copy
 and waits for it. Once an answer's last `min_span` tokens or more are one block of at most
-`max_period` tokens said at least `TEXT_REPEATS` times over, nothing new can come of it: the answer
-ends there, as if the model had ended its turn (finish_reason `stop`, `stop_reason` "loop").
+`TEXT_MAX_PERIOD` words (a paragraph or two: two paragraphs taking turns are one block) said at least
+`TEXT_REPEATS` times over, nothing new can come of it: the answer ends there, as if the model had ended
+its turn (finish_reason `stop`, `stop_reason` "loop").
 
 Free text is compared as words, not tokens (`text_keys`): whitespace-only tokens are skipped and a token
 counts as its text without surrounding whitespace, because the same sentence comes back after " ", then
@@ -14,7 +15,8 @@ whitespace; with `min_span` 64 a block of 17-21 words needs 64 words of repetiti
 fewer 4 copies and more): a sentence said three times in a row, whitespace aside, is not a refrain or a
 list's pattern (those change words), and code repeats itself with different names. Measured before the change on answers written for other prompts than the ones it is
 reported on, songs, poems with refrains and code included: every answer it ended earlier was a sentence
-going round.
+going round. A block that comes back with a word changed here and there ends it too, after four copies
+(`LoopWatch`); checked the same way (`loadtests/bench_loop_rule.py`).
 
 A constrained answer (a JSON schema, a tool call) cut short would not parse, so it is never ended this
 way: a loop inside it (`".A.A.A.A`, `com.com.com`, a string or an array repeating itself) is steered
@@ -35,6 +37,7 @@ before them (a suffix is periodic with period p exactly when that run covers all
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable
 
 import torch
@@ -42,8 +45,11 @@ import torch
 NUDGE_SPAN = 16  # a constrained answer is steered off a loop this long (4 copies of a block of at most 4 tokens)
 MIN_REPEATS = 4  # a constrained answer's block said 4 times over (exact tokens: a short block may be a list's pattern)
 TEXT_REPEATS = 3  # free text: a block said 3 times in a row, whitespace aside, over at least min_span tokens
-MAX_PERIOD = 64  # the longest block watched: a sentence or two
+MAX_PERIOD = 64  # the longest block watched in a constrained answer, in tokens
+TEXT_MAX_PERIOD = 128  # free text's, in words: a paragraph or two going round (two sentences taking turns)
 DIGIT_RUN = 32  # digits in a row a constrained answer may write before a non-digit is due (see above)
+NEAR_REPEATS = 4  # free text: a block said 4 times over with a word changed here and there (see `LoopWatch`)
+NEAR_MATCH = 0.9  # ... where at least this share of the words equal the word a block before them
 
 
 def digit_widths(tokenizer) -> dict[int, int]:
@@ -70,10 +76,21 @@ def text_keys(tokenizer) -> list[int]:
 
 
 class LoopWatch:
-    __slots__ = ("runs", "min_span", "max_period", "repeats", "digits", "digit_run", "keys", "words")
+    """Watches one answer, token by token (`push`).
+
+    Free text (`keys` given) is also watched for a block that comes back with a word changed here and
+    there ("...for 10 minutes." / "...for 15 minutes.", "Sunday" / "Monday"), which the exact check never
+    sees as one block: once, for some period p, at least `NEAR_MATCH` of the last max(min_span,
+    `NEAR_REPEATS` * p) words equal the word p before them, the answer is going round too. Four copies,
+    not three, and nine words in ten: a list, a table or a song's verses change more than that (a
+    template line changes its item, its number and often its length, which breaks the alignment)."""
+
+    __slots__ = ("runs", "min_span", "max_period", "repeats", "digits", "digit_run", "keys", "words", "misses",
+                 "windows", "near_match")
 
     def __init__(self, min_span: int, max_period: int = MAX_PERIOD, digits: dict[int, int] | None = None,
-                 keys: list[int] | None = None, repeats: int = MIN_REPEATS):
+                 keys: list[int] | None = None, repeats: int = MIN_REPEATS, near_match: float | None = NEAR_MATCH):
+        """`near_match`: free text's near-repeat share (None: exact blocks only; `bench_loop_rule` compares)."""
         self.min_span = min_span
         self.max_period = max_period
         self.repeats = repeats
@@ -82,6 +99,11 @@ class LoopWatch:
         self.digit_run = 0  # digits the answer now ends with
         self.keys = keys  # text_keys(), for free text; None: exact tokens are compared
         self.words: list[int] = []  # free text: the answer's keys, whitespace skipped
+        # free text: per period, where (word index) a word differed from the one a block before it, within
+        # the period's window: max(min_span, NEAR_REPEATS * p) words
+        self.near_match = near_match
+        self.misses = [deque() for _ in range(max_period + 1)] if keys is not None and near_match else None
+        self.windows = [max(min_span, NEAR_REPEATS * period) for period in range(max_period + 1)]
 
     @property
     def runaway_digits(self) -> bool:
@@ -104,6 +126,7 @@ class LoopWatch:
             self.words.append(key)
             tokens, token, generated = self.words, key, len(self.words)
         last = len(tokens) - 1
+        misses, near = self.misses, 0
         for period in range(1, min(self.max_period, generated - 1) + 1):
             if tokens[last - period] == token:
                 runs[period] += 1
@@ -112,7 +135,17 @@ class LoopWatch:
                     return period
             else:
                 runs[period] = 0
-        return 0
+                if misses is not None:
+                    misses[period].append(last)
+            if misses is not None and not near:
+                window = self.windows[period]
+                if last - period + 1 >= window:  # words compared at this period: those from `period` on
+                    missed = misses[period]
+                    while missed and missed[0] <= last - window:
+                        missed.popleft()
+                    if len(missed) <= (1 - self.near_match) * window:
+                        near = period
+        return near
 
 
 def steer_off(constraint, ban: int | torch.Tensor, values: torch.Tensor,
