@@ -49,7 +49,9 @@ def serving_section() -> str:
             "percent within a minute. Runs made on earlier engines are kept in `loadtests/results/archive/`\n"
             "(runs 1-6 before the paged KV cache; runs 7-8, 2026-11-29: 0.83 / 0.81 mixed / no adapter; runs 9-10,\n"
             "2026-11-30, NF4 base: 0.88 / 0.91; run 11, 2026-12-05, int4 base before a step's decode rows were\n"
-            "grouped by adapter: 0.79, the base having got faster and the LoRA work not).\n")
+            "grouped by adapter: 0.79, the base having got faster and the LoRA work not; runs 12-14, 2026-12-05, grouped,\n"
+            "before the wide LoRA path: 0.87 / 0.84 / 0.86). In every run since run 12 the first mixed round is the\n"
+            "slowest (108-140 tok/s, 160-220 after), which the median over rounds keeps out.\n")
     if not runs:
         return head + "\n" + _missing("make bench")
 

@@ -181,21 +181,14 @@ class _StackLayout:
 
 @dataclass
 class _GroupWeights:
+    """One group's weights for the step, as views made once per change of the stack's members (not per
+    layer call: a decode step makes 120 of them)."""
+
     a: torch.Tensor  # [in, positions * modules * a_rank]: every position's A for the modules side by side (strided)
+    batched_a: torch.Tensor  # the same memory as [positions, in, modules * a_rank]: the segmented path's bmm operand
+    positions: int
     a_rank: int  # columns per module of A
     bs: tuple[torch.Tensor | None, ...]  # per module [positions, rank, out]; None when no member targets it
-
-    @property
-    def positions(self) -> int:
-        return self.bs_any.shape[0]
-
-    @property
-    def bs_any(self) -> torch.Tensor:
-        return next(b for b in self.bs if b is not None)
-
-    def batched_a(self) -> torch.Tensor:
-        """A as [positions, in, modules * a_rank] (a strided view): the gather path's bmm operand."""
-        return self.a.unflatten(1, (self.positions, -1)).transpose(0, 1)
 
 
 class _StepStack:
@@ -269,10 +262,10 @@ class _StepStack:
         count, layout = len(self.members), self.layout
         self.groups = {}
         for key in sorted(used_groups):
-            a = layout.a_full(self.flat, key)[:, :count].flatten(1)  # [in, u * modules * a_rank], rows strided
+            a = layout.a_full(self.flat, key)[:, :count]  # [in, u, modules, a_rank]
             bs = tuple(layout.b_full(self.flat, (key[0], module))[:count] if (key[0], module) in used_modules
                        else None for module in GROUPS[key[1]])
-            self.groups[key] = _GroupWeights(a, layout.a[key][3], bs)
+            self.groups[key] = _GroupWeights(a.flatten(1), a.flatten(2).transpose(0, 1), count, layout.a[key][3], bs)
 
 
 @dataclass
@@ -350,7 +343,7 @@ class StepLora:
         if self.gather is not None:
             source = torch.cat((x, x.new_zeros(1, x.shape[1]))) if self.pads else x
             x = source.index_select(0, self.gather)
-        hidden = torch.bmm(x.view(segments, rows, -1), weights.batched_a())
+        hidden = torch.bmm(x.view(segments, rows, -1), weights.batched_a)
         rank, width = self.rank, weights.a_rank
         for j, (y, b) in enumerate(zip(outputs, weights.bs)):
             if b is None:
