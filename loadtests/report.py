@@ -809,7 +809,9 @@ def decode_profile_doc() -> str:
         lines.append("")
     lines += ["What changed between the two (issue 32): the base's linears moved from bitsandbytes' NF4 to PyTorch's",
               "int4 CPU kernel over the GGUF's own Q4_1 blocks with q/k/v and gate/up fused (models/cpu_int4.py),",
-              "the lm_head from fp32 chunks of 4 rows to one bf16 matmul, the KV cache to bf16. What is left, largest",
+              "the lm_head from fp32 chunks of 4 rows to one bf16 matmul, the KV cache to bf16, and (2026-12-05) a",
+              "decode step's LoRA to the wide path (every row against every active adapter in one matmul per group of",
+              "linears, no gather or scatter: server/engine/lora_batch.py). What is left, largest",
               "first: at batch 16 the int4 kernel (a gemv: its cost grows with the rows, unlike a GEMM's), attention",
               "(K/V gathered and upcast per row group, rows padded to their group's length) and LoRA; at batch 1 the",
               "linears, the lm_head (56 MB of bf16 read per step) and the per-op Python of 30 layers.", ""]
