@@ -274,11 +274,11 @@ class StepLora:
 
     **Wide** (`mask` set, or a lone adapter): every row against every active adapter, x @ [A₀|A₁|…] in
     one matmul, the hidden columns of the adapters a row does not use multiplied by 0, and per linear
-    one addmm over the stacked Bs. No gather, scatter or padding to
-    the longest segment: the fewest ops, at u times the LoRA FLOPs, which is what a decode step wants.
+    one addmm over the stacked Bs. No gather, scatter or padding to the longest segment: the fewest ops,
+    at u times the LoRA FLOPs, which is what a decode step wants.
     **Segmented** (`segment_rows` set): rows grouped by adapter into padded segments (`gather`), one bmm
-    per stage, the deltas added back with `index_add_`: the FLOPs of the rows' own adapters only, for
-    large prefills over many adapters. When the rows already sit in equal segments in stack order (the
+    per stage, the deltas (scaled by a mixture row's weights) added back with `index_add_`: the FLOPs of
+    the rows' own adapters only, for large prefills over many adapters and steps with a mixture row. When the rows already sit in equal segments in stack order (the
     scheduler groups a step's decode rows by adapter), the batch is its own layout: no gather, no scatter,
     no waste, the cheapest of all."""
 
