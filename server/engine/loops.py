@@ -103,7 +103,8 @@ class LoopWatch:
         # the period's window: max(min_span, NEAR_REPEATS * p) words
         self.near_match = near_match
         self.misses = [deque() for _ in range(max_period + 1)] if keys is not None and near_match else None
-        self.windows = [max(min_span, NEAR_REPEATS * period) for period in range(max_period + 1)]
+        self.windows = ([max(min_span, NEAR_REPEATS * period) for period in range(max_period + 1)]
+                        if self.misses is not None else None)
 
     @property
     def runaway_digits(self) -> bool:

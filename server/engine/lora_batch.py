@@ -189,6 +189,7 @@ class _GroupWeights:
     positions: int
     a_rank: int  # columns per module of A
     bs: tuple[torch.Tensor | None, ...]  # per module [positions, rank, out]; None when no member targets it
+    stacked_bs: tuple[torch.Tensor | None, ...]  # the same, as [positions * rank, out]: the wide path's addmm operand
 
 
 class _StepStack:
@@ -265,7 +266,9 @@ class _StepStack:
             a = layout.a_full(self.flat, key)[:, :count]  # [in, u, modules, a_rank]
             bs = tuple(layout.b_full(self.flat, (key[0], module))[:count] if (key[0], module) in used_modules
                        else None for module in GROUPS[key[1]])
-            self.groups[key] = _GroupWeights(a.flatten(1), a.flatten(2).transpose(0, 1), count, layout.a[key][3], bs)
+            stacked = tuple(None if b is None else b.flatten(0, 1) for b in bs)
+            self.groups[key] = _GroupWeights(a.flatten(1), a.flatten(2).transpose(0, 1), count, layout.a[key][3], bs,
+                                             stacked)
 
 
 @dataclass
@@ -324,7 +327,7 @@ class StepLora:
             x = torch.nn.functional.pad(x, (0, 0, 0, self.pad_rows))
         rows = x.shape[0]
         hidden = torch.mm(x, weights.a).view(rows, weights.positions, len(outputs), weights.a_rank)
-        for j, (y, b) in enumerate(zip(outputs, weights.bs)):
+        for j, (y, b) in enumerate(zip(outputs, weights.stacked_bs)):
             if b is None:
                 continue
             h = hidden[:, :, j, : self.rank]
@@ -332,7 +335,7 @@ class StepLora:
                 h = torch.where(self.keep, h * self.mask, 0)
             elif self.mask is not None:
                 h = h * self.mask  # also makes it contiguous: [rows, u, rank]
-            h, b = h.reshape(rows, -1), b.view(-1, b.shape[-1])  # [rows, u * rank] @ [u * rank, out]
+            h = h.reshape(rows, -1)  # [rows, u * rank] @ [u * rank, out]
             if self.pad_rows:
                 y.add_(torch.mm(h, b)[: y.shape[0]])
             else:
@@ -655,14 +658,15 @@ class LoraBank:
         padded = -(-len(row_adapters) // self.min_rows) * self.min_rows
         stack, count = self._stack, len(order)
         mixed = any(weight != 1.0 for _, _, weight in members)
-        single = self.device.type == "cpu" and count * segment_rows <= SINGLE_THREAD_ROWS
+        cpu = self.device.type == "cpu"
         if not mixed and count > 1 and row_adapters == [name for name in order for _ in range(segment_rows)]:
-            return StepLora(stack.groups, stack.rank, segment_rows=segment_rows, single_thread=single)
+            return StepLora(stack.groups, stack.rank, segment_rows=segment_rows,
+                            single_thread=cpu and count * segment_rows <= SINGLE_THREAD_ROWS)
         # A step with a mixture row gathers: there each of the row's adapters has its own delta, added in
         # stack order; on the wide path they would be summed inside one GEMM whose blocking changes with
         # the number of adapters in the step, so the row's bits would depend on who shares its batch.
         if not mixed and (padded - segment_rows) * count <= WIDE_EXTRA_ROWS:
-            single = self.device.type == "cpu" and padded * count <= SINGLE_THREAD_ROWS
+            single = cpu and padded * count <= SINGLE_THREAD_ROWS
             lone = count == 1 and all(entry == order[0] for entry in row_adapters)
             if lone:
                 return StepLora(stack.groups, stack.rank, pad_rows=padded - len(row_adapters), single_thread=single)
@@ -681,7 +685,8 @@ class LoraBank:
             scale += [weight for _, weight in rows_of[name]] + [0.0] * pad
         gather_tensor, scatter_tensor = to_device([gather, scatter], self.device).unbind()
         return StepLora(stack.groups, stack.rank, gather=gather_tensor, scatter=scatter_tensor,
-                        segment_rows=segment_rows, pads=zero_row in gather, single_thread=single,
+                        segment_rows=segment_rows, pads=zero_row in gather,
+                        single_thread=cpu and count * segment_rows <= SINGLE_THREAD_ROWS,
                         scale=to_device(scale, self.device, self.dtype)[:, None] if mixed else None)
 
     def slot_rows(self, row_adapters: list[RowAdapter]):
