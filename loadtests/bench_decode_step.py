@@ -1,7 +1,8 @@
 """One decode step of the model runner, timed: where the mixed-adapter cost of a batch goes.
 
     python -m loadtests.bench_decode_step [--batch 16] [--adapters 4] [--min-rows 4] [--profile interleaved]
-                                          [--rank 16] [--single-thread-rows 4] [--wide-extra-rows 32]
+                                          [--rank 16] [--single-thread-rows 4] [--wide-extra-rows 32] [--position 40]
+                                          [--attention auto|kernel|torch]
     python -m loadtests.bench_decode_step --breakdown 1,16 [--adapters 3 --rank 8] [--out docs/decode-profile.json]
 
 On the default model (NF4, float32 compute), with random rank-16 all-linear adapters, it
@@ -63,10 +64,10 @@ def weight_bytes(model, shape: BaseShape, rank: int) -> dict[str, float]:
             "adapter": adapter / 1e6}
 
 
-def time_steps(runner: ModelRunner, tables: list[list[int]], adapters: list, steps: int) -> float:
-    """Median milliseconds of one decode step (the prefilled cache is reused: position 40 every time)."""
+def time_steps(runner: ModelRunner, tables: list[list[int]], adapters: list, steps: int, position: int = 40) -> float:
+    """Median milliseconds of one decode step (the prefilled cache is reused: `position` every time)."""
     times = []
-    items = [StepItem([5], 40, table, adapter) for table, adapter in zip(tables, adapters)]
+    items = [StepItem([5], position, table, adapter) for table, adapter in zip(tables, adapters)]
     for _ in range(steps):
         start = time.perf_counter()
         runner.step(items)
@@ -96,7 +97,7 @@ class _Clock:
 
 
 def breakdown(runner: ModelRunner, tables: list[list[int]], batches: list[int], names: list[str],
-              steps: int = 40) -> list[dict]:
+              steps: int = 40, position: int = 40) -> list[dict]:
     """Per batch size and layout: ms of each category in the fastest steps (see the module's docstring)."""
     from server.engine import sampling
     from server.engine.lora_batch import KernelStepLora, StepLora
@@ -125,7 +126,7 @@ def breakdown(runner: ModelRunner, tables: list[list[int]], batches: list[int], 
         for batch in batches:
             for layout, adapters in (("base", [None] * batch),
                                      ("experts", [names[i % len(names)] for i in range(batch)])):
-                items = [StepItem([5], 40, table, adapter) for table, adapter in zip(tables[:batch], adapters)]
+                items = [StepItem([5], position, table, adapter) for table, adapter in zip(tables[:batch], adapters)]
                 samples = []
                 for _ in range(steps):
                     clock.spent = {}
@@ -172,6 +173,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 on a machine busier than its cores: every op "
                              "of a multi-threaded step then waits at an OpenMP barrier for a descheduled thread")
+    parser.add_argument("--attention", choices=("auto", "kernel", "torch"), default="auto",
+                        help="the runner's attention setting (cpu_attention.py)")
+    parser.add_argument("--position", type=int, default=40,
+                        help="the position every row decodes at (its keys: this many cached tokens); a 128-token "
+                             "answer to a short chat prompt decodes at 40-170")
     parser.add_argument("--out", default=None, help="--breakdown: write the rows (and the machine) here as JSON")
     args = parser.parse_args()
     if args.single_thread_rows is not None:
@@ -187,20 +193,22 @@ def main() -> None:
     block_size = 16
     if args.breakdown:
         args.batch = max(int(b) for b in args.breakdown.split(","))
-    runner = ModelRunner(base.model, base.tokenizer, args.batch * 3 + 1, block_size, 256,
-                         adapter_slots=max(8, args.adapters), max_adapter_rank=max(RANK, args.rank))
-    tables = [[1 + 3 * i, 2 + 3 * i, 3 + 3 * i] for i in range(args.batch)]  # 48 positions each
+    width = args.position // block_size + 1  # blocks per row: the prefilled positions and the decoded one
+    runner = ModelRunner(base.model, base.tokenizer, args.batch * width + 1, block_size,
+                         max(256, width * block_size), adapter_slots=max(8, args.adapters),
+                         max_adapter_rank=max(RANK, args.rank), attention=args.attention)
+    tables = [[1 + width * i + j for j in range(width)] for i in range(args.batch)]
     shape = BaseShape.from_config(base.model.config)
     names = [f"e{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
         runner.lora.add(name, random_adapter(shape, i, args.rank))
     if args.min_rows is not None:
         runner.lora.min_rows = args.min_rows
-    runner.step([StepItem(list(range(100, 140)), 0, table, None) for table in tables])
+    runner.step([StepItem([100 + i % 400 for i in range(args.position)], 0, table, None) for table in tables])
     if args.breakdown:
         batches = [int(b) for b in args.breakdown.split(",")]
-        breakdown(runner, tables, batches, names, steps=10)  # warm-up
-        rows = breakdown(runner, tables, batches, names)
+        breakdown(runner, tables, batches, names, steps=10, position=args.position)  # warm-up
+        rows = breakdown(runner, tables, batches, names, position=args.position)
         if args.out:
             import json
             import os
@@ -209,7 +217,8 @@ def main() -> None:
 
             record = {**stamp("loadtests.bench_decode_step"), "threads": torch.get_num_threads(),
                       "load_average": [round(x, 2) for x in os.getloadavg()], "adapters": args.adapters,
-                      "rank": args.rank, "rows": rows}
+                      "rank": args.rank, "position": args.position,
+                      "attention": "kernel" if runner.attention_kernel is not None else "torch", "rows": rows}
             with open(args.out, "w") as handle:
                 json.dump(record, handle, indent=2)
         return
@@ -219,11 +228,11 @@ def main() -> None:
         "interleaved": [names[i % len(names)] for i in range(args.batch)],
     }
     for adapters in layouts.values():  # warm-up: kernels, the stacked adapter sets
-        time_steps(runner, tables, adapters, 5)
+        time_steps(runner, tables, adapters, 5, args.position)
     results = {name: [] for name in layouts}
     for _ in range(3):  # alternated rounds: this machine's speed drifts
         for name, adapters in layouts.items():
-            results[name].append(time_steps(runner, tables, adapters, 30))
+            results[name].append(time_steps(runner, tables, adapters, 30, args.position))
     for name, runs in results.items():
         print(f"batch {args.batch}, {name}: {statistics.median(runs):.2f} ms per decode step")
     sizes = weight_bytes(base.model, shape, args.rank)
@@ -235,7 +244,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            time_steps(runner, tables, layouts[args.profile], 10)
+            time_steps(runner, tables, layouts[args.profile], 10, args.position)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

@@ -200,6 +200,14 @@ class Settings(EncodableText):
                     "expert decodes ~10% faster, and a request may differ in the last bits between batches (a "
                     "near-tie can then flip a greedy token). No effect on CUDA, where GEMMs are not batch-invariant.",
     )
+    attention: Literal["auto", "kernel", "torch"] = Field(
+        "auto",
+        description="How decode rows attend on a CPU. kernel: a C++ AVX-512 kernel reads each row's keys and "
+                    "values in the paged cache where they lie, up to the row's own length (built on first use, "
+                    "about 10 s, with g++). torch: each row's blocks gathered into a padded copy, then matmuls. "
+                    "auto: the kernel where the CPU has AVX-512 and it builds, torch otherwise (logged). No effect "
+                    "on CUDA. Both keep a request's tokens independent of what it is batched with.",
+    )
     lora_kernels: Literal["auto", "torch", "triton"] = Field(
         "auto",
         description="How a step computes its rows' LoRA deltas. torch: adapters packed into a step stack, "

@@ -10,7 +10,9 @@ to its own request's positions only, gathered through its block table.
 Determinism: a row's attention is computed over its own length rounded up (see _padded_length),
 with masked keys adding exact zeros, as plain matmul/softmax; SDPA's kernels split work by batch
 and length. So a request's tokens do not depend on who shares the step, nor on how its prompt was
-cut into chunks or how much of it came from the prefix cache (tests/test_kv_cache.py).
+cut into chunks or how much of it came from the prefix cache (tests/test_kv_cache.py). On a CPU with
+AVX-512, single-query rows attend through a C++ kernel reading the cache in place instead
+(cpu_attention.py), which holds the same promise by computing each row alone over its own length.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from adapters.lora import BaseShape
+from models import native
+from server.engine import cpu_attention
 from server.engine.lora_batch import KernelStepLora, LoraBank, RowAdapter, StepLora, matmul_rows
 from server.engine.transfer import to_device
 
@@ -69,12 +73,7 @@ def resolve_kv_dtype(setting: str, compute: torch.dtype, int4_base: bool) -> tor
 
 
 def cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return native.cpu_has("avx512_bf16") or native.cpu_has("amx_bf16")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +91,11 @@ class ModelRunner:
     def __init__(self, causal_lm, tokenizer, num_blocks: int, block_size: int, context_window: int,
                  adapter_slots: int = 8, max_adapter_rank: int = 64, batch_invariant: bool = True,
                  lora_kernels: str = "torch", cuda_graphs: str = "off", max_batch_size: int = 64,
-                 graph_budget: int | None = None, kv_dtype: str = "auto"):
+                 graph_budget: int | None = None, kv_dtype: str = "auto", attention: str = "auto"):
         """`graph_budget`: bytes the CUDA graphs captured at start may take (start-up plans it before the
         KV cache; None: a share of what is free after the cache, see decode_graphs.auto_budget).
-        `kv_dtype`: the KV cache's (see resolve_kv_dtype)."""
+        `kv_dtype`: the KV cache's (see resolve_kv_dtype). `attention`: how single-query rows attend on a
+        CPU (see cpu_attention.py)."""
         config = causal_lm.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not supported; loraplex serves Llama models")
@@ -128,6 +128,9 @@ class ModelRunner:
         self.k_cache[:, 0].zero_()
         self.v_cache[:, 0].zero_()
         self.cos, self.sin = self._rope_tables(context_window)
+        # single-query rows (decode rows, and a prompt's one-token pieces) on a CPU: the in-place kernel or None
+        self.attention_kernel = cpu_attention.resolve(attention, self.device, self.head_dim,
+                                                      self.num_heads // self.num_kv_heads)
         self.lora = LoraBank(self.device, self.dtype, BaseShape.from_config(config), adapter_slots, max_adapter_rank,
                              batch_invariant, lora_kernels)
         if cuda_graphs not in ("auto", "off"):
@@ -215,8 +218,8 @@ class ModelRunner:
 
     # ---- attention ------------------------------------------------------------------------
 
-    def _attention_plan(self, items: list[StepItem], spans) -> tuple[list, list]:
-        """(decode groups, prefill chunks): how this step's query rows are put into matmuls.
+    def _attention_plan(self, items: list[StepItem], spans) -> tuple[list, list, tuple | None]:
+        """(decode groups, prefill chunks, kernel rows): how this step's query rows are put into matmuls.
 
         A single-token row is one matrix of `group` query rows against its own keys; rows of the
         same padded length share one batched matmul. A prompt chunk is cut at multiples of the
@@ -226,11 +229,19 @@ class ModelRunner:
         same numbers however the scheduler cut them (the scheduler keeps chunk ends on block
         boundaries). Every matrix has at least `group` rows and its own padded length, so a row never
         depends on which other rows share the step (CPU BLAS picks kernels by shape).
+
+        With the CPU attention kernel, every single-query row goes to it instead, the one-token pieces of prompt
+        chunks included (so a prompt's last token gets the same bits whether it came alone after a prefix-cache
+        hit or at the end of a chunk): kernel rows are (rows, [rows, width] block tables, lengths).
         """
         singles: dict[int, list[int]] = {}
         chunks = []
+        kernel_rows: list[tuple[int, list[int], int]] = []  # (row, block table, keys)
         for index, item in enumerate(items):
             count = len(item.token_ids)
+            if count == 1 and self.attention_kernel is not None:
+                kernel_rows.append((spans[index][0], item.block_table, item.start + 1))
+                continue
             if count == 1:
                 singles.setdefault(_padded_length(item.start + 1), []).append(index)
                 continue
@@ -240,6 +251,10 @@ class ModelRunner:
             piece_start = item.start
             while piece_start < end:
                 piece_end = min(end, (piece_start // self.block_size + 1) * self.block_size)
+                if piece_end - piece_start == 1 and self.attention_kernel is not None:
+                    kernel_rows.append((spans[index][0] + piece_start - item.start, item.block_table, piece_end))
+                    piece_start = piece_end
+                    continue
                 pieces.setdefault((_padded_length(piece_end), piece_end - piece_start), []).append(piece_start)
                 piece_start = piece_end
             groups = []
@@ -255,7 +270,15 @@ class ModelRunner:
             positions = self._tensor([items[i].start for i in members])
             hidden = torch.arange(padded, device=self.device)[None, :] > positions[:, None]
             decode.append((rows, self._block_index([items[i] for i in members], padded), hidden))
-        return decode, chunks
+        return decode, chunks, self._kernel_plan(kernel_rows) if kernel_rows else None
+
+    def _kernel_plan(self, kernel_rows: list[tuple[int, list[int], int]]) -> tuple:
+        """(rows or None when they are every row of the step in order, block tables, lengths) for the kernel."""
+        width = max(-(-length // self.block_size) for _, _, length in kernel_rows)
+        tables = self._tensor([(table + [0] * width)[:width] for _, table, _ in kernel_rows])
+        lengths = self._tensor([length for _, _, length in kernel_rows])
+        rows = [row for row, _, _ in kernel_rows]
+        return (None if rows == list(range(len(rows))) else self._tensor(rows)), tables, lengths
 
     def _tensor(self, values) -> torch.Tensor:
         return to_device(values, self.device)
@@ -268,7 +291,9 @@ class ModelRunner:
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """[rows, kv_heads, padded, head_dim] of the rows' blocks, contiguous."""
         rows, width = blocks.shape
-        gathered = cache[blocks]  # [rows, width, block_size, kv_heads, head_dim]
+        # index_select copies whole blocks (memcpy per block); advanced indexing (cache[blocks]) gathers element
+        # by element and was most of the attention's time at long lengths. Same values, so the same bits.
+        gathered = cache.index_select(0, blocks.reshape(-1))  # [rows * width, block_size, kv_heads, head_dim]
         gathered = gathered.view(rows, width * self.block_size, self.num_kv_heads, self.head_dim)
         return gathered.transpose(1, 2).to(self.dtype).contiguous()  # .to alone may alias a same-dtype view
 
@@ -285,8 +310,13 @@ class ModelRunner:
         k_cache.view(flat).index_copy_(0, slot_index, k.to(self.kv_dtype))
         v_cache.view(flat).index_copy_(0, slot_index, v.to(self.kv_dtype))
         kv_heads, group, head_dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        decode, chunks, kernel = plan
+        if kernel is not None and kernel[0] is None and len(kernel[1]) == q.shape[0]:
+            return self._kernel_attention(q, k_cache, v_cache, kernel)  # a decode-only step: every row
         out = q.new_empty(q.shape[0], self.num_heads * head_dim)
-        decode, chunks = plan
+        if kernel is not None:
+            rows = kernel[0] if kernel[0] is not None else torch.arange(len(kernel[1]), device=q.device)
+            out.index_copy_(0, rows, self._kernel_attention(q.index_select(0, rows), k_cache, v_cache, kernel))
         for rows, blocks, hidden in decode:
             n = len(rows)
             queries = q.index_select(0, rows).view(n, kv_heads, group, head_dim)
@@ -304,6 +334,13 @@ class ModelRunner:
                 result = result.view(n, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
                 out[row : row + n * length] = result.reshape(n * length, -1)
         return out
+
+    def _kernel_attention(self, q, k_cache, v_cache, kernel) -> torch.Tensor:
+        """[rows, heads * head_dim] in the compute dtype: the CPU kernel over the rows' own blocks."""
+        _, tables, lengths = kernel
+        queries = q.reshape(len(tables), self.num_heads, self.head_dim).float().contiguous()
+        result = self.attention_kernel(queries, k_cache, v_cache, tables, lengths, self.attn_scale)
+        return result.view(len(tables), -1).to(q.dtype)
 
     def _static_attention(self, layer: int, q, k, v, shape) -> torch.Tensor:
         """Every row against `shape.width` blocks of its own table; padding rows write zeros (into slot 0

@@ -110,7 +110,8 @@ def build_runner(settings: Settings, num_blocks: int | None = None) -> tuple[Mod
         num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes, graph_bytes)
     runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window,
                          settings.max_gpu_adapters, settings.max_adapter_rank, settings.batch_invariant,
-                         kernels, settings.cuda_graphs, settings.max_batch_size, graph_bytes, settings.kv_cache_dtype)
+                         kernels, settings.cuda_graphs, settings.max_batch_size, graph_bytes, settings.kv_cache_dtype,
+                         settings.attention)
     log.info("adapter slots: %d of rank %d (%.1f MiB%s); LoRA kernels: %s; CUDA graphs: %s",
              settings.max_gpu_adapters, runner.lora.max_rank, adapter_bytes / 2**20,
              " with the step stack, at most" if kernels == "torch" else "", runner.lora.kernels,
@@ -119,6 +120,7 @@ def build_runner(settings: Settings, num_blocks: int | None = None) -> tuple[Mod
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB in %s, %d tokens%s)", num_blocks - 1,
              settings.kv_block_size, num_blocks * block_bytes / 2**20, str(kv_dtype).removeprefix("torch."),
              (num_blocks - 1) * settings.kv_block_size, ", resident as used" if device.type == "cpu" else "")
+    log.info("decode attention: %s", "the CPU kernel (in place)" if runner.attention_kernel is not None else "torch")
     log.info("base weights: %.1f MiB (%s)", runner.weight_bytes / 2**20,
              "int4 linears, q/k/v and gate/up fused" if runner.fused else settings.quantization)
     return runner, loaded
