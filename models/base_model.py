@@ -148,7 +148,7 @@ def load_model(folder: Path, quantization: str, dtype: torch.dtype, device: torc
 
 
 def resolve_quantization(quantization: str, device: torch.device) -> str:
-    """`auto`: int4 (PyTorch's CPU kernel, models/cpu_int4.py) on a CPU, NF4 (bitsandbytes) on CUDA. int4 where
+    """`auto`: int4 (models/cpu_int4.py) on a CPU, NF4 (bitsandbytes) on CUDA. int4 where
     its kernel cannot run falls back to NF4, with a warning that says why and what it costs."""
     if quantization == "auto":
         quantization = "int4" if device.type == "cpu" else "nf4"

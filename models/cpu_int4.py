@@ -1,26 +1,35 @@
-"""The base's linears as 4-bit groups computed by PyTorch's own CPU kernel (quantization `int4`, the CPU default).
+"""The base's linears as 4-bit groups computed by a CPU kernel (quantization `int4`, the CPU default).
 
 Why this format on a CPU (loadtests: `python -m loadtests.bench_decode_step --breakdown 1,16` before and after,
-docs/decode-profile.md): PyTorch ships a weight-only int4 matmul for CPUs, `aten._weight_int4pack_mm_for_cpu`
-(groups of 32 inputs, one scale and one offset per group, bf16 activations), which on this project's
-machines runs a decode step's linears several times faster than bitsandbytes' CPU 4-bit path and gives a
-row the same bits whatever the number of rows (the batch invariance the engine promises). bitsandbytes' NF4
-stays the CUDA path.
+docs/decode-profile.md): a decode step on a CPU is its linears, and 4-bit groups of 32 inputs with one scale and
+one offset each are what llama.cpp's Q4_1 holds. Two kernels compute them:
 
-Why no second rounding: a group of this kernel dequantizes as `(q - 8) * scale + zero` with q in 0..15,
-which is exactly llama.cpp's Q4_1 block (`d * q + m`: scale = d, zero = m + 8d) and Q4_0 block
-(`d * (q - 8)`): the embedded default's GGUF blocks are taken as they are, not dequantized and quantized
-again. Other weights (a Hugging Face folder in 16 or 32 bits, GGUF tensors of other types) are quantized
-once, from full precision, to the same asymmetric 4-bit groups. The scales are held in bf16 (the kernel
-wants them in the activations' dtype): a relative error of at most 2^-9 on each, far below the
-quantization step.
+- ours (int4_matmul.cpp, built on first use by models/native.py) where the CPU has AVX-512 BF16: each group's
+  16 integer levels are widened to bf16 exactly and dotted with the rows' bf16 inputs in float32
+  (vdpbf16ps), then scaled; rows are taken eight at a time, so the weights are unpacked once per eight rows.
+  It holds the scales and offsets in float16, as the GGUF does.
+- PyTorch's `aten._weight_int4pack_mm_for_cpu` elsewhere (scales and offsets in bf16: a relative error of at
+  most 2^-9 on each). It unpacks the weights again for every four rows, so its cost grows with the batch.
+
+Both give a row the same bits whatever the number of rows (the batch invariance the engine promises).
+bitsandbytes' NF4 stays the CUDA path.
+
+Why no second rounding: a group dequantizes as `(q - 8) * scale + zero` with q in 0..15, which is exactly
+llama.cpp's Q4_1 block (`d * q + m`: scale = d, zero = m + 8d) and Q4_0 block (`d * (q - 8)`): the embedded
+default's GGUF blocks are taken as they are, not dequantized and quantized again. Other weights (a Hugging
+Face folder in 16 or 32 bits, GGUF tensors of other types) are quantized once, from full precision, to the
+same asymmetric 4-bit groups.
 """
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from models import native
 
 log = logging.getLogger("loraplex.model")
 
@@ -28,8 +37,23 @@ GROUP = 32  # inputs per scale: GGUF's Q4_0 / Q4_1 block size
 ACTIVATION_DTYPE = torch.bfloat16  # the kernel's fast path; int4 with float32 activations is a slow fallback
 
 
+KERNEL_SOURCE = Path(__file__).with_name("int4_matmul.cpp")
+COLUMNS = 16  # int4_matmul.cpp: output columns per block
+
+
+@functools.cache
+def kernel() -> tuple[object | None, str]:
+    """(our AVX-512 BF16 int4 matmul, "") or (None, why it does not run here). Built once per process."""
+    if not native.cpu_has("avx512_bf16"):
+        return None, "the CPU has no AVX-512 BF16"
+    why = native.avx512() or native.build("loraplex_int4_avx512bf16", KERNEL_SOURCE, native.AVX512_BF16_FLAGS)
+    return (None, why) if why else (torch.ops.loraplex_int4.int4_matmul, "")
+
+
 def supported() -> str | None:
-    """None when the int4 CPU kernel runs here, else why not."""
+    """None when an int4 CPU kernel runs here (ours or PyTorch's), else why not."""
+    if kernel()[0] is not None:
+        return None
     try:
         q = torch.zeros(16, GROUP, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -44,26 +68,38 @@ def supported() -> str | None:
 class Int4Linear(torch.nn.Module):
     """y = x @ W.T with W held as 4-bit groups (see the module's docstring); no bias (Llama has none)."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-        """q: [out, in] integers 0..15; scale, zero: [out, in // GROUP] (float)."""
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ours: bool | None = None):
+        """q: [out, in] integers 0..15; scale, zero: [out, in // GROUP] (float). `ours`: our kernel (None: where
+        it runs; False: PyTorch's)."""
         super().__init__()
         self.out_features, self.in_features = q.shape
-        if self.in_features % GROUP or self.out_features % 16:
-            raise ValueError(f"int4 needs in_features a multiple of {GROUP} and out_features of 16, not "
+        if self.in_features % GROUP or self.out_features % COLUMNS:
+            raise ValueError(f"int4 needs in_features a multiple of {GROUP} and out_features of {COLUMNS}, not "
                              f"{self.in_features} and {self.out_features}")
+        self._ours = kernel()[0] if ours is not False else None
+        if ours and self._ours is None:
+            raise ValueError(f"our int4 kernel does not run here: {kernel()[1]}")
+        if self._ours is not None:
+            self.register_buffer("packed", pack(q, scale, zero))
+            self.scales_zeros = None
+            return
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-        # the kernel's layout: [in // GROUP, out, (scale, zero)]
+        # PyTorch's layout: [in // GROUP, out, (scale, zero)]
         self.register_buffer("scales_zeros", torch.stack((scale.float(), zero.float()), -1).transpose(0, 1)
                              .contiguous().to(ACTIVATION_DTYPE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
+        if self._ours is not None:
+            out = self._ours(rows.contiguous(), self.packed, self.out_features)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     @property
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
+        extra = 0 if self.scales_zeros is None else self.scales_zeros.numel() * 2
+        return self.packed.numel() * self.packed.element_size() + extra
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
@@ -101,8 +137,28 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, shape: tuple[int, int]):
     return q, d, zero
 
 
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Our kernel's layout (int4_matmul.cpp): per block of 16 output columns and group of 32 inputs, 16 pairs
+    of inputs as 16 bytes (byte i: column i's pair, the first in the low nibble), then the 16 columns' scales
+    and offsets (zero - 8 * scale) in float16."""
+    out, inp = q.shape
+    groups = inp // GROUP
+    levels = q.to(torch.uint8).view(out // COLUMNS, COLUMNS, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
+    nibbles = (levels[..., 0] | (levels[..., 1] << 4)).reshape(out // COLUMNS, groups, -1)
+
+    def by_column(values: torch.Tensor, name: str) -> torch.Tensor:
+        half = values.float().view(out // COLUMNS, COLUMNS, groups).permute(0, 2, 1).to(torch.float16)
+        if not torch.isfinite(half).all():
+            raise ValueError(f"int4 {name}s beyond float16's range")
+        return half.contiguous().view(torch.uint8)
+
+    offset = zero.float() - 8 * scale.float()
+    return torch.cat((nibbles, by_column(scale, "scale"), by_column(offset, "offset")), dim=-1).reshape(-1)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The float32 weight the groups stand for (before the bf16 rounding of scale and zero)."""
+    """The float32 weight the groups stand for (before the kernel's rounding of scale and zero: float16 for
+    ours, exact for GGUF blocks; bf16 for PyTorch's)."""
     out, inp = q.shape
     groups = (q.float().reshape(out, inp // GROUP, GROUP) - 8) * scale[..., None] + zero[..., None]
     return groups.reshape(out, inp)
@@ -111,3 +167,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 def fuse(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Int4Linear:
     """One Int4Linear computing several linears of the same input side by side (their outputs concatenated)."""
     return Int4Linear(*(torch.cat(tensors) for tensors in zip(*parts)))
+
+
+if __name__ == "__main__":  # `make install`: build the kernel now rather than at the first server start
+    op, why = kernel()
+    print("int4 CPU kernel:", "built" if op is not None else f"not used ({why})")

@@ -147,8 +147,9 @@ class Settings(EncodableText):
     served_model_name: str | None = Field(None, description="Name clients use for the base; defaults to the folder name.")
     quantization: Literal["auto", "int4", "nf4", "int8", "none"] = Field(
         "auto",
-        description="The base's weights. auto: int4 on a CPU, nf4 on CUDA. int4 (CPU only): 4-bit groups run by "
-                    "PyTorch's CPU kernel, the embedded GGUF's own Q4_1 blocks as they are (models/cpu_int4.py). "
+        description="The base's weights. auto: int4 on a CPU, nf4 on CUDA. int4 (CPU only): 4-bit groups, the "
+                    "embedded GGUF's own Q4_1 blocks as they are, run by our AVX-512 BF16 kernel (built on first "
+                    "use with g++) or else PyTorch's CPU kernel (models/cpu_int4.py). "
                     "nf4 / int8: bitsandbytes (on a CPU, nf4 is several times slower than int4). none: the "
                     "compute dtype. Fine-tuning always trains on nf4 (peft needs bitsandbytes' layers).",
     )

@@ -40,6 +40,39 @@ def test_int4_linear_computes_its_groups_and_is_batch_invariant():
         assert torch.equal(linear(x[:rows]), out[:rows])
 
 
+@pytest.mark.skipif(cpu_int4.kernel()[0] is None, reason="our int4 kernel does not run on this CPU")
+def test_our_kernel_computes_the_groups_exactly_held():
+    """Our kernel (int4_matmul.cpp) against float64 arithmetic on the very weights the groups stand for (GGUF
+    Q4_1 blocks: scales and offsets exactly float16) and the rows' bf16 inputs: float32 rounding only. PyTorch's
+    kernel, with its bf16 scales, is further off. Rows of every tile size, and columns of several blocks."""
+    import gguf
+
+    weight = np.random.default_rng(3).standard_normal((80, 256)).astype(np.float32) * 0.05
+    raw = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q4_1)
+    groups = cpu_int4.from_gguf_blocks("Q4_1", raw, weight.shape)
+    exact = cpu_int4.dequantize(*groups).double()
+    x = torch.randn(19, 256).to(torch.bfloat16)
+    expected = x.double() @ exact.T
+    ours = cpu_int4.Int4Linear(*groups, ours=True)(x.float())
+    theirs = cpu_int4.Int4Linear(*groups, ours=False)(x.float())
+    ours_error = (ours.double() - expected).abs().max().item()
+    assert ours_error < 1e-5, ours_error
+    assert ours_error < (theirs.double() - expected).abs().max().item()
+    linear = cpu_int4.Int4Linear(*groups, ours=True)
+    for rows in (1, 7, 8, 9, 16, 17):  # tiles of eight rows and what is left
+        assert torch.equal(linear(x[:rows].float()), ours[:rows])
+
+
+def test_pytorch_kernel_stays_usable():
+    """Where our kernel does not run (no AVX-512 BF16), PyTorch's computes the same linear."""
+    torch.manual_seed(2)
+    groups = cpu_int4.quantize(torch.randn(48, 64) * 0.05)
+    x = torch.randn(5, 64)
+    theirs = cpu_int4.Int4Linear(*groups, ours=False)
+    assert theirs.scales_zeros is not None
+    torch.testing.assert_close(theirs(x), x @ cpu_int4.dequantize(*groups).T, rtol=2e-2, atol=2e-2)
+
+
 def test_fused_linear_is_its_parts_side_by_side():
     torch.manual_seed(1)
     parts = [cpu_int4.quantize(torch.randn(n, 64)) for n in (64, 32, 32)]

@@ -1,0 +1,108 @@
+// y = x @ W.T with W in 4-bit groups, on the CPU with AVX-512 BF16 dot products (models/cpu_int4.py says why).
+//
+// Layout (pack() in cpu_int4.py): output columns in blocks of 16, inputs in groups of 32. For block b and
+// group g: 16 pairs of inputs, each 16 bytes (byte i: column i's two inputs, the first in the low nibble),
+// then 16 float16 scales and 16 float16 offsets: w = q * scale + offset, q in 0..15 (GGUF's Q4_1 block:
+// d * q + m with d and m in float16, so its weights are held exactly).
+//
+// For each block and group, the group's integer levels q are widened to bf16 (exact) and dotted with the
+// rows' bf16 inputs in float32 (vdpbf16ps: exact products, float32 sums), then scaled:
+//   y[m, n] += scale[n, g] * sum_k x[m, k] q[n, k] + offset[n, g] * sum_k x[m, k].
+// Rows are taken eight at a time, each row by the same instructions in the same order whatever the tile, and
+// the sum over groups runs in order on one thread: a row gets the same bits whatever the number of rows (the
+// engine's batch invariance). Threads split the output columns, never the sums.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t COLUMNS = 16, GROUP = 32, PAIRS = GROUP / 2, TILE = 8;
+constexpr int64_t Q_BYTES = PAIRS * 16, BLOCK_BYTES = Q_BYTES + 2 * COLUMNS * 2;
+
+inline __m512 widen_half(const void* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int64_t ROWS>
+void tile(const uint16_t* x, int64_t k_size, const float* sums, int64_t groups, const uint8_t* block,
+          float* y, int64_t n_size) {
+  // bf16 of 0..15, twice: vpermw indexes 32 entries
+  alignas(64) static const uint16_t LEVELS[32] = {
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
+      0x4140, 0x4150, 0x4160, 0x4170, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+  const __m512i levels = _mm512_load_si512(LEVELS);
+  const __m512i fields = _mm512_set1_epi32(0x000F000F);
+  __m512 acc[ROWS];
+  for (int64_t m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g, block += BLOCK_BYTES) {
+    __m512 dot[ROWS];
+    for (int64_t m = 0; m < ROWS; ++m) dot[m] = _mm512_setzero_ps();
+    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(x + g * GROUP);
+    for (int64_t p = 0; p < PAIRS; ++p) {
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + p * 16)));
+      // each 32-bit lane: the low nibble in bits 0-3, the high one in bits 16-19: two 16-bit level indices
+      const __m512i index = _mm512_ternarylogic_epi32(fields, bytes, _mm512_slli_epi32(bytes, 12), 0xE0);
+      const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(index, levels);
+      for (int64_t m = 0; m < ROWS; ++m)
+        dot[m] = _mm512_dpbf16_ps(dot[m], (__m512bh)_mm512_set1_epi32(pairs[m * k_size / 2 + p]), w);
+    }
+    const __m512 scale = widen_half(block + Q_BYTES), offset = widen_half(block + Q_BYTES + COLUMNS * 2);
+    for (int64_t m = 0; m < ROWS; ++m) {
+      acc[m] = _mm512_fmadd_ps(scale, dot[m], acc[m]);
+      acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[m * groups + g]), acc[m]);
+    }
+  }
+  for (int64_t m = 0; m < ROWS; ++m) _mm512_storeu_ps(y + m * n_size, acc[m]);
+}
+
+using TileFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, const uint8_t*, float*, int64_t);
+constexpr TileFn TILES[TILE + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
+
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: [rows, in] bfloat16");
+  const int64_t rows = x.size(0), k_size = x.size(1), groups = k_size / GROUP, blocks = n_size / COLUMNS;
+  TORCH_CHECK(k_size % GROUP == 0 && n_size % COLUMNS == 0, "in: a multiple of 32, out: of 16");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+              packed.numel() == blocks * groups * BLOCK_BYTES, "packed: the layout pack() makes for this shape");
+  auto y = at::empty({rows, n_size}, x.options().dtype(at::kFloat));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  // each row's sum of inputs per group (the offsets' term), in order
+  std::vector<float> sums(rows * groups);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0;
+      for (int64_t k = 0; k < GROUP; ++k) {
+        const uint32_t bits = static_cast<uint32_t>(xp[m * k_size + g * GROUP + k]) << 16;
+        float v;
+        std::memcpy(&v, &bits, sizeof(v));
+        s += v;
+      }
+      sums[m * groups + g] = s;
+    }
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t m = 0; m < rows; m += TILE) {
+        const int64_t count = rows - m < TILE ? rows - m : TILE;
+        TILES[count](xp + m * k_size, k_size, sums.data() + m * groups, groups, wp + b * groups * BLOCK_BYTES,
+                     yp + m * n_size + b * COLUMNS, n_size);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loraplex_int4, m) {
+  m.def("int4_matmul(Tensor x, Tensor packed, int n) -> Tensor");
+  m.impl("int4_matmul", c10::DispatchKey::CPU, TORCH_FN(int4_matmul));
+}
