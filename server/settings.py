@@ -209,13 +209,14 @@ class Settings(EncodableText):
                     "auto: the kernel where the CPU has AVX-512 and it builds, torch otherwise (logged). No effect "
                     "on CUDA. Both keep a request's tokens independent of what it is batched with.",
     )
-    lora_kernels: Literal["auto", "torch", "triton"] = Field(
+    lora_kernels: Literal["auto", "torch", "triton", "cpu"] = Field(
         "auto",
         description="How a step computes its rows' LoRA deltas. torch: adapters packed into a step stack, "
-                    "batched matmuls (batch-invariant on CPU). triton: Triton shrink/expand kernels read each "
+                    "batched matmuls (batch-invariant on CPU). cpu: a C++ AVX-512 kernel reads the same stack and "
+                    "computes each row's own adapters only (built on first use with g++; float32 compute). triton: Triton shrink/expand kernels read each "
                     "row's adapter from its slot (no stack copies when the set of adapters changes); needs the "
                     "triton package, and runs interpreted (very slow) without a GPU. auto: triton on CUDA when "
-                    "it is installed and its start-up self-check passes, torch otherwise.",
+                    "it is installed and its start-up self-check passes; on a CPU, cpu where it builds; torch otherwise.",
     )
     cuda_graphs: Literal["auto", "off"] = Field(
         "auto",

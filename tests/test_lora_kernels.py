@@ -153,7 +153,11 @@ def test_kernel_choice(tiny, tokenizer, monkeypatch):
     with_stack = LoraBank.bytes_needed(shape, 8, 16, torch.bfloat16)
     assert LoraBank.bytes_needed(shape, 8, 16, torch.bfloat16, step_stack=False) * 2 == with_stack  # Triton: pool only
     assert ModelRunner(tiny, tokenizer, 9, 16, 128).lora.kernels == "torch"
-    assert ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="auto").lora.kernels == "torch"  # no CUDA
+    # no CUDA: the CPU kernel where it runs for this model's dtype (test_cpu_lora.py), else torch
+    from server.engine import cpu_lora
+
+    expected = "cpu" if not cpu_lora.usable(torch.device("cpu"), tiny.model.norm.weight.dtype, 16) else "torch"
+    assert ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="auto").lora.kernels == expected
     monkeypatch.setattr(lora_kernels, "self_check", lambda *args: "broken here")
     with pytest.raises(ValueError, match="triton cannot be used here: broken here"):
         ModelRunner(tiny, tokenizer, 9, 16, 128, lora_kernels="triton")

@@ -190,6 +190,7 @@ class _GroupWeights:
     a_rank: int  # columns per module of A
     bs: tuple[torch.Tensor | None, ...]  # per module [positions, rank, out]; None when no member targets it
     stacked_bs: tuple[torch.Tensor | None, ...]  # the same, as [positions * rank, out]: the wide path's addmm operand
+    by_position: torch.Tensor  # [in, positions, modules, a_rank]: the CPU kernel's operand (cpu_lora.py)
 
 
 class _StepStack:
@@ -268,7 +269,7 @@ class _StepStack:
                        else None for module in GROUPS[key[1]])
             stacked = tuple(None if b is None else b.flatten(0, 1) for b in bs)
             self.groups[key] = _GroupWeights(a.flatten(1), a.flatten(2).transpose(0, 1), count, layout.a[key][3], bs,
-                                             stacked)
+                                             stacked, a)
 
 
 @dataclass
@@ -305,11 +306,18 @@ class StepLora:
     # wide, float16: mask != 0; the hidden columns a row does not use are selected away, not multiplied by 0
     # (an overflow to inf there would make NaN: LoraBank.overflow_guard)
     keep: torch.Tensor | None = None
+    # the CPU kernel's plan (cpu_lora.py; LoraBank._prepare_rows) and the kernel op
+    rows: tuple[torch.Tensor, ...] | None = None
+    row_kernel: object | None = None
 
     def apply(self, layer: int, group: str, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
         """Add the LoRA deltas of `group` at `layer` to the base outputs, in place."""
         weights = self.groups.get((layer, group))
         if weights is None:
+            return
+        if self.rows is not None:
+            self.row_kernel(x.contiguous(), weights.by_position, list(weights.bs), list(outputs), *self.rows,
+                            self.rank)
             return
         run = self._segmented if self.segment_rows else self._wide
         if not self.single_thread:
@@ -386,7 +394,7 @@ class KernelStepLora:
                     kernels.expand(hidden, j * a_rank, layout.rank, pool, layout.b[(layer, module)][0], segments, y)
 
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "cpu")
 
 
 def choose_kernels(kernels: str, device: torch.device, dtype: torch.dtype, shape: BaseShape | None = None,
@@ -396,7 +404,19 @@ def choose_kernels(kernels: str, device: torch.device, dtype: torch.dtype, shape
     "auto" tries it on CUDA only. Start-up calls it before sizing memory (the Triton kernels need no stack)."""
     if kernels not in KERNELS:
         raise ValueError(f"lora_kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
-    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
+    if kernels == "torch":
+        return "torch", None
+    if kernels == "cpu" or (kernels == "auto" and device.type == "cpu"):
+        from server.engine import cpu_lora
+
+        problem = cpu_lora.usable(device, dtype, rank)
+        if not problem:
+            return "cpu", None
+        if kernels == "cpu":
+            raise ValueError(f"lora_kernels: cpu cannot be used here: {problem}")
+        log.warning("LoRA kernels: torch, not the CPU kernel: %s", problem)
+        return "torch", None
+    if kernels == "auto" and device.type != "cuda":
         return "torch", None
     return triton_or_torch(kernels, device, dtype, shape, rank)
 
@@ -452,7 +472,7 @@ class LoraBank:
         # loaded adapter cost the largest adapter's memory (rank 64 slots: 78 MB each on the default model,
         # for rank-8 experts of 10 MB). On a GPU (and with the Triton kernels, compiled for one layout) the
         # whole pool is reserved now at max_rank, so running out of memory happens at start or never.
-        self.grows = (device.type == "cpu" and self.kernels == "torch") if grow is None else grow
+        self.grows = (device.type == "cpu" and self.kernels != "triton") if grow is None else grow
         self.layout = _Layout(shape, RANK_ALIGN if self.grows else self.max_rank)
         # torch.empty: on a CPU the pages of slots never used are never touched (not resident)
         self.pool = torch.empty(slots, self.layout.size, device=device, dtype=dtype)
@@ -649,6 +669,8 @@ class LoraBank:
             return self._prepare_kernels(row_adapters)
         names = sorted({name for _, name, _ in members})
         positions = self._stack.place(names, self._residents, self)
+        if self.kernels == "cpu":
+            return self._prepare_rows(row_adapters, positions)
         order = sorted(names, key=positions.__getitem__)
         rows_of: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
         for row, name, weight in members:
@@ -688,6 +710,37 @@ class LoraBank:
                         segment_rows=segment_rows, pads=zero_row in gather,
                         single_thread=cpu and count * segment_rows <= SINGLE_THREAD_ROWS,
                         scale=to_device(scale, self.device, self.dtype)[:, None] if mixed else None)
+
+    def _prepare_rows(self, row_adapters: list[RowAdapter], positions: dict[str, int]) -> StepLora:
+        """The CPU kernel's plan (cpu_lora.py): rows on one adapter in items of up to ITEM_ROWS on one stack
+        position; mixture rows apart, each with its (position, weight) pairs in its own order."""
+        from server.engine import cpu_lora
+
+        by_position: dict[int, list[tuple[int, float]]] = {}
+        mixture_rows, starts, mixture_positions, mixture_weights = [], [0], [], []
+        for row, entry in enumerate(row_adapters):
+            pairs = () if entry is None else ((entry, 1.0),) if isinstance(entry, str) else entry
+            if len(pairs) == 1:
+                by_position.setdefault(positions[pairs[0][0]], []).append((row, float(pairs[0][1])))
+            elif pairs:
+                mixture_rows.append(row)
+                for name, weight in pairs:
+                    mixture_positions.append(positions[name])
+                    mixture_weights.append(float(weight))
+                starts.append(len(mixture_positions))
+        items, item_weights = [], []
+        size = cpu_lora.ITEM_ROWS
+        for position, rows in sorted(by_position.items()):
+            for first in range(0, len(rows), size):
+                chunk = rows[first : first + size]
+                items.append([position] + [row for row, _ in chunk] + [-1] * (size - len(chunk)))
+                item_weights.append([weight for _, weight in chunk] + [0.0] * (size - len(chunk)))
+        long, single = torch.int64, torch.float32  # explicit: an empty list would otherwise be float
+        plan = (to_device(items, self.device, long).view(-1, size + 1),
+                to_device(item_weights, self.device, single).view(-1, size),
+                to_device(mixture_rows, self.device, long), to_device(starts, self.device, long),
+                to_device(mixture_positions, self.device, long), to_device(mixture_weights, self.device, single))
+        return StepLora(self._stack.groups, self._stack.rank, rows=plan, row_kernel=cpu_lora.load()[0])
 
     def slot_rows(self, row_adapters: list[RowAdapter]):
         """(rows by pool slot, each slot's rank) for a captured step (`decode_graphs`), every row on one

@@ -103,7 +103,7 @@ def build_runner(settings: Settings, num_blocks: int | None = None) -> tuple[Mod
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     adapter_bytes = LoraBank.bytes_needed(shape, settings.max_gpu_adapters, settings.max_adapter_rank, dtype,
-                                          step_stack=kernels == "torch")
+                                          step_stack=kernels != "triton")
     graph_bytes = graph_budget_bytes(settings, device, config, dtype, context_window, kernels == "triton",
                                      settings.max_gpu_adapters, adapter_bytes)
     if num_blocks is None:
@@ -114,7 +114,7 @@ def build_runner(settings: Settings, num_blocks: int | None = None) -> tuple[Mod
                          settings.attention)
     log.info("adapter slots: %d of rank %d (%.1f MiB%s); LoRA kernels: %s; CUDA graphs: %s",
              settings.max_gpu_adapters, runner.lora.max_rank, adapter_bytes / 2**20,
-             " with the step stack, at most" if kernels == "torch" else "", runner.lora.kernels,
+             " with the step stack, at most" if kernels != "triton" else "", runner.lora.kernels,
              f"{len(runner.graphs.shapes)} decode shapes ({graph_bytes / 2**20:.0f} MiB planned)"
              if runner.graphs is not None else "off")
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB in %s, %d tokens%s)", num_blocks - 1,
