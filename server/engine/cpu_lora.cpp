@@ -1,4 +1,4 @@
-// A step's LoRA deltas from the step stack, on the CPU (server/engine/cpu_lora.py says why).
+// A step's LoRA deltas from the step stack (held in bfloat16), on the CPU (server/engine/cpu_lora.py says why).
 //
 // For each row, for each (stack position, weight) it asks for, in its own order:
 //   h = x[row] @ A[position]            (every module of the group at once: A is [in, positions, modules, a_rank])
@@ -21,15 +21,22 @@ namespace {
 constexpr int64_t MAX_HIDDEN = 1024;  // modules * a_rank of one group
 constexpr int ITEM_ROWS = 4;
 
+using bf16 = uint16_t;  // the step stack's A and B, in bfloat16 (cpu_lora.py says why)
+
+// 16 bf16 (masked) widened to float32: exact
+inline __m512 load16(__mmask16 m, const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 inline __mmask16 tail(int64_t left) {
   return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
 }
 
 template <int R, int U>
-inline void step(const float* const* x, int64_t k, const float* column, __mmask16 m0, __mmask16 m1,
+inline void step(const float* const* x, int64_t k, const bf16* column, __mmask16 m0, __mmask16 m1,
                  __m512 (&acc)[R][2][2]) {
-  const __m512 lo = _mm512_maskz_loadu_ps(m0, column);
-  const __m512 hi = _mm512_maskz_loadu_ps(m1, column + 16);
+  const __m512 lo = load16(m0, column);
+  const __m512 hi = load16(m1, column + 16);
   for (int r = 0; r < R; ++r) {
     const __m512 xk = _mm512_set1_ps(x[r][k]);
     acc[r][U][0] = _mm512_fmadd_ps(xk, lo, acc[r][U][0]);
@@ -40,14 +47,14 @@ inline void step(const float* const* x, int64_t k, const float* column, __mmask1
 // hidden[r][0:size] = x[r] @ A for R rows (A's rows `a_stride` apart), 32 columns at a time in registers; each
 // row's inputs summed in two interleaved partial sums (even and odd k, each in order, then added)
 template <int R>
-inline void shrink(const float* const* x, int64_t in, const float* a, int64_t a_stride, int64_t size,
+inline void shrink(const float* const* x, int64_t in, const bf16* a, int64_t a_stride, int64_t size,
                    float* const* hidden) {
   for (int64_t c0 = 0; c0 < size; c0 += 32) {
     const __mmask16 m0 = tail(size - c0), m1 = tail(size - c0 - 16);
     __m512 acc[R][2][2];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < 2; ++u) acc[r][u][0] = acc[r][u][1] = _mm512_setzero_ps();
-    const float* column = a + c0;
+    const bf16* column = a + c0;
     int64_t k = 0;
     for (; k + 2 <= in; k += 2, column += 2 * a_stride) {
       step<R, 0>(x, k, column, m0, m1, acc);
@@ -63,7 +70,7 @@ inline void shrink(const float* const* x, int64_t in, const float* a, int64_t a_
 
 // y[r][0:out] += (weight[r] * h[r][0:rank]) @ B ([rank, out]) for R rows: each output adds its ranks in order
 template <int R>
-inline void expand(const float* const* h, const float* weight, int64_t rank, const float* b, int64_t out,
+inline void expand(const float* const* h, const float* weight, int64_t rank, const bf16* b, int64_t out,
                    float* const* y) {
   alignas(64) float scaled[R][MAX_HIDDEN];
   for (int r = 0; r < R; ++r)
@@ -73,7 +80,7 @@ inline void expand(const float* const* h, const float* weight, int64_t rank, con
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_maskz_loadu_ps(m, y[r] + n);
     for (int64_t i = 0; i < rank; ++i) {
-      const __m512 column = _mm512_maskz_loadu_ps(m, b + i * out + n);
+      const __m512 column = load16(m, b + i * out + n);
       for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scaled[r][i]), column, acc[r]);
     }
     for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y[r] + n, m, acc[r]);
@@ -83,9 +90,9 @@ inline void expand(const float* const* h, const float* weight, int64_t rank, con
 struct Group {
   const float* x;
   int64_t x_stride, in;
-  const float* a;
+  const bf16* a;
   int64_t a_stride, modules, a_rank, size, rank;
-  std::vector<const float*> b;  // per module, at position 0; nullptr: no weights
+  std::vector<const bf16*> b;  // per module, at position 0; nullptr: no weights
   std::vector<int64_t> b_position_stride, out;
   std::vector<float*> y;
   std::vector<int64_t> y_stride;
@@ -124,13 +131,13 @@ void lora_rows(const at::Tensor& x, const at::Tensor& a, const std::vector<std::
                const at::Tensor& mixture_rows, const at::Tensor& starts, const at::Tensor& positions,
                const at::Tensor& weights, int64_t rank) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x: [rows, in] float32");
-  TORCH_CHECK(a.dim() == 4 && a.scalar_type() == at::kFloat && a.stride(3) == 1 && a.stride(2) == a.size(3) &&
-              a.stride(1) == a.size(2) * a.size(3) && a.size(0) == x.size(1), "a: [in, positions, modules, a_rank]");
+  TORCH_CHECK(a.dim() == 4 && a.scalar_type() == at::kBFloat16 && a.stride(3) == 1 && a.stride(2) == a.size(3) &&
+              a.stride(1) == a.size(2) * a.size(3) && a.size(0) == x.size(1), "a: [in, positions, modules, a_rank] bfloat16");
   Group g;
   g.x = x.data_ptr<float>();
   g.x_stride = x.stride(0);
   g.in = x.size(1);
-  g.a = a.data_ptr<float>();
+  g.a = reinterpret_cast<const bf16*>(a.data_ptr<at::BFloat16>());
   g.a_stride = a.stride(0);
   g.modules = a.size(2);
   g.a_rank = a.size(3);
@@ -149,9 +156,9 @@ void lora_rows(const at::Tensor& x, const at::Tensor& a, const std::vector<std::
     g.out.push_back(y.size(1));
     if (bs[j].has_value()) {
       const at::Tensor& b = *bs[j];
-      TORCH_CHECK(b.dim() == 3 && b.is_contiguous() && b.scalar_type() == at::kFloat && b.size(0) == a.size(1) &&
-                  b.size(1) >= rank && b.size(2) == y.size(1), "B: [positions, rank, out] float32");
-      g.b.push_back(b.data_ptr<float>());
+      TORCH_CHECK(b.dim() == 3 && b.is_contiguous() && b.scalar_type() == at::kBFloat16 && b.size(0) == a.size(1) &&
+                  b.size(1) >= rank && b.size(2) == y.size(1), "B: [positions, rank, out] bfloat16");
+      g.b.push_back(reinterpret_cast<const bf16*>(b.data_ptr<at::BFloat16>()));
       g.b_position_stride.push_back(b.size(1) * b.size(2));
     } else {
       g.b.push_back(nullptr);

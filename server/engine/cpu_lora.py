@@ -8,6 +8,12 @@ step stack the torch path builds (lora_batch._StepStack) and computes, for each 
 row asks for, mixtures included (each (adapter, weight) in the row's own order), in one call per group of
 linears: x @ A for the group's modules at once, then each module's B added into its output in place.
 
+The stack is held in bfloat16 for it (LoraBank): the kernel is bound by memory, not arithmetic (four rank-16
+experts on the default model are about 90 MB of float32 weights a step, more than the base's int4 linears),
+and bf16 halves that; the weights are widened to float32 exactly and every product and sum is float32. The
+rounding, a relative 2^-9 of each LoRA weight, moves a delta far less than the base's 4-bit groups move the
+base (tests/test_cpu_lora.py bounds it against the float32 torch path).
+
 Every sum runs in a fixed order that depends on the row alone, so a row gets the same bits whatever shares the
 step, on every step shape (decode rows, prompt chunks, mixtures): the kernel serves all of a CPU's steps, so
 which rows meet never changes a number. Built on first use (models/native.py); without AVX-512, a compiler,

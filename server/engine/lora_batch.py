@@ -478,7 +478,8 @@ class LoraBank:
         self.pool = torch.empty(slots, self.layout.size, device=device, dtype=dtype)
         self._free = list(range(slots - 1, -1, -1))
         self._residents: dict[str, _Resident] = {}
-        self._stack = _StepStack(shape, slots, device, dtype)
+        # the CPU kernel reads its stack in bfloat16 (cpu_lora.py): half the bytes of what is memory-bound
+        self._stack = _StepStack(shape, slots, device, torch.bfloat16 if self.kernels == "cpu" else dtype)
         # loads through a pinned staging buffer and a side stream (CUDA); direct copies on a CPU
         self.staged_loads = device.type == "cuda"
         self._staging: torch.Tensor | None = None
