@@ -154,11 +154,11 @@ class RunnerDriver:
 
     @classmethod
     def build(cls, model, tokenizer, tokens: int = 1024, context_window: int = 128, block_size: int = 16,
-              prefix_caching: bool = False, lora_kernels: str = "torch") -> "RunnerDriver":
+              prefix_caching: bool = False, lora_kernels: str = "torch", attention: str = "auto") -> "RunnerDriver":
         from server.engine.model_runner import ModelRunner
 
         runner = ModelRunner(model, tokenizer, -(-tokens // block_size) + 1, block_size, context_window,
-                             lora_kernels=lora_kernels)
+                             lora_kernels=lora_kernels, attention=attention)
         return cls(runner, prefix_caching)
 
     def prefill(self, requests: dict, chunk: int | None = None):
