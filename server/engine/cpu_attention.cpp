@@ -11,17 +11,12 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
 #include <immintrin.h>
-#endif
 
 namespace {
 
 constexpr int64_t MAX_GROUP = 8;    // query heads per kv head (Llama 3 70B: 8)
 constexpr int64_t MAX_CHUNKS = 16;  // head_dim / 16 (head_dim up to 256)
-
-#if defined(__AVX512F__)
-constexpr bool SIMD = true;
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
@@ -114,36 +109,6 @@ void attend_head(const float* q, const T* k_cache, const T* v_cache, const int64
       _mm512_storeu_ps(out + g * dim + c * 16, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inverse[g])));
 }
 
-#else
-constexpr bool SIMD = false;
-
-// the same computation one float at a time, for CPUs without AVX-512 (cpu_attention.py then keeps the
-// gather-and-matmul path, which is faster there; this stays so the extension builds everywhere)
-template <typename T>
-void attend_head(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t length,
-                 int64_t block_size, int64_t token_stride, int64_t group, int64_t dim, float scale, float* out,
-                 std::vector<float>& scores) {
-  scores.resize(group * length);
-  for (int64_t g = 0; g < group; ++g) {
-    float top = -INFINITY;
-    for (int64_t t = 0; t < length; ++t) {
-      const T* key = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride;
-      float dot = 0;
-      for (int64_t i = 0; i < dim; ++i) dot += q[g * dim + i] * static_cast<float>(key[i]);
-      scores[g * length + t] = dot * scale;
-      top = scores[g * length + t] > top ? scores[g * length + t] : top;
-    }
-    float total = 0;
-    for (int64_t t = 0; t < length; ++t) total += scores[g * length + t] = std::exp(scores[g * length + t] - top);
-    for (int64_t i = 0; i < dim; ++i) out[g * dim + i] = 0;
-    for (int64_t t = 0; t < length; ++t) {
-      const T* value = v_cache + (table[t / block_size] * block_size + t % block_size) * token_stride;
-      for (int64_t i = 0; i < dim; ++i) out[g * dim + i] += scores[g * length + t] * static_cast<float>(value[i]);
-    }
-    for (int64_t i = 0; i < dim; ++i) out[g * dim + i] /= total;
-  }
-}
-#endif
 
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& tables,
@@ -191,12 +156,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-bool paged_attention_simd() { return SIMD; }
-
 }  // namespace
 
 TORCH_LIBRARY(loraplex, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lengths, float scale) -> Tensor");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
-  m.def("paged_attention_simd() -> bool", &paged_attention_simd);
 }

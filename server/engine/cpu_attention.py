@@ -36,8 +36,6 @@ MAX_HEAD_DIM, MAX_GROUP = 256, 8  # cpu_attention.cpp's MAX_CHUNKS * 16 and MAX_
 def load() -> tuple[object | None, str]:
     """(the kernel op, "") or (None, why not). Built once per process; torch caches the build on disk."""
     why = native.avx512() or native.build("loraplex_cpu_attention_avx512", SOURCE, native.AVX512_FLAGS)
-    if not why and not torch.ops.loraplex.paged_attention_simd():
-        why = "the kernel was built without AVX-512"
     return (None, why) if why else (torch.ops.loraplex.paged_decode_attention, "")
 
 

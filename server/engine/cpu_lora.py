@@ -36,9 +36,7 @@ ITEM_ROWS = 4  # cpu_lora.cpp: rows on one adapter that share its loads
 @functools.cache
 def load() -> tuple[object | None, str]:
     """(the kernel op, "") or (None, why not). Built once per process; torch caches the build on disk."""
-    # -ffp-contract=fast: the plain loops become FMAs (fixed at compile time, so still one order per row)
-    why = native.avx512() or native.build("loraplex_cpu_lora_avx512", SOURCE,
-                                          [*native.AVX512_FLAGS, "-ffp-contract=fast"])
+    why = native.avx512() or native.build("loraplex_cpu_lora_avx512", SOURCE, native.AVX512_FLAGS)
     return (None, why) if why else (torch.ops.loraplex_lora.lora_rows, "")
 
 

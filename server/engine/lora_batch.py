@@ -316,8 +316,7 @@ class StepLora:
         if weights is None:
             return
         if self.rows is not None:
-            self.row_kernel(x.contiguous(), weights.by_position, list(weights.bs), list(outputs), *self.rows,
-                            self.rank)
+            self.row_kernel(x.contiguous(), weights.by_position, weights.bs, outputs, *self.rows, self.rank)
             return
         run = self._segmented if self.segment_rows else self._wide
         if not self.single_thread:

@@ -270,15 +270,17 @@ class ModelRunner:
             positions = self._tensor([items[i].start for i in members])
             hidden = torch.arange(padded, device=self.device)[None, :] > positions[:, None]
             decode.append((rows, self._block_index([items[i] for i in members], padded), hidden))
-        return decode, chunks, self._kernel_plan(kernel_rows) if kernel_rows else None
+        step_rows = spans[-1][0] + spans[-1][1] if spans else 0
+        return decode, chunks, self._kernel_plan(kernel_rows, step_rows) if kernel_rows else None
 
-    def _kernel_plan(self, kernel_rows: list[tuple[int, list[int], int]]) -> tuple:
-        """(rows or None when they are every row of the step in order, block tables, lengths) for the kernel."""
+    def _kernel_plan(self, kernel_rows: list[tuple[int, list[int], int]], step_rows: int) -> tuple:
+        """(the rows, or None when they are every row of the step in order; block tables; lengths) for the
+        kernel, made once per step (not per layer)."""
         width = max(-(-length // self.block_size) for _, _, length in kernel_rows)
         tables = self._tensor([(table + [0] * width)[:width] for _, table, _ in kernel_rows])
         lengths = self._tensor([length for _, _, length in kernel_rows])
         rows = [row for row, _, _ in kernel_rows]
-        return (None if rows == list(range(len(rows))) else self._tensor(rows)), tables, lengths
+        return (None if rows == list(range(step_rows)) else self._tensor(rows)), tables, lengths
 
     def _tensor(self, values) -> torch.Tensor:
         return to_device(values, self.device)
@@ -311,11 +313,11 @@ class ModelRunner:
         v_cache.view(flat).index_copy_(0, slot_index, v.to(self.kv_dtype))
         kv_heads, group, head_dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         decode, chunks, kernel = plan
-        if kernel is not None and kernel[0] is None and len(kernel[1]) == q.shape[0]:
+        if kernel is not None and kernel[0] is None:
             return self._kernel_attention(q, k_cache, v_cache, kernel)  # a decode-only step: every row
         out = q.new_empty(q.shape[0], self.num_heads * head_dim)
         if kernel is not None:
-            rows = kernel[0] if kernel[0] is not None else torch.arange(len(kernel[1]), device=q.device)
+            rows = kernel[0]
             out.index_copy_(0, rows, self._kernel_attention(q.index_select(0, rows), k_cache, v_cache, kernel))
         for rows, blocks, hidden in decode:
             n = len(rows)
