@@ -110,3 +110,21 @@ def test_the_runner_paths_agree(kernel, tiny_folder, tokenizer):
         runner.step([StepItem(p, 0, t, None) for p, t in zip(prompts, tables)])
         logits[attention] = runner.step([StepItem([7], len(p), t, None) for p, t in zip(prompts, tables)])
     torch.testing.assert_close(logits["kernel"], logits["torch"], atol=1e-4, rtol=1e-4)
+
+
+def test_asking_for_the_kernel_where_it_cannot_run_is_a_config_error(tiny_folder, monkeypatch):
+    """`attention: kernel` on a machine where the kernel cannot run stops start-up with the reason, as a config
+    error (not a traceback); `auto` there serves on the torch path."""
+    from server.settings import ConfigError, Settings
+    from server.startup.bootstrap import build_runner
+
+    cpu_attention.load.cache_clear()
+    monkeypatch.setattr(cpu_attention.native, "avx512", lambda: "this CPU's capability is DEFAULT")
+    try:
+        settings = dict(base_model=str(tiny_folder), quantization="none", device="cpu", kv_cache_tokens=1024)
+        with pytest.raises(ConfigError, match="attention: kernel is not available here: this CPU's capability"):
+            build_runner(Settings(**settings, attention="kernel"))
+        runner, _ = build_runner(Settings(**settings, attention="auto"))
+        assert runner.attention_kernel is None
+    finally:
+        cpu_attention.load.cache_clear()  # the real answer for the tests after this one

@@ -108,10 +108,13 @@ def build_runner(settings: Settings, num_blocks: int | None = None) -> tuple[Mod
                                      settings.max_gpu_adapters, adapter_bytes)
     if num_blocks is None:
         num_blocks = plan_kv_blocks(settings, device, block_bytes, context_window, adapter_bytes, graph_bytes)
-    runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window,
-                         settings.max_gpu_adapters, settings.max_adapter_rank, settings.batch_invariant,
-                         kernels, settings.cuda_graphs, settings.max_batch_size, graph_bytes, settings.kv_cache_dtype,
-                         settings.attention)
+    try:  # e.g. attention: kernel where the CPU kernel cannot run
+        runner = ModelRunner(loaded.model, loaded.tokenizer, num_blocks, settings.kv_block_size, context_window,
+                             settings.max_gpu_adapters, settings.max_adapter_rank, settings.batch_invariant,
+                             kernels, settings.cuda_graphs, settings.max_batch_size, graph_bytes,
+                             settings.kv_cache_dtype, settings.attention)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     log.info("adapter slots: %d of rank %d (%.1f MiB%s); LoRA kernels: %s; CUDA graphs: %s",
              settings.max_gpu_adapters, runner.lora.max_rank, adapter_bytes / 2**20,
              " with the step stack, at most" if kernels != "triton" else "", runner.lora.kernels,
