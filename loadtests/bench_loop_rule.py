@@ -11,7 +11,8 @@ JSON, SQL, YAML, a countdown, "repeat after me three times"). Each answer's toke
 by an earlier rule and by today's, both with `loop_stop_tokens` 64. `--compare tokens` (2026-12-05, first
 run): exact tokens and four copies vs words and three copies of a long block; `--compare words` (the
 default): words, exact blocks only vs today's, which also ends a block coming back with a word changed
-here and there (`NEAR_MATCH`). Printed, and written to loadtests/results/bench_loop_rule[_tokens].json: how
+here and there (`NEAR_MATCH`); `--compare twice` (2026-12-05, third): today's rule without and with
+a paragraph (`TWICE_BLOCK` words or more) ending at its second copy. Printed, and written to loadtests/results/bench_loop_rule[_tokens|_twice].json: how
 many answers each rule ends, and every answer today's rule ends earlier than the earlier one, with the
 text it keeps and the text it drops, to be read: a song, a list or code among them would be a wrong cut.
 `--answers FILE` keeps the written answers there and reads them back on a later run (no server needed).
@@ -28,7 +29,7 @@ from transformers import AutoTokenizer
 
 from loadtests.provenance import stamp
 from models.base_model import EMBEDDED_BASE, resolve_base_folder
-from server.engine.loops import MIN_REPEATS, TEXT_MAX_PERIOD, TEXT_REPEATS, LoopWatch, text_keys
+from server.engine.loops import MIN_REPEATS, TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_BLOCK, LoopWatch, text_keys
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / "data"
@@ -92,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="a server started with LORAPLEX_LOOP_STOP_TOKENS=0")
     parser.add_argument("--answers", type=Path, default=None,
                         help="keep the answers here; read them from here when the file exists")
-    parser.add_argument("--compare", choices=("words", "tokens"), default="words",
-                        help="the earlier rule: words with exact blocks only (default), or exact tokens")
+    parser.add_argument("--compare", choices=("words", "tokens", "twice"), default="words",
+                        help="the earlier rule: words with exact blocks only (default), exact tokens, or today's "
+                             "without a paragraph ending at its second copy")
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_folder(EMBEDDED_BASE)[0])
     keys = text_keys(tokenizer)
@@ -111,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer.encode(answer["text"], add_special_tokens=False)
         if args.compare == "tokens":
             old = ends_at(ids, LoopWatch(SPAN, repeats=MIN_REPEATS))
+        elif args.compare == "twice":
+            old = ends_at(ids, LoopWatch(SPAN, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS))
         else:
             old = ends_at(ids, LoopWatch(SPAN, keys=keys, repeats=TEXT_REPEATS, near_match=None))
-        new = ends_at(ids, LoopWatch(SPAN, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS))
+        new = ends_at(ids, LoopWatch(SPAN, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS, twice=TWICE_BLOCK))
         old_ends, new_ends = old_ends + (old is not None), new_ends + (new is not None)
         if new is not None and (old is None or new < old):
             earlier.append({"kind": answer["kind"], "prompt": answer["prompt"], "tokens": len(ids), "old": old,
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
               "ended_by_old_rule": old_ends, "ended_by_new_rule": new_ends,
               "ended_earlier_by_new_rule": len(earlier),
               "ended_earlier_risky": sum(e["kind"] == "risky" for e in earlier), "earlier": earlier}
-    out = RESULTS / ("bench_loop_rule_tokens.json" if args.compare == "tokens" else "bench_loop_rule.json")
+    out = RESULTS / {"tokens": "bench_loop_rule_tokens.json", "twice": "bench_loop_rule_twice.json",
+                     "words": "bench_loop_rule.json"}[args.compare]
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     for cut in earlier:
         print(f"--- [{cut['kind']}] {cut['prompt'][:70]!r}: at {cut['new']} of {cut['tokens']} (old rule: {cut['old']})")

@@ -93,12 +93,14 @@ def test_a_constrained_answers_run_of_digits_is_counted_in_digits_and_steered_of
     assert torch.isfinite(kept[ids]).all() and nudges == [1]  # nothing ruled out: not counted
 
 
-def text_stop(tokenizer, keys, answer: str) -> str | None:
-    """Free text as the engine watches it: the answer's text up to where the watch ended it, or None."""
-    from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS
+def text_stop(tokenizer, keys, answer: str, twice: bool = True) -> str | None:
+    """Free text as the engine watches it: the answer's text up to where the watch ended it, or None.
+    `twice=False`: without a paragraph ending at its second copy (the rule before it)."""
+    from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_BLOCK
 
     ids = tokenizer.encode(answer, add_special_tokens=False)
-    watch, tokens = LoopWatch(64, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS), list(PROMPT)
+    watch = LoopWatch(64, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS, twice=TWICE_BLOCK if twice else None)
+    tokens = list(PROMPT)
     for generated, token in enumerate(ids, 1):
         tokens.append(token)
         if watch.push(tokens, generated):
@@ -158,7 +160,8 @@ def test_a_sentence_coming_back_with_a_word_changed_ends_after_four_copies_and_a
 def test_two_paragraphs_taking_turns_are_one_block_of_over_64_words(tokenizer):
     """A paragraph said again with one phrase taking turns ("technology" / "the internet": one word and
     two, so no single paragraph is a period) repeats as a block of two paragraphs, longer than 64 words;
-    free text is watched for blocks of up to TEXT_MAX_PERIOD words, and this one ends with its third copy."""
+    free text is watched for blocks of up to TEXT_MAX_PERIOD words, and this one, a paragraph's length or
+    more, ends with its second copy (its third without that rule)."""
     from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS, text_keys
 
     keys = text_keys(tokenizer)
@@ -169,7 +172,33 @@ def test_two_paragraphs_taking_turns_are_one_block_of_over_64_words(tokenizer):
                                              add_special_tokens=False) if keys[t] >= 0])
     assert 64 < block <= TEXT_MAX_PERIOD
     ended = text_stop(tokenizer, keys, answer)
+    assert ended is not None and ended.count("In the context of") == 2 * 2
+    ended = text_stop(tokenizer, keys, answer, twice=False)
     assert ended is not None and ended.count("In the context of") == 2 * TEXT_REPEATS
     short = LoopWatch(64, keys=keys, repeats=TEXT_REPEATS, near_match=None)  # blocks of at most 64 words
     tokens, ids = list(PROMPT), tokenizer.encode(answer, add_special_tokens=False)
     assert not any(short.push(tokens := tokens + [token], n) for n, token in enumerate(ids, 1))
+
+
+def test_a_paragraph_said_twice_word_for_word_ends_and_a_sentence_or_a_changed_paragraph_does_not(tokenizer):
+    """A block of TWICE_BLOCK words or more said again straight after itself ends at the end of its second
+    copy (a third would run past a 512-token budget); a shorter block said twice, the same paragraph with a
+    line between, or said again with its details changed, does not."""
+    from server.engine.loops import TWICE_BLOCK, text_keys
+
+    keys = text_keys(tokenizer)
+    paragraph = ("In many cultures, camels are a symbol of the human desire to explore and discover. They are "
+                 "often depicted in art and literature, symbolizing the human capacity to explore the unknown "
+                 "and seek new experiences. For the people of the desert they were also the way to carry water, "
+                 "salt and cloth from one oasis to the next across the wide and open desert.")
+    words = len([t for t in tokenizer.encode(paragraph, add_special_tokens=False) if keys[t] >= 0])
+    assert words >= TWICE_BLOCK
+    twice = f"Camels are fascinating.\n\n{paragraph}\n\n{paragraph}\n\n{paragraph}"
+    ended = text_stop(tokenizer, keys, twice)
+    assert ended is not None and ended.count("In many cultures") == 2 and ended.rstrip(".").endswith("open desert")
+    assert text_stop(tokenizer, keys, twice, twice=False).count("In many cultures") == 3
+    sentence = "The leaves are changing, and this is a natural process that helps to keep the balance in the forest."
+    assert text_stop(tokenizer, keys, f"Autumn. {sentence}\n\n{sentence} Then winter comes.") is None
+    assert text_stop(tokenizer, keys, f"{paragraph}\n\nAnd then:\n\n{paragraph} That is all.") is None
+    changed = paragraph.replace("camels", "horses").replace("desert", "steppe").replace("discover", "travel")
+    assert text_stop(tokenizer, keys, f"{paragraph}\n\n{changed} That is all.") is None

@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from server.engine.detokenizer import OutputText
-from server.engine.loops import (NUDGE_SPAN, TEXT_MAX_PERIOD, TEXT_REPEATS, LoopWatch, digit_widths, steer_off,
-                                 text_keys)
+from server.engine.loops import (NUDGE_SPAN, TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_BLOCK, LoopWatch, digit_widths,
+                                 steer_off, text_keys)
 from server.engine.interface import EngineHandle
 from server.engine.block_manager import BlockManager
 from server.engine.constraint import FormatDeadEnd
@@ -388,8 +388,9 @@ class Engine(EngineHandle):
                 span = seq.params.loop_tokens
                 if not span:
                     seq.loops = None
-                elif seq.constraint is None:  # free text: compared as words, ended after three copies
-                    seq.loops = LoopWatch(span, TEXT_MAX_PERIOD, keys=self._text_keys, repeats=TEXT_REPEATS)
+                elif seq.constraint is None:  # free text: compared as words, ended after three copies (a paragraph: two)
+                    seq.loops = LoopWatch(span, TEXT_MAX_PERIOD, keys=self._text_keys, repeats=TEXT_REPEATS,
+                                          twice=TWICE_BLOCK)
                 else:  # a format: exact tokens and digit runs, steered off sooner
                     seq.loops = LoopWatch(min(span, NUDGE_SPAN), digits=self._digits)
 

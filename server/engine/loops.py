@@ -10,7 +10,10 @@ its turn (finish_reason `stop`, `stop_reason` "loop").
 Free text is compared as words, not tokens (`text_keys`): whitespace-only tokens are skipped and a token
 counts as its text without surrounding whitespace, because the same sentence comes back after " ", then
 after "\n\n" ("ĠThe" and "The" are different tokens), which an exact comparison never sees as a loop.
-Three copies are enough when the block is long (22 words or more, a word being a token that is not only
+Two copies are enough when the block is a paragraph (`TWICE_BLOCK` words or more): a paragraph said again,
+word for word, straight after itself is the model going round, and waiting for a third copy of a block that
+long runs past a 512-token budget (SmolLM2's "In the context of the human experience, camels..." pair of
+paragraphs reached its third copy at token 576). Three copies are enough when the block is long (22 words or more, a word being a token that is not only
 whitespace; with `min_span` 64 a block of 17-21 words needs 64 words of repetition, and one of 16 or
 fewer 4 copies and more): a sentence said three times in a row, whitespace aside, is not a refrain or a
 list's pattern (those change words), and code repeats itself with different names. Measured before the change on answers written for other prompts than the ones it is
@@ -48,6 +51,7 @@ TEXT_REPEATS = 3  # free text: a block said 3 times in a row, whitespace aside, 
 MAX_PERIOD = 64  # the longest block watched in a constrained answer, in tokens
 TEXT_MAX_PERIOD = 128  # free text's, in words: a paragraph or two going round (two sentences taking turns)
 DIGIT_RUN = 32  # digits in a row a constrained answer may write before a non-digit is due (see above)
+TWICE_BLOCK = 64  # free text: a block of this many words or more (a paragraph) ends at its second copy
 NEAR_REPEATS = 4  # free text: a block said 4 times over with a word changed here and there (see `LoopWatch`)
 NEAR_MATCH = 0.9  # ... where at least this share of the words equal the word a block before them
 
@@ -85,15 +89,20 @@ class LoopWatch:
     not three, and nine words in ten: a list, a table or a song's verses change more than that (a
     template line changes its item, its number and often its length, which breaks the alignment)."""
 
-    __slots__ = ("runs", "min_span", "max_period", "repeats", "digits", "digit_run", "keys", "words", "misses",
-                 "windows", "near_match")
+    __slots__ = ("runs", "min_span", "max_period", "digits", "digit_run", "keys", "words", "misses",
+                 "windows", "near_match", "spans")
 
     def __init__(self, min_span: int, max_period: int = MAX_PERIOD, digits: dict[int, int] | None = None,
-                 keys: list[int] | None = None, repeats: int = MIN_REPEATS, near_match: float | None = NEAR_MATCH):
-        """`near_match`: free text's near-repeat share (None: exact blocks only; `bench_loop_rule` compares)."""
+                 keys: list[int] | None = None, repeats: int = MIN_REPEATS, near_match: float | None = NEAR_MATCH,
+                 twice: int | None = None):
+        """`near_match`: free text's near-repeat share (None: exact blocks only; `bench_loop_rule` compares).
+        `twice`: a block of this many tokens (words, for free text) or more ends at its second copy (free text:
+        `TWICE_BLOCK`; None: `repeats` copies whatever the block's length)."""
         self.min_span = min_span
         self.max_period = max_period
-        self.repeats = repeats
+        # spans[p]: how long the repetition of a block of p must be to end the answer
+        self.spans = [max(min_span, (2 if twice is not None and period >= twice else repeats) * period)
+                      for period in range(max_period + 1)]
         self.runs = [0] * (max_period + 1)  # runs[p]: tokens in a row equal to the token p before them
         self.digits = digits  # digit_widths(), for a constrained answer; None: digits are not counted
         self.digit_run = 0  # digits the answer now ends with
@@ -131,8 +140,7 @@ class LoopWatch:
         for period in range(1, min(self.max_period, generated - 1) + 1):
             if tokens[last - period] == token:
                 runs[period] += 1
-                span = runs[period] + period
-                if span >= self.min_span and span >= self.repeats * period:
+                if runs[period] + period >= self.spans[period]:
                     return period
             else:
                 runs[period] = 0
