@@ -526,11 +526,12 @@ def _loop_share(day: dict) -> str:
     """How many of the everyday answers the server's loop watch ended, and when that run was made."""
     if "ended_as_loop" not in day["auto"]:
         return ""
-    run = day.get("run", {})
+    run = day.get("run")  # a later --everyday-only run over the table's run
     auto, base = day["auto"], day["base"]
+    when = f"; this row: `{run['command']}`, {run['date'][:10]}" if run else ""
     return (f": by the model {auto['end_of_turn'] - auto['ended_as_loop']:.0%}, as a loop (`loop_stop_tokens`) "
             f"{auto['ended_as_loop']:.0%} (base {base['end_of_turn'] - base['ended_as_loop']:.0%} and "
-            f"{base['ended_as_loop']:.0%}; this row: `{run.get('command', '')}`, {run.get('date', '')[:10]})")
+            f"{base['ended_as_loop']:.0%}{when})")
 
 
 def _finish_cells(summary: dict | None) -> str:
