@@ -57,11 +57,10 @@ def weight_bytes(model, shape: BaseShape, rank: int) -> dict[str, float]:
                   for name, p in [*layer.named_parameters(), *layer.named_buffers()] if "proj" in name)
     linears += sum(getattr(m.weight, "quant_state", None).absmax.numel() * 4 for layer in layers
                    for m in layer.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None)
-    head = model.lm_head.weight
+    head = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.lm_head.parameters(), *model.lm_head.buffers()]}
     adapter = sum((fan_in + fan_out) * rank for fan_in, fan_out in (shape.linear_features[m] for m in LINEAR_MODULES))
-    adapter *= shape.num_layers * head.element_size()
-    return {"base_linears": linears / 1e6, "lm_head": head.numel() * head.element_size() / 1e6,
-            "adapter": adapter / 1e6}
+    adapter *= shape.num_layers * model.model.norm.weight.element_size()
+    return {"base_linears": linears / 1e6, "lm_head": sum(head.values()) / 1e6, "adapter": adapter / 1e6}
 
 
 def time_steps(runner: ModelRunner, tables: list[list[int]], adapters: list, steps: int, position: int = 40) -> float:

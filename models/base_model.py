@@ -186,7 +186,8 @@ def warn_slow_cpu_nf4() -> None:
 
 def load_int4(folder: Path, dtype: torch.dtype, gguf: Path | None = None):
     """The causal LM for a CPU with its linears in 4-bit groups (models/cpu_int4.py), q/k/v fused into one
-    `qkv_proj` and gate/up into one `gate_up_proj`; embeddings (and a tied lm_head) in bfloat16, norms in `dtype`.
+    `qkv_proj` and gate/up into one `gate_up_proj`; the embedding and lm_head (tied or not) in Q8_0 blocks where
+    our int8 kernel runs (cpu_int4.Int8Table), else in bfloat16; norms in `dtype`.
 
     The linears come from `gguf`'s own Q4_0/Q4_1 blocks when given (no second rounding), else are quantized
     once from `folder`'s weights. The model is built on the meta device and filled tensor by tensor, so the
@@ -220,7 +221,12 @@ def load_int4(folder: Path, dtype: torch.dtype, gguf: Path | None = None):
 
     from_gguf = _gguf_linears(gguf, config) if gguf is not None else None
     inner = model.model
-    inner.embed_tokens.weight = parameter(tensor("model.embed_tokens.weight"), cpu_int4.ACTIVATION_DTYPE)
+    tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in where
+    tables = _int8_tables(gguf, tensor, tied)
+    if tables is not None:
+        inner.embed_tokens, model.lm_head = tables[0], cpu_int4.Int8Head(tables[1])
+    else:
+        inner.embed_tokens.weight = parameter(tensor("model.embed_tokens.weight"), cpu_int4.ACTIVATION_DTYPE)
     inner.norm.weight = parameter(tensor("model.norm.weight"), dtype)
     for index, layer in enumerate(inner.layers):
         prefix = f"model.layers.{index}."
@@ -241,7 +247,9 @@ def load_int4(folder: Path, dtype: torch.dtype, gguf: Path | None = None):
             delattr(attn, module)
         for module in ("gate_proj", "up_proj"):
             delattr(mlp, module)
-    if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in where:
+    if tables is not None:
+        pass
+    elif tied:
         model.lm_head.weight = inner.embed_tokens.weight
     else:
         model.lm_head.weight = parameter(tensor("lm_head.weight"), cpu_int4.ACTIVATION_DTYPE)
@@ -258,6 +266,34 @@ def load_int4(folder: Path, dtype: torch.dtype, gguf: Path | None = None):
         raise BaseModelError(f"{folder}: no weights for {', '.join(left[:5])}")
     _release_freed_memory()
     return model
+
+
+def _int8_tables(gguf: Path | None, tensor, tied: bool):
+    """(embedding, lm_head's table) as Int8Tables (the same one when tied), or None where our int8 kernel does
+    not run or the shapes do not fit it (both stay in bf16). From `gguf`'s own Q8_0 blocks when it has them
+    (`token_embd`, `output`: what llama.cpp computes with, taken as stored), else quantized once from the
+    folder's weights (`tensor`)."""
+    from models import cpu_int4
+
+    if cpu_int4.int8_kernel() is None:
+        return None
+    stored = {}
+    if gguf is not None:
+        import gguf as gguf_lib
+
+        for t in gguf_lib.GGUFReader(gguf).tensors:
+            if t.name in ("token_embd.weight", "output.weight") and t.tensor_type.name == "Q8_0":
+                stored[t.name] = cpu_int4.from_gguf_q8(t.data, (int(t.shape[1]), int(t.shape[0])))
+
+    def table(gguf_name: str, name: str):
+        return cpu_int4.Int8Table(*(stored.get(gguf_name) or cpu_int4.quantize_int8(tensor(name))))
+
+    try:
+        embedding = table("token_embd.weight", "model.embed_tokens.weight")
+        return embedding, embedding if tied else table("output.weight", "lm_head.weight")
+    except ValueError as exc:  # a vocabulary or width the kernel's blocks do not divide
+        log.info("embedding and lm_head kept in bf16: %s", exc)
+        return None
 
 
 def _gguf_linears(gguf: Path, config) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

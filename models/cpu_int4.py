@@ -14,6 +14,11 @@ one offset each are what llama.cpp's Q4_1 holds. Two kernels compute them:
 Both give a row the same bits whatever the number of rows (the batch invariance the engine promises).
 bitsandbytes' NF4 stays the CUDA path.
 
+The tied embedding / lm_head (the largest matmul of a one-row step: vocabulary x hidden) is held where our
+kernel runs as GGUF's Q8_0 blocks (`Int8Table`: int8 levels, one float16 scale per 32 inputs), the embedded
+GGUF's own `token_embd` blocks as stored, which is also what llama.cpp computes its logits with: half the bytes
+of bf16 to read at every step. Elsewhere it stays in bf16.
+
 Why no second rounding: a group dequantizes as `(q - 8) * scale + zero` with q in 0..15, which is exactly
 llama.cpp's Q4_1 block (`d * q + m`: scale = d, zero = m + 8d) and Q4_0 block (`d * (q - 8)`): the embedded
 default's GGUF blocks are taken as they are, not dequantized and quantized again. Other weights (a Hugging
@@ -48,6 +53,11 @@ def kernel() -> tuple[object | None, str]:
         return None, "the CPU has no AVX-512 BF16"
     why = native.avx512() or native.build("loraplex_int4_avx512bf16", KERNEL_SOURCE, native.AVX512_BF16_FLAGS)
     return (None, why) if why else (torch.ops.loraplex_int4.int4_matmul, "")
+
+
+def int8_kernel():
+    """Our AVX-512 BF16 Q8_0 matmul (built with the int4 one), or None where that does not run."""
+    return torch.ops.loraplex_int4.int8_matmul if kernel()[0] is not None else None
 
 
 def supported() -> str | None:
@@ -164,6 +174,90 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return groups.reshape(out, inp)
 
 
+class Int8Table(torch.nn.Module):
+    """A [rows, dim] table (the embedding, and its tied lm_head) in GGUF's Q8_0 blocks: w = q * scale, q an
+    int8, one scale per 32 values; held only in our kernel's layout (`pack_int8`). As the embedding it returns
+    the rows of `ids` in float32 (int8 times a float16 is exact there); `logits(x)` is x @ table.T by the kernel
+    (each row's bits independent of the other rows, as int4_matmul's)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        if self.embedding_dim % GROUP or self.num_embeddings % COLUMNS:
+            raise ValueError(f"int8 tables need a width that is a multiple of {GROUP} and a multiple of {COLUMNS} "
+                             f"rows, not {self.embedding_dim} and {self.num_embeddings}")
+        self._op = int8_kernel()
+        if self._op is None:
+            raise ValueError(f"our int8 kernel does not run here: {kernel()[1]}")
+        self.register_buffer("packed", pack_int8(q, scale))
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels [blocks, groups, pair, column, 2] int8, scales [blocks, groups, column] float16) of `packed`."""
+        groups = self.embedding_dim // GROUP
+        blocks = self.packed.view(self.num_embeddings // COLUMNS, groups, -1)
+        levels = blocks[..., :GROUP * COLUMNS].view(torch.int8).unflatten(-1, (GROUP // 2, COLUMNS, 2))
+        return levels, blocks[..., GROUP * COLUMNS:].view(torch.float16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        levels, scales = self._views()
+        flat = ids.reshape(-1)
+        block, column = flat // COLUMNS, flat % COLUMNS
+        rows = levels[block, :, :, column, :].float().flatten(2) * scales[block, :, column].float()[..., None]
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ table.T in float32, x's rows taken in bf16."""
+        rows = x.reshape(-1, self.embedding_dim).to(ACTIVATION_DTYPE).contiguous()
+        return self._op(rows, self.packed, self.num_embeddings).reshape(*x.shape[:-1], self.num_embeddings)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, q8_0"
+
+
+class Int8Head(torch.nn.Module):
+    """The lm_head over an `Int8Table` (tied to the embedding, or its own table): float32 logits."""
+
+    def __init__(self, table: Int8Table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table.logits(x)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) of a full-precision [rows, dim] table in Q8_0 blocks: per 32 values, scale = max |w| / 127
+    and q = round(w / scale) (what llama.cpp's Q8_0 does), the scale rounded to float16 first."""
+    rows, dim = weight.shape
+    groups = weight.float().reshape(rows, dim // GROUP, GROUP)
+    scale = (groups.abs().amax(-1) / 127).to(torch.float16).float()
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = (groups / safe[..., None]).round().clamp(-128, 127).to(torch.int8).reshape(rows, dim)
+    return q, scale
+
+
+def from_gguf_q8(raw: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) of a GGUF Q8_0 tensor (`raw`: its [rows, blocks * 34] uint8 data) as stored: per block a
+    float16 d then 32 int8."""
+    rows, dim = shape
+    blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(rows, dim // GROUP, 2 + GROUP)
+    scale = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    return blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, dim), scale
+
+
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Our int8 kernel's layout (int4_matmul.cpp): per block of 16 rows (output columns) and group of 32
+    values, 16 pairs of values as 32 bytes (column i's pair at bytes 2i, 2i+1), then the 16 scales in float16."""
+    rows, dim = q.shape
+    groups = dim // GROUP
+    levels = q.to(torch.int8).view(rows // COLUMNS, COLUMNS, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
+    levels = levels.reshape(rows // COLUMNS, groups, -1).view(torch.uint8)
+    half = scale.float().view(rows // COLUMNS, COLUMNS, groups).permute(0, 2, 1).to(torch.float16)
+    if not torch.isfinite(half).all():
+        raise ValueError("int8 scales beyond float16's range")
+    return torch.cat((levels, half.contiguous().view(torch.uint8)), dim=-1).reshape(-1)
+
+
 def fuse(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Int4Linear:
     """One Int4Linear computing several linears of the same input side by side (their outputs concatenated)."""
     return Int4Linear(*(torch.cat(tensors) for tensors in zip(*parts)))
@@ -171,4 +265,4 @@ def fuse(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Int4Li
 
 if __name__ == "__main__":  # `make install`: build the kernel now rather than at the first server start
     op, why = kernel()
-    print("int4 CPU kernel:", "built" if op is not None else f"not used ({why})")
+    print("int4 / int8 CPU kernels:", "built" if op is not None else f"not used ({why})")

@@ -11,6 +11,11 @@
 // Rows are taken eight at a time, each row by the same instructions in the same order whatever the tile, and
 // the sum over groups runs in order on one thread: a row gets the same bits whatever the number of rows (the
 // engine's batch invariance). Threads split the output columns, never the sums.
+//
+// int8_matmul: the same for GGUF's Q8_0 blocks (w = q * d, q in -128..127, one float16 d per 32 inputs), what
+// the tied embedding / lm_head is held in (models/cpu_int4.py, Int8Table): per block of 16 columns and group,
+// 16 pairs of inputs, each 32 bytes (column i's two inputs at bytes 2i and 2i+1), then the 16 columns' d.
+// An int8 is exact in bf16, so the products are exact as above.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -100,9 +105,63 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n_
   return y;
 }
 
+constexpr int64_t Q8_BYTES = PAIRS * 32, Q8_BLOCK_BYTES = Q8_BYTES + COLUMNS * 2;
+
+inline __m512 widen_int8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int64_t ROWS>
+void tile8(const uint16_t* x, int64_t k_size, int64_t groups, const uint8_t* block, float* y, int64_t n_size) {
+  __m512 acc[ROWS];
+  for (int64_t m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g, block += Q8_BLOCK_BYTES) {
+    __m512 dot[ROWS];
+    for (int64_t m = 0; m < ROWS; ++m) dot[m] = _mm512_setzero_ps();
+    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(x + g * GROUP);
+    for (int64_t p = 0; p < PAIRS; ++p) {
+      // words 0-15: columns 0-7's pairs, 16-31: columns 8-15's (vcvtne2ps2bf16 puts its second operand first)
+      const __m512bh w = _mm512_cvtne2ps_pbh(widen_int8(block + p * 32 + 16), widen_int8(block + p * 32));
+      for (int64_t m = 0; m < ROWS; ++m)
+        dot[m] = _mm512_dpbf16_ps(dot[m], (__m512bh)_mm512_set1_epi32(pairs[m * k_size / 2 + p]), w);
+    }
+    const __m512 scale = widen_half(block + Q8_BYTES);
+    for (int64_t m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(scale, dot[m], acc[m]);
+  }
+  for (int64_t m = 0; m < ROWS; ++m) _mm512_storeu_ps(y + m * n_size, acc[m]);
+}
+
+using Tile8Fn = void (*)(const uint16_t*, int64_t, int64_t, const uint8_t*, float*, int64_t);
+constexpr Tile8Fn TILES8[TILE + 1] = {nullptr,   tile8<1>, tile8<2>, tile8<3>, tile8<4>,
+                                      tile8<5>, tile8<6>, tile8<7>, tile8<8>};
+
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: [rows, in] bfloat16");
+  const int64_t rows = x.size(0), k_size = x.size(1), groups = k_size / GROUP, blocks = n_size / COLUMNS;
+  TORCH_CHECK(k_size % GROUP == 0 && n_size % COLUMNS == 0, "in: a multiple of 32, out: of 16");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+              packed.numel() == blocks * groups * Q8_BLOCK_BYTES, "packed: the layout pack_int8() makes for this shape");
+  auto y = at::empty({rows, n_size}, x.options().dtype(at::kFloat));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t m = 0; m < rows; m += TILE) {
+        const int64_t count = rows - m < TILE ? rows - m : TILE;
+        TILES8[count](xp + m * k_size, k_size, groups, wp + b * groups * Q8_BLOCK_BYTES, yp + m * n_size + b * COLUMNS,
+                      n_size);
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraplex_int4, m) {
   m.def("int4_matmul(Tensor x, Tensor packed, int n) -> Tensor");
   m.impl("int4_matmul", c10::DispatchKey::CPU, TORCH_FN(int4_matmul));
+  m.def("int8_matmul(Tensor x, Tensor packed, int n) -> Tensor");
+  m.impl("int8_matmul", c10::DispatchKey::CPU, TORCH_FN(int8_matmul));
 }

@@ -1,5 +1,5 @@
 """The int4 CPU base (models/cpu_int4.py): GGUF blocks taken without a second rounding, the fused linears, the
-bf16 lm_head and KV, and batch invariance on a CPU."""
+Q8_0 (or bf16) embedding / lm_head and bf16 KV, and batch invariance on a CPU."""
 import numpy as np
 import pytest
 import torch
@@ -63,6 +63,54 @@ def test_our_kernel_computes_the_groups_exactly_held():
         assert torch.equal(linear(x[:rows].float()), ours[:rows])
 
 
+@pytest.mark.skipif(cpu_int4.int8_kernel() is None, reason="our int8 kernel does not run on this CPU")
+def test_q8_table_holds_gguf_blocks_exactly_and_its_logits_are_batch_invariant():
+    """A GGUF Q8_0 table read as stored: its rows as the embedding are exactly what gguf dequantizes; its
+    logits (int8_matmul in int4_matmul.cpp) against float64 arithmetic on those weights and the rows' bf16
+    inputs: float32 rounding only, and a row's bits the same whatever the number of rows (tiles of eight).
+    A table quantized here (quantize_int8) is within half a step of its weights."""
+    import gguf
+
+    weight = np.random.default_rng(4).standard_normal((96, 192)).astype(np.float32) * 0.05
+    raw = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+    exact = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(weight.shape))
+    table = cpu_int4.Int8Table(*cpu_int4.from_gguf_q8(raw, weight.shape))
+    ids = torch.tensor([[0, 17, 95], [16, 15, 64]])
+    assert torch.equal(table(ids), exact[ids])
+    x = torch.randn(19, 192).to(torch.bfloat16)
+    expected = x.double() @ exact.double().T
+    logits = cpu_int4.Int8Head(table)(x.float())
+    assert logits.dtype == torch.float32 and logits.shape == (19, 96)
+    assert (logits.double() - expected).abs().max().item() < 1e-5
+    for rows in (1, 7, 8, 9, 16, 17):
+        assert torch.equal(table.logits(x[:rows].float()), logits[:rows])
+    q, scale = cpu_int4.quantize_int8(torch.from_numpy(weight))
+    held = cpu_int4.Int8Table(q, scale)(torch.arange(96))
+    step = torch.from_numpy(weight).reshape(96, 6, 32).abs().amax(-1) / 127
+    assert ((held - torch.from_numpy(weight)).reshape(96, 6, 32).abs() <= step[..., None] * 0.51).all()
+    with pytest.raises(ValueError, match="multiple"):
+        cpu_int4.Int8Table(q[:90], scale[:90])
+
+
+def test_embedded_gguf_embedding_is_its_q8_blocks(smollm_folder):
+    """The default model's embedding / tied lm_head is the GGUF's own token_embd Q8_0 blocks (what llama.cpp
+    computes its logits with), exactly; where our kernel does not run it stays the folder's bf16 weights."""
+    import gguf
+
+    from models.base_model import _int8_tables
+
+    tables = _int8_tables(embedded_gguf_path(), None, tied=True)
+    if cpu_int4.int8_kernel() is None:
+        assert tables is None
+        return
+    embedding, head = tables
+    assert head is embedding
+    stored = next(t for t in gguf.GGUFReader(embedded_gguf_path()).tensors if t.name == "token_embd.weight")
+    rows = torch.tensor([0, 1, 2, 100, 49151])
+    expected = gguf.quants.dequantize(stored.data[rows.numpy()], stored.tensor_type)
+    assert torch.equal(embedding(rows), torch.from_numpy(expected.reshape(len(rows), -1)))
+
+
 def test_pytorch_kernel_stays_usable():
     """Where our kernel does not run (no AVX-512 BF16), PyTorch's computes the same linear."""
     torch.manual_seed(2)
@@ -104,10 +152,15 @@ def tiny_int4(tiny_folder):
 
 def test_int4_model_follows_the_full_precision_one(tiny_int4, tiny_folder, tokenizer):
     """The fused int4 runner's logits against the fp32 model's: close (4-bit weights, bf16 activations), the
-    lm_head tied to the bf16 embeddings, the KV cache in bf16 where the CPU has it."""
+    lm_head tied to the embedding (a Q8_0 table where our kernel runs, else bf16), the KV cache in bf16 where
+    the CPU has it."""
     reference = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
     driver = RunnerDriver.build(tiny_int4, tokenizer)
-    assert driver.runner.fused and tiny_int4.lm_head.weight is tiny_int4.model.embed_tokens.weight
+    assert driver.runner.fused
+    if cpu_int4.int8_kernel() is not None:  # the tied table in Q8_0 blocks, one table for both
+        assert isinstance(tiny_int4.lm_head, cpu_int4.Int8Head) and tiny_int4.lm_head.table is tiny_int4.model.embed_tokens
+    else:
+        assert tiny_int4.lm_head.weight is tiny_int4.model.embed_tokens.weight
     prompt = [1, 504, 3575, 282, 4649, 9690, 198]
     ours = driver.prefill({0: (prompt, None)})[0]
     with torch.inference_mode():

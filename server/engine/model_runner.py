@@ -23,6 +23,7 @@ import torch
 
 from adapters.lora import BaseShape
 from models import native
+from models.cpu_int4 import Int8Head
 from server.engine import cpu_attention
 from server.engine.lora_batch import KernelStepLora, LoraBank, RowAdapter, StepLora, matmul_rows
 from server.engine.transfer import to_device
@@ -107,7 +108,7 @@ class ModelRunner:
         self.lm_head = causal_lm.lm_head
         self.layers = list(self.model.layers)
         self.fused = hasattr(self.layers[0].self_attn, "qkv_proj")
-        self.device = self.model.embed_tokens.weight.device
+        self.device = self.model.norm.weight.device  # the embedding may be a table of int8 blocks (no .weight)
         # the compute dtype: the norms' (embeddings and lm_head may be held narrower, see models/cpu_int4.py)
         self.dtype = self.model.norm.weight.dtype
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype, self.fused)
@@ -146,7 +147,8 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         """Bytes of the base's weights as held (quantized linears packed, a tied lm_head counted once)."""
         seen, total = set(), 0
-        for tensor in [*self.model.parameters(), *self.model.buffers(), *self.lm_head.parameters()]:
+        for tensor in [*self.model.parameters(), *self.model.buffers(), *self.lm_head.parameters(),
+                       *self.lm_head.buffers()]:
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
@@ -369,6 +371,8 @@ class ModelRunner:
         row's logits bit-identical whatever the batch, and the W @ x.T orientation streams W
         once per chunk: at batch 1 this is ~4x faster than F.linear padded to 4 rows.
         """
+        if isinstance(self.lm_head, Int8Head):  # the int4 CPU base's Q8_0 table: each row's bits its own already
+            return self.lm_head(hidden)
         weight = getattr(self.lm_head, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 and hidden.dtype == torch.float32:
             # the int4 CPU base's bf16 lm_head: one oneDNN bf16 matmul over every row gives each row the same bits

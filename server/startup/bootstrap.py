@@ -93,7 +93,7 @@ def build_runner(settings: Settings, num_blocks: int | None = None) -> tuple[Mod
         raise ConfigError(str(exc)) from exc
     config = loaded.model.config
     context_window = context_window_for(settings, config)
-    device, dtype = loaded.model.model.embed_tokens.weight.device, loaded.model.model.norm.weight.dtype
+    device, dtype = loaded.model.model.norm.weight.device, loaded.model.model.norm.weight.dtype
     kv_dtype = resolve_kv_dtype(settings.kv_cache_dtype, dtype, hasattr(loaded.model.model.layers[0].self_attn, "qkv_proj"))
     block_bytes = kv_block_bytes(config, kv_dtype, settings.kv_block_size)
     shape = BaseShape.from_config(config)
