@@ -51,8 +51,9 @@ def serving_section() -> str:
             "2026-11-30, NF4 base: 0.88 / 0.91; run 11, 2026-12-05, int4 base before a step's decode rows were\n"
             "grouped by adapter: 0.79, the base having got faster and the LoRA work not; runs 12-14, 2026-12-05, grouped,\n"
             "before the wide LoRA path: 0.87 / 0.84 / 0.86; runs 15-17, 2026-12-05, the wide path, before the CPU\n"
-            "kernels: 1.05 / 0.77 / 0.89). In every run since run 12 the first mixed round is the slowest (runs 18-20:\n"
-            "187-212 tok/s, 295-331 after), which the median over rounds keeps out.\n")
+            "kernels: 1.05 / 0.77 / 0.89; runs 18-20, 2026-12-05, the CPU kernels before the Q8_0 lm_head: 0.88 / 0.89 /\n"
+            "0.80). In every run since run 12 the first mixed round is the slowest (runs 21-23: 227-236 tok/s, 355-371\n"
+            "after), which the median over rounds keeps out.\n")
     if not runs:
         return head + "\n" + _missing("make bench")
 
@@ -784,12 +785,12 @@ PROFILE_DOC = REPO / "docs" / "decode-profile.md"
 PROFILE_PARTS = ("base matmuls", "LoRA", "attention", "lm_head", "sampling", "other", "total")
 
 
-PROFILE_RUNS = ("before", "after", "kernels", "kernels-128")
+PROFILE_RUNS = ("before", "after", "kernels", "kernels-128", "q8-head")
 
 
 def decode_profile_doc() -> str:
     """docs/decode-profile.md: one decode step's CPU time by part, before and after issue 32's engine work, from
-    docs/decode-profile-{before,after,kernels,kernels-128}.json (written by bench_decode_step --breakdown)."""
+    docs/decode-profile-{before,after,kernels,kernels-128,q8-head}.json (written by bench_decode_step --breakdown)."""
     runs = {name: json.loads((REPO / "docs" / f"decode-profile-{name}.json").read_text())
             for name in PROFILE_RUNS if (REPO / "docs" / f"decode-profile-{name}.json").is_file()}
     lines = ["# Where a decode step's time goes", "",
@@ -830,7 +831,12 @@ def decode_profile_doc() -> str:
               "row's own adapters, from a bf16 step stack, rows on one adapter four at a time. Each keeps a row's",
               "bits independent of what shares its step. What is left, largest first: at batch 16 the linears,",
               "the lm_head (one bf16 matmul of 56 MB) and LoRA (bound by the adapters' bytes); at batch 1 the",
-              "lm_head, the linears and the per-op Python of 30 layers.", ""]
+              "lm_head, the linears and the per-op Python of 30 layers.",
+              "",
+              "What changed from kernels to q8-head (2026-12-05): the embedding and the tied lm_head are held as",
+              "the GGUF's own Q8_0 blocks (int8, a float16 scale per 32: what llama.cpp computes its logits with)",
+              "and the lm_head is an int8 op of the same kernel (models/cpu_int4.py, Int8Table): 28 MB read a",
+              "step instead of 56. At batch 1 the linears and the per-op Python now lead.", ""]
     return "\n".join(lines)
 
 

@@ -111,6 +111,21 @@ def test_embedded_gguf_embedding_is_its_q8_blocks(smollm_folder):
     assert torch.equal(embedding(rows), torch.from_numpy(expected.reshape(len(rows), -1)))
 
 
+@pytest.mark.skipif(cpu_int4.int8_kernel() is None, reason="our int8 kernel does not run on this CPU")
+def test_tables_from_a_folder_are_quantized_once_and_an_odd_vocabulary_stays_bf16():
+    """Without a GGUF the folder's embedding is quantized to Q8_0 (an untied lm_head gets its own table); a
+    vocabulary the kernel's blocks of 16 rows do not divide keeps the bf16 path (None) instead of failing."""
+    from models.base_model import _int8_tables
+
+    torch.manual_seed(5)
+    weights = {"model.embed_tokens.weight": torch.randn(64, 96), "lm_head.weight": torch.randn(64, 96)}
+    embedding, head = _int8_tables(None, weights.__getitem__, tied=False)
+    assert head is not embedding and head.num_embeddings == 64
+    torch.testing.assert_close(embedding(torch.arange(64)), weights["model.embed_tokens.weight"], atol=0.02, rtol=0)
+    odd = {"model.embed_tokens.weight": torch.randn(100, 96)}
+    assert _int8_tables(None, odd.__getitem__, tied=True) is None
+
+
 def test_pytorch_kernel_stays_usable():
     """Where our kernel does not run (no AVX-512 BF16), PyTorch's computes the same linear."""
     torch.manual_seed(2)
