@@ -5,7 +5,7 @@ A small model that does not end its turn rarely wanders: it repeats. SmolLM2 wri
 and waits for it. Once an answer's last `min_span` tokens or more are one block of at most
 `TEXT_MAX_PERIOD` words (a paragraph or two: two paragraphs taking turns are one block) said at least
 `TEXT_REPEATS` times over, nothing new can come of it: the answer ends there, as if the model had ended
-its turn (finish_reason `stop`, `stop_reason` "loop").
+its turn (finish_reason `stop`; `loraplex_loop_stops_total` counts them).
 
 Free text is compared as words, not tokens (`text_keys`): whitespace-only tokens are skipped and a token
 counts as its text without surrounding whitespace, because the same sentence comes back after " ", then
