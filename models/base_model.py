@@ -247,11 +247,9 @@ def load_int4(folder: Path, dtype: torch.dtype, gguf: Path | None = None):
             delattr(attn, module)
         for module in ("gate_proj", "up_proj"):
             delattr(mlp, module)
-    if tables is not None:
-        pass
-    elif tied:
+    if tables is None and tied:
         model.lm_head.weight = inner.embed_tokens.weight
-    else:
+    elif tables is None:
         model.lm_head.weight = parameter(tensor("lm_head.weight"), cpu_int4.ACTIVATION_DTYPE)
     with torch.device("cpu"):  # built on meta above; its frequencies are computed, not loaded
         inner.rotary_emb = type(inner.rotary_emb)(config)
