@@ -13,7 +13,7 @@ after "\n\n" ("ĠThe" and "The" are different tokens), which an exact comparison
 Two copies are enough when the block is a paragraph (`TWICE_BLOCK` words or more): a paragraph said again,
 word for word, straight after itself is the model going round, and waiting for a third copy of a block that
 long runs past a 512-token budget (SmolLM2's "In the context of the human experience, camels..." pair of
-paragraphs reached its third copy at token 576). Three copies are enough when the block is long (22 words or more, a word being a token that is not only
+paragraphs, on the bf16 lm_head, reached its third copy at token 576). Three copies are enough when the block is long (22 words or more, a word being a token that is not only
 whitespace; with `min_span` 64 a block of 17-21 words needs 64 words of repetition, and one of 16 or
 fewer 4 copies and more): a sentence said three times in a row, whitespace aside, is not a refrain or a
 list's pattern (those change words), and code repeats itself with different names. Measured before the change on answers written for other prompts than the ones it is
