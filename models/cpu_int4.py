@@ -155,15 +155,19 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tens
     groups = inp // GROUP
     levels = q.to(torch.uint8).view(out // COLUMNS, COLUMNS, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
     nibbles = (levels[..., 0] | (levels[..., 1] << 4)).reshape(out // COLUMNS, groups, -1)
-
-    def by_column(values: torch.Tensor, name: str) -> torch.Tensor:
-        half = values.float().view(out // COLUMNS, COLUMNS, groups).permute(0, 2, 1).to(torch.float16)
-        if not torch.isfinite(half).all():
-            raise ValueError(f"int4 {name}s beyond float16's range")
-        return half.contiguous().view(torch.uint8)
-
     offset = zero.float() - 8 * scale.float()
-    return torch.cat((nibbles, by_column(scale, "scale"), by_column(offset, "offset")), dim=-1).reshape(-1)
+    return torch.cat((nibbles, _by_column(scale, "int4 scale"), _by_column(offset, "int4 offset")),
+                     dim=-1).reshape(-1)
+
+
+def _by_column(values: torch.Tensor, name: str) -> torch.Tensor:
+    """[out, groups] per-group values as the kernels' blocks hold them: per block of COLUMNS outputs and group,
+    the block's values in float16, as bytes ([out // COLUMNS, groups, 2 * COLUMNS])."""
+    out, groups = values.shape
+    half = values.float().view(out // COLUMNS, COLUMNS, groups).permute(0, 2, 1).to(torch.float16)
+    if not torch.isfinite(half).all():
+        raise ValueError(f"{name}s beyond float16's range")
+    return half.contiguous().view(torch.uint8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -252,10 +256,7 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     groups = dim // GROUP
     levels = q.to(torch.int8).view(rows // COLUMNS, COLUMNS, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
     levels = levels.reshape(rows // COLUMNS, groups, -1).view(torch.uint8)
-    half = scale.float().view(rows // COLUMNS, COLUMNS, groups).permute(0, 2, 1).to(torch.float16)
-    if not torch.isfinite(half).all():
-        raise ValueError("int8 scales beyond float16's range")
-    return torch.cat((levels, half.contiguous().view(torch.uint8)), dim=-1).reshape(-1)
+    return torch.cat((levels, _by_column(scale, "int8 scale")), dim=-1).reshape(-1)
 
 
 def fuse(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Int4Linear:

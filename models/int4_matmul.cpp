@@ -29,12 +29,19 @@ namespace {
 
 constexpr int64_t COLUMNS = 16, GROUP = 32, PAIRS = GROUP / 2, TILE = 8;
 constexpr int64_t Q_BYTES = PAIRS * 16, BLOCK_BYTES = Q_BYTES + 2 * COLUMNS * 2;
+constexpr int64_t Q8_BYTES = PAIRS * 32, Q8_BLOCK_BYTES = Q8_BYTES + COLUMNS * 2;
 
 inline __m512 widen_half(const void* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-template <int64_t ROWS>
+inline __m512 widen_int8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Q8: the block is Q8_0 (int8 levels, a scale); else 4-bit levels with a scale and an offset (`sums`: each
+// row's sum of inputs per group, the offsets' term; unused for Q8)
+template <bool Q8, int64_t ROWS>
 void tile(const uint16_t* x, int64_t k_size, const float* sums, int64_t groups, const uint8_t* block,
           float* y, int64_t n_size) {
   // bf16 of 0..15, twice: vpermw indexes 32 entries
@@ -44,43 +51,60 @@ void tile(const uint16_t* x, int64_t k_size, const float* sums, int64_t groups, 
       0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
   const __m512i levels = _mm512_load_si512(LEVELS);
   const __m512i fields = _mm512_set1_epi32(0x000F000F);
+  constexpr int64_t q_bytes = Q8 ? Q8_BYTES : Q_BYTES, block_bytes = Q8 ? Q8_BLOCK_BYTES : BLOCK_BYTES;
   __m512 acc[ROWS];
   for (int64_t m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g, block += BLOCK_BYTES) {
+  for (int64_t g = 0; g < groups; ++g, block += block_bytes) {
     __m512 dot[ROWS];
     for (int64_t m = 0; m < ROWS; ++m) dot[m] = _mm512_setzero_ps();
     const uint32_t* pairs = reinterpret_cast<const uint32_t*>(x + g * GROUP);
     for (int64_t p = 0; p < PAIRS; ++p) {
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + p * 16)));
-      // each 32-bit lane: the low nibble in bits 0-3, the high one in bits 16-19: two 16-bit level indices
-      const __m512i index = _mm512_ternarylogic_epi32(fields, bytes, _mm512_slli_epi32(bytes, 12), 0xE0);
-      const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(index, levels);
+      __m512bh w;
+      if constexpr (Q8) {
+        // words 0-15: columns 0-7's pairs, 16-31: columns 8-15's (vcvtne2ps2bf16 puts its second operand first)
+        w = _mm512_cvtne2ps_pbh(widen_int8(block + p * 32 + 16), widen_int8(block + p * 32));
+      } else {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + p * 16)));
+        // each 32-bit lane: the low nibble in bits 0-3, the high one in bits 16-19: two 16-bit level indices
+        const __m512i index = _mm512_ternarylogic_epi32(fields, bytes, _mm512_slli_epi32(bytes, 12), 0xE0);
+        w = (__m512bh)_mm512_permutexvar_epi16(index, levels);
+      }
       for (int64_t m = 0; m < ROWS; ++m)
         dot[m] = _mm512_dpbf16_ps(dot[m], (__m512bh)_mm512_set1_epi32(pairs[m * k_size / 2 + p]), w);
     }
-    const __m512 scale = widen_half(block + Q_BYTES), offset = widen_half(block + Q_BYTES + COLUMNS * 2);
-    for (int64_t m = 0; m < ROWS; ++m) {
-      acc[m] = _mm512_fmadd_ps(scale, dot[m], acc[m]);
-      acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[m * groups + g]), acc[m]);
+    const __m512 scale = widen_half(block + q_bytes);
+    if constexpr (Q8) {
+      for (int64_t m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(scale, dot[m], acc[m]);
+    } else {
+      const __m512 offset = widen_half(block + q_bytes + COLUMNS * 2);
+      for (int64_t m = 0; m < ROWS; ++m) {
+        acc[m] = _mm512_fmadd_ps(scale, dot[m], acc[m]);
+        acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[m * groups + g]), acc[m]);
+      }
     }
   }
   for (int64_t m = 0; m < ROWS; ++m) _mm512_storeu_ps(y + m * n_size, acc[m]);
 }
 
 using TileFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, const uint8_t*, float*, int64_t);
-constexpr TileFn TILES[TILE + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
+template <bool Q8>
+constexpr TileFn TILES[TILE + 1] = {nullptr,          tile<Q8, 1>, tile<Q8, 2>, tile<Q8, 3>, tile<Q8, 4>,
+                                    tile<Q8, 5>, tile<Q8, 6>, tile<Q8, 7>, tile<Q8, 8>};
 
-at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n_size) {
+template <bool Q8>
+at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: [rows, in] bfloat16");
   const int64_t rows = x.size(0), k_size = x.size(1), groups = k_size / GROUP, blocks = n_size / COLUMNS;
+  const int64_t block_bytes = Q8 ? Q8_BLOCK_BYTES : BLOCK_BYTES;
   TORCH_CHECK(k_size % GROUP == 0 && n_size % COLUMNS == 0, "in: a multiple of 32, out: of 16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-              packed.numel() == blocks * groups * BLOCK_BYTES, "packed: the layout pack() makes for this shape");
+              packed.numel() == blocks * groups * block_bytes,
+              Q8 ? "packed: the layout pack_int8() makes for this shape" : "packed: the layout pack() makes for this shape");
   auto y = at::empty({rows, n_size}, x.options().dtype(at::kFloat));
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  // each row's sum of inputs per group (the offsets' term), in order
-  std::vector<float> sums(rows * groups);
-  for (int64_t m = 0; m < rows; ++m)
+  // each row's sum of inputs per group (the offsets' term), in order; Q8_0 has no offsets
+  std::vector<float> sums(Q8 ? 0 : rows * groups);
+  for (int64_t m = 0; !Q8 && m < rows; ++m)
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0;
       for (int64_t k = 0; k < GROUP; ++k) {
@@ -97,64 +121,20 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n_
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m = 0; m < rows; m += TILE) {
         const int64_t count = rows - m < TILE ? rows - m : TILE;
-        TILES[count](xp + m * k_size, k_size, sums.data() + m * groups, groups, wp + b * groups * BLOCK_BYTES,
-                     yp + m * n_size + b * COLUMNS, n_size);
+        TILES<Q8>[count](xp + m * k_size, k_size, Q8 ? nullptr : sums.data() + m * groups, groups,
+                         wp + b * groups * block_bytes, yp + m * n_size + b * COLUMNS, n_size);
       }
     }
   });
   return y;
 }
 
-constexpr int64_t Q8_BYTES = PAIRS * 32, Q8_BLOCK_BYTES = Q8_BYTES + COLUMNS * 2;
-
-inline __m512 widen_int8(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n_size) {
+  return matmul<false>(x, packed, n_size);
 }
-
-template <int64_t ROWS>
-void tile8(const uint16_t* x, int64_t k_size, int64_t groups, const uint8_t* block, float* y, int64_t n_size) {
-  __m512 acc[ROWS];
-  for (int64_t m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g, block += Q8_BLOCK_BYTES) {
-    __m512 dot[ROWS];
-    for (int64_t m = 0; m < ROWS; ++m) dot[m] = _mm512_setzero_ps();
-    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(x + g * GROUP);
-    for (int64_t p = 0; p < PAIRS; ++p) {
-      // words 0-15: columns 0-7's pairs, 16-31: columns 8-15's (vcvtne2ps2bf16 puts its second operand first)
-      const __m512bh w = _mm512_cvtne2ps_pbh(widen_int8(block + p * 32 + 16), widen_int8(block + p * 32));
-      for (int64_t m = 0; m < ROWS; ++m)
-        dot[m] = _mm512_dpbf16_ps(dot[m], (__m512bh)_mm512_set1_epi32(pairs[m * k_size / 2 + p]), w);
-    }
-    const __m512 scale = widen_half(block + Q8_BYTES);
-    for (int64_t m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(scale, dot[m], acc[m]);
-  }
-  for (int64_t m = 0; m < ROWS; ++m) _mm512_storeu_ps(y + m * n_size, acc[m]);
-}
-
-using Tile8Fn = void (*)(const uint16_t*, int64_t, int64_t, const uint8_t*, float*, int64_t);
-constexpr Tile8Fn TILES8[TILE + 1] = {nullptr,   tile8<1>, tile8<2>, tile8<3>, tile8<4>,
-                                      tile8<5>, tile8<6>, tile8<7>, tile8<8>};
 
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: [rows, in] bfloat16");
-  const int64_t rows = x.size(0), k_size = x.size(1), groups = k_size / GROUP, blocks = n_size / COLUMNS;
-  TORCH_CHECK(k_size % GROUP == 0 && n_size % COLUMNS == 0, "in: a multiple of 32, out: of 16");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-              packed.numel() == blocks * groups * Q8_BLOCK_BYTES, "packed: the layout pack_int8() makes for this shape");
-  auto y = at::empty({rows, n_size}, x.options().dtype(at::kFloat));
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t m = 0; m < rows; m += TILE) {
-        const int64_t count = rows - m < TILE ? rows - m : TILE;
-        TILES8[count](xp + m * k_size, k_size, groups, wp + b * groups * Q8_BLOCK_BYTES, yp + m * n_size + b * COLUMNS,
-                      n_size);
-      }
-    }
-  });
-  return y;
+  return matmul<true>(x, packed, n_size);
 }
 
 }  // namespace
