@@ -12,7 +12,11 @@ by an earlier rule and by today's, both with `loop_stop_tokens` 64. `--compare t
 run): exact tokens and four copies vs words and three copies of a long block; `--compare words` (the
 default): words, exact blocks only vs today's, which also ends a block coming back with a word changed
 here and there (`NEAR_MATCH`); `--compare twice` (2026-12-05, third): today's rule without and with
-a paragraph (`TWICE_BLOCK` words or more) ending at its second copy. Printed, and written to loadtests/results/bench_loop_rule[_tokens|_twice].json: how
+a paragraph (64 words or more) ending at its second copy; `--compare block64` (2026-12-05, fourth):
+that rule (a block of 64 words or more ends at its second copy) vs today's (a block of `TWICE_CHARS`
+characters or more, spaces aside), and, in `by_size`, how many answers other sizes in characters would
+end earlier than the 64-word rule, of those how many it never ends, and how many were written for a
+risky prompt. Printed, and written to loadtests/results/bench_loop_rule[_tokens|_twice|_block64].json: how
 many answers each rule ends, and every answer today's rule ends earlier than the earlier one, with the
 text it keeps and the text it drops, to be read: a song, a list or code among them would be a wrong cut.
 `--answers FILE` keeps the written answers there and reads them back on a later run (no server needed).
@@ -29,7 +33,7 @@ from transformers import AutoTokenizer
 
 from loadtests.provenance import stamp
 from models.base_model import EMBEDDED_BASE, resolve_base_folder
-from server.engine.loops import MIN_REPEATS, TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_BLOCK, LoopWatch, text_keys
+from server.engine.loops import MIN_REPEATS, TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_CHARS, LoopWatch, text_words
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / "data"
@@ -74,6 +78,37 @@ def ends_at(ids: list[int], watch: LoopWatch) -> int | None:
     return None
 
 
+def text_watch(keys: list[int], widths: list[int], twice: int | None = TWICE_CHARS) -> LoopWatch:
+    """Free text's watch as the engine sets it up (`twice`: the block that ends at its second copy, in
+    characters of `widths`; widths of 1 count it in words, as the rule before `TWICE_CHARS` did)."""
+    return LoopWatch(SPAN, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS, twice=twice, widths=widths)
+
+
+def earlier_watch(compare: str, keys: list[int], widths: list[int]) -> LoopWatch:
+    """The rule today's is compared with (`--compare`)."""
+    if compare == "tokens":
+        return LoopWatch(SPAN, repeats=MIN_REPEATS)
+    if compare == "twice":
+        return text_watch(keys, widths, twice=None)
+    if compare == "block64":
+        return text_watch(keys, [1] * len(widths), twice=64)
+    return LoopWatch(SPAN, keys=keys, repeats=TEXT_REPEATS, near_match=None)
+
+
+def by_size(written: list[dict], ids_of: list[list[int]], keys: list[int], widths: list[int]) -> dict[int, dict]:
+    """Per size in characters of the block that ends at its second copy: the answers it ends earlier than
+    the 64-word rule does, those among them that rule never ends, and those written for a risky prompt."""
+    before = [ends_at(ids, earlier_watch("block64", keys, widths)) for ids in ids_of]
+    sizes = {}
+    for size in (300, 240, 200, 160, 120, 100, 80, 60):
+        now = [ends_at(ids, text_watch(keys, widths, twice=size)) for ids in ids_of]
+        cut = [(answer, old) for answer, old, new in zip(written, before, now)
+               if new is not None and (old is None or new < old)]
+        sizes[size] = {"ended_earlier": len(cut), "not_ended_before": sum(old is None for _, old in cut),
+                       "risky": sum(answer["kind"] == "risky" for answer, _ in cut)}
+    return sizes
+
+
 async def answers(url: str, cases: list[tuple[str, str]]) -> list[dict]:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
     gate = asyncio.Semaphore(4)
@@ -93,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="a server started with LORAPLEX_LOOP_STOP_TOKENS=0")
     parser.add_argument("--answers", type=Path, default=None,
                         help="keep the answers here; read them from here when the file exists")
-    parser.add_argument("--compare", choices=("words", "tokens", "twice"), default="words",
-                        help="the earlier rule: words with exact blocks only (default), exact tokens, or today's "
-                             "without a paragraph ending at its second copy")
+    parser.add_argument("--compare", choices=("words", "tokens", "twice", "block64"), default="words",
+                        help="the earlier rule: words with exact blocks only (default), exact tokens, today's "
+                             "without a paragraph ending at its second copy, or today's with that block 64 words")
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_folder(EMBEDDED_BASE)[0])
-    keys = text_keys(tokenizer)
+    keys, widths = text_words(tokenizer)
     if args.answers is not None and args.answers.is_file():
         written = json.loads(args.answers.read_text())
     else:
@@ -109,27 +144,23 @@ def main(argv: list[str] | None = None) -> int:
             args.answers.write_text(json.dumps(written, indent=1, ensure_ascii=False) + "\n")
     old_ends = new_ends = 0
     earlier = []
-    for answer in written:
-        ids = tokenizer.encode(answer["text"], add_special_tokens=False)
-        if args.compare == "tokens":
-            old = ends_at(ids, LoopWatch(SPAN, repeats=MIN_REPEATS))
-        elif args.compare == "twice":
-            old = ends_at(ids, LoopWatch(SPAN, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS))
-        else:
-            old = ends_at(ids, LoopWatch(SPAN, keys=keys, repeats=TEXT_REPEATS, near_match=None))
-        new = ends_at(ids, LoopWatch(SPAN, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS, twice=TWICE_BLOCK))
+    ids_of = [tokenizer.encode(answer["text"], add_special_tokens=False) for answer in written]
+    for answer, ids in zip(written, ids_of):
+        old = ends_at(ids, earlier_watch(args.compare, keys, widths))
+        new = ends_at(ids, text_watch(keys, widths))
         old_ends, new_ends = old_ends + (old is not None), new_ends + (new is not None)
         if new is not None and (old is None or new < old):
             earlier.append({"kind": answer["kind"], "prompt": answer["prompt"], "tokens": len(ids), "old": old,
                             "new": new, "kept_tail": tokenizer.decode(ids[:new])[-250:],
                             "dropped": tokenizer.decode(ids[new:])[:250]})
+    extra = {"by_size": by_size(written, ids_of, keys, widths)} if args.compare == "block64" else {}
     result = {**stamp("loadtests.bench_loop_rule", argv), "compare": args.compare, "answers": len(written),
               "max_tokens": TOKENS,
               "ended_by_old_rule": old_ends, "ended_by_new_rule": new_ends,
               "ended_earlier_by_new_rule": len(earlier),
-              "ended_earlier_risky": sum(e["kind"] == "risky" for e in earlier), "earlier": earlier}
+              "ended_earlier_risky": sum(e["kind"] == "risky" for e in earlier), **extra, "earlier": earlier}
     out = RESULTS / {"tokens": "bench_loop_rule_tokens.json", "twice": "bench_loop_rule_twice.json",
-                     "words": "bench_loop_rule.json"}[args.compare]
+                     "block64": "bench_loop_rule_block64.json", "words": "bench_loop_rule.json"}[args.compare]
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     for cut in earlier:
         print(f"--- [{cut['kind']}] {cut['prompt'][:70]!r}: at {cut['new']} of {cut['tokens']} (old rule: {cut['old']})")

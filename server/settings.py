@@ -239,8 +239,8 @@ class Settings(EncodableText):
     loop_stop_tokens: int = Field(
         64, ge=0,
         description="Free text ends (finish_reason stop) once its last this-many tokens or more repeat one block of "
-                    "at most 128 words three times or more in a row (twice for a block of 64 words or more: a "
-                    "paragraph said again word for word), compared as words (whitespace aside): a small "
+                    "at most 128 words three times or more in a row (twice for a block of 120 characters or more, "
+                    "two sentences said again word for word), compared as words (whitespace aside): a small "
                     "model that does not end its turn repeats itself until max_tokens; a block coming back with a word "
                     "changed here and there ends it after four copies. A constrained answer is never "
                     "cut: it is steered off a loop (the token continuing it ruled out for one step) or a run of 32 "

@@ -1,6 +1,8 @@
 """The loop watch (server/engine/loops.py) on token lists: what ends an answer and what does not."""
 import random
 
+import pytest
+
 from server.engine.loops import MIN_REPEATS, LoopWatch
 
 PROMPT = [7] * 40  # a prompt that repeats itself: never counted
@@ -93,13 +95,22 @@ def test_a_constrained_answers_run_of_digits_is_counted_in_digits_and_steered_of
     assert torch.isfinite(kept[ids]).all() and nudges == [1]  # nothing ruled out: not counted
 
 
-def text_stop(tokenizer, keys, answer: str, twice: bool = True) -> str | None:
-    """Free text as the engine watches it: the answer's text up to where the watch ended it, or None.
-    `twice=False`: without a paragraph ending at its second copy (the rule before it)."""
-    from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_BLOCK
+@pytest.fixture(scope="module")
+def words(tokenizer):
+    """The real tokenizer's words and their lengths, as the engine watches free text by (`text_words`)."""
+    from server.engine.loops import text_words
 
-    ids = tokenizer.encode(answer, add_special_tokens=False)
-    watch = LoopWatch(64, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS, twice=TWICE_BLOCK if twice else None)
+    return text_words(tokenizer)
+
+
+def text_stop(tokenizer, words, answer: str, twice: bool = True) -> str | None:
+    """Free text as the engine watches it: the answer's text up to where the watch ended it, or None.
+    `twice=False`: without a long block ending at its second copy (the rule before it)."""
+    from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_CHARS
+
+    ids, (keys, widths) = tokenizer.encode(answer, add_special_tokens=False), words
+    watch = LoopWatch(64, TEXT_MAX_PERIOD, keys=keys, repeats=TEXT_REPEATS, twice=TWICE_CHARS if twice else None,
+                      widths=widths)
     tokens = list(PROMPT)
     for generated, token in enumerate(ids, 1):
         tokens.append(token)
@@ -108,38 +119,34 @@ def text_stop(tokenizer, keys, answer: str, twice: bool = True) -> str | None:
     return None
 
 
-def test_free_text_is_watched_as_words_and_a_long_sentence_said_three_times_ends_it(tokenizer):
+def test_free_text_is_watched_as_words_and_a_long_sentence_said_three_times_ends_it(tokenizer, words):
     """The same sentence after " " and after a blank line is one loop (exact tokens differ: "ĠThe" / "The");
     three copies of a sentence of 22+ words end it, two do not; lists and tables whose words change, code,
     and text of multi-byte characters (whose byte tokens all decode alone to U+FFFD) never end."""
-    from server.engine.loops import text_keys
-
-    keys = text_keys(tokenizer)
+    keys = words[0]
     sentence = "The leaves are changing, and this is a natural process that helps to keep the balance in the whole of the forest."
     assert len(tokenizer.encode(sentence, add_special_tokens=False)) >= 22
     looping = f"Leaves fall in autumn. {sentence} {sentence}\n\n{sentence} {sentence}"
-    ended = text_stop(tokenizer, keys, looping)
+    ended = text_stop(tokenizer, words, looping)
     assert ended is not None and ended.count("The leaves are changing") == 3
-    assert text_stop(tokenizer, keys, f"Leaves fall. {sentence}\n\n{sentence} Then winter comes, and snow.") is None
+    assert text_stop(tokenizer, words, f"Leaves fall. {sentence}\n\n{sentence} Then winter comes, and snow.") is None
     days = "\n".join(f"- {day}: people often {act} with friends after a long and busy week of work at the office."
                      for day, act in zip(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"],
                                          ["run", "swim", "cook", "read", "dance"]))
-    assert text_stop(tokenizer, keys, days) is None
+    assert text_stop(tokenizer, words, days) is None
     code = "\n".join(f"    def get_{f}(self):\n        return self._{f}\n" for f in ("name", "age", "email", "phone"))
-    assert text_stop(tokenizer, keys, code) is None
-    assert text_stop(tokenizer, keys, "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 2 + "白日依山尽，黄河入海流。") is None
+    assert text_stop(tokenizer, words, code) is None
+    assert text_stop(tokenizer, words, "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 2 + "白日依山尽，黄河入海流。") is None
 
 
-def test_a_sentence_coming_back_with_a_word_changed_ends_after_four_copies_and_a_list_does_not(tokenizer):
+def test_a_sentence_coming_back_with_a_word_changed_ends_after_four_copies_and_a_list_does_not(tokenizer, words):
     """Nine words in ten the same as a block before, over four copies: going round with a changing number
     or name, which the exact check never sees as one block. A list whose lines share a template but change
     their item, its detail and their length, and a song's verses around a chorus, are not."""
-    from server.engine.loops import text_keys
-
-    keys = text_keys(tokenizer)
+    keys = words[0]
     going_round = " ".join(f"You can call your mom in {n} minutes and tell her that you love her very much and that "
                            f"you will visit her soon." for n in (10, 15, 20, 25, 30, 35, 40, 45, 50))
-    ended = text_stop(tokenizer, keys, going_round)
+    ended = text_stop(tokenizer, words, going_round)
     assert ended is not None and 4 <= ended.count("You can call your mom") <= 6
     steps = "\n".join(f"{i}. {step}" for i, step in enumerate([
         "Preheat the oven to 180 degrees and grease a round cake tin with a little butter.",
@@ -148,57 +155,68 @@ def test_a_sentence_coming_back_with_a_word_changed_ends_after_four_copies_and_a
         "Stir the batter gently until it is smooth, and scrape it into the tin with a spatula.",
         "Bake the cake for about forty minutes, until a skewer pushed into the middle comes out clean.",
         "Let the cake cool in the tin for ten minutes, then turn it out onto a wire rack to cool."], 1))
-    assert text_stop(tokenizer, keys, steps) is None
+    assert text_stop(tokenizer, words, steps) is None
     chorus = "Oh the sea, the sea, the deep blue sea, it calls me home to thee."
     verses = ["The waves roll in upon the sand, the gulls cry out above the land.",
               "A sailor stands upon the deck and watches stars without a speck.",
               "The harbor lights are burning bright, the boats come back into the night.",
               "My heart belongs to ocean spray and to the tide that ebbs away."]
-    assert text_stop(tokenizer, keys, "\n\n".join(f"{verse}\n{chorus}" for verse in verses)) is None
+    assert text_stop(tokenizer, words, "\n\n".join(f"{verse}\n{chorus}" for verse in verses)) is None
 
 
-def test_two_paragraphs_taking_turns_are_one_block_of_over_64_words(tokenizer):
+def test_two_paragraphs_taking_turns_are_one_block_of_over_64_words(tokenizer, words):
     """A paragraph said again with one phrase taking turns ("technology" / "the internet": one word and
     two, so no single paragraph is a period) repeats as a block of two paragraphs, longer than 64 words;
     free text is watched for blocks of up to TEXT_MAX_PERIOD words, and this one, a paragraph's length or
     more, ends with its second copy (its third without that rule)."""
-    from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS, text_keys
+    from server.engine.loops import TEXT_MAX_PERIOD, TEXT_REPEATS
 
-    keys = text_keys(tokenizer)
+    keys = words[0]
     paragraph = ("In the context of {}, it's a versatile tool that can be used to enhance various aspects of our "
                  "lives, from communication to entertainment and to the way that we learn new things.")
     answer = "\n\n".join(paragraph.format(topic) for topic in ["technology", "the internet"] * 5)
     block = len([t for t in tokenizer.encode("\n\n".join(paragraph.format(t) for t in ["technology", "the internet"]),
                                              add_special_tokens=False) if keys[t] >= 0])
     assert 64 < block <= TEXT_MAX_PERIOD
-    ended = text_stop(tokenizer, keys, answer)
+    ended = text_stop(tokenizer, words, answer)
     assert ended is not None and ended.count("In the context of") == 2 * 2
-    ended = text_stop(tokenizer, keys, answer, twice=False)
+    ended = text_stop(tokenizer, words, answer, twice=False)
     assert ended is not None and ended.count("In the context of") == 2 * TEXT_REPEATS
     short = LoopWatch(64, keys=keys, repeats=TEXT_REPEATS, near_match=None)  # blocks of at most 64 words
     tokens, ids = list(PROMPT), tokenizer.encode(answer, add_special_tokens=False)
     assert not any(short.push(tokens := tokens + [token], n) for n, token in enumerate(ids, 1))
 
 
-def test_a_paragraph_said_twice_word_for_word_ends_and_a_sentence_or_a_changed_paragraph_does_not(tokenizer):
-    """A block of TWICE_BLOCK words or more said again straight after itself ends at the end of its second
-    copy (a third would run past a 512-token budget); a shorter block said twice, the same paragraph with a
-    line between, or said again with its details changed, does not."""
-    from server.engine.loops import TWICE_BLOCK, text_keys
+def test_a_paragraph_said_twice_word_for_word_ends_and_a_sentence_or_a_changed_paragraph_does_not(tokenizer, words):
+    """A block of TWICE_CHARS characters or more (two sentences, a paragraph) said again straight after
+    itself ends at the end of its second copy (a third would run past a 512-token budget); a sentence said
+    twice (a line a song or a "say it again" answer repeats on purpose), the same paragraph with a line
+    between, or said again with its details changed, does not."""
+    from server.engine.loops import TWICE_CHARS
 
-    keys = text_keys(tokenizer)
+    keys, widths = words
+    size = lambda text: sum(widths[t] for t in tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     paragraph = ("In many cultures, camels are a symbol of the human desire to explore and discover. They are "
                  "often depicted in art and literature, symbolizing the human capacity to explore the unknown "
                  "and seek new experiences. For the people of the desert they were also the way to carry water, "
                  "salt and cloth from one oasis to the next across the wide and open desert.")
-    words = len([t for t in tokenizer.encode(paragraph, add_special_tokens=False) if keys[t] >= 0])
-    assert words >= TWICE_BLOCK
+    assert size(paragraph) >= 2 * TWICE_CHARS
     twice = f"Camels are fascinating.\n\n{paragraph}\n\n{paragraph}\n\n{paragraph}"
-    ended = text_stop(tokenizer, keys, twice)
+    ended = text_stop(tokenizer, words, twice)
     assert ended is not None and ended.count("In many cultures") == 2 and ended.rstrip(".").endswith("open desert")
-    assert text_stop(tokenizer, keys, twice, twice=False).count("In many cultures") == 3
-    sentence = "The leaves are changing, and this is a natural process that helps to keep the balance in the forest."
-    assert text_stop(tokenizer, keys, f"Autumn. {sentence}\n\n{sentence} Then winter comes.") is None
-    assert text_stop(tokenizer, keys, f"{paragraph}\n\nAnd then:\n\n{paragraph} That is all.") is None
+    assert text_stop(tokenizer, words, twice, twice=False).count("In many cultures") == 3
+    pair = ("Metaphors can help us to convey complex ideas in a more accessible way. However, they can also be "
+            "used to create confusion and ambiguity in what we are trying to say.")
+    count = len([t for t in tokenizer.encode(pair, add_special_tokens=False) if keys[t] >= 0])
+    assert size(pair) >= TWICE_CHARS and count < 64  # two sentences: shorter than the rule before's 64 words
+    ended = text_stop(tokenizer, words, f"A metaphor compares two things.\n\n{pair}\n\n{pair}\n\n{pair}")
+    assert ended is not None and ended.count("Metaphors can help") == 2
+    sentence = ("The leaves are changing colour, and this is a natural process that helps to keep the balance of "
+                "life in the forest.")
+    assert size(sentence) < TWICE_CHARS
+    assert text_stop(tokenizer, words, f"Autumn. {sentence}\n\n{sentence} Then winter comes.") is None
+    assert text_stop(tokenizer, words, f"{paragraph}\n\nAnd then:\n\n{paragraph} That is all.") is None
     changed = paragraph.replace("camels", "horses").replace("desert", "steppe").replace("discover", "travel")
-    assert text_stop(tokenizer, keys, f"{paragraph}\n\n{changed} That is all.") is None
+    assert text_stop(tokenizer, words, f"{paragraph}\n\n{changed} That is all.") is None
+    poem = "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"  # 50 tokens, each a "word": a line, not a paragraph
+    assert text_stop(tokenizer, words, f"{poem}\n{poem}\n白日依山尽，黄河入海流。") is None

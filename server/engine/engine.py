@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from server.engine.detokenizer import OutputText
-from server.engine.loops import (NUDGE_SPAN, TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_BLOCK, LoopWatch, digit_widths,
-                                 steer_off, text_keys)
+from server.engine.loops import (NUDGE_SPAN, TEXT_MAX_PERIOD, TEXT_REPEATS, TWICE_CHARS, LoopWatch, digit_widths,
+                                 steer_off, text_words)
 from server.engine.interface import EngineHandle
 from server.engine.block_manager import BlockManager
 from server.engine.constraint import FormatDeadEnd
@@ -89,6 +89,7 @@ class Engine(EngineHandle):
         self._digits: dict[int, int] = {}  # digit tokens' widths, for constrained answers' digit runs (loops.py)
         self._digit_ids: torch.Tensor | None = None  # the same tokens, ruled out at once when a run is too long
         self._text_keys: list[int] = []  # tokens as words, what free text's loops are compared by (loops.py)
+        self._text_widths: list[int] = []  # ... and each word's length in characters
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._on_fatal: Callable[[BaseException], None] | None = None
@@ -254,7 +255,7 @@ class Engine(EngineHandle):
             self._scheduler.blocks = self._blocks
             self._digits = digit_widths(self._runner.tokenizer)
             self._digit_ids = torch.tensor(sorted(self._digits), dtype=torch.long)
-            self._text_keys = text_keys(self._runner.tokenizer)
+            self._text_keys, self._text_widths = text_words(self._runner.tokenizer)
         except BaseException as exc:  # reported to the server, which exits non-zero
             self.load_error = exc
             log.error("model load failed: %s", exc)
@@ -388,9 +389,9 @@ class Engine(EngineHandle):
                 span = seq.params.loop_tokens
                 if not span:
                     seq.loops = None
-                elif seq.constraint is None:  # free text: compared as words, ended after three copies (a paragraph: two)
+                elif seq.constraint is None:  # free text: compared as words, ended after three copies (two sentences: two)
                     seq.loops = LoopWatch(span, TEXT_MAX_PERIOD, keys=self._text_keys, repeats=TEXT_REPEATS,
-                                          twice=TWICE_BLOCK)
+                                          twice=TWICE_CHARS, widths=self._text_widths)
                 else:  # a format: exact tokens and digit runs, steered off sooner
                     seq.loops = LoopWatch(min(span, NUDGE_SPAN), digits=self._digits)
 

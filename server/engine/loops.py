@@ -10,10 +10,17 @@ its turn (finish_reason `stop`; `loraplex_loop_stops_total` counts them).
 Free text is compared as words, not tokens (`text_keys`): whitespace-only tokens are skipped and a token
 counts as its text without surrounding whitespace, because the same sentence comes back after " ", then
 after "\n\n" ("ĠThe" and "The" are different tokens), which an exact comparison never sees as a loop.
-Two copies are enough when the block is a paragraph (`TWICE_BLOCK` words or more): a paragraph said again,
-word for word, straight after itself is the model going round, and waiting for a third copy of a block that
-long runs past a 512-token budget (SmolLM2's "In the context of the human experience, camels..." pair of
-paragraphs, on the bf16 lm_head, reached its third copy at token 576). Three copies are enough when the block is long (22 words or more, a word being a token that is not only
+Two copies are enough when the block is two sentences or more (`TWICE_CHARS` characters or more, spaces
+aside): a block that long said again, word for word, straight after itself is the model going round, and
+waiting for a third copy of it runs past a 512-token budget (SmolLM2's "In the context of the human
+experience, camels..." pair of paragraphs, on the bf16 lm_head, reached its third copy at token 576). A
+shorter block is a sentence or a line, which a song's chorus or a "say it again" answer repeats on
+purpose: those keep needing three copies. The size is in characters, not words, because a word here is a
+token: a line of Chinese is 50 of them. Set on the design answers (`bench_loop_rule --compare block64`,
+which also tries other sizes): from 300 characters down to 80 a size only ends sooner answers the rule
+ends anyway, each a block going round; at 60 the first of the risky prompts' answers comes in (a
+children's song); 120 is twice that.
+Three copies are enough when the block is long (22 words or more, a word being a token that is not only
 whitespace; with `min_span` 64 a block of 17-21 words needs 64 words of repetition, and one of 16 or
 fewer 4 copies and more): a sentence said three times in a row, whitespace aside, is not a refrain or a
 list's pattern (those change words), and code repeats itself with different names. Measured before the change on answers written for other prompts than the ones it is
@@ -51,7 +58,7 @@ TEXT_REPEATS = 3  # free text: a block said 3 times in a row, whitespace aside, 
 MAX_PERIOD = 64  # the longest block watched in a constrained answer, in tokens
 TEXT_MAX_PERIOD = 128  # free text's, in words: a paragraph or two going round (two sentences taking turns)
 DIGIT_RUN = 32  # digits in a row a constrained answer may write before a non-digit is due (see above)
-TWICE_BLOCK = 64  # free text: a block of this many words or more (a paragraph) ends at its second copy
+TWICE_CHARS = 120  # free text: a block of this many characters or more, spaces aside (two sentences), ends at its second copy
 NEAR_REPEATS = 4  # free text: a block said 4 times over with a word changed here and there (see `LoopWatch`)
 NEAR_MATCH = 0.9  # ... where at least this share of the words equal the word a block before them
 
@@ -65,18 +72,27 @@ def digit_widths(tokenizer) -> dict[int, int]:
             if piece and piece.isascii() and piece.isdigit()}
 
 
-def text_keys(tokenizer) -> list[int]:
+def text_words(tokenizer) -> tuple[list[int], list[int]]:
     """Per token, its text without surrounding whitespace as a number (equal texts, equal numbers), -1 for a
-    token that is only whitespace: what free text is compared by (see above). A token that is part of a
-    character (byte-level pieces of CJK text or emoji decode alone to U+FFFD) keeps a number of its own:
-    all of them would otherwise read as one and the same."""
+    token that is only whitespace: what free text is compared by (see above); and that text's length in
+    characters, which sizes a block for `TWICE_CHARS`. A token that is part of a character (byte-level
+    pieces of CJK text or emoji decode alone to U+FFFD) keeps a number of its own, all of them would
+    otherwise read as one and the same, and counts no characters: a block of text written mostly in such
+    pieces is never long enough for its second copy to end it, and keeps needing three."""
     texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
     numbers: dict[str, int] = {}
-    keys = []
+    keys, widths = [], []
     for token, text in enumerate(texts):
         word = text.strip()
-        keys.append(-1 if not word else numbers.setdefault(f"\0{token}" if "\ufffd" in word else word, len(numbers)))
-    return keys
+        partial = "\ufffd" in word
+        keys.append(-1 if not word else numbers.setdefault(f"\0{token}" if partial else word, len(numbers)))
+        widths.append(len(word.replace("\ufffd", "")))
+    return keys, widths
+
+
+def text_keys(tokenizer) -> list[int]:
+    """`text_words`' numbers alone (tests and offline checks compare by them)."""
+    return text_words(tokenizer)[0]
 
 
 class LoopWatch:
@@ -90,19 +106,23 @@ class LoopWatch:
     template line changes its item, its number and often its length, which breaks the alignment)."""
 
     __slots__ = ("runs", "min_span", "max_period", "digits", "digit_run", "keys", "words", "misses",
-                 "windows", "near_match", "spans")
+                 "windows", "near_match", "spans", "twice", "twice_runs", "widths", "ends")
 
     def __init__(self, min_span: int, max_period: int = MAX_PERIOD, digits: dict[int, int] | None = None,
                  keys: list[int] | None = None, repeats: int = MIN_REPEATS, near_match: float | None = NEAR_MATCH,
-                 twice: int | None = None):
+                 twice: int | None = None, widths: list[int] | None = None):
         """`near_match`: free text's near-repeat share (None: exact blocks only; `bench_loop_rule` compares).
-        `twice`: a block of this many tokens (words, for free text) or more ends at its second copy (free text:
-        `TWICE_BLOCK`; None: `repeats` copies whatever the block's length)."""
+        `twice`: free text's block of this many characters or more (`widths`: `text_words`' lengths) ends at
+        its second copy (`TWICE_CHARS`; None: `repeats` copies whatever the block's length)."""
         self.min_span = min_span
         self.max_period = max_period
         # spans[p]: how long the repetition of a block of p must be to end the answer
-        self.spans = [max(min_span, (2 if twice is not None and period >= twice else repeats) * period)
-                      for period in range(max_period + 1)]
+        self.spans = [max(min_span, repeats * period) for period in range(max_period + 1)]
+        self.twice = twice if keys is not None and widths is not None else None
+        # twice_runs[p]: the run that completes a block's second copy (and covers min_span)
+        self.twice_runs = [max(min_span, 2 * period) - period for period in range(max_period + 1)]
+        self.widths = widths
+        self.ends = [0]  # free text: characters up to and including each word (ends[i + 1]: after words[i])
         self.runs = [0] * (max_period + 1)  # runs[p]: tokens in a row equal to the token p before them
         self.digits = digits  # digit_widths(), for a constrained answer; None: digits are not counted
         self.digit_run = 0  # digits the answer now ends with
@@ -134,6 +154,8 @@ class LoopWatch:
             if key < 0:
                 return 0
             self.words.append(key)
+            if self.twice is not None:
+                self.ends.append(self.ends[-1] + (self.widths[token] if token < len(self.widths) else 1))
             tokens, token, generated = self.words, key, len(self.words)
         last = len(tokens) - 1
         misses, near = self.misses, 0
@@ -142,6 +164,9 @@ class LoopWatch:
                 runs[period] += 1
                 if runs[period] + period >= self.spans[period]:
                     return period
+                if (self.twice is not None and runs[period] >= self.twice_runs[period]
+                        and self.ends[-1] - self.ends[-1 - period] >= self.twice):
+                    return period  # a long block's second copy (see above)
             else:
                 runs[period] = 0
                 if misses is not None:
