@@ -336,7 +336,10 @@ def main() -> None:
                         "with other work, 1 avoids threads waiting at every op's barrier for a descheduled peer")
     parser.add_argument("--check-data", action="store_true", help="only check the hand-written golds")
     parser.add_argument("--everyday-only", action="store_true", help="only the everyday set (base and auto), "
-                        "written over the everyday part of --out; the rest of that file stays as it was measured")
+                        "written over the everyday part of --out; the rest of that file stays as it was measured "
+                        "(a new --out file holds the everyday part alone)")
+    parser.add_argument("--about", help="how the --url server was started, kept with the result (for a server "
+                        "not on the default settings)")
     parser.add_argument("--out", default=str(REPO / "loadtests" / "results" / "bench_moe.json"))
     args = parser.parse_args()
     check_data()
@@ -355,14 +358,17 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+    about = {"server": args.about} if args.about else {}
     if args.everyday_only:
-        result = json.loads(Path(args.out).read_text())
-        result["everyday"] = {**everyday, "run": stamp("loadtests.bench_moe")}
+        whole = Path(args.out).is_file()
+        result = json.loads(Path(args.out).read_text()) if whole else {}
+        result["everyday"] = {**everyday, "run": stamp("loadtests.bench_moe"), **about}
     else:
-        result = {**stamp("loadtests.bench_moe"), **result}
-    result["targets"] = targets(result)
+        whole, result = True, {**stamp("loadtests.bench_moe"), **about, **result}
+    if whole:
+        result["targets"] = targets(result)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    for name, row in result["targets"].items():
+    for name, row in result.get("targets", {}).items():
         print(f"{name}: {'met' if row['met'] else 'NOT met'} {row}")
 
 

@@ -535,6 +535,23 @@ def _loop_share(day: dict) -> str:
             f"{base['ended_as_loop']:.0%}{when})")
 
 
+def _exact_everyday() -> list[str]:
+    """The everyday row again on a server computing the base exactly (`bench_moe_everyday_exact.json`): how
+    much of the row is the base model's own and how much the engine's rounding."""
+    path = RESULTS / "bench_moe_everyday_exact.json"
+    if not path.is_file():
+        return []
+    day = json.loads(path.read_text())["everyday"]
+    ran = ", ".join(f"\"{a['prompt']}\"" for a in day["auto_ran_to_length"]) or "none"
+    command = day["run"]["command"].split(" --about")[0]
+    return ["", f"The everyday row on the base computed exactly (`{command}`, {day['run']['date'][:10]}, against "
+            f"`{day['server']}`): end of turn on `auto` {day['auto']['end_of_turn']:.1%} (base "
+            f"{day['base']['end_of_turn']:.1%}){_loop_share({**day, 'run': None})}; ran to 512 tokens: {ran}. "
+            "The same weights on the int4 engine (bfloat16 activations and KV cache, its kernels' order of sums) "
+            "give greedy answers that part from the exact model's after a few hundred tokens, so which answers run "
+            "past 512 moves with the engine's last bits."]
+
+
 def _finish_cells(summary: dict | None) -> str:
     if summary is None:
         return "| - | - | - | - "
@@ -989,6 +1006,7 @@ def moe_section() -> str:
         "experts' held-out everyday questions and 30 hand-written ones, and the test and off-topic prompts of",
         "`router_eval_styles.json` (written for the router benchmark before these experts existed).",
     ]
+    lines += _exact_everyday()
     if training:
         lines += ["", "Training (one pass, learning rate 2e-3, over the API on this machine, wall time from the job's",
                   "start to its end): " + "; ".join(training) + "."]
