@@ -396,6 +396,29 @@ def edge_section() -> str:
     return "\n".join(lines)
 
 
+def startup_section() -> str:
+    head = ("### Start-up\n\n"
+            "`python -m loadtests.bench_startup` starts `loraplex serve` on the default config (the embedded base, the\n"
+            "eight demo experts, the router), once each way per round, order alternating: with the garbage collector\n"
+            "off while it starts, as the command line runs it, and on (the start before: the same command with its\n"
+            "`gc.disable()` made a no-op, so nothing is frozen or given back either). Seconds from launch until `/health` says `ok` (requests are served) and\n"
+            "until the router is `ready`, and resident memory once loaded (after the server collected startup's\n"
+            "garbage, froze the rest and gave the freed heap back with `malloc_trim`).\n")
+    result = _load("bench_startup.json")
+    if result is None:
+        return head + "\n" + _missing("python -m loadtests.bench_startup")
+    median, ratios = result["median"], result["ratios"]
+    lines = [head, f"{_provenance(result, 'python -m loadtests.bench_startup')}, medians of {result['rounds']} "
+             "rounds:", "", "| collector while starting | `/health` ok | router ready | resident memory |",
+             "| --- | --- | --- | --- |"]
+    for name, label in (("on", "on (before)"), ("off", "off (now)")):
+        row = median[name]
+        lines.append(f"| {label} | {row['ok_s']:.1f} s | {row['router_ready_s']:.1f} s | {row['resident_mib']:.0f} MiB |")
+    lines += ["", f"Ready to serve **{ratios['ok_on_over_off']:.2f}x** sooner, the router "
+                  f"{ratios['router_ready_on_over_off']:.2f}x."]
+    return "\n".join(lines)
+
+
 def reliability_section() -> str:
     head = ("### Reliability: issue 38's attack categories, rerun\n\n"
             "`python -m loadtests.bench_reliability` starts the default server (with an admin key and an adapter\n"
@@ -1016,7 +1039,7 @@ def moe_section() -> str:
 SECTIONS = (vs_llama_section, serving_section, scenarios_section, kv_section, structured_section, registry_section,
             sources_section, tenants_section, batches_section, router_section,
             fine_tuning_section, experts_section, moe_section, demo_experts_load_section, sampled_section, mixtures_section,
-            ray_section, edge_section, reliability_section, gpu_section)
+            ray_section, edge_section, reliability_section, startup_section, gpu_section)
 
 
 def performance() -> str:

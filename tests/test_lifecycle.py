@@ -1,8 +1,11 @@
 """Start-up, overload and shutdown of the real server process."""
+import gc
 import json
+import re
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -174,8 +177,39 @@ def test_serve_with_no_config_serves_the_default_config_and_its_demo_experts(tmp
         route = httpx.post(server.base_url + "/v1/route", timeout=30, json={"messages": [{"role": "user", "content":
             "Summarize in one sentence: The town of Elmstead opened a new library on Monday. It has three floors."}]})
         assert route.json()["decision"]["expert"] == "terse"
+        # started with the garbage collector off, turned back on once loaded (server/startup/serve.py)
+        frozen = lambda: re.search(r"loaded: (\d+) objects frozen out of garbage collection", server.log())  # noqa: E731
+        assert wait_until(frozen, 30) and int(frozen().group(1)) > 100_000
     finally:
         assert server.stop() == 0
+
+
+def test_the_collector_comes_back_on_once_the_engine_and_the_router_are_loaded():
+    """What `loraplex serve` runs once loaded, on this process's real collector: it waits for the engine and
+    the router's thread, then collects, freezes what is left and turns the collector back on."""
+    from server.startup.serve import _collect_once_loaded
+
+    router_may_end = threading.Event()
+    router = threading.Thread(target=router_may_end.wait)
+    engine = SimpleNamespace(ready=threading.Event(), load_error=None)
+    state = SimpleNamespace(engine=engine, router_thread=router)
+    gc.disable()
+    try:
+        router.start()
+        waiting = threading.Thread(target=_collect_once_loaded, args=(state,))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not gc.isenabled()  # the engine is still loading
+        engine.ready.set()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not gc.isenabled()  # the router's index is still being built
+        router_may_end.set()
+        waiting.join(30)
+        assert not waiting.is_alive() and gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        router_may_end.set()
+        gc.unfreeze()
+        gc.enable()
 
 
 def test_a_stream_cut_by_the_shutdown_timeout_ends_with_a_finish_reason(tmp_path, cache_dir):

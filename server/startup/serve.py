@@ -5,6 +5,8 @@ First SIGTERM/SIGINT: stop taking requests (503), let running ones finish for up
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import threading
 import time
@@ -47,6 +49,31 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _return_free_memory() -> None:
+    """glibc keeps the heap that startup's garbage freed for later mallocs; a server's resident memory is
+    what operators size machines by, so it goes back to the system (elsewhere: nothing to do)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _collect_once_loaded(state: ServerState) -> None:
+    """The garbage collector back on (the command line starts with it off) once the model and the router's
+    index are loaded: what startup left as garbage is collected once, and what it keeps is frozen (moved
+    out of the generations a collection scans), so later collections look only at what requests make."""
+    engine = state.engine
+    while not engine.ready.wait(0.2) and engine.load_error is None:
+        pass
+    if state.router_thread is not None:
+        state.router_thread.join()
+    gc.collect()
+    gc.freeze()
+    gc.enable()
+    _return_free_memory()
+    log.info("loaded: %d objects frozen out of garbage collection", gc.get_freeze_count())
+
+
 def serve(settings: Settings) -> int:
     """Blocks until the server stops; returns the process exit code."""
     tracing = configure_tracing()  # before the app: its spans go to the exporter from the first request
@@ -66,6 +93,8 @@ def serve(settings: Settings) -> int:
     )
     server = _DrainingServer(config, state)
     state.engine.start(on_fatal=server.engine_failed)
+    if not gc.isenabled():
+        threading.Thread(target=_collect_once_loaded, args=(state,), name="loraplex-gc", daemon=True).start()
     server.run()
     if state.jobs is not None:
         state.jobs.stop()  # a running job's worker is killed; the job resumes from its checkpoint at next start
