@@ -186,17 +186,18 @@ def test_serve_with_no_config_serves_the_default_config_and_its_demo_experts(tmp
 
 def test_the_collector_comes_back_on_once_the_engine_and_the_router_are_loaded():
     """What `loraplex serve` runs once loaded, on this process's real collector: it waits for the engine and
-    the router's thread, then collects, freezes what is left and turns the collector back on."""
-    from server.startup.serve import _collect_once_loaded
+    the router's thread, then collects, freezes what is left and turns the collector back on; a server
+    stopping before that leaves it to the exit, which puts the collector back as Python runs it."""
+    from server.startup.serve import _collect_once_loaded, _collector_as_before
 
     router_may_end = threading.Event()
     router = threading.Thread(target=router_may_end.wait)
     engine = SimpleNamespace(ready=threading.Event(), load_error=None)
-    state = SimpleNamespace(engine=engine, router_thread=router)
+    state, stopping = SimpleNamespace(engine=engine, router_thread=router), threading.Event()
     gc.disable()
     try:
         router.start()
-        waiting = threading.Thread(target=_collect_once_loaded, args=(state,))
+        waiting = threading.Thread(target=_collect_once_loaded, args=(state, stopping))
         waiting.start()
         waiting.join(0.5)
         assert waiting.is_alive() and not gc.isenabled()  # the engine is still loading
@@ -206,6 +207,16 @@ def test_the_collector_comes_back_on_once_the_engine_and_the_router_are_loaded()
         router_may_end.set()
         waiting.join(30)
         assert not waiting.is_alive() and gc.isenabled() and gc.get_freeze_count() > 0
+        _collector_as_before(waiting, stopping)
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+        # stopped while loading: nothing is done until the exit, which turns it back on
+        gc.disable()
+        state = SimpleNamespace(engine=SimpleNamespace(ready=threading.Event(), load_error=None), router_thread=None)
+        stopping = threading.Event()
+        waiting = threading.Thread(target=_collect_once_loaded, args=(state, stopping))
+        waiting.start()
+        _collector_as_before(waiting, stopping)
+        assert not waiting.is_alive() and gc.isenabled() and gc.get_freeze_count() == 0
     finally:
         router_may_end.set()
         gc.unfreeze()

@@ -58,20 +58,36 @@ def _return_free_memory() -> None:
         pass
 
 
-def _collect_once_loaded(state: ServerState) -> None:
+def _collect_once_loaded(state: ServerState, stopping: threading.Event) -> None:
     """The garbage collector back on (the command line starts with it off) once the model and the router's
     index are loaded: what startup left as garbage is collected once, and what it keeps is frozen (moved
-    out of the generations a collection scans), so later collections look only at what requests make."""
+    out of the generations a collection scans), so later collections look only at what requests make.
+    Nothing, if the server is stopping first (`serve` puts the collector back as it was, see there)."""
     engine = state.engine
-    while not engine.ready.wait(0.2) and engine.load_error is None:
+    while not engine.ready.wait(0.2) and engine.load_error is None and not stopping.is_set():
         pass
-    if state.router_thread is not None:
-        state.router_thread.join()
+    while state.router_thread is not None and state.router_thread.is_alive() and not stopping.is_set():
+        state.router_thread.join(0.2)
+    if stopping.is_set():
+        return
     gc.collect()
     gc.freeze()
     gc.enable()
     _return_free_memory()
     log.info("loaded: %d objects frozen out of garbage collection", gc.get_freeze_count())
+
+
+def _collector_as_before(collecting: threading.Thread | None, stopping: threading.Event) -> None:
+    """At exit, the collector as Python runs it without us: on, nothing frozen, the garbage collected while
+    every module is still there. Left off or frozen, cycles are torn down during the interpreter's
+    finalization, when a library's native threads may outlive the Python objects that stop them (the
+    process then aborts: "terminate called without an active exception")."""
+    stopping.set()
+    if collecting is not None:
+        collecting.join()
+    gc.unfreeze()
+    gc.enable()
+    gc.collect()
 
 
 def serve(settings: Settings) -> int:
@@ -93,8 +109,11 @@ def serve(settings: Settings) -> int:
     )
     server = _DrainingServer(config, state)
     state.engine.start(on_fatal=server.engine_failed)
+    stopping, collecting = threading.Event(), None
     if not gc.isenabled():
-        threading.Thread(target=_collect_once_loaded, args=(state,), name="loraplex-gc", daemon=True).start()
+        collecting = threading.Thread(target=_collect_once_loaded, args=(state, stopping), name="loraplex-gc",
+                                      daemon=True)
+        collecting.start()
     server.run()
     if state.jobs is not None:
         state.jobs.stop()  # a running job's worker is killed; the job resumes from its checkpoint at next start
@@ -105,6 +124,7 @@ def serve(settings: Settings) -> int:
         tracing.shutdown()  # the spans still batched are sent
     if state.router_thread is not None:
         state.router_thread.join(timeout=30)  # a few seconds at most: encoders loading, experts indexing
+    _collector_as_before(collecting, stopping)
     if server.fatal is not None:
         log.error("stopped: %s", server.fatal)
         return 1
