@@ -95,10 +95,11 @@ def earlier_watch(compare: str, keys: list[int], widths: list[int]) -> LoopWatch
     return LoopWatch(SPAN, keys=keys, repeats=TEXT_REPEATS, near_match=None)
 
 
-def by_size(written: list[dict], ids_of: list[list[int]], keys: list[int], widths: list[int]) -> dict[int, dict]:
+def by_size(written: list[dict], ids_of: list[list[int]], before: list[int | None], keys: list[int],
+            widths: list[int]) -> dict[int, dict]:
     """Per size in characters of the block that ends at its second copy: the answers it ends earlier than
-    the 64-word rule does, those among them that rule never ends, and those written for a risky prompt."""
-    before = [ends_at(ids, earlier_watch("block64", keys, widths)) for ids in ids_of]
+    the 64-word rule does (`before`: where that rule ends each), those among them that rule never ends, and
+    those written for a risky prompt."""
     sizes = {}
     for size in (300, 240, 200, 160, 120, 100, 80, 60):
         now = [ends_at(ids, text_watch(keys, widths, twice=size)) for ids in ids_of]
@@ -145,15 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     old_ends = new_ends = 0
     earlier = []
     ids_of = [tokenizer.encode(answer["text"], add_special_tokens=False) for answer in written]
-    for answer, ids in zip(written, ids_of):
-        old = ends_at(ids, earlier_watch(args.compare, keys, widths))
+    olds = [ends_at(ids, earlier_watch(args.compare, keys, widths)) for ids in ids_of]
+    for answer, ids, old in zip(written, ids_of, olds):
         new = ends_at(ids, text_watch(keys, widths))
         old_ends, new_ends = old_ends + (old is not None), new_ends + (new is not None)
         if new is not None and (old is None or new < old):
             earlier.append({"kind": answer["kind"], "prompt": answer["prompt"], "tokens": len(ids), "old": old,
                             "new": new, "kept_tail": tokenizer.decode(ids[:new])[-250:],
                             "dropped": tokenizer.decode(ids[new:])[:250]})
-    extra = {"by_size": by_size(written, ids_of, keys, widths)} if args.compare == "block64" else {}
+    extra = {"by_size": by_size(written, ids_of, olds, keys, widths)} if args.compare == "block64" else {}
     result = {**stamp("loadtests.bench_loop_rule", argv), "compare": args.compare, "answers": len(written),
               "max_tokens": TOKENS,
               "ended_by_old_rule": old_ends, "ended_by_new_rule": new_ends,

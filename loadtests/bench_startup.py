@@ -24,21 +24,15 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.bench_vs_llama import resident_bytes
 from loadtests.provenance import stamp
-from tests.support.harness import REPO, free_port
+from tests.support.harness import REPO, free_port, stop_process
 
 RESULTS = Path(__file__).parent / "results"
 WRAPPER = ("import gc, runpy, sys\n"
            "if sys.argv[1] == 'on': gc.disable = lambda: None\n"
            "sys.argv = ['loraplex', *sys.argv[2:]]\n"
            "runpy.run_module('server.startup.cli', run_name='__main__')\n")
-
-
-def resident_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def start_once(collector: str, workdir: Path, timeout: float = 300) -> dict:
@@ -67,8 +61,7 @@ def start_once(collector: str, workdir: Path, timeout: float = 300) -> dict:
         time.sleep(2)  # the collection that turns the collector back on runs once the router is ready
         return {"ok_s": round(ok, 2), "router_ready_s": round(router, 2), "resident_mib": resident_bytes(proc.pid) >> 20}
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_process(proc, grace=60)
         log.close()
 
 

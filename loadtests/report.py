@@ -401,9 +401,10 @@ def startup_section() -> str:
             "`python -m loadtests.bench_startup` starts `loraplex serve` on the default config (the embedded base, the\n"
             "eight demo experts, the router), once each way per round, order alternating: with the garbage collector\n"
             "off while it starts, as the command line runs it, and on (the start before: the same command with its\n"
-            "`gc.disable()` made a no-op, so nothing is frozen or given back either). Seconds from launch until `/health` says `ok` (requests are served) and\n"
-            "until the router is `ready`, and resident memory once loaded (after the server collected startup's\n"
-            "garbage, froze the rest and gave the freed heap back with `malloc_trim`).\n")
+            "`gc.disable()` made a no-op, so nothing is frozen or given back either). Seconds from launch until\n"
+            "`/health` says `ok` (requests are served) and until the router is `ready`, and resident memory once\n"
+            "loaded (after the server collected startup's garbage, froze the rest and gave the freed heap back\n"
+            "with `malloc_trim`).\n")
     result = _load("bench_startup.json")
     if result is None:
         return head + "\n" + _missing("python -m loadtests.bench_startup")
