@@ -7,7 +7,7 @@ and waits for it. Once an answer's last `min_span` tokens or more are one block 
 `TEXT_REPEATS` times over, nothing new can come of it: the answer ends there, as if the model had ended
 its turn (finish_reason `stop`; `loraplex_loop_stops_total` counts them).
 
-Free text is compared as words, not tokens (`text_keys`): whitespace-only tokens are skipped and a token
+Free text is compared as words, not tokens (`text_words`): whitespace-only tokens are skipped and a token
 counts as its text without surrounding whitespace, because the same sentence comes back after " ", then
 after "\n\n" ("ĠThe" and "The" are different tokens), which an exact comparison never sees as a loop.
 Two copies are enough when the block is two sentences or more (`TWICE_CHARS` characters or more, spaces
@@ -90,11 +90,6 @@ def text_words(tokenizer) -> tuple[list[int], list[int]]:
     return keys, widths
 
 
-def text_keys(tokenizer) -> list[int]:
-    """`text_words`' numbers alone (tests and offline checks compare by them)."""
-    return text_words(tokenizer)[0]
-
-
 class LoopWatch:
     """Watches one answer, token by token (`push`).
 
@@ -126,7 +121,7 @@ class LoopWatch:
         self.runs = [0] * (max_period + 1)  # runs[p]: tokens in a row equal to the token p before them
         self.digits = digits  # digit_widths(), for a constrained answer; None: digits are not counted
         self.digit_run = 0  # digits the answer now ends with
-        self.keys = keys  # text_keys(), for free text; None: exact tokens are compared
+        self.keys = keys  # text_words()' numbers, for free text; None: exact tokens are compared
         self.words: list[int] = []  # free text: the answer's keys, whitespace skipped
         # free text: per period, where (word index) a word differed from the one a block before it, within
         # the period's window: max(min_span, NEAR_REPEATS * p) words
